@@ -1,0 +1,87 @@
+"""Schedules: monotone, exact endpoints, DDPM schedules equal to their β definitions."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from vdm import schedules
+
+T_GRID = jnp.linspace(0.0, 1.0, 2001)
+
+
+def _learned(module, seed=0):
+  params = module.init(jax.random.PRNGKey(seed), jnp.zeros((1,)))
+  return schedules.bind(module, params), params
+
+
+def all_schedules():
+  return {
+      "fixed_linear": schedules.fixed_linear(),
+      "learned_linear": _learned(schedules.LearnedLinear())[0],
+      "learned_monotone": _learned(schedules.LearnedMonotone(n_features=64))[0],
+      "ddpm_linear": schedules.ddpm("linear"),
+      "ddpm_cosine": schedules.ddpm("cosine"),
+  }
+
+
+@pytest.mark.parametrize("name", list(all_schedules()))
+def test_every_schedule_is_increasing_and_differentiable(name):
+  gamma_fn = all_schedules()[name]
+  g = np.asarray(gamma_fn(T_GRID))
+  assert g.shape == T_GRID.shape
+  assert np.all(np.diff(g) > 0), name
+  _, dg = jax.jvp(gamma_fn, (T_GRID,), (jnp.ones_like(T_GRID),))
+  assert np.all(np.asarray(dg) > 0), name
+  schedules.check_increasing(gamma_fn)
+
+
+def test_fixed_linear_values():
+  g = schedules.fixed_linear(-13.3, 5.0)
+  np.testing.assert_allclose(g(jnp.array([0.0, 0.5, 1.0])), [-13.3, -4.15, 5.0], rtol=1e-6)
+
+
+def test_learned_monotone_endpoints_are_its_parameters():
+  module = schedules.LearnedMonotone(gamma_min=-10.0, gamma_max=7.0, n_features=32)
+  gamma_fn, params = _learned(module, seed=3)
+  np.testing.assert_allclose(gamma_fn(jnp.array([0.0, 1.0])), [-10.0, 7.0], atol=1e-5)
+  params = jax.tree_util.tree_map(lambda p: p, params)
+  params["params"]["gamma_min"] = jnp.array(-12.0)
+  params["params"]["gamma_max"] = jnp.array(4.0)
+  np.testing.assert_allclose(schedules.bind(module, params)(jnp.array([0.0, 1.0])), [-12.0, 4.0], atol=1e-5)
+
+
+def test_learned_monotone_stays_monotone_for_any_weights():
+  module = schedules.LearnedMonotone(n_features=16)
+  _, params = _learned(module)
+  noisy = jax.tree_util.tree_map(lambda p: p + 3.0 * jax.random.normal(jax.random.PRNGKey(1), p.shape), params)
+  noisy["params"]["gamma_min"], noisy["params"]["gamma_max"] = jnp.array(-13.3), jnp.array(5.0)
+  assert np.all(np.diff(np.asarray(schedules.bind(module, noisy)(T_GRID))) > 0)
+
+
+@pytest.mark.parametrize("kind", ["linear", "cosine"])
+def test_ddpm_schedule_matches_beta_definition_at_grid(kind):
+  num_steps = 1000
+  if kind == "linear":
+    betas = np.linspace(1e-4, 0.02, num_steps)
+  else:
+    s, tau = 0.008, np.arange(num_steps + 1) / num_steps
+    abar = np.cos((tau + s) / (1 + s) * np.pi / 2) ** 2
+    abar = abar / abar[0]
+    betas = np.minimum(1 - abar[1:] / abar[:-1], 0.999)
+  np.testing.assert_allclose(schedules.ddpm_betas(kind, num_steps), betas, rtol=1e-9)
+  alpha_bar = np.array([np.prod(1.0 - betas[:i]) for i in range(1, num_steps + 1)])
+  t_grid = np.arange(num_steps) / (num_steps - 1)  # x_i at t = (i − 1)/(T − 1)
+  gamma = np.asarray(schedules.ddpm(kind, num_steps)(jnp.asarray(t_grid)), np.float64)
+  np.testing.assert_allclose(schedules.alpha2(gamma), alpha_bar, rtol=2e-4, atol=1e-7)
+  np.testing.assert_allclose(gamma[0], np.log(betas[0] / (1 - betas[0])), rtol=1e-5)
+
+
+def test_bad_schedules_raise():
+  with pytest.raises(ValueError, match="gamma_min"):
+    schedules.fixed_linear(5.0, -13.3)
+  with pytest.raises(ValueError, match="gamma_min"):
+    schedules.LearnedLinear(gamma_min=1.0, gamma_max=1.0).init(jax.random.PRNGKey(0), jnp.zeros(1))
+  with pytest.raises(ValueError, match="not increasing"):
+    schedules.check_increasing(lambda t: 5.0 - 18.3 * t)
+  with pytest.raises(ValueError, match="unknown DDPM"):
+    schedules.ddpm("quadratic")

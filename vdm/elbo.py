@@ -1,0 +1,216 @@
+"""The VDM variational bound, −log p(x) ≤ L_T(x) + L_diffusion(x) + L_0(x), in nats per example.
+
+Data x are integers in [0, vocab_size), mapped to [−1, 1] by x ↦ 2(x + ½)/V − 1.
+The forward process is q(z_t|x) = N(α_t x, σ²_t I) with σ²_t = sigmoid(γ_t),
+α²_t = sigmoid(−γ_t), and the denoiser is any callable ``eps_fn(z_t, gamma_t) -> ε̂``.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.scipy.special import log_ndtr
+
+from vdm import schedules
+from vdm.schedules import GammaFn
+
+EpsFn = Callable[[jax.Array, jax.Array], jax.Array]
+# An importance proposal over t ∈ [0, 1]: maps uniform u to (t, q(t)), q the proposal density.
+TimeProposal = Callable[[jax.Array], tuple[jax.Array, jax.Array]]
+
+DECODERS = ("vdm", "discretized_gaussian")
+WEIGHTINGS = ("elbo", "simple")
+
+
+def _concrete(a) -> Optional[np.ndarray]:
+  """The value of `a` as a NumPy array, or None when it is traced inside a transformation."""
+  try:
+    return np.asarray(a)
+  except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
+    return None
+
+
+def check_data(x: jax.Array, vocab_size: int) -> None:
+  """Raise ValueError unless x is a batch [B, ...] of integers in [0, vocab_size)."""
+  if not isinstance(vocab_size, (int, np.integer)) or vocab_size < 2:
+    raise ValueError(f"vocab_size={vocab_size!r} must be an integer >= 2 (256 for 8-bit images).")
+  if jnp.ndim(x) < 2:
+    raise ValueError(f"x has shape {jnp.shape(x)}: expected a batch [B, ...] with at least one "
+                     "data dimension; add a trailing axis.")
+  if not jnp.issubdtype(jnp.result_type(x), jnp.integer):
+    raise ValueError(f"x has dtype {jnp.result_type(x)}: expected integers in [0, {vocab_size}) "
+                     "(e.g. uint8 pixels), not values already scaled to [-1, 1].")
+  value = _concrete(x)
+  if value is not None and value.size and (value.min() < 0 or value.max() >= vocab_size):
+    raise ValueError(f"x holds values in [{value.min()}, {value.max()}], outside [0, {vocab_size}): "
+                     "set vocab_size to the number of distinct levels or fix the data.")
+
+
+def data_dims(x: jax.Array) -> int:
+  """D = the number of dimensions per example (H·W·C for images)."""
+  return int(np.prod(jnp.shape(x)[1:]))
+
+
+def scale_data(x: jax.Array, vocab_size: int) -> jax.Array:
+  """x ↦ 2(x + ½)/V − 1: the centres of V equal bins tiling [−1, 1]."""
+  return 2.0 * (jnp.asarray(x, jnp.float32) + 0.5) / vocab_size - 1.0
+
+
+def _sum_per_example(a: jax.Array) -> jax.Array:
+  return jnp.sum(a.reshape(a.shape[0], -1), axis=-1)
+
+
+def _bcast(v: jax.Array, like: jax.Array) -> jax.Array:
+  """Broadcast a per-example [B] array against [B, ...]."""
+  return v.reshape(v.shape + (1,) * (like.ndim - v.ndim))
+
+
+def prior_loss(x_scaled: jax.Array, gamma_1: jax.Array) -> jax.Array:
+  """L_T = KL(N(α_1 x, σ²_1) || N(0, 1)) = ½ Σ (σ²_1 + α²_1 x² − 1 − log σ²_1), per example."""
+  g = jnp.broadcast_to(_bcast(jnp.asarray(gamma_1, jnp.float32), x_scaled), x_scaled.shape)
+  kl = 0.5 * (schedules.sigma2(g) + schedules.alpha2(g) * x_scaled**2 - 1.0 - jax.nn.log_sigmoid(g))
+  return _sum_per_example(kl)
+
+
+def _bin_log_prob(x: jax.Array, mean: jax.Array, log_scale: jax.Array, vocab_size: int) -> jax.Array:
+  """log ∫_bin(x) N(y; mean, e^{2 log_scale}) dy, bins of width 2/V, the two edge bins open-ended."""
+  centre = scale_data(x, vocab_size)
+  inv_s = jnp.exp(-log_scale)
+  lo = jnp.where(x == 0, -jnp.inf, (centre - 1.0 / vocab_size - mean) * inv_s)
+  hi = jnp.where(x == vocab_size - 1, jnp.inf, (centre + 1.0 / vocab_size - mean) * inv_s)
+
+  def log_diff(a, b):  # log(Φ(b) − Φ(a)) for a < b, accurate in the lower tail
+    log_b = log_ndtr(b)
+    return log_b + jnp.log1p(-jnp.minimum(jnp.exp(log_ndtr(a) - log_b), 1.0 - 1e-7))
+
+  mirror = lo > 0  # in the upper tail use Φ(b) − Φ(a) = Φ(−a) − Φ(−b)
+  return log_diff(jnp.where(mirror, -hi, lo), jnp.where(mirror, -lo, hi))
+
+
+def vdm_decoder_logits(z_0: jax.Array, gamma_0: jax.Array, vocab_size: int) -> jax.Array:
+  """Logits of the paper's factorised decoder: −½ e^{−γ_0} (z_0/α_0 − x_v)², shape [..., V]."""
+  g = _bcast(jnp.asarray(gamma_0, jnp.float32), z_0)
+  z_rescaled = z_0 / jnp.sqrt(schedules.alpha2(g))
+  x_v = scale_data(jnp.arange(vocab_size), vocab_size)
+  return -0.5 * jnp.exp(-g)[..., None] * (z_rescaled[..., None] - x_v) ** 2
+
+
+def reconstruction_loss(x: jax.Array, z_0: jax.Array, gamma_0: jax.Array, *, vocab_size: int = 256,
+                        decoder: str = "vdm", x_hat: Optional[jax.Array] = None) -> jax.Array:
+  """L_0 = −log p(x | z_0), summed over dimensions, per example.
+
+  decoder="vdm": p(x_i|z_0) = softmax_v(−½ e^{−γ_0} (z_0/α_0 − x_v)²)[x_i].
+  decoder="discretized_gaussian": N(x̂_0, e^{γ_0}) integrated over the bin of x_i (DDPM), where
+  x̂_0 = (z_0 − σ_0 ε̂)/α_0 is the denoiser's mean (z_0/α_0 when x_hat is None).
+  """
+  if decoder == "vdm":
+    logp = jax.nn.log_softmax(vdm_decoder_logits(z_0, gamma_0, vocab_size), axis=-1)
+    logp = jnp.take_along_axis(logp, jnp.asarray(x, jnp.int32)[..., None], axis=-1)[..., 0]
+  elif decoder == "discretized_gaussian":
+    g = _bcast(jnp.asarray(gamma_0, jnp.float32), z_0)
+    mean = z_0 / jnp.sqrt(schedules.alpha2(g)) if x_hat is None else x_hat
+    logp = _bin_log_prob(x, mean, 0.5 * jnp.broadcast_to(g, z_0.shape), vocab_size)
+  else:
+    raise ValueError(f"unknown decoder {decoder!r}: use one of {DECODERS}.")
+  return -_sum_per_example(logp)
+
+
+def sample_times(rng: jax.Array, batch: int, antithetic: bool = True) -> jax.Array:
+  """u ∈ [0, 1)^B: i.i.d. uniform, or antithetic (stratified) u_i = (u_0 + i/B) mod 1."""
+  if antithetic:
+    return jnp.mod(jax.random.uniform(rng, ()) + jnp.arange(batch) / batch, 1.0)
+  return jax.random.uniform(rng, (batch,))
+
+
+def diffusion_weight(gamma_fn: GammaFn, u: jax.Array, num_timesteps: int = 0
+                     ) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """(t, γ_t, w_t) such that the diffusion loss is ½ w_t ||ε − ε̂(z_t; γ_t)||².
+
+  Continuous time (T = 0): t = u, w_t = dγ/dt (L_∞ = ½ E_t[γ'(t) ||ε − ε̂||²]).
+  Discrete time: t = i/T with i = ⌊uT⌋ + 1, s = t − 1/T, w_t = T (e^{γ_t − γ_s} − 1).
+  """
+  if num_timesteps == 0:
+    gamma_t, dgamma = jax.jvp(gamma_fn, (u,), (jnp.ones_like(u),))
+    return u, gamma_t, dgamma
+  t = (jnp.floor(u * num_timesteps) + 1.0) / num_timesteps
+  gamma_t = gamma_fn(t)
+  gamma_s = gamma_fn(t - 1.0 / num_timesteps)
+  return t, gamma_t, num_timesteps * jnp.expm1(gamma_t - gamma_s)
+
+
+def elbo_terms(eps_fn: EpsFn, gamma_fn: GammaFn, x: jax.Array, rng: jax.Array, *,
+               vocab_size: int = 256, num_timesteps: int = 0, antithetic: bool = True,
+               decoder: str = "vdm", time_proposal: Optional[TimeProposal] = None
+               ) -> dict[str, jax.Array]:
+  """One-sample estimates of the ELBO terms, per example, in nats.
+
+  Returns {"prior": L_T, "diffusion": L_{1..T} or L_∞, "reconstruction": L_0} and, for training
+  and diagnostics, "eps_mse" = ||ε − ε̂||² and "t", the time each example was evaluated at.
+  With ``time_proposal`` (continuous time only) t ~ q(t) and the diffusion term is divided by q(t),
+  which keeps it unbiased.
+  """
+  check_data(x, vocab_size)
+  if not isinstance(num_timesteps, (int, np.integer)) or num_timesteps < 0:
+    raise ValueError(f"num_timesteps={num_timesteps!r} must be an integer >= 0 (0 = continuous time).")
+  if decoder not in DECODERS:
+    raise ValueError(f"unknown decoder {decoder!r}: use one of {DECODERS}.")
+  if time_proposal is not None and num_timesteps:
+    raise ValueError("time_proposal is for continuous time: set num_timesteps=0 or drop the proposal.")
+  schedules.check_increasing(gamma_fn)
+
+  batch = x.shape[0]
+  rng_t, rng_eps, rng_0 = jax.random.split(rng, 3)
+  x_scaled = scale_data(x, vocab_size)
+  gamma_0, gamma_1 = gamma_fn(jnp.array([0.0, 1.0]))
+
+  u = sample_times(rng_t, batch, antithetic)
+  q_t = jnp.ones_like(u)
+  if time_proposal is not None:
+    u, q_t = time_proposal(u)
+  t, gamma_t, w_t = diffusion_weight(gamma_fn, u, num_timesteps)
+  eps = jax.random.normal(rng_eps, x_scaled.shape)
+  alpha_t, sigma_t = schedules.alpha_sigma(_bcast(gamma_t, x_scaled))
+  z_t = alpha_t * x_scaled + sigma_t * eps
+
+  alpha_0, sigma_0 = schedules.alpha_sigma(gamma_0)
+  z_0 = alpha_0 * x_scaled + sigma_0 * jax.random.normal(rng_0, x_scaled.shape)
+  if decoder == "discretized_gaussian":  # the denoiser's mean at t = 0: one call for z_t and z_0
+    eps_hat_both = eps_fn(jnp.concatenate([z_t, z_0]),
+                          jnp.concatenate([gamma_t, jnp.full((batch,), gamma_0)]))
+    eps_hat, eps_hat_0 = eps_hat_both[:batch], eps_hat_both[batch:]
+    x_hat_0 = (z_0 - sigma_0 * eps_hat_0) / alpha_0
+  else:
+    eps_hat, x_hat_0 = eps_fn(z_t, gamma_t), None
+
+  eps_mse = _sum_per_example((eps - eps_hat) ** 2)
+  return {
+      "prior": prior_loss(x_scaled, gamma_1),
+      "diffusion": 0.5 * w_t / q_t * eps_mse,
+      "reconstruction": reconstruction_loss(x, z_0, gamma_0, vocab_size=vocab_size, decoder=decoder,
+                                            x_hat=x_hat_0),
+      "eps_mse": eps_mse,
+      "t": t,
+  }
+
+
+def total_nats(terms: dict[str, jax.Array]) -> jax.Array:
+  """L_T + L_diffusion + L_0 per example, in nats."""
+  return terms["prior"] + terms["diffusion"] + terms["reconstruction"]
+
+
+def bits_per_dim(terms: dict[str, jax.Array], x: jax.Array) -> jax.Array:
+  """The batch mean of the bound in bits/dim: nats / (D ln 2)."""
+  return jnp.mean(total_nats(terms)) / (data_dims(x) * math.log(2.0))
+
+
+def training_loss(terms: dict[str, jax.Array], x: jax.Array, weighting: str = "elbo") -> jax.Array:
+  """The scalar to minimise: the ELBO in bits/dim ("elbo"), or DDPM's L_simple, the unweighted
+  per-dimension ε-MSE E||ε − ε̂||² / D ("simple"). The reported bound is always the ELBO."""
+  if weighting == "elbo":
+    return bits_per_dim(terms, x)
+  if weighting == "simple":
+    return jnp.mean(terms["eps_mse"]) / data_dims(x)
+  raise ValueError(f"unknown loss weighting {weighting!r}: use one of {WEIGHTINGS}.")

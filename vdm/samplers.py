@@ -1,0 +1,122 @@
+"""Samplers from z_1 ~ N(0, I) to z_0, for any denoiser ``eps_fn(z_t, gamma_t)`` and schedule γ(t).
+
+Each runs N steps on the uniform grid t_i = i/N, from t = 1 down to t = 0, as one
+``lax.fori_loop`` (so a jitted sampler compiles one step, whatever N). ``decode`` maps z_0
+to integer data with the VDM decoder.
+"""
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from vdm import schedules
+from vdm.elbo import EpsFn, vdm_decoder_logits
+from vdm.schedules import GammaFn
+
+# step(z_t, t, s, rng) -> z_s for s = t − 1/N.
+Step = Callable[[jax.Array, jax.Array, jax.Array, Optional[jax.Array]], jax.Array]
+
+
+def _check(gamma_fn: GammaFn, num_steps: int) -> None:
+  if not isinstance(num_steps, (int, np.integer)) or num_steps < 1:
+    raise ValueError(f"num_steps={num_steps!r} must be an integer >= 1.")
+  schedules.check_increasing(gamma_fn)
+
+
+def _reverse_loop(step: Step, z_1: jax.Array, rng: Optional[jax.Array], num_steps: int) -> jax.Array:
+  """z_0 from z_1 by z_{(i−1)/N} = step(z_{i/N}, i/N, (i−1)/N, rng_i) for i = N..1."""
+  def body(k, carry):
+    z, key = carry
+    i = num_steps - k
+    sub = None
+    if key is not None:
+      key, sub = jax.random.split(key)
+    return step(z, i / num_steps, (i - 1) / num_steps, sub), key
+
+  z, _ = jax.lax.fori_loop(0, num_steps, body, (z_1, rng))
+  return z
+
+
+def _eps(eps_fn: EpsFn, z: jax.Array, gamma: jax.Array) -> jax.Array:
+  return eps_fn(z, jnp.full((z.shape[0],), gamma, jnp.float32))
+
+
+def ancestral(eps_fn: EpsFn, gamma_fn: GammaFn, z_1: jax.Array, rng: jax.Array, num_steps: int) -> jax.Array:
+  """Ancestral sampling of p(z_s|z_t) = q(z_s|z_t, x = x̂_θ(z_t)):
+
+  z_s = (α_s/α_t)(z_t − c σ_t ε̂) + sqrt(c σ²_s) ξ,  c = 1 − e^{γ_s − γ_t}.
+  """
+  _check(gamma_fn, num_steps)
+
+  def step(z, t, s, key):
+    g_t, g_s = gamma_fn(t), gamma_fn(s)
+    alpha_t, sigma_t = schedules.alpha_sigma(g_t)
+    alpha_s = jnp.sqrt(schedules.alpha2(g_s))
+    c = -jnp.expm1(g_s - g_t)
+    mean = alpha_s / alpha_t * (z - c * sigma_t * _eps(eps_fn, z, g_t))
+    return mean + jnp.sqrt(c * schedules.sigma2(g_s)) * jax.random.normal(key, z.shape, z.dtype)
+
+  return _reverse_loop(step, z_1, rng, num_steps)
+
+
+def ddim(eps_fn: EpsFn, gamma_fn: GammaFn, z_1: jax.Array, num_steps: int) -> jax.Array:
+  """Deterministic DDIM: z_s = α_s x̂ + σ_s ε̂ with x̂ = (z_t − σ_t ε̂)/α_t."""
+  _check(gamma_fn, num_steps)
+
+  def step(z, t, s, key):
+    g_t = gamma_fn(t)
+    alpha_t, sigma_t = schedules.alpha_sigma(g_t)
+    alpha_s, sigma_s = schedules.alpha_sigma(gamma_fn(s))
+    eps_hat = _eps(eps_fn, z, g_t)
+    return alpha_s * (z - sigma_t * eps_hat) / alpha_t + sigma_s * eps_hat
+
+  return _reverse_loop(step, z_1, None, num_steps)
+
+
+def _vp_drift(eps_fn: EpsFn, gamma_fn: GammaFn, z: jax.Array, t, score_scale: float) -> tuple[jax.Array, jax.Array]:
+  """(dz/dt, β_t) of the VP-SDE's reverse dynamics, dz = [−½β z + k β ε̂/σ] dt.
+
+  Forward SDE: dz = −½β_t z dt + sqrt(β_t) dw with β_t = γ'(t) σ²_t; score ∇log p_t = −ε̂/σ_t.
+  k = 1 gives the reverse SDE's drift, k = ½ the probability-flow ODE.
+  """
+  g, dg = jax.jvp(gamma_fn, (jnp.asarray(t, jnp.float32),), (jnp.ones((), jnp.float32),))
+  beta = dg * schedules.sigma2(g)
+  sigma = jnp.sqrt(schedules.sigma2(g))
+  return -0.5 * beta * z + score_scale * beta / sigma * _eps(eps_fn, z, g), beta
+
+
+def euler_maruyama(eps_fn: EpsFn, gamma_fn: GammaFn, z_1: jax.Array, rng: jax.Array, num_steps: int) -> jax.Array:
+  """Euler–Maruyama on the reverse VP-SDE dz = [−½β z + β ε̂/σ] dt + sqrt(β) dw̄, t: 1 → 0."""
+  _check(gamma_fn, num_steps)
+
+  def step(z, t, s, key):
+    drift, beta = _vp_drift(eps_fn, gamma_fn, z, t, 1.0)
+    dt = t - s
+    return z - drift * dt + jnp.sqrt(beta * dt) * jax.random.normal(key, z.shape, z.dtype)
+
+  return _reverse_loop(step, z_1, rng, num_steps)
+
+
+def probability_flow(eps_fn: EpsFn, gamma_fn: GammaFn, z_1: jax.Array, num_steps: int) -> jax.Array:
+  """Heun's method on the probability-flow ODE dz/dt = −½β_t (z − ε̂/σ_t), t: 1 → 0."""
+  _check(gamma_fn, num_steps)
+
+  def step(z, t, s, key):
+    d_t, _ = _vp_drift(eps_fn, gamma_fn, z, t, 0.5)
+    z_euler = z - (t - s) * d_t
+    d_s, _ = _vp_drift(eps_fn, gamma_fn, z_euler, s, 0.5)
+    return z - 0.5 * (t - s) * (d_t + d_s)
+
+  return _reverse_loop(step, z_1, None, num_steps)
+
+
+def decode(z_0: jax.Array, gamma_0: jax.Array, *, vocab_size: int = 256,
+           rng: Optional[jax.Array] = None) -> jax.Array:
+  """Integers x ~ p(x|z_0) of the VDM decoder: its argmax, or a sample when rng is given."""
+  logits = vdm_decoder_logits(z_0, gamma_0, vocab_size)
+  if rng is None:
+    return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+  return jax.random.categorical(rng, logits, axis=-1).astype(jnp.int32)
