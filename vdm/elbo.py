@@ -69,9 +69,12 @@ def _bcast(v: jax.Array, like: jax.Array) -> jax.Array:
 
 
 def prior_loss(x_scaled: jax.Array, gamma_1: jax.Array) -> jax.Array:
-  """L_T = KL(N(α_1 x, σ²_1) || N(0, 1)) = ½ Σ (σ²_1 + α²_1 x² − 1 − log σ²_1), per example."""
+  """L_T = KL(N(α_1 x, σ²_1) || N(0, 1)) = ½ Σ (σ²_1 + α²_1 x² − 1 − log σ²_1), per example.
+
+  Evaluated as ½ Σ (α²_1 (x² − 1) + softplus(−γ_1)), which avoids σ²_1 − 1 cancelling in fp32.
+  """
   g = jnp.broadcast_to(_bcast(jnp.asarray(gamma_1, jnp.float32), x_scaled), x_scaled.shape)
-  kl = 0.5 * (schedules.sigma2(g) + schedules.alpha2(g) * x_scaled**2 - 1.0 - jax.nn.log_sigmoid(g))
+  kl = 0.5 * (schedules.alpha2(g) * (x_scaled**2 - 1.0) + jax.nn.softplus(-g))
   return _sum_per_example(kl)
 
 
@@ -161,16 +164,39 @@ def elbo_terms(eps_fn: EpsFn, gamma_fn: GammaFn, x: jax.Array, rng: jax.Array, *
     raise ValueError("time_proposal is for continuous time: set num_timesteps=0 or drop the proposal.")
   schedules.check_increasing(gamma_fn)
 
-  batch = x.shape[0]
-  rng_t, rng_eps, rng_0 = jax.random.split(rng, 3)
-  x_scaled = scale_data(x, vocab_size)
+  rng_t = jax.random.split(rng, 3)[0]  # the other two keys are elbo_terms_from's noise keys
   gamma_0, gamma_1 = gamma_fn(jnp.array([0.0, 1.0]))
-
-  u = sample_times(rng_t, batch, antithetic)
-  q_t = jnp.ones_like(u)
+  u = sample_times(rng_t, x.shape[0], antithetic)
+  q_t = None
   if time_proposal is not None:
     u, q_t = time_proposal(u)
   t, gamma_t, w_t = diffusion_weight(gamma_fn, u, num_timesteps)
+  return elbo_terms_from(eps_fn, x, rng, t, gamma_t, w_t, gamma_0, gamma_1, q_t=q_t,
+                         vocab_size=vocab_size, decoder=decoder)
+
+
+def elbo_terms_from(eps_fn: EpsFn, x: jax.Array, rng: jax.Array, t: jax.Array, gamma_t: jax.Array,
+                    w_t: jax.Array, gamma_0: jax.Array, gamma_1: jax.Array, *,
+                    q_t: Optional[jax.Array] = None, vocab_size: int = 256, decoder: str = "vdm"
+                    ) -> dict[str, jax.Array]:
+  """The terms of :func:`elbo_terms` given the schedule's values instead of the schedule.
+
+  t, γ_t, w_t: [B] times, γ(t) and diffusion weights (w_t = γ'(t) in continuous time, see
+  :func:`diffusion_weight`); γ_0, γ_1: scalars γ(0), γ(1); q_t: [B] proposal density or None.
+  The noise comes from keys 2 and 3 of ``jax.random.split(rng, 3)`` (key 1 is elbo_terms' time
+  key), so with the same rng and the same schedule values this equals elbo_terms exactly. Every
+  example's terms depend only on its own t_i, γ_t,i, w_t,i (and on γ_0, γ_1), which makes
+  gradients w.r.t. γ_t and w_t per-example quantities (used by :mod:`vdm.variance`).
+  """
+  check_data(x, vocab_size)
+  if decoder not in DECODERS:
+    raise ValueError(f"unknown decoder {decoder!r}: use one of {DECODERS}.")
+  batch = x.shape[0]
+  _, rng_eps, rng_0 = jax.random.split(rng, 3)
+  x_scaled = scale_data(x, vocab_size)
+  if q_t is None:
+    q_t = jnp.ones_like(t)
+
   eps = jax.random.normal(rng_eps, x_scaled.shape)
   alpha_t, sigma_t = schedules.alpha_sigma(_bcast(gamma_t, x_scaled))
   z_t = alpha_t * x_scaled + sigma_t * eps

@@ -1,0 +1,174 @@
+"""The ELBO terms against closed forms, numerical integration and a known entropy."""
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from scipy import integrate, stats
+
+from vdm import elbo, schedules, toy
+
+GAMMA = schedules.fixed_linear()
+
+
+def test_prior_equals_closed_form_gaussian_kl():
+  x = jax.random.randint(jax.random.PRNGKey(0), (5, 3, 2), 0, 256)
+  for gamma_1 in [-2.0, 0.0, 5.0, 9.0]:
+    got = elbo.prior_loss(elbo.scale_data(x, 256), jnp.float32(gamma_1))
+    mu = np.sqrt(1 / (1 + np.exp(gamma_1))) * (2 * (np.asarray(x, np.float64) + 0.5) / 256 - 1)
+    var = 1 / (1 + np.exp(-gamma_1))
+    kl = 0.5 * (var + mu**2 - 1 - np.log(var))  # KL(N(mu, var) || N(0, 1))
+    np.testing.assert_allclose(got, kl.reshape(5, -1).sum(-1), rtol=1e-5, atol=1e-8)
+
+
+@pytest.mark.parametrize("x", [0, 3, 7])
+def test_discretized_gaussian_decoder_equals_integral_of_density(x):
+  vocab, log_scale = 8, math.log(0.3)
+  means = np.linspace(-1.4, 1.4, 9)
+  got = -elbo.reconstruction_loss(jnp.full((9, 1), x), jnp.zeros((9, 1)), jnp.float32(2 * log_scale),
+                                  vocab_size=vocab, decoder="discretized_gaussian",
+                                  x_hat=jnp.asarray(means[:, None], jnp.float32))
+  centre = 2 * (x + 0.5) / vocab - 1
+  lo = -np.inf if x == 0 else centre - 1 / vocab
+  hi = np.inf if x == vocab - 1 else centre + 1 / vocab
+  want = [np.log(integrate.quad(stats.norm(m, 0.3).pdf, lo, hi)[0]) for m in means]
+  np.testing.assert_allclose(got, want, rtol=2e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("decoder", elbo.DECODERS)
+def test_decoders_are_normalised(decoder):
+  vocab = 16
+  xs = jnp.arange(vocab)[:, None]
+  z_0 = jnp.full((vocab, 1), 0.37)
+  logp = -elbo.reconstruction_loss(xs, z_0, jnp.float32(-3.0), vocab_size=vocab, decoder=decoder)
+  np.testing.assert_allclose(jax.scipy.special.logsumexp(logp), 0.0, atol=1e-5)
+
+
+@pytest.mark.parametrize("decoder", elbo.DECODERS)
+def test_reconstruction_term_equals_numerical_integration(decoder):
+  """E_{z_0 ~ q(z_0|x)}[−log p(x|z_0)] by quadrature over ε vs. the mean of the one-sample term."""
+  vocab, gamma_0, n = 16, -4.0, 200_000
+  gamma_fn = schedules.fixed_linear(gamma_0, 5.0)
+  eps_fn = lambda z, g: jnp.zeros_like(z)  # so the Gaussian decoder's mean is z_0/α_0, like the VDM decoder's
+  x_level = 5
+  x = jnp.full((n, 1), x_level)
+  terms = jax.jit(lambda r: elbo.elbo_terms(eps_fn, gamma_fn, x, r, vocab_size=vocab, decoder=decoder))(
+      jax.random.PRNGKey(1))
+  mc = np.asarray(terms["reconstruction"], np.float64)
+
+  scale = math.exp(gamma_0 / 2)  # z_0/α_0 = x + e^{γ_0/2} ε
+  centre = 2 * (x_level + 0.5) / vocab - 1
+  levels = 2 * (np.arange(vocab) + 0.5) / vocab - 1
+
+  def neg_log_p(e):
+    y = centre + scale * e
+    if decoder == "vdm":
+      logits = -0.5 * (y - levels) ** 2 / scale**2
+      return -(logits[x_level] - np.logaddexp.reduce(logits))
+    a, b = (centre - 1 / vocab - y) / scale, (centre + 1 / vocab - y) / scale
+    return -np.log(stats.norm.sf(a) - stats.norm.sf(b) if a > 0 else stats.norm.cdf(b) - stats.norm.cdf(a))
+
+  exact = integrate.quad(lambda e: neg_log_p(e) * stats.norm.pdf(e), -8, 8, limit=200)[0]
+  se = mc.std() / math.sqrt(n)
+  assert abs(mc.mean() - exact) < 4 * se + 1e-4, (mc.mean(), exact, se)
+
+
+def test_discrete_time_loss_converges_to_continuous_time():
+  dist = toy.FactorizedDiscrete.random(1, dims=16, vocab_size=16, concentration=1.0)
+  x = dist.sample(jax.random.PRNGKey(0), 8192)
+
+  def diffusion(num_timesteps):  # common random numbers across T
+    fn = jax.jit(lambda r: jnp.mean(elbo.elbo_terms(dist.eps_fn(), GAMMA, x, r, vocab_size=16,
+                                                    num_timesteps=num_timesteps)["diffusion"]))
+    return np.mean([fn(jax.random.PRNGKey(k)) for k in range(4)])
+
+  l_inf = diffusion(0)
+  l_t = [diffusion(t) for t in (10, 100, 1000)]
+  assert l_t[0] > l_t[1] > l_t[2] > l_inf * 0.995
+  assert abs(l_t[2] - l_inf) / l_inf < 0.02
+  assert abs(l_t[1] - l_inf) > abs(l_t[2] - l_inf)
+
+
+def test_elbo_of_optimal_denoiser_sits_at_the_entropy():
+  dist = toy.FactorizedDiscrete.random(0, dims=64, vocab_size=16, concentration=1.0)
+  entropy = dist.entropy_bits_per_dim()
+
+  @jax.jit
+  def batch_bpd(rng):
+    rng_x, rng_elbo = jax.random.split(rng)
+    x = dist.sample(rng_x, 4096)
+    return elbo.bits_per_dim(elbo.elbo_terms(dist.eps_fn(), GAMMA, x, rng_elbo, vocab_size=16), x)
+
+  bpd = np.array([batch_bpd(jax.random.PRNGKey(k)) for k in range(16)])
+  mean, se = bpd.mean(), bpd.std(ddof=1) / math.sqrt(len(bpd))
+  assert se < 0.01
+  assert abs(mean - entropy) < 0.02, (mean, entropy, se)
+  assert mean > entropy - 3 * se, (mean, entropy, se)
+
+
+def test_antithetic_time_sampling_lowers_variance():
+  dist = toy.FactorizedDiscrete.random(2, dims=16, vocab_size=16)
+  x = dist.sample(jax.random.PRNGKey(3), 256)
+
+  def variance(antithetic):
+    fn = jax.jit(lambda r: elbo.bits_per_dim(
+        elbo.elbo_terms(dist.eps_fn(), GAMMA, x, r, vocab_size=16, antithetic=antithetic), x))
+    return np.var([fn(jax.random.PRNGKey(k)) for k in range(64)])
+
+  assert variance(True) < 0.6 * variance(False)
+
+
+def test_training_loss_weightings():
+  dist = toy.FactorizedDiscrete.random(0, dims=4, vocab_size=8)
+  x = dist.sample(jax.random.PRNGKey(0), 32)
+  terms = elbo.elbo_terms(dist.eps_fn(), GAMMA, x, jax.random.PRNGKey(1), vocab_size=8)
+  np.testing.assert_allclose(elbo.training_loss(terms, x, "elbo"), elbo.bits_per_dim(terms, x))
+  np.testing.assert_allclose(elbo.training_loss(terms, x, "simple"), np.mean(terms["eps_mse"]) / 4, rtol=1e-6)
+  nats = terms["prior"] + terms["diffusion"] + terms["reconstruction"]
+  np.testing.assert_allclose(elbo.bits_per_dim(terms, x), np.mean(nats) / (4 * math.log(2)), rtol=1e-6)
+
+
+@pytest.mark.parametrize("decoder", elbo.DECODERS)
+@pytest.mark.parametrize("num_timesteps", [0, 50])
+def test_jit_gradients_are_finite_with_learned_schedule(decoder, num_timesteps):
+  module = schedules.LearnedLinear()
+  x = jax.random.randint(jax.random.PRNGKey(0), (8, 4, 4, 3), 0, 256)
+
+  def loss(params, rng):
+    eps_fn = lambda z, g: params["scale"] * z + g[:, None, None, None] * 1e-3
+    gamma_fn = schedules.bind(module, params["gamma"])
+    terms = elbo.elbo_terms(eps_fn, gamma_fn, x, rng, decoder=decoder, num_timesteps=num_timesteps)
+    return elbo.training_loss(terms, x)
+
+  params = {"scale": jnp.float32(0.5), "gamma": module.init(jax.random.PRNGKey(0), jnp.zeros(1))}
+  value, grads = jax.jit(jax.value_and_grad(loss))(params, jax.random.PRNGKey(1))
+  eager = loss(params, jax.random.PRNGKey(1))
+  np.testing.assert_allclose(value, eager, rtol=1e-5)
+  assert all(np.all(np.isfinite(g)) for g in jax.tree_util.tree_leaves(grads))
+  assert float(jnp.abs(grads["gamma"]["params"]["w"])) > 0
+
+
+def test_bad_arguments_raise_clear_errors():
+  eps_fn = lambda z, g: z
+  x = jnp.zeros((2, 3), jnp.int32)
+  rng = jax.random.PRNGKey(0)
+  cases = [
+      (dict(vocab_size=1), "vocab_size"),
+      (dict(num_timesteps=-1), "num_timesteps"),
+      (dict(decoder="logistic"), "decoder"),
+      (dict(num_timesteps=10, time_proposal=lambda u: (u, jnp.ones_like(u))), "continuous time"),
+  ]
+  for kwargs, match in cases:
+    with pytest.raises(ValueError, match=match):
+      elbo.elbo_terms(eps_fn, GAMMA, x, rng, **kwargs)
+  with pytest.raises(ValueError, match="dtype"):
+    elbo.elbo_terms(eps_fn, GAMMA, jnp.zeros((2, 3)), rng)
+  with pytest.raises(ValueError, match="outside"):
+    elbo.elbo_terms(eps_fn, GAMMA, jnp.full((2, 3), 256), rng)
+  with pytest.raises(ValueError, match="outside"):
+    elbo.elbo_terms(eps_fn, GAMMA, jnp.full((2, 3), -1), rng)
+  with pytest.raises(ValueError, match="not increasing"):
+    elbo.elbo_terms(eps_fn, lambda t: 5.0 - 18.3 * t, x, rng)
+  with pytest.raises(ValueError, match="batch"):
+    elbo.elbo_terms(eps_fn, GAMMA, jnp.zeros((3,), jnp.int32), rng)

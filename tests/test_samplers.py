@@ -1,0 +1,85 @@
+"""Samplers: with the Bayes-optimal denoiser each one reproduces a known discrete distribution."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from scipy import stats
+
+from vdm import elbo, samplers, schedules, toy
+
+GAMMA = schedules.fixed_linear()
+DIST = toy.FactorizedDiscrete.random(4, dims=8, vocab_size=4, concentration=1.0)
+N = 4000
+
+
+def _z_1(dist, n=N):
+  """z_1 ~ q(z_1) = ∫ q(z_1|x) p(x) dx: the exact marginal, so only the sampler's error is tested."""
+  alpha_1, sigma_1 = schedules.alpha_sigma(GAMMA(1.0))
+  x = elbo.scale_data(dist.sample(jax.random.PRNGKey(7), n), dist.vocab_size)
+  return alpha_1 * x + sigma_1 * jax.random.normal(jax.random.PRNGKey(0), x.shape)
+
+
+def _run(name, eps_fn, z_1, num_steps):
+  fn = getattr(samplers, name)
+  if name in ("ancestral", "euler_maruyama"):
+    return jax.jit(lambda z, r: fn(eps_fn, GAMMA, z, r, num_steps))(z_1, jax.random.PRNGKey(1))
+  return jax.jit(lambda z: fn(eps_fn, GAMMA, z, num_steps))(z_1)
+
+
+def _chi2_pvalue(x, probs):
+  counts = np.stack([np.bincount(x[:, i], minlength=probs.shape[1]) for i in range(probs.shape[0])])
+  expected = x.shape[0] * probs
+  return stats.chi2.sf(((counts - expected) ** 2 / expected).sum(), probs.size - probs.shape[0])
+
+
+STEPS = {"ancestral": 300, "ddim": 500, "euler_maruyama": 500, "probability_flow": 100}
+
+
+@pytest.mark.parametrize("name", list(STEPS))
+def test_sampler_reproduces_data_distribution(name):
+  z_0 = _run(name, DIST.eps_fn(), _z_1(DIST), STEPS[name])
+  x = np.asarray(samplers.decode(z_0, GAMMA(0.0), vocab_size=DIST.vocab_size))
+  assert _chi2_pvalue(x, DIST.probs) > 1e-3
+
+
+def test_frequency_test_detects_a_wrong_denoiser():
+  other = toy.FactorizedDiscrete.random(5, dims=8, vocab_size=4, concentration=1.0)
+  z_0 = _run("ancestral", other.eps_fn(), _z_1(DIST), STEPS["ancestral"])
+  x = np.asarray(samplers.decode(z_0, GAMMA(0.0), vocab_size=4))
+  assert _chi2_pvalue(x, DIST.probs) < 1e-6
+
+
+def test_ancestral_step_is_the_analytic_posterior():
+  """For a point mass x*, p(z_s|z_t) must be q(z_s|z_t, x*) = N(μ, σ²) with
+  μ = α_{t|s} σ²_s/σ²_t z_t + α_s σ²_{t|s}/σ²_t x*, σ² = σ²_{t|s} σ²_s/σ²_t (α_{t|s} = α_t/α_s)."""
+  gamma_fn = schedules.fixed_linear(-3.0, 2.0)
+  x_star = 0.3
+  eps_fn = lambda z, g: (z - jnp.sqrt(jax.nn.sigmoid(-g))[:, None] * x_star) / jnp.sqrt(jax.nn.sigmoid(g))[:, None]
+  z_1 = jnp.full((200_000, 1), 0.8)
+  z_0 = np.asarray(samplers.ancestral(eps_fn, gamma_fn, z_1, jax.random.PRNGKey(0), 1))
+  a2_t, a2_s = jax.nn.sigmoid(-2.0), jax.nn.sigmoid(3.0)
+  s2_t, s2_s = 1 - a2_t, 1 - a2_s
+  a_ts = np.sqrt(a2_t / a2_s)
+  s2_ts = s2_t - a_ts**2 * s2_s
+  mean = a_ts * s2_s / s2_t * 0.8 + np.sqrt(a2_s) * s2_ts / s2_t * x_star
+  var = s2_ts * s2_s / s2_t
+  assert abs(z_0.mean() - mean) < 4 * np.sqrt(var / z_0.size)
+  assert abs(z_0.var() / var - 1) < 0.01
+
+
+def test_ddim_is_deterministic_and_decode_modes():
+  z_1 = _z_1(DIST, 64)
+  a = _run("ddim", DIST.eps_fn(), z_1, 20)
+  np.testing.assert_array_equal(a, _run("ddim", DIST.eps_fn(), z_1, 20))
+  x_argmax = samplers.decode(a, GAMMA(0.0), vocab_size=4)
+  x_sample = samplers.decode(a, GAMMA(0.0), vocab_size=4, rng=jax.random.PRNGKey(3))
+  assert x_argmax.dtype == jnp.int32 and x_argmax.shape == a.shape
+  np.testing.assert_array_equal(x_argmax, x_sample)  # σ_0/α_0 ≈ 1e-3 ≪ the bin width 0.5
+
+
+def test_bad_sampler_arguments_raise():
+  z = jnp.zeros((2, 3))
+  with pytest.raises(ValueError, match="num_steps"):
+    samplers.ddim(DIST.eps_fn(), GAMMA, z, 0)
+  with pytest.raises(ValueError, match="not increasing"):
+    samplers.ancestral(DIST.eps_fn(), lambda t: -t, z, jax.random.PRNGKey(0), 10)
