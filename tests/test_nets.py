@@ -1,0 +1,174 @@
+"""The ScoreUNet: shapes and dtypes, the paper's parameter count, the base measure at
+initialisation, dropout, bf16 against fp32, remat, and finite gradients. Behaviour tests use
+a tiny net (n_embd 32, n_layer 2, attention) on 8×8×3 images, compiled without LLVM
+optimisation (compile time dominates on CPU); shape tests only trace (jax.eval_shape)."""
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from vdm.nets import ScoreUNet, fourier_features, num_params, param_count, timestep_embedding
+
+SMALL = dict(n_embd=32, n_layer=2, dropout=0.1, attention=True)
+FAST_COMPILE = {"xla_backend_optimization_level": 0}
+SHAPE = (2, 8, 8, 3)
+
+
+def _inputs():
+  z = jax.random.normal(jax.random.PRNGKey(0), SHAPE)
+  return z, jnp.array([-10.0, 3.0])
+
+
+def _jit(f):
+  return jax.jit(f, compiler_options=FAST_COMPILE)
+
+
+@functools.lru_cache(maxsize=None)
+def _apply(net: ScoreUNet, deterministic: bool):
+  return _jit(lambda p, z, g, key: net.apply(p, z, g, deterministic=deterministic,
+                                            rngs={"dropout": key}))
+
+
+@pytest.fixture(scope="module")
+def init_params():
+  z, g = _inputs()
+  return _jit(ScoreUNet(**SMALL).init)(jax.random.PRNGKey(1), z, g)
+
+
+@pytest.fixture(scope="module")
+def perturbed(init_params):
+  """The initial parameters plus noise, so that the zero-initialised layers are non-zero."""
+  rng = np.random.default_rng(2)
+  return jax.tree_util.tree_map(
+      lambda p: np.asarray(p) + 0.05 * rng.standard_normal(p.shape, np.float32), init_params)
+
+
+@pytest.mark.parametrize("kwargs", [
+    dict(n_layer=1),
+    dict(n_layer=2, channel_mult=(1, 2, 2), attention=True),
+    dict(n_layer=2, channel_mult=(2, 1), fourier_features=False),
+    dict(n_layer=2, dtype="bfloat16", attention=True),
+    dict(n_layer=3, channel_mult=(1, 2), remat=True),
+])
+def test_output_shape_and_dtype(kwargs):
+  net = ScoreUNet(n_embd=32, **kwargs)
+  z = jax.ShapeDtypeStruct((3, 16, 16, 3), jnp.float32)
+  g = jax.ShapeDtypeStruct((3,), jnp.float32)
+  params = jax.eval_shape(net.init, jax.random.PRNGKey(0), z, g)
+  out = jax.eval_shape(lambda p, z, g: net.apply(p, z, g, deterministic=False,
+                                                 rngs={"dropout": jax.random.PRNGKey(0)}),
+                       params, z, g)
+  assert out.shape == z.shape and out.dtype == jnp.float32
+  assert all(p.dtype == jnp.float32 for p in jax.tree_util.tree_leaves(params))
+
+
+def test_cifar10_parameter_count():
+  """The paper's CIFAR-10 net (n_embd 128, 32 layers, Fourier features, no attention): 30.58 M."""
+  net = ScoreUNet(n_embd=128, n_layer=32, dropout=0.1, fourier_features=True, attention=False)
+  n = param_count(net, (32, 32, 3))
+  assert abs(n - 30.58e6) <= 0.005 * 30.58e6, n
+
+
+def test_rejects_bad_inputs():
+  net = ScoreUNet(n_embd=32, n_layer=1, channel_mult=(1, 2, 2))
+  with pytest.raises(ValueError, match="divisible"):
+    jax.eval_shape(net.init, jax.random.PRNGKey(0), jnp.zeros((1, 6, 6, 3)), jnp.zeros((1,)))
+  with pytest.raises(ValueError, match="images"):
+    jax.eval_shape(net.init, jax.random.PRNGKey(0), jnp.zeros((1, 6)), jnp.zeros((1,)))
+  with pytest.raises(ValueError, match="dtype"):
+    jax.eval_shape(ScoreUNet(n_layer=1, dtype="float16").init, jax.random.PRNGKey(0),
+                   jnp.zeros((1, 4, 4, 3)), jnp.zeros((1,)))
+
+
+def test_embeddings():
+  emb = timestep_embedding(jnp.array([0.0, 0.5]), 7)
+  assert emb.shape == (2, 7) and emb.dtype == jnp.float32
+  np.testing.assert_allclose(emb[0], [0, 0, 0, 1, 1, 1, 0])  # sin 0, cos 0, zero pad
+  z = jnp.array([[0.25, -1.0 / 256]])
+  f = fourier_features(z, (6, 7))
+  np.testing.assert_allclose(f[0, :4], np.sin(2 * np.pi * np.array([16, 32, -0.25, -0.5])), atol=1e-4)
+
+
+def test_zero_init_output_is_the_base_measure(init_params):
+  """All output paths are zero-initialised, so ε̂(z) = z exactly at initialisation."""
+  z, g = _inputs()
+  net = ScoreUNet(**SMALL)
+  for deterministic in (True, False):
+    out = _apply(net, deterministic)(init_params, z, g, jax.random.PRNGKey(3))
+    np.testing.assert_array_equal(out, z)
+
+
+def test_dropout_only_in_training(perturbed):
+  z, g = _inputs()
+  net = ScoreUNet(**SMALL)
+  k1, k2 = jax.random.PRNGKey(4), jax.random.PRNGKey(5)
+  det = _apply(net, True)
+  np.testing.assert_array_equal(det(perturbed, z, g, k1), det(perturbed, z, g, k2))
+  train = _apply(net, False)
+  np.testing.assert_array_equal(train(perturbed, z, g, k1), train(perturbed, z, g, k1))
+  assert not np.allclose(train(perturbed, z, g, k1), train(perturbed, z, g, k2))
+  assert not np.allclose(train(perturbed, z, g, k1), det(perturbed, z, g, k1))
+
+
+def test_conditioning_on_gamma(perturbed):
+  """ε̂ depends on γ_t, and a scalar γ is the same as a batch of equal γ."""
+  z, _ = _inputs()
+  det = _apply(ScoreUNet(**SMALL), True)
+  key = jax.random.PRNGKey(0)
+  a, b = det(perturbed, z, jnp.full((2,), -5.0), key), det(perturbed, z, jnp.full((2,), 2.0), key)
+  assert not np.allclose(a, b)
+  np.testing.assert_allclose(det(perturbed, z, jnp.float32(-5.0), key), a, rtol=1e-6, atol=1e-6)
+
+
+def test_bfloat16_close_to_float32(perturbed):
+  z, g = _inputs()
+  key = jax.random.PRNGKey(0)
+  out32 = _apply(ScoreUNet(**SMALL), True)(perturbed, z, g, key)
+  out16 = _apply(ScoreUNet(**SMALL, dtype="bfloat16"), True)(perturbed, z, g, key)
+  assert out16.dtype == jnp.float32
+  h32, h16 = out32 - z, out16 - z  # the network's part, without the base measure
+  assert float(jnp.linalg.norm(h32)) > 0.1 * float(jnp.linalg.norm(z))
+  rel = float(jnp.linalg.norm(h16 - h32) / jnp.linalg.norm(h32))
+  assert rel < 0.05, rel
+
+
+def _loss(net, z, g, key):
+  return lambda p: jnp.mean((net.apply(p, z, g, deterministic=False, rngs={"dropout": key}) - 1.0) ** 2)
+
+
+def test_gradients_finite(perturbed):
+  z, g = _inputs()
+  loss, grad = _jit(jax.value_and_grad(_loss(ScoreUNet(**SMALL), z, g, jax.random.PRNGKey(6))))(perturbed)
+  assert np.isfinite(float(loss))
+  leaves = jax.tree_util.tree_leaves(grad)
+  assert len(leaves) == len(jax.tree_util.tree_leaves(perturbed))
+  assert all(bool(jnp.all(jnp.isfinite(x))) for x in leaves)
+  assert all(float(jnp.sum(x**2)) > 0 for x in leaves)
+
+
+def test_remat_changes_nothing_but_memory():
+  """Same loss and gradients with remat=True, through scanned and single blocks (random params)."""
+  z, g = _inputs()
+  kw = dict(n_embd=32, n_layer=2, dropout=0.1)
+  shapes = jax.eval_shape(ScoreUNet(**kw).init, jax.random.PRNGKey(0), z, g)
+  rng = np.random.default_rng(7)
+  params = jax.tree_util.tree_map(lambda s: 0.1 * rng.standard_normal(s.shape, np.float32), shapes)
+  key = jax.random.PRNGKey(8)
+  loss, grad = _jit(jax.value_and_grad(_loss(ScoreUNet(**kw), z, g, key)))(params)
+  loss_r, grad_r = _jit(jax.value_and_grad(_loss(ScoreUNet(**kw, remat=True), z, g, key)))(params)
+  np.testing.assert_allclose(loss_r, loss, rtol=1e-6)
+  for a, b in zip(jax.tree_util.tree_leaves(grad_r), jax.tree_util.tree_leaves(grad)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_scanned_blocks_stack_parameters(init_params):
+  """Runs of identical blocks share one scanned body with stacked parameters."""
+  p = init_params["params"]
+  assert p["down_0_0"]["conv1"]["kernel"].shape == (2, 3, 3, 32, 32)  # 2 blocks down
+  assert p["down_0_0"]["attn"]["q"]["kernel"].shape == (2, 32, 32)
+  assert p["up_0_0"]["conv1"]["kernel"].shape == (3, 3, 3, 64, 32)  # 3 blocks up, skip concatenated
+  assert set(p) == {"dense0", "dense1", "conv_in", "down_0_0", "mid_1_0", "mid_2_0", "up_0_0",
+                    "norm_out", "conv_out"}
+  assert num_params(init_params) == param_count(ScoreUNet(**SMALL), SHAPE[1:])

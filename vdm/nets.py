@@ -1,0 +1,215 @@
+"""The VDM score network: a U-Net ε̂(z_t; γ_t) with a base measure, ε̂ = z_t + f(z_t, γ_t).
+
+The architecture is the one of the paper's CIFAR-10 model (Kingma et al. 2021, App. B):
+Fourier features of z as extra input channels, a sinusoidal embedding of the rescaled
+γ_t fed through a 2-layer MLP and added to every ResNet block, `n_layer` ResNet blocks on
+the way down (storing their outputs), a middle ResNet–attention–ResNet, `n_layer + 1`
+ResNet blocks on the way up that concatenate the stored activations, and a zero-initialised
+output convolution. With ``channel_mult=(1,)`` the net works at one resolution (the paper's
+CIFAR-10 model, 30.58 M parameters); longer tuples add resolutions, halving H and W between
+levels, as in DDPM's U-Net.
+
+Runs of identical blocks (the same input and skip shapes) are one ``nn.scan`` over stacked
+parameters, so the compiled program holds each kind of block once, not 67 copies.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from vdm.schedules import GAMMA_MAX, GAMMA_MIN
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+def timestep_embedding(t: jax.Array, dim: int, scale: float = 1000.0) -> jax.Array:
+  """Sinusoidal embedding [sin(s t ω_k), cos(s t ω_k)], ω_k = 10000^(−k/(dim/2 − 1)), in fp32.
+
+  t: [B] in [0, 1], scaled by `scale` (1000, as in DDPM's integer timesteps). Returns [B, dim];
+  an odd dim gets one zero column.
+  """
+  half = dim // 2
+  freqs = jnp.exp(-math.log(10000.0) * jnp.arange(half, dtype=jnp.float32) / max(half - 1, 1))
+  args = scale * jnp.asarray(t, jnp.float32)[:, None] * freqs[None, :]
+  emb = jnp.concatenate([jnp.sin(args), jnp.cos(args)], axis=-1)
+  return jnp.pad(emb, ((0, 0), (0, dim % 2)))
+
+
+def fourier_features(z: jax.Array, exponents: Sequence[int] = (6, 7)) -> jax.Array:
+  """sin and cos of z · 2^n · 2π for each n, in fp32: [..., C] -> [..., 2 C len(exponents)].
+
+  High frequencies let the net resolve the fine (8-bit) structure of z at small noise levels.
+  """
+  freqs = 2.0 * jnp.pi * 2.0 ** jnp.asarray(exponents, jnp.float32)
+  h = (jnp.asarray(z, jnp.float32)[..., None] * freqs).reshape(z.shape[:-1] + (-1,))
+  return jnp.concatenate([jnp.sin(h), jnp.cos(h)], axis=-1)
+
+
+class ResnetBlock(nn.Module):
+  """GroupNorm, swish, conv3x3, + cond projection, GroupNorm, swish, dropout, zero-init conv3x3,
+  plus a skip (a 1×1 projection when the channel count changes); then optional self-attention.
+
+  ``skip`` (the U-Net's stored activation) is concatenated to the input when given. Returns
+  (h, h) so that the block is also the body of an ``nn.scan``.
+  """
+  out_ch: int
+  dropout: float
+  deterministic: bool
+  attention: bool = False
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, skip: Optional[jax.Array], cond: jax.Array):
+    if skip is not None:
+      x = jnp.concatenate([x, skip], axis=-1)
+    conv = lambda name, **kw: nn.Conv(self.out_ch, (3, 3), dtype=self.dtype, name=name, **kw)
+    h = nn.swish(nn.GroupNorm(dtype=self.dtype, name="norm1")(x))
+    h = conv("conv1")(h)
+    h = h + nn.Dense(self.out_ch, use_bias=False, kernel_init=nn.initializers.zeros,
+                     dtype=self.dtype, name="cond_proj")(cond)[:, None, None, :]
+    h = nn.swish(nn.GroupNorm(dtype=self.dtype, name="norm2")(h))
+    h = nn.Dropout(self.dropout, deterministic=self.deterministic)(h)
+    h = conv("conv2", kernel_init=nn.initializers.zeros)(h)
+    if x.shape[-1] != self.out_ch:
+      x = nn.Dense(self.out_ch, dtype=self.dtype, name="nin_shortcut")(x)
+    h = (x + h).astype(self.dtype)
+    if self.attention:
+      h = AttnBlock(dtype=self.dtype, name="attn")(h)
+    return h, h
+
+
+class AttnBlock(nn.Module):
+  """Single-head self-attention over all H·W positions, residual, zero-initialised output."""
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    b, hgt, wid, c = x.shape
+    h = nn.GroupNorm(dtype=self.dtype, name="norm")(x).reshape(b, hgt * wid, 1, c)
+    q, k, v = (nn.Dense(c, dtype=self.dtype, name=n)(h) for n in ("q", "k", "v"))
+    h = jax.nn.dot_product_attention(q, k, v)  # logits and softmax in fp32
+    h = nn.Dense(c, kernel_init=nn.initializers.zeros, dtype=self.dtype, name="proj_out")(h)
+    return (x + h.reshape(x.shape)).astype(self.dtype)
+
+
+class ScoreUNet(nn.Module):
+  """ε̂(z_t; γ_t) = z_t + UNet(z_t, γ_t).
+
+  Call: ``apply(params, z, gamma_t, deterministic=True, rngs={'dropout': key})`` with z
+  [B, H, W, C] and gamma_t [B] (or a scalar); returns ε̂ [B, H, W, C] in float32. Dropout is
+  active only with ``deterministic=False`` (which needs the 'dropout' rng).
+
+  dtype='bfloat16' runs convolutions, dense layers and attention in bf16 with fp32 parameters;
+  GroupNorm statistics, the γ embedding and its MLP, the Fourier features, the output
+  convolution and the base-measure addition stay in fp32. remat=True recomputes each ResNet
+  block in the backward pass instead of storing its activations. unroll=True unrolls the scans
+  over identical blocks (same parameters, same results): XLA's cost analysis counts a loop body
+  once, so FLOP counts need the unrolled program.
+  """
+  n_embd: int = 128
+  n_layer: int = 32
+  dropout: float = 0.1
+  channel_mult: Sequence[int] = (1,)
+  fourier_features: bool = True
+  attention: bool = False
+  gamma_min: float = GAMMA_MIN
+  gamma_max: float = GAMMA_MAX
+  dtype: str = "float32"
+  remat: bool = False
+  unroll: bool = False
+
+  @nn.compact
+  def __call__(self, z: jax.Array, gamma_t: jax.Array, deterministic: bool = True) -> jax.Array:
+    if z.ndim != 4:
+      raise ValueError(f"z has shape {z.shape}: ScoreUNet expects images [B, H, W, C].")
+    if self.dtype not in DTYPES:
+      raise ValueError(f"dtype={self.dtype!r}: use one of {tuple(DTYPES)}.")
+    levels = len(self.channel_mult)
+    if z.shape[1] % 2 ** (levels - 1) or z.shape[2] % 2 ** (levels - 1):
+      raise ValueError(f"H, W = {z.shape[1:3]} must be divisible by 2^{levels - 1} for "
+                       f"channel_mult={tuple(self.channel_mult)}.")
+    cdt = DTYPES[self.dtype]
+    z = jnp.asarray(z, jnp.float32)
+    batch = z.shape[0]
+
+    # Conditioning: γ_t rescaled to [0, 1], sinusoidal embedding, 2-layer MLP (fp32).
+    t = (jnp.asarray(gamma_t, jnp.float32) - self.gamma_min) / (self.gamma_max - self.gamma_min)
+    t = jnp.broadcast_to(t.reshape(-1), (batch,))
+    cond = timestep_embedding(t, self.n_embd)
+    cond = nn.swish(nn.Dense(4 * self.n_embd, name="dense0")(cond))
+    cond = nn.swish(nn.Dense(4 * self.n_embd, name="dense1")(cond))
+
+    h = jnp.concatenate([z, fourier_features(z)], axis=-1) if self.fourier_features else z
+    h = nn.Conv(self.n_embd, (3, 3), dtype=cdt, name="conv_in")(h)
+
+    hs = [h]
+    for i, mult in enumerate(self.channel_mult):
+      h, outs = self._blocks(h, None, cond, deterministic, self.n_embd * mult, self.n_layer,
+                             self.attention, f"down_{i}")
+      hs += outs
+      if i < levels - 1:
+        h = nn.Conv(h.shape[-1], (3, 3), strides=(2, 2), dtype=cdt, name=f"downsample_{i}")(h)
+        hs.append(h)
+
+    h, _ = self._blocks(h, None, cond, deterministic, h.shape[-1], 1, True, "mid_1")
+    h, _ = self._blocks(h, None, cond, deterministic, h.shape[-1], 1, False, "mid_2")
+
+    for i in reversed(range(levels)):
+      skips = [hs.pop() for _ in range(self.n_layer + 1)]
+      h, _ = self._blocks(h, skips, cond, deterministic, self.n_embd * self.channel_mult[i],
+                          self.n_layer + 1, self.attention, f"up_{i}")
+      if i > 0:
+        b, hgt, wid, c = h.shape
+        h = jax.image.resize(h, (b, 2 * hgt, 2 * wid, c), "nearest")
+        h = nn.Conv(c, (3, 3), dtype=cdt, name=f"upsample_{i}")(h)
+    assert not hs
+
+    h = nn.swish(nn.GroupNorm(dtype=jnp.float32, name="norm_out")(h))
+    h = nn.Conv(z.shape[-1], (3, 3), kernel_init=nn.initializers.zeros, dtype=jnp.float32,
+                name="conv_out")(h)
+    return z + h  # the base measure: ε̂ = z_t at initialisation
+
+  def _blocks(self, h, skips, cond, deterministic, out_ch, n, attention, name):
+    """n ResNet blocks to out_ch channels, block k concatenating skips[k] when skips are given.
+
+    Consecutive blocks with identical input shapes share one scanned body (the first block of
+    a level runs on its own when it changes the channel count). Returns (h, [outputs]).
+    """
+    block_kw = dict(out_ch=out_ch, dropout=self.dropout, deterministic=deterministic,
+                    attention=attention, dtype=DTYPES[self.dtype])
+    outs, k, run_id = [], 0, 0
+    while k < n:
+      end = k + 1
+      if h.shape[-1] == out_ch:
+        while end < n and (skips is None or skips[end].shape == skips[k].shape):
+          end += 1
+      cls = nn.remat(ResnetBlock, prevent_cse=end - k == 1) if self.remat else ResnetBlock
+      if end - k == 1:
+        h, _ = cls(**block_kw, name=f"{name}_{run_id}")(h, None if skips is None else skips[k], cond)
+        outs.append(h)
+      else:
+        xs = None if skips is None else jnp.stack(skips[k:end])
+        scanned = nn.scan(cls, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
+                          in_axes=(0, nn.broadcast), length=end - k,
+                          unroll=end - k if self.unroll else 1)
+        h, ys = scanned(**block_kw, name=f"{name}_{run_id}")(h, xs, cond)
+        outs += list(ys)
+      k, run_id = end, run_id + 1
+    return h, outs
+
+
+def num_params(params) -> int:
+  """The number of scalar parameters in a pytree."""
+  return sum(int(math.prod(p.shape)) for p in jax.tree_util.tree_leaves(params))
+
+
+def param_count(net: ScoreUNet, image_shape: Sequence[int]) -> int:
+  """Parameters of `net` for images [H, W, C], from ``jax.eval_shape`` (nothing is allocated)."""
+  z = jax.ShapeDtypeStruct((1, *image_shape), jnp.float32)
+  g = jax.ShapeDtypeStruct((1,), jnp.float32)
+  shapes = jax.eval_shape(net.init, jax.random.PRNGKey(0), z, g)
+  return num_params(shapes["params"])
