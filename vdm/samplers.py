@@ -76,7 +76,7 @@ def ddim(eps_fn: EpsFn, gamma_fn: GammaFn, z_1: jax.Array, num_steps: int) -> ja
   return _reverse_loop(step, z_1, None, num_steps)
 
 
-def _vp_drift(eps_fn: EpsFn, gamma_fn: GammaFn, z: jax.Array, t, score_scale: float) -> tuple[jax.Array, jax.Array]:
+def vp_drift(eps_fn: EpsFn, gamma_fn: GammaFn, z: jax.Array, t, score_scale: float) -> tuple[jax.Array, jax.Array]:
   """(dz/dt, β_t) of the VP-SDE's reverse dynamics, dz = [−½β z + k β ε̂/σ] dt.
 
   Forward SDE: dz = −½β_t z dt + sqrt(β_t) dw with β_t = γ'(t) σ²_t; score ∇log p_t = −ε̂/σ_t.
@@ -93,7 +93,7 @@ def euler_maruyama(eps_fn: EpsFn, gamma_fn: GammaFn, z_1: jax.Array, rng: jax.Ar
   _check(gamma_fn, num_steps)
 
   def step(z, t, s, key):
-    drift, beta = _vp_drift(eps_fn, gamma_fn, z, t, 1.0)
+    drift, beta = vp_drift(eps_fn, gamma_fn, z, t, 1.0)
     dt = t - s
     return z - drift * dt + jnp.sqrt(beta * dt) * jax.random.normal(key, z.shape, z.dtype)
 
@@ -105,9 +105,9 @@ def probability_flow(eps_fn: EpsFn, gamma_fn: GammaFn, z_1: jax.Array, num_steps
   _check(gamma_fn, num_steps)
 
   def step(z, t, s, key):
-    d_t, _ = _vp_drift(eps_fn, gamma_fn, z, t, 0.5)
+    d_t, _ = vp_drift(eps_fn, gamma_fn, z, t, 0.5)
     z_euler = z - (t - s) * d_t
-    d_s, _ = _vp_drift(eps_fn, gamma_fn, z_euler, s, 0.5)
+    d_s, _ = vp_drift(eps_fn, gamma_fn, z_euler, s, 0.5)
     return z - 0.5 * (t - s) * (d_t + d_s)
 
   return _reverse_loop(step, z_1, None, num_steps)

@@ -6,6 +6,7 @@ the samplers can be compared against exact answers.
 from __future__ import annotations
 
 import dataclasses
+from typing import Optional
 
 import jax
 import jax.numpy as jnp
@@ -58,3 +59,64 @@ class FactorizedDiscrete:
 
     return eps_fn
 
+
+@dataclasses.dataclass(frozen=True)
+class Gaussian:
+  """Continuous data y ~ N(mean, R diag(scales²) Rᵀ) in R^D; rotation R: [D, D] orthogonal (None = I).
+
+  Everything about its diffusion is Gaussian and exact. With z_t = α_t y + σ_t ε:
+    q(z_t) = N(α_t μ, C_t),  C_t = α²_t Σ + σ²_t I = R diag(α²_t s² + σ²_t) Rᵀ,
+    E[ε | z_t] = Cov(ε, z_t) C_t⁻¹ (z_t − α_t μ) = σ_t C_t⁻¹ (z_t − α_t μ),
+  so the optimal ε̂ is linear in z_t, equals −σ_t ∇ log q(z_t), and its Jacobian σ_t C_t⁻¹ is
+  diagonal only when R = I (a rotation makes Hutchinson's trace estimator non-trivial).
+  """
+  mean: np.ndarray
+  scales: np.ndarray
+  rotation: Optional[np.ndarray] = None
+
+  @classmethod
+  def random(cls, seed: int, dims: int, rotate: bool = True) -> "Gaussian":
+    """μ ~ U(−0.5, 0.5), s ~ U(0.1, 0.5), and a uniformly random rotation when ``rotate``."""
+    r = np.random.default_rng(seed)
+    rotation = None
+    if rotate:
+      q, upper = np.linalg.qr(r.normal(size=(dims, dims)))
+      rotation = q * np.sign(np.diag(upper))
+    return cls(r.uniform(-0.5, 0.5, dims), r.uniform(0.1, 0.5, dims), rotation)
+
+  @property
+  def dims(self) -> int:
+    return self.mean.shape[0]
+
+  def _rotation(self) -> jax.Array:
+    return jnp.eye(self.dims) if self.rotation is None else jnp.asarray(self.rotation, jnp.float32)
+
+  def _variances(self, gamma: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(α_t [B, 1], eigenvalues α²_t s² + σ²_t of C_t [B, D]) for γ of shape [B]."""
+    g = jnp.asarray(gamma, jnp.float32).reshape(-1, 1)
+    s2 = jnp.asarray(self.scales, jnp.float32) ** 2
+    return jnp.sqrt(schedules.alpha2(g)), schedules.alpha2(g) * s2 + schedules.sigma2(g)
+
+  def sample(self, rng: jax.Array, n: int) -> jax.Array:
+    """n clean samples y, shape [n, D], float32."""
+    w = jax.random.normal(rng, (n, self.dims)) * jnp.asarray(self.scales, jnp.float32)
+    return jnp.asarray(self.mean, jnp.float32) + w @ self._rotation().T
+
+  def log_prob(self, z: jax.Array, gamma: jax.Array) -> jax.Array:
+    """log q(z_t) = log N(z_t; α_t μ, C_t) per example, for z [B, D] and γ_t of shape [B] or ()."""
+    gamma = jnp.broadcast_to(jnp.asarray(gamma, jnp.float32), z.shape[:1])
+    alpha, var = self._variances(gamma)
+    w = (z - alpha * jnp.asarray(self.mean, jnp.float32)) @ self._rotation()  # Rᵀ(z − α μ)
+    return -0.5 * jnp.sum(w**2 / var + jnp.log(2 * jnp.pi * var), axis=-1)
+
+  def eps_fn(self) -> EpsFn:
+    """The optimal ε̂(z_t; γ_t) = σ_t C_t⁻¹ (z_t − α_t μ), for z [B, D] and γ_t [B]."""
+    rot = self._rotation()
+    mu = jnp.asarray(self.mean, jnp.float32)
+
+    def eps_fn(z: jax.Array, gamma: jax.Array) -> jax.Array:
+      alpha, var = self._variances(gamma)
+      sigma = jnp.sqrt(schedules.sigma2(jnp.asarray(gamma, jnp.float32).reshape(-1, 1)))
+      return sigma * (((z - alpha * mu) @ rot) / var) @ rot.T
+
+    return eps_fn

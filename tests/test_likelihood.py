@@ -1,0 +1,91 @@
+"""Dataset ELBO evaluation: settings, standard errors, and the bound on a known distribution."""
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from vdm import importance, likelihood, schedules, toy
+
+GAMMA = schedules.fixed_linear()
+DATA = toy.FactorizedDiscrete.random(0, dims=3, vocab_size=4)
+
+
+def _nll_bits(x):
+  return -np.log2(DATA.probs[np.arange(DATA.dims), np.asarray(x)]).sum(-1) / DATA.dims
+
+
+def test_continuous_elbo_sits_above_the_true_nll_and_close_to_it():
+  x = DATA.sample(jax.random.PRNGKey(0), 1024)
+  out = likelihood.elbo_samples(DATA.eps_fn(), GAMMA, x, jax.random.PRNGKey(1), vocab_size=4,
+                                num_samples=8)
+  bound = np.asarray(out["total"]) / (DATA.dims * math.log(2))
+  gap = bound - _nll_bits(x)
+  se = gap.std(ddof=1) / math.sqrt(gap.size)
+  print(f"continuous ELBO {bound.mean():.4f} bits/dim vs entropy {DATA.entropy_bits_per_dim():.4f}; "
+        f"ELBO − exact NLL on the same images {gap.mean():+.4f} ± {se:.4f}")
+  assert gap.mean() > -3 * se
+  assert gap.mean() < 0.1
+
+
+def test_evaluate_elbo_reports_every_setting_with_se_from_per_image_means():
+  x = np.asarray(DATA.sample(jax.random.PRNGKey(2), 256))
+  batches = [x[:128], x[128:]]
+  rng = jax.random.PRNGKey(3)
+  params = importance.proposal_from_second_moment(np.ones(8))  # uniform: same bound
+  res = likelihood.evaluate_elbo(DATA.eps_fn(), GAMMA, batches, rng, vocab_size=4,
+                                 timesteps=(0, 1000), num_samples=4,
+                                 time_proposals={"flat": importance.time_proposal(params)})
+  assert set(res) == {"continuous", "T=1000", "continuous_flat"}
+  # The SE is across images of each image's mean over its K draws, with the same keys per batch.
+  per_image = np.concatenate([
+      np.asarray(likelihood.elbo_samples(DATA.eps_fn(), GAMMA, jnp.asarray(b), jax.random.fold_in(rng, i),
+                                         vocab_size=4, num_samples=4)["total"])
+      for i, b in enumerate(batches)]) / (DATA.dims * math.log(2))
+  stats = res["continuous"]
+  assert stats["num_images"] == 256 and stats["num_samples"] == 4
+  np.testing.assert_allclose(stats["bpd"], per_image.mean(), rtol=1e-5)
+  np.testing.assert_allclose(stats["bpd_se"], per_image.std(ddof=1) / 16.0, rtol=1e-4)
+  terms = stats["prior_bpd"] + stats["diffusion_bpd"] + stats["reconstruction_bpd"]
+  np.testing.assert_allclose(terms, stats["bpd"], rtol=1e-5)
+  assert stats["mc_std_bpd"] > 0
+  # Continuous, T = 1000 and the flat proposal all estimate (nearly) the same bound.
+  for name in ("T=1000", "continuous_flat"):
+    diff = res[name]["bpd"] - stats["bpd"]
+    assert abs(diff) < 4 * math.hypot(res[name]["bpd_se"], stats["bpd_se"]) + 0.01, name
+    print(f"{name}: {res[name]['bpd']:.4f} ± {res[name]['bpd_se']:.4f} vs continuous "
+          f"{stats['bpd']:.4f} ± {stats['bpd_se']:.4f}")
+
+
+def test_single_sample_has_no_mc_std_and_bad_arguments_are_rejected():
+  x = DATA.sample(jax.random.PRNGKey(4), 8)
+  res = likelihood.evaluate_elbo(DATA.eps_fn(), GAMMA, [x], jax.random.PRNGKey(0), vocab_size=4)
+  assert set(res) == {"continuous"} and math.isnan(res["continuous"]["mc_std_bpd"])
+  with pytest.raises(ValueError, match="num_samples"):
+    likelihood.evaluate_elbo(DATA.eps_fn(), GAMMA, [x], jax.random.PRNGKey(0), vocab_size=4, num_samples=0)
+  with pytest.raises(ValueError, match="no data"):
+    likelihood.evaluate_elbo(DATA.eps_fn(), GAMMA, [], jax.random.PRNGKey(0), vocab_size=4)
+  with pytest.raises(ValueError, match="vocab_size"):
+    likelihood.evaluate_elbo(DATA.eps_fn(), GAMMA, [x], jax.random.PRNGKey(0), vocab_size=3)
+
+
+@pytest.mark.slow
+def test_experiment_script_runs_on_the_toy_distribution(tmp_path):
+  import json
+  import os
+  import subprocess
+  import sys
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  out = tmp_path / "likelihood.json"
+  subprocess.run([sys.executable, os.path.join(root, "experiments", "likelihood.py"), "--toy",
+                  f"--output={out}", "--num_images=256", "--batch_size=128", "--timesteps=0,100",
+                  "--num_time_samples=2", "--variance_repeats=50", "--is_bins=32",
+                  "--ode_num_images=64", "--ode_batch_size=64", "--dequantization=vdm",
+                  "--rtol=1e-6", "--atol=1e-6"], check=True, cwd=root)
+  res = json.loads(out.read_text())
+  entropy = res["info"]["entropy_bpd"]
+  assert set(res["elbo"]) == {"continuous", "T=100", "continuous_importance"}
+  for stats in list(res["elbo"].values()) + [res["ode"]["vdm"]]:
+    assert abs(stats["bpd"] - entropy) < 5 * stats["bpd_se"] + 0.05
+  assert res["importance"]["variance"]["ratios"]["uniform/importance+antithetic"] > 1.5
