@@ -1,0 +1,1 @@
+"""Experiment configurations: `configs/default.py` is the base, the others override it."""

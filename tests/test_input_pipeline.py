@@ -1,0 +1,189 @@
+"""Input pipeline: determinism as a function of (seed, step), sharding, sources and their errors."""
+import os
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # configs/
+from configs import default  # noqa: E402
+from vdm import input_pipeline as ip
+
+
+def data_config(**overrides):
+  c = default.get_config().data
+  c.update(dict(source="synthetic", image_size=8, channels=3, synthetic_num_train=100,
+                synthetic_num_test=30))
+  c.update(overrides)
+  return c
+
+
+def test_synthetic_is_deterministic_structured_and_split_specific():
+  a = ip.load_split(data_config(), "train", seed=0).get(np.arange(100))
+  b = ip.load_split(data_config(), "train", seed=0).get(np.arange(100))
+  test = ip.load_split(data_config(), "test", seed=0).get(np.arange(30))
+  other_seed = ip.load_split(data_config(), "train", seed=1).get(np.arange(100))
+  assert a.shape == (100, 8, 8, 3) and a.dtype == np.uint8
+  np.testing.assert_array_equal(a, b)
+  assert not np.array_equal(a[:30], test) and not np.array_equal(a, other_seed)
+  # Structured: neighbouring pixels are close far more often than for uniform noise.
+  assert np.mean(np.abs(np.diff(a.astype(int), axis=2)) <= 4) > 0.5
+
+
+def test_batches_are_a_function_of_seed_and_step():
+  split = ip.load_split(data_config(), "train")
+  d1 = ip.TrainData(split, 16, seed=3, random_flip=True)
+  d2 = ip.TrainData(split, 16, seed=3, random_flip=True)
+  for step in (7, 0, 12, 7):  # any order: no iterator state
+    np.testing.assert_array_equal(d1.batch(step), d2.batch(step))
+  assert not np.array_equal(d1.batch(0), d1.batch(1))
+  assert not np.array_equal(d1.indices(0), ip.TrainData(split, 16, seed=4).indices(0))
+
+
+def test_each_epoch_is_a_permutation():
+  split = ip.load_split(data_config(synthetic_num_train=40), "train")
+  data = ip.TrainData(split, 8, seed=0)
+  epoch0 = np.concatenate([data.indices(k) for k in range(5)])
+  epoch1 = np.concatenate([data.indices(k) for k in range(5, 10)])
+  assert sorted(epoch0) == list(range(40)) and sorted(epoch1) == list(range(40))
+  assert not np.array_equal(epoch0, epoch1)
+  # A batch that straddles an epoch boundary: 40 = 6·6 + 4.
+  straddle = ip.TrainData(split, 6, seed=0)
+  assert len(set(np.concatenate([straddle.indices(k) for k in range(7)])[:40])) == 40
+
+
+def test_flips_mirror_images_and_are_a_function_of_step():
+  split = ip.load_split(data_config(), "train")
+  plain = ip.TrainData(split, 32, seed=0, random_flip=False)
+  flipped = ip.TrainData(split, 32, seed=0, random_flip=True)
+  mask = flipped.flips(5)
+  assert 0 < mask.sum() < 32
+  np.testing.assert_array_equal(flipped.batch(5)[mask], plain.batch(5)[mask][:, :, ::-1])
+  np.testing.assert_array_equal(flipped.batch(5)[~mask], plain.batch(5)[~mask])
+  np.testing.assert_array_equal(mask, flipped.flips(5))
+
+
+def test_each_process_reads_its_own_part_of_the_global_batch(monkeypatch):
+  split = ip.load_split(data_config(), "train")
+  full = ip.TrainData(split, 8, seed=0, random_flip=True).batch(3)
+  parts = []
+  monkeypatch.setattr(jax, "process_count", lambda: 2)
+  for pid in range(2):
+    monkeypatch.setattr(jax, "process_index", lambda pid=pid: pid)
+    parts.append(ip.TrainData(split, 8, seed=0, random_flip=True).batch(3))
+  assert parts[0].shape[0] == 4
+  np.testing.assert_array_equal(np.concatenate(parts), full)
+
+
+def test_eval_batches_cover_the_split_once_with_a_mask():
+  split = ip.load_split(data_config(), "test")  # 30 examples
+  batches = list(ip.eval_batches(split, 8))
+  assert len(batches) == ip.num_eval_batches(split, 8) == 4
+  assert sum(m.sum() for _, m in batches) == 30
+  np.testing.assert_array_equal(np.concatenate([x for x, _ in batches])[:30], split.get(np.arange(30)))
+
+
+def test_prefetch_stages_batches_and_reraises_errors():
+  mesh = jax.sharding.Mesh(np.asarray(jax.devices()), ("data",))
+  sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+  split = ip.load_split(data_config(), "train")
+  data = ip.TrainData(split, 4, seed=0)
+  got = list(ip.train_iterator(data, 2, sharding, size=2, num_steps=5))
+  assert len(got) == 3 and isinstance(got[0], jax.Array)
+  np.testing.assert_array_equal(np.asarray(got[0]), data.batch(2))
+
+  def broken():
+    yield np.zeros((4, 2), np.uint8)
+    raise ValueError("boom")
+
+  it = ip.prefetch(broken(), sharding)
+  next(it)
+  with pytest.raises(ValueError, match="boom"):
+    next(it)
+
+
+# ---------------------------------------------------------------- npz ----------------------------
+
+def _write_npz(path, train=None, test=None, **extra):
+  rng = np.random.default_rng(0)
+  arrays = {"train_images": rng.integers(0, 256, (20, 8, 8, 3), dtype=np.uint8) if train is None else train,
+            "test_images": rng.integers(0, 256, (10, 8, 8, 3), dtype=np.uint8) if test is None else test}
+  arrays = {k: v for k, v in arrays.items() if v is not False}
+  np.savez(path, **arrays, **extra)
+  return str(path)
+
+
+def test_npz_source_loads_both_splits(tmp_path):
+  path = _write_npz(tmp_path / "d.npz")
+  c = data_config(source="npz", path=path)
+  train, test = ip.load_split(c, "train"), ip.load_split(c, "test")
+  assert len(train) == 20 and len(test) == 10
+  with np.load(path) as f:
+    np.testing.assert_array_equal(train.get(np.arange(20)), f["train_images"])
+
+
+@pytest.mark.parametrize("case, match", [
+    ("missing", "does not exist"),
+    ("empty_path", "needs a file"),
+    ("shape", "has shape"),
+    ("dtype", "has dtype"),
+    ("vocab", "vocab_size"),
+    ("no_key", "has no array 'test_images'"),
+    ("not_npz", "not a readable .npz"),
+])
+def test_npz_errors_are_one_line_value_errors(tmp_path, case, match):
+  path = str(tmp_path / "d.npz")
+  overrides = {}
+  if case == "missing":
+    path = str(tmp_path / "nope.npz")
+  elif case == "empty_path":
+    path = ""
+  elif case == "shape":
+    _write_npz(path, test=np.zeros((10, 8, 8), np.uint8))
+  elif case == "dtype":
+    _write_npz(path, test=np.zeros((10, 8, 8, 3), np.float32))
+  elif case == "vocab":
+    _write_npz(path)
+    overrides["vocab_size"] = 16
+  elif case == "no_key":
+    _write_npz(path, test=False)
+  elif case == "not_npz":
+    with open(path, "wb") as f:
+      f.write(b"this is not a zip file")
+  with pytest.raises(ValueError, match=match) as e:
+    ip.load_split(data_config(source="npz", path=path, **overrides), "test")
+  assert "\n" not in str(e.value)
+
+
+def test_unknown_source_and_indivisible_batch(monkeypatch):
+  with pytest.raises(ValueError, match="unknown data.source 'bogus'"):
+    ip.load_split(data_config(source="bogus"), "train")
+  monkeypatch.setattr(jax, "device_count", lambda: 3)
+  with pytest.raises(ValueError, match="not divisible by the 3 devices"):
+    ip.TrainData(ip.load_split(data_config(), "train"), 8, seed=0)
+
+
+# ---------------------------------------------------------------- tfds (mocked, offline) ---------
+
+def test_tfds_source_with_mock_data(tmp_path):
+  tfds = pytest.importorskip("tensorflow_datasets")
+  c = data_config(source="tfds", name="cifar10", image_size=32, channels=3, data_dir=str(tmp_path))
+  with tfds.testing.mock_data(num_examples=12, policy=tfds.testing.MockPolicy.USE_CODE):
+    train = ip.load_split(c, "train")
+    assert len(train) == 12
+    data = ip.TrainData(train, 4, seed=0, random_flip=True)
+    batch = data.batch(1)
+    assert batch.shape == (4, 32, 32, 3) and batch.dtype == np.uint8
+    np.testing.assert_array_equal(batch, data.batch(1))
+    with pytest.raises(ValueError, match="has shape"):
+      ip.load_split(data_config(source="tfds", name="cifar10", image_size=16), "test")
+
+
+def test_tfds_missing_data_set_is_a_one_line_error(tmp_path):
+  pytest.importorskip("tensorflow_datasets")
+  c = data_config(source="tfds", name="cifar10", image_size=32, data_dir=str(tmp_path / "none"))
+  with pytest.raises(ValueError, match="could not be opened") as e:
+    ip.load_split(c, "train")
+  assert "\n" not in str(e.value)
+  assert not os.path.exists(tmp_path / "none" / "downloads")

@@ -1,0 +1,142 @@
+"""The command line: train / eval / sample end to end, resuming, and one-line errors (exit 2)."""
+import json
+import os
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+TINY = [
+    "--config.data.image_size=4", "--config.data.channels=1",
+    "--config.data.synthetic_num_train=64", "--config.data.synthetic_num_test=16",
+    "--config.model.n_layer=1", "--config.training.batch_size=8", "--config.eval.batch_size=8",
+    "--config.training.log_every=2", "--config.training.eval_every=4",
+    "--config.training.sample_every=4", "--config.training.checkpoint_every=2",
+    "--config.sampling.num_steps=2", "--config.sampling.num_samples=4",
+]
+
+
+def _cmd(workdir, *args, config="configs/quickstart.py"):
+  return [sys.executable, "-m", "vdm.main", f"--config={config}", f"--workdir={workdir}", *args]
+
+
+def _env(**extra):
+  env = dict(os.environ, **extra)
+  env.pop("VDM_PROGRESS", None)
+  return env
+
+
+def _run(cmd, timeout=600, **env):
+  return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=_env(**env))
+
+
+def test_train_eval_sample_end_to_end_and_resume(tmp_path):
+  workdir = str(tmp_path / "run")
+  r = _run(_cmd(workdir, *TINY, "--config.training.num_steps=4"))
+  assert r.returncode == 0, r.stderr[-3000:]
+  assert "step 4/4" in r.stderr and "steps/s" in r.stderr
+  assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["2", "4"]
+  assert os.path.isfile(os.path.join(workdir, "samples", "step_4.png"))
+  assert any(f.startswith("events.out.tfevents") for f in os.listdir(os.path.join(workdir, "tensorboard")))
+  summary = json.load(open(os.path.join(workdir, "train_eval.json")))
+  assert summary["step"] == 4 and np.isfinite(summary["bpd"])
+
+  # Resume to step 6 in the same workdir.
+  r = _run(_cmd(workdir, *TINY, "--config.training.num_steps=6"))
+  assert r.returncode == 0, r.stderr[-3000:]
+  assert "Resumed from" in r.stderr and "step 6/6" in r.stderr
+
+  r = _run(_cmd(workdir, *TINY, "--mode=eval"))
+  assert r.returncode == 0, r.stderr[-3000:]
+  result = json.load(open(os.path.join(workdir, "eval_6.json")))
+  assert result["num_examples"] == 16 and result["params"] == "ema"
+  for key in ("bpd", "bpd_stderr", "prior", "diffusion", "reconstruction"):
+    assert np.isfinite(result[key]), key
+  assert abs(result["prior"] + result["diffusion"] + result["reconstruction"] - result["bpd"]) < 1e-3
+
+  r = _run(_cmd(workdir, *TINY, "--mode=sample", "--sampler=ddim", "--num_steps=3", "--num_samples=5",
+                f"--checkpoint={os.path.join(workdir, 'checkpoints', '4')}"))
+  assert r.returncode == 0, r.stderr[-3000:]
+  npz = np.load(os.path.join(workdir, "samples", "ddim_3steps_step4.npz"))["samples"]
+  assert npz.shape == (5, 4, 4, 1) and npz.dtype == np.uint8
+  assert os.path.isfile(os.path.join(workdir, "samples", "ddim_3steps_step4.png"))
+
+
+BAD_INPUTS = {
+    "unknown_key": (["--config.model.bogus=1"], {}, "unknown config key"),
+    "wrong_type": (["--config.training.batch_size=abc"], {}, "batch_size"),
+    "gamma_order": (["--config.model.gamma_min=6.0"], {}, "gamma_min"),
+    "indivisible_batch": (["--config.training.batch_size=3"],
+                          {"XLA_FLAGS": "--xla_force_host_platform_device_count=2"},
+                          "not divisible by the 2 devices"),
+    "missing_npz": (["--config.data.source=npz", "--config.data.path=/nonexistent/d.npz"], {},
+                    "does not exist"),
+    "unknown_source": (["--config.data.source=ftp"], {}, "unknown data.source"),
+    "missing_checkpoint": (["--mode=eval"], {}, "no checkpoint"),
+    "bad_checkpoint_path": (["--mode=sample", "--checkpoint=/nonexistent/ckpt"], {}, "does not exist"),
+    "unwritable_workdir": (["WORKDIR_UNDER_FILE"], {}, "not a writable directory"),
+    "missing_config": (["CONFIG=configs/nope.py"], {}, "could not be loaded"),
+    "bad_npz": (["BAD_NPZ"], {}, "has shape"),
+}
+
+
+def test_bad_input_exits_2_with_one_line(tmp_path):
+  procs = {}
+  a_file = tmp_path / "a_file"
+  a_file.write_text("x")
+  bad_npz = tmp_path / "bad.npz"
+  np.savez(bad_npz, train_images=np.zeros((4, 5, 5), np.uint8), test_images=np.zeros((4, 5, 5), np.uint8))
+  for name, (args, env, _) in BAD_INPUTS.items():
+    workdir, config = str(tmp_path / name), "configs/quickstart.py"
+    if args == ["WORKDIR_UNDER_FILE"]:
+      workdir, args = str(a_file / "sub"), []
+    elif args and args[0].startswith("CONFIG="):
+      config, args = args[0][len("CONFIG="):], []
+    elif args == ["BAD_NPZ"]:
+      args = ["--config.data.source=npz", f"--config.data.path={bad_npz}"]
+    procs[name] = subprocess.Popen(_cmd(workdir, *args, config=config), cwd=ROOT, env=_env(**env),
+                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  deadline = time.time() + 600
+  for name, proc in procs.items():
+    _, err = proc.communicate(timeout=max(deadline - time.time(), 1))
+    lines = [l for l in err.splitlines() if l.strip()]
+    assert proc.returncode == 2, (name, err[-2000:])
+    assert len(lines) == 1 and lines[0].startswith("vdm: error: "), (name, err[-2000:])
+    assert BAD_INPUTS[name][2] in lines[0], (name, lines[0])
+    assert "Traceback" not in err
+
+
+@pytest.mark.slow
+def test_full_quickstart_beats_uniform_bits(tmp_path):
+  """The documented quickstart: minutes on 2 CPU cores, test bound clearly below 8 bits/dim."""
+  workdir = str(tmp_path / "quickstart")
+  t0 = time.time()
+  r = _run(_cmd(workdir), timeout=1800)
+  assert r.returncode == 0, r.stderr[-3000:]
+  summary = json.load(open(os.path.join(workdir, "train_eval.json")))
+  print(f"quickstart: {time.time() - t0:.0f} s, test bound {summary['bpd']:.3f} bits/dim")
+  assert summary["bpd"] < 6.5
+
+
+@pytest.mark.parametrize("name", ["cifar10", "cifar10_aug", "imagenet32", "imagenet64", "quickstart"])
+def test_configs_load_and_validate(name):
+  import importlib  # pylint: disable=g-import-not-at-top
+  from vdm import main  # pylint: disable=g-import-not-at-top
+  config = importlib.import_module(f"configs.{name}").get_config()
+  main.validate_config(config)
+  if name.startswith("cifar10"):
+    m, o = config.model, config.optimizer
+    assert (m.n_embd, m.n_layer, m.dropout, m.fourier_features, m.attention) == (128, 32, 0.1, True, False)
+    assert (m.schedule, m.num_timesteps, config.training.batch_size) == ("learned_linear", 0, 128)
+    assert (o.learning_rate, o.b1, o.b2, o.weight_decay, o.warmup_steps, o.ema_rate, o.grad_clip) == (
+        2e-4, 0.9, 0.99, 0.01, 100, 0.9999, 0.0)
+    assert config.data.random_flip == (name == "cifar10_aug")
+  if name.startswith("imagenet"):
+    assert config.data.name == f"imagenet_resized/{name[-2:]}x{name[-2:]}"
+    assert config.data.eval_split == "validation"
+  if name == "imagenet64":
+    assert len(config.model.channel_mult) > 1

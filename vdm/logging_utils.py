@@ -1,0 +1,133 @@
+"""Output of a run: TensorBoard event files (tensorboardX), console lines, PNG grids, JSON.
+
+Everything here writes only on process 0; other processes get no-ops.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from typing import Iterable, Iterator, Optional
+
+import jax
+import numpy as np
+from absl import logging
+
+
+def is_main_process() -> bool:
+  return jax.process_index() == 0
+
+
+def image_grid(images: np.ndarray, vocab_size: int = 256, ncol: Optional[int] = None,
+               pad: int = 1) -> np.ndarray:
+  """Integer images [N, H, W, C] in [0, vocab) → one uint8 grid [rows·(H+pad)+pad, ..., 3 or C]."""
+  images = np.asarray(images)
+  n, h, w, c = images.shape
+  ncol = ncol or int(math.ceil(math.sqrt(n)))
+  nrow = int(math.ceil(n / ncol))
+  scaled = np.clip(np.round(images.astype(np.float64) * 255.0 / max(vocab_size - 1, 1)), 0, 255)
+  if c == 1:
+    scaled = np.repeat(scaled, 3, axis=-1)
+  c_out = scaled.shape[-1]
+  grid = np.full((nrow * (h + pad) + pad, ncol * (w + pad) + pad, c_out), 255, np.uint8)
+  for i in range(n):
+    r, q = divmod(i, ncol)
+    grid[pad + r * (h + pad): pad + r * (h + pad) + h, pad + q * (w + pad): pad + q * (w + pad) + w] = scaled[i]
+  return grid
+
+
+def save_png(path: str, grid: np.ndarray, upscale: int = 1) -> None:
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  img = Image.fromarray(np.asarray(grid, np.uint8))
+  if upscale > 1:
+    img = img.resize((img.width * upscale, img.height * upscale), Image.NEAREST)
+  img.save(path)
+
+
+def write_json(path: str, obj) -> None:
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    json.dump(obj, f, indent=2, sort_keys=True)
+    f.write("\n")
+  os.replace(tmp, path)
+
+
+class Writer:
+  """Scalars and images to TensorBoard under ``logdir`` (process 0 only)."""
+
+  def __init__(self, logdir: str):
+    self._writer = None
+    if is_main_process():
+      from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
+      self._writer = SummaryWriter(logdir=logdir, flush_secs=30)
+
+  def scalars(self, step: int, values: dict, prefix: str = "") -> None:
+    if self._writer is None:
+      return
+    for k, v in values.items():
+      self._writer.add_scalar(f"{prefix}{k}", float(v), global_step=step)
+
+  def image(self, step: int, tag: str, grid: np.ndarray) -> None:
+    if self._writer is not None:
+      self._writer.add_image(tag, np.asarray(grid, np.uint8), global_step=step, dataformats="HWC")
+
+  def flush(self) -> None:
+    if self._writer is not None:
+      self._writer.flush()
+
+  def close(self) -> None:
+    if self._writer is not None:
+      self._writer.close()
+      self._writer = None
+
+
+class Throughput:
+  """Steps/s, images/s and the ETA between two console lines."""
+
+  def __init__(self, start_step: int, num_steps: int, batch_size: int):
+    self.num_steps, self.batch_size = num_steps, batch_size
+    self._t, self._step = time.time(), start_step
+
+  def update(self, step: int) -> dict:
+    now = time.time()
+    dt = max(now - self._t, 1e-9)
+    rate = (step - self._step) / dt
+    self._t, self._step = now, step
+    eta = (self.num_steps - step) / rate if rate > 0 else float("inf")
+    return {"steps_per_sec": rate, "images_per_sec": rate * self.batch_size, "eta_sec": eta}
+
+
+def format_eta(seconds: float) -> str:
+  if not math.isfinite(seconds):
+    return "?"
+  seconds = int(seconds)
+  d, rem = divmod(seconds, 86400)
+  h, rem = divmod(rem, 3600)
+  m, s = divmod(rem, 60)
+  return (f"{d}d" if d else "") + (f"{h:d}:{m:02d}:{s:02d}" if (h or d) else f"{m:d}:{s:02d}")
+
+
+def console_line(step: int, num_steps: int, metrics: dict, rates: dict) -> str:
+  return (f"step {step}/{num_steps}  bpd {metrics['bpd']:.4f} (T {metrics['prior_bpd']:.4f}, "
+          f"diff {metrics['diffusion_bpd']:.4f}, rec {metrics['reconstruction_bpd']:.4f})  "
+          f"σ²₀ {metrics['sigma2_0']:.2e} σ²₁ {metrics['sigma2_1']:.3f}  lr {metrics['lr']:.2e}  "
+          f"|g| {metrics['grad_norm']:.3f}  {rates['steps_per_sec']:.2f} steps/s  "
+          f"ETA {format_eta(rates['eta_sec'])}")
+
+
+def progress(iterable: Iterable, total: int, desc: str) -> Iterator:
+  """A progress bar on stderr (process 0, and only when stderr is a terminal or forced)."""
+  if not is_main_process():
+    yield from iterable
+    return
+  try:
+    from tqdm import tqdm  # pylint: disable=g-import-not-at-top
+  except ImportError:  # pragma: no cover
+    logging.info("%s: %d batches", desc, total)
+    yield from iterable
+    return
+  yield from tqdm(iterable, total=total, desc=desc, file=sys.stderr, leave=False,
+                  disable=not sys.stderr.isatty() and not os.environ.get("VDM_PROGRESS"),
+                  mininterval=1.0)

@@ -1,0 +1,368 @@
+r"""Train, evaluate and sample VDM models.
+
+  python -m vdm.main --config=configs/cifar10.py --workdir=DIR [--mode=train|eval|sample]
+                     [--checkpoint=PATH] [--sampler=ancestral --num_steps=1000 --num_samples=64]
+                     [--config.training.batch_size=64 ...]
+
+train   trains from scratch, or resumes from the newest good checkpoint in DIR; writes
+        TensorBoard events (DIR/tensorboard), checkpoints (DIR/checkpoints), sample grids
+        (DIR/samples) and periodic test-split bounds.
+eval    the bound on the whole eval split in bits/dim (and its three terms, with a standard
+        error) with the EMA parameters of the newest checkpoint or --checkpoint; DIR/eval_<step>.json.
+sample  --num_samples images with --sampler in --num_steps steps; DIR/samples/*.png and *.npz.
+
+Bad input (config, data, paths) ends with one line on stderr and exit status 2.
+"""
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+# `configs/*.py` import each other as `configs.<name>`: make the checkout's root importable.
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if _ROOT not in sys.path:
+  sys.path.insert(0, _ROOT)
+
+import jax  # pylint: disable=g-import-not-at-top
+import numpy as np
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from vdm import checkpoint as ckpt_lib
+from vdm import elbo, input_pipeline, logging_utils, schedules, train
+from vdm.model import SCHEDULES, gamma_fn_for, make_model
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/cifar10.py.",
+                                lock_config=True)
+flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs, samples and results.")
+flags.DEFINE_enum("mode", "train", ["train", "eval", "sample"], "What to do.")
+flags.DEFINE_string("checkpoint", None, "eval/sample: a checkpoint step directory or a workdir "
+                    "(default: the newest good checkpoint in --workdir).")
+flags.DEFINE_string("sampler", None, f"sample: one of {', '.join(train.SAMPLERS)} "
+                    "(default: config.sampling.sampler).")
+flags.DEFINE_integer("num_steps", None, "sample: sampler steps (default: config.sampling.num_steps).")
+flags.DEFINE_integer("num_samples", None, "sample: how many (default: config.sampling.num_samples).")
+flags.DEFINE_integer("sample_seed", 0, "sample: the seed of the samples.")
+
+
+class UsageError(ValueError):
+  """Bad input: reported as one line, exit status 2."""
+
+
+class Diverged(RuntimeError):
+  """Too many non-finite steps in a row: reported as one line, exit status 1."""
+
+
+def fail(message: str, status: int = 2) -> None:
+  print(f"vdm: error: {message}", file=sys.stderr, flush=True)
+  sys.exit(status)
+
+
+# ---------------------------------------------------------------- validation ---------------------
+
+def validate_config(config) -> None:
+  """Raise ValueError with the fix for inconsistent settings, before any heavy work."""
+  d, m, t = config.data, config.model, config.training
+  if d.source not in input_pipeline.SOURCES:
+    raise ValueError(f"unknown data.source {d.source!r}: use one of {', '.join(input_pipeline.SOURCES)}.")
+  if d.source == "npz" and not d.path:
+    raise ValueError("data.source='npz' needs a file: set --config.data.path=/path/to/data.npz.")
+  if d.source == "npz" and not os.path.isfile(d.path):
+    raise ValueError(f"data.path={d.path!r} does not exist: point --config.data.path at an .npz "
+                     "file with train_images and test_images.")
+  if not 2 <= d.vocab_size <= 256:
+    raise ValueError(f"data.vocab_size={d.vocab_size} must be in [2, 256] for uint8 images.")
+  if d.image_size < 1 or d.channels < 1:
+    raise ValueError(f"data.image_size={d.image_size} and data.channels={d.channels} must be >= 1.")
+  if not m.gamma_min < m.gamma_max:
+    raise ValueError(f"model.gamma_min={m.gamma_min} must be < model.gamma_max={m.gamma_max}: "
+                     "γ(t) rises from data (t=0) to noise (t=1); fix or swap them.")
+  if m.schedule not in SCHEDULES:
+    raise ValueError(f"unknown model.schedule {m.schedule!r}: use one of {', '.join(SCHEDULES)}.")
+  if m.decoder not in elbo.DECODERS:
+    raise ValueError(f"unknown model.decoder {m.decoder!r}: use one of {', '.join(elbo.DECODERS)}.")
+  if m.num_timesteps < 0:
+    raise ValueError(f"model.num_timesteps={m.num_timesteps} must be >= 0 (0 = continuous time).")
+  if m.n_embd % 32:
+    raise ValueError(f"model.n_embd={m.n_embd} must be a multiple of 32 (GroupNorm's 32 groups).")
+  if config.loss.weighting not in elbo.WEIGHTINGS:
+    raise ValueError(f"unknown loss.weighting {config.loss.weighting!r}: use one of "
+                     f"{', '.join(elbo.WEIGHTINGS)}.")
+  if config.sampling.sampler not in train.SAMPLERS:
+    raise ValueError(f"unknown sampling.sampler {config.sampling.sampler!r}: use one of "
+                     f"{', '.join(train.SAMPLERS)}.")
+  if not 0.0 <= config.optimizer.ema_rate < 1.0:
+    raise ValueError(f"optimizer.ema_rate={config.optimizer.ema_rate} must be in [0, 1).")
+  if t.num_steps < 0 or t.max_nonfinite_steps < 1:
+    raise ValueError("training.num_steps must be >= 0 and training.max_nonfinite_steps >= 1.")
+  for key in ("log_every", "eval_every", "sample_every", "checkpoint_every"):
+    if t[key] < 1:
+      raise ValueError(f"training.{key}={t[key]} must be >= 1.")
+  input_pipeline.check_batch_size(t.batch_size, "training.batch_size")
+  input_pipeline.check_batch_size(config.eval.batch_size, "eval.batch_size")
+
+
+def prepare_workdir(workdir: str) -> str:
+  if not workdir:
+    raise ValueError("--workdir is required: pass a directory for checkpoints and logs.")
+  workdir = os.path.abspath(workdir)
+  try:
+    os.makedirs(workdir, exist_ok=True)
+    probe = os.path.join(workdir, f".write_test_{os.getpid()}")
+    with open(probe, "w") as f:
+      f.write("ok")
+    os.remove(probe)
+  except OSError as e:
+    raise ValueError(f"--workdir={workdir} is not a writable directory ({e.strerror}): choose "
+                     "another path.") from None
+  return workdir
+
+
+# ---------------------------------------------------------------- evaluation ---------------------
+
+def evaluate(eval_step, params, split, config, mesh, num_batches: int = 0, desc: str = "eval") -> dict:
+  """The bound on ``split`` (its first ``num_batches`` batches; 0 = all) with ``params``."""
+  total = input_pipeline.num_eval_batches(split, config.eval.batch_size)
+  if num_batches:
+    total = min(total, num_batches)
+  batches = input_pipeline.eval_batches(split, config.eval.batch_size)
+  staged = input_pipeline.prefetch((b for i, b in zip(range(total), batches)),
+                                   train.batch_sharding(mesh), config.data.prefetch)
+  rng = jax.random.PRNGKey(config.eval.seed)
+  sums = None
+  for i, (x, mask) in enumerate(logging_utils.progress(staged, total, desc)):
+    out = eval_step(params, x, mask, jax.random.fold_in(rng, i))
+    sums = out if sums is None else jax.tree.map(lambda a, b: a + b, sums, out)
+  return train.summarize_eval(jax.device_get(sums))
+
+
+def _restore_for_inference(config, model, mesh, workdir: str, checkpoint: str | None):
+  target = train.abstract_train_state(config, model)
+  sharding = train.replicated(mesh)
+  if checkpoint:
+    return ckpt_lib.restore_path(checkpoint, target, sharding)
+  directory = os.path.join(workdir, ckpt_lib.CHECKPOINT_DIR)
+  if not os.path.isdir(directory):
+    raise ValueError(f"no checkpoint in {directory}: train first (--mode=train) or pass "
+                     "--checkpoint=PATH.")
+  return ckpt_lib.restore_path(workdir, target, sharding)
+
+
+def _sample_and_save(sample_fn, params, rng, out_dir: str, name: str, config, writer=None,
+                     step: int = 0) -> str:
+  images = np.asarray(jax.device_get(sample_fn(params, rng)))
+  if not logging_utils.is_main_process():
+    return ""
+  os.makedirs(out_dir, exist_ok=True)
+  grid = logging_utils.image_grid(images, config.data.vocab_size)
+  upscale = max(1, 128 // max(config.data.image_size, 1))
+  png = os.path.join(out_dir, f"{name}.png")
+  logging_utils.save_png(png, grid, upscale=min(upscale, 8))
+  np.savez_compressed(os.path.join(out_dir, f"{name}.npz"), samples=images.astype(np.uint8))
+  if writer is not None:
+    writer.image(step, "samples", grid)
+  return png
+
+
+# ---------------------------------------------------------------- modes --------------------------
+
+def run_train(config, workdir: str) -> dict:
+  """Train (or resume) to config.training.num_steps. Returns the last eval summary."""
+  t_cfg = config.training
+  mesh = train.make_mesh()
+  model = make_model(config)
+  train_split = input_pipeline.load_split(config.data, config.data.train_split, config.seed)
+  eval_split = input_pipeline.load_split(config.data, config.data.eval_split, config.seed)
+  data = input_pipeline.TrainData(train_split, t_cfg.batch_size, config.seed, config.data.random_flip)
+
+  checkpointer = ckpt_lib.Checkpointer(workdir, t_cfg.max_to_keep)
+  state = train.create_train_state(config, model, mesh)
+  restored = checkpointer.restore_latest(state, train.replicated(mesh))
+  if restored is None and checkpointer.all_steps():
+    raise ValueError(f"none of the checkpoints {checkpointer.all_steps()} in {checkpointer.directory} "
+                     "could be restored (corrupt, or written with a different config): fix the "
+                     "config or use a fresh --workdir.")
+  if restored is not None:
+    state = restored
+    logging.info("Resumed from %s at step %d.", checkpointer.directory, int(state.step))
+  start = int(jax.device_get(state.step))
+  logging.info("Model: %d parameters; data: %s (%d train, %d eval examples); %d devices.",
+               train.count_params(state.params), train_split.name, len(train_split), len(eval_split),
+               jax.device_count())
+
+  if logging_utils.is_main_process():
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+      f.write(config.to_json_best_effort(indent=2) + "\n")
+  writer = logging_utils.Writer(os.path.join(workdir, "tensorboard"))
+  train_step = train.make_train_step(config, model, mesh)
+  eval_step = train.make_eval_step(config, model, mesh)
+  sample_fn = None
+  throughput = logging_utils.Throughput(start, t_cfg.num_steps, t_cfg.batch_size)
+  batches = input_pipeline.train_iterator(data, start, train.batch_sharding(mesh),
+                                          config.data.prefetch, t_cfg.num_steps)
+  summary: dict = {}
+  pending = None  # (step, metrics) of the previous step: its non-finite count is read one step late
+
+  def check_finite(step_metrics):
+    step, metrics = step_metrics
+    count = int(jax.device_get(metrics["nonfinite"]))
+    if count:
+      logging.warning("Step %d: non-finite loss or gradient; update skipped (%d in a row).", step, count)
+    if count >= t_cfg.max_nonfinite_steps:
+      last = checkpointer.last_good_step
+      where = (os.path.join(checkpointer.directory, str(last)) if last is not None else "none")
+      raise Diverged(f"training stopped at step {step}: {count} non-finite steps in a row (loss or "
+                     f"gradient NaN/inf); last good checkpoint: {where}. Lower "
+                     "optimizer.learning_rate or set optimizer.grad_clip, then resume.")
+
+  for step in range(start, t_cfg.num_steps):
+    state, metrics = train_step(state, next(batches))
+    if pending is not None:
+      check_finite(pending)
+    pending = (step, metrics)
+    done = step + 1
+    last = done == t_cfg.num_steps
+    if done % t_cfg.log_every == 0 or last:
+      check_finite(pending)
+      values = {k: float(v) for k, v in jax.device_get(metrics).items()}
+      rates = throughput.update(done)
+      writer.scalars(done, {**values, **rates}, prefix="train/")
+      if logging_utils.is_main_process():
+        logging.info(logging_utils.console_line(done, t_cfg.num_steps, values, rates))
+    if done % t_cfg.checkpoint_every == 0 or last:
+      check_finite(pending)
+      checkpointer.save(state)
+    if done % t_cfg.eval_every == 0 or last:
+      summary = evaluate(eval_step, state.ema_params, eval_split, config, mesh,
+                         config.eval.num_batches, desc=f"eval @ {done}")
+      summary["step"] = done
+      writer.scalars(done, {k: v for k, v in summary.items() if k != "step"}, prefix="eval/")
+      logging.info("eval @ step %d: %.4f ± %.4f bits/dim (prior %.4f, diffusion %.4f, "
+                   "reconstruction %.4f) on %d examples", done, summary["bpd"], summary["bpd_stderr"],
+                   summary["prior"], summary["diffusion"], summary["reconstruction"],
+                   summary["num_examples"])
+    if done % t_cfg.sample_every == 0 or last:
+      if sample_fn is None:
+        s = config.sampling
+        sample_fn = train.make_sample_fn(config, model, s.sampler, s.num_steps, s.num_samples)
+      _sample_and_save(sample_fn, state.ema_params, jax.random.PRNGKey(done),
+                       os.path.join(workdir, "samples"), f"step_{done}", config, writer, done)
+
+  if start >= t_cfg.num_steps:
+    logging.info("Already trained to step %d (training.num_steps=%d): nothing to do.", start,
+                 t_cfg.num_steps)
+  if summary and logging_utils.is_main_process():
+    logging_utils.write_json(os.path.join(workdir, "train_eval.json"), summary)
+  writer.close()
+  checkpointer.close()
+  return summary
+
+
+def run_eval(config, workdir: str, checkpoint: str | None) -> dict:
+  mesh = train.make_mesh()
+  model = make_model(config)
+  split = input_pipeline.load_split(config.data, config.data.eval_split, config.seed)
+  state = _restore_for_inference(config, model, mesh, workdir, checkpoint)
+  step = int(jax.device_get(state.step))
+  eval_step = train.make_eval_step(config, model, mesh)
+  t0 = time.time()
+  summary = evaluate(eval_step, state.ema_params, split, config, mesh, 0, desc="eval")
+  gamma = np.asarray(gamma_fn_for(model, state.ema_params)(np.array([0.0, 1.0], np.float32)))
+  summary.update(step=step, split=split.name, params="ema", seconds=time.time() - t0,
+                 sigma2_0=float(schedules.sigma2(gamma[0])), sigma2_1=float(schedules.sigma2(gamma[1])))
+  if logging_utils.is_main_process():
+    path = os.path.join(workdir, f"eval_{step}.json")
+    logging_utils.write_json(path, summary)
+    print(f"step {step}: {summary['bpd']:.4f} ± {summary['bpd_stderr']:.4f} bits/dim on "
+          f"{summary['num_examples']} examples of {split.name} (prior {summary['prior']:.4f}, "
+          f"diffusion {summary['diffusion']:.4f}, reconstruction {summary['reconstruction']:.4f}) "
+          f"-> {path}", flush=True)
+  return summary
+
+
+def run_sample(config, workdir: str, checkpoint: str | None, sampler: str, num_steps: int,
+               num_samples: int, seed: int) -> str:
+  if sampler not in train.SAMPLERS:
+    raise ValueError(f"unknown --sampler {sampler!r}: use one of {', '.join(train.SAMPLERS)}.")
+  if num_steps < 1 or num_samples < 1:
+    raise ValueError(f"--num_steps={num_steps} and --num_samples={num_samples} must be >= 1.")
+  mesh = train.make_mesh()
+  model = make_model(config)
+  state = _restore_for_inference(config, model, mesh, workdir, checkpoint)
+  step = int(jax.device_get(state.step))
+  sample_fn = train.make_sample_fn(config, model, sampler, num_steps, num_samples)
+  png = _sample_and_save(sample_fn, state.ema_params, jax.random.PRNGKey(seed),
+                         os.path.join(workdir, "samples"), f"{sampler}_{num_steps}steps_step{step}",
+                         config)
+  if png:
+    print(f"{num_samples} samples ({sampler}, {num_steps} steps, checkpoint step {step}) -> {png}",
+          flush=True)
+  return png
+
+
+# ---------------------------------------------------------------- entry point --------------------
+
+class _QuietLibraries:
+  """Keep INFO records of vdm only (orbax alone logs a screenful per checkpoint); keep every
+  library's warnings and errors."""
+
+  def filter(self, record) -> bool:  # pylint: disable=invalid-name
+    import logging as std_logging  # pylint: disable=g-import-not-at-top
+    return (record.levelno >= std_logging.WARNING or f"{os.sep}vdm{os.sep}" in record.pathname
+            or "absl" in record.pathname)
+
+
+def main(argv) -> None:
+  logging.get_absl_handler().addFilter(_QuietLibraries())
+  if len(argv) > 1:
+    fail(f"unexpected arguments {' '.join(argv[1:])!r}: pass options as --name=value.")
+  try:
+    config = FLAGS.config
+    if config is not None:
+      config.get("data")
+  except OSError as e:  # config_flags defers a failed load to the first use
+    lines = [l.strip() for l in str(e).splitlines() if l.strip()]
+    fail(f"--config={config_flags.get_config_filename(FLAGS['config'])} could not be loaded "
+         f"({lines[-1] if lines else e}): pass an existing file such as configs/quickstart.py.")
+  if config is None:
+    fail("--config is required: e.g. --config=configs/quickstart.py.")
+  try:
+    validate_config(config)
+    workdir = prepare_workdir(FLAGS.workdir)
+    if FLAGS.mode == "train":
+      run_train(config, workdir)
+    elif FLAGS.mode == "eval":
+      run_eval(config, workdir, FLAGS.checkpoint)
+    else:
+      run_sample(config, workdir, FLAGS.checkpoint,
+                 FLAGS.sampler or config.sampling.sampler,
+                 FLAGS.num_steps if FLAGS.num_steps is not None else config.sampling.num_steps,
+                 FLAGS.num_samples if FLAGS.num_samples is not None else config.sampling.num_samples,
+                 FLAGS.sample_seed)
+  except Diverged as e:
+    fail(str(e), status=1)
+  except ValueError as e:
+    fail(str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__)
+
+
+def _parse_flags(argv):
+  try:
+    return FLAGS(argv)
+  except flags.Error as e:
+    fail(" ".join(str(e).split()))
+  except (KeyError, AttributeError) as e:  # an override of a key the config does not have
+    bad = [a.split("=")[0] for a in argv[1:] if a.startswith("--config.")]
+    fail(f"unknown config key {str(e).strip(chr(34))} in {' '.join(bad) or '--config'}: check the "
+         "--config.SECTION.KEY overrides against configs/default.py.")
+  except (ValueError, TypeError, OSError, SyntaxError, ImportError) as e:
+    fail(f"bad --config: {' '.join(str(e).split())}")
+
+
+def run() -> None:
+  app.run(main, flags_parser=_parse_flags)
+
+
+if __name__ == "__main__":
+  run()

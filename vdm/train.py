@@ -1,0 +1,214 @@
+"""Training state, optimiser, and the jitted data-parallel train / eval / sample steps.
+
+Data parallelism uses ``jax.sharding``: a 1-D ``Mesh`` over all devices with axis 'data'; batches
+are sharded along it (``P('data')``), the state is replicated, and XLA inserts the gradient
+all-reduce. The randomness of step k is ``fold_in(state.rng, k)``: a function of the step, so a
+resumed run continues exactly.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Callable
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from vdm import elbo, samplers, schedules
+from vdm.model import Model, eps_fn_for, gamma_fn_for, init_params
+
+SAMPLERS = ("ancestral", "ddim", "euler_maruyama", "probability_flow")
+TERMS = ("prior", "diffusion", "reconstruction")
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array          # int32 []: the number of steps taken (= the data position)
+  params: Any
+  ema_params: Any
+  opt_state: Any
+  rng: jax.Array           # uint32 [2]: the run's base key; step k uses fold_in(rng, k)
+  nonfinite: jax.Array     # int32 []: consecutive steps skipped for a non-finite loss or gradient
+
+
+# ---------------------------------------------------------------- sharding -----------------------
+
+def make_mesh() -> Mesh:
+  return Mesh(np.asarray(jax.devices()), ("data",))
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P("data"))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P())
+
+
+# ---------------------------------------------------------------- optimiser ----------------------
+
+def learning_rate_fn(opt_config) -> optax.Schedule:
+  """Linear warm-up from 0 over ``warmup_steps``, then constant."""
+  if opt_config.warmup_steps <= 0:
+    return optax.constant_schedule(opt_config.learning_rate)
+  return optax.join_schedules(
+      [optax.linear_schedule(0.0, opt_config.learning_rate, opt_config.warmup_steps),
+       optax.constant_schedule(opt_config.learning_rate)], [opt_config.warmup_steps])
+
+
+def make_optimizer(opt_config) -> optax.GradientTransformation:
+  """Optional global-norm clipping, then AdamW with warm-up (no weight decay on the schedule)."""
+  decay_mask = lambda params: {k: jax.tree.map(lambda _: k == "net", v) for k, v in params.items()}
+  adamw = optax.adamw(learning_rate_fn(opt_config), b1=opt_config.b1, b2=opt_config.b2,
+                      eps=opt_config.eps, weight_decay=opt_config.weight_decay, mask=decay_mask)
+  if opt_config.grad_clip and opt_config.grad_clip > 0:
+    return optax.chain(optax.clip_by_global_norm(opt_config.grad_clip), adamw)
+  return adamw
+
+
+def create_train_state(config, model: Model, mesh: Mesh | None = None) -> TrainState:
+  """Step 0: fresh parameters (EMA = parameters), optimiser state and the run's key from the seed."""
+  rng = jax.random.PRNGKey(config.seed)
+  params = init_params(model, jax.random.fold_in(rng, 0x1417))
+  state = TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                     ema_params=jax.tree.map(jnp.copy, params),
+                     opt_state=make_optimizer(config.optimizer).init(params), rng=rng,
+                     nonfinite=jnp.zeros((), jnp.int32))
+  return jax.device_put(state, replicated(mesh)) if mesh is not None else state
+
+
+def abstract_train_state(config, model: Model) -> TrainState:
+  """The shapes and dtypes of the state, without computing it (for restoring checkpoints)."""
+  return jax.eval_shape(lambda: create_train_state(config, model))
+
+
+def count_params(params) -> int:
+  return int(sum(np.prod(p.shape) for p in jax.tree.leaves(params)))
+
+
+# ---------------------------------------------------------------- steps --------------------------
+
+def _elbo_kwargs(config) -> dict:
+  m = config.model
+  return dict(vocab_size=config.data.vocab_size, num_timesteps=m.num_timesteps,
+              antithetic=m.antithetic_time_sampling, decoder=m.decoder)
+
+
+def _bpd(nats: jax.Array, dims: int) -> jax.Array:
+  return nats / (dims * math.log(2.0))
+
+
+def make_train_step(config, model: Model, mesh: Mesh) -> Callable[[TrainState, jax.Array], tuple]:
+  """The jitted ``train_step(state, batch) -> (state, metrics)``; ``state`` is donated.
+
+  A step whose loss or gradient norm is not finite leaves params, EMA and optimiser state
+  unchanged and increments ``state.nonfinite`` (reset to 0 by the next good step).
+  """
+  tx = make_optimizer(config.optimizer)
+  lr_fn = learning_rate_fn(config.optimizer)
+  ema_rate = config.optimizer.ema_rate
+  weighting = config.loss.weighting
+  kwargs = _elbo_kwargs(config)
+
+  def train_step(state: TrainState, batch: jax.Array):
+    rng = jax.random.fold_in(state.rng, state.step)
+    rng_elbo, rng_dropout = jax.random.split(rng)
+    dims = elbo.data_dims(batch)
+
+    def loss_fn(params):
+      terms = elbo.elbo_terms(eps_fn_for(model, params, train=True, rng=rng_dropout),
+                              gamma_fn_for(model, params), batch, rng_elbo, **kwargs)
+      return elbo.training_loss(terms, batch, weighting), terms
+
+    (loss, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    grad_norm = optax.global_norm(grads)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    finite = (jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+              & jnp.isfinite(optax.global_norm(params)))
+    ema = jax.tree.map(lambda e, p: ema_rate * e + (1.0 - ema_rate) * p, state.ema_params, params)
+    keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
+    new_state = state.replace(
+        step=state.step + 1,
+        params=keep(params, state.params),
+        ema_params=keep(ema, state.ema_params),
+        opt_state=keep(opt_state, state.opt_state),
+        nonfinite=jnp.where(finite, 0, state.nonfinite + 1).astype(jnp.int32))
+
+    gamma_0, gamma_1 = gamma_fn_for(model, state.params)(jnp.array([0.0, 1.0]))
+    metrics = {
+        "loss": loss,
+        "bpd": _bpd(jnp.mean(elbo.total_nats(terms)), dims),
+        **{f"{k}_bpd": _bpd(jnp.mean(terms[k]), dims) for k in TERMS},
+        "sigma2_0": schedules.sigma2(gamma_0),
+        "sigma2_1": schedules.sigma2(gamma_1),
+        "gamma_0": gamma_0,
+        "gamma_1": gamma_1,
+        "lr": lr_fn(state.step),
+        "grad_norm": grad_norm,
+        "nonfinite": new_state.nonfinite,
+    }
+    return new_state, metrics
+
+  state_sharding = replicated(mesh)
+  return jax.jit(train_step, in_shardings=(state_sharding, batch_sharding(mesh)),
+                 out_shardings=(state_sharding, state_sharding), donate_argnums=(0,))
+
+
+def make_eval_step(config, model: Model, mesh: Mesh) -> Callable:
+  """The jitted ``eval_step(params, batch, mask, rng) -> sums``: masked sums over the batch of the
+  bound and each term in bits/dim, of its square, and the count (deterministic net, no dropout)."""
+  kwargs = _elbo_kwargs(config)
+
+  def eval_step(params, batch, mask, rng):
+    dims = elbo.data_dims(batch)
+    terms = elbo.elbo_terms(eps_fn_for(model, params), gamma_fn_for(model, params), batch, rng,
+                            **kwargs)
+    per_example = {k: _bpd(terms[k], dims) for k in TERMS}
+    per_example["bpd"] = _bpd(elbo.total_nats(terms), dims)
+    sums = {k: jnp.sum(v * mask) for k, v in per_example.items()}
+    sums["bpd_sq"] = jnp.sum(per_example["bpd"] ** 2 * mask)
+    sums["count"] = jnp.sum(mask)
+    return sums
+
+  rep, data = replicated(mesh), batch_sharding(mesh)
+  return jax.jit(eval_step, in_shardings=(rep, data, data, rep), out_shardings=rep)
+
+
+def summarize_eval(totals: dict) -> dict:
+  """Means of the accumulated sums, with the standard error of the mean bound."""
+  n = max(float(totals["count"]), 1.0)
+  out = {k: float(totals[k]) / n for k in ("bpd",) + TERMS}
+  var = max(float(totals["bpd_sq"]) / n - out["bpd"] ** 2, 0.0)
+  out["bpd_stderr"] = math.sqrt(var / max(n - 1.0, 1.0))
+  out["num_examples"] = int(n)
+  return out
+
+
+def make_sample_fn(config, model: Model, sampler: str, num_steps: int, num_samples: int) -> Callable:
+  """The jitted ``sample(params, rng) -> int32 [num_samples, H, W, C]``: z_1 ~ N(0, I), the
+  reverse process with ``sampler`` in ``num_steps`` steps, then the decoder's argmax."""
+  if sampler not in SAMPLERS:
+    raise ValueError(f"unknown sampler {sampler!r}: use one of {', '.join(SAMPLERS)}.")
+  if not isinstance(num_steps, int) or num_steps < 1:
+    raise ValueError(f"num_steps={num_steps!r} must be an integer >= 1.")
+  vocab = config.data.vocab_size
+
+  def sample(params, rng):
+    eps_fn, gamma_fn = eps_fn_for(model, params), gamma_fn_for(model, params)
+    rng_z, rng_s = jax.random.split(rng)
+    z = jax.random.normal(rng_z, (num_samples,) + model.image_shape)
+    if sampler == "ancestral":
+      z = samplers.ancestral(eps_fn, gamma_fn, z, rng_s, num_steps)
+    elif sampler == "ddim":
+      z = samplers.ddim(eps_fn, gamma_fn, z, num_steps)
+    elif sampler == "euler_maruyama":
+      z = samplers.euler_maruyama(eps_fn, gamma_fn, z, rng_s, num_steps)
+    else:
+      z = samplers.probability_flow(eps_fn, gamma_fn, z, num_steps)
+    return samplers.decode(z, gamma_fn(jnp.zeros(())), vocab_size=vocab)
+
+  return jax.jit(sample)
