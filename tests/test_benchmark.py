@@ -1,0 +1,72 @@
+"""vdm.benchmark on a tiny model on the CPU: every figure present, positive and finite.
+
+Compile time dominates on the CPU, so the timed programs are compiled without LLVM optimisation
+(the figures are only checked for sanity); the command-line run is marked slow."""
+import json
+import math
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+from configs import default
+from vdm import benchmark, train
+from vdm.model import make_model
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+TIMES = ("train_compile_s", "train_step_s", "train_images_per_s", "eval_compile_s", "eval_step_s",
+         "eval_images_per_s", "sample_compile_s", "sample_step_ms")
+
+
+def tiny_config():
+  config = default.get_config()
+  config.data.image_size = 8
+  config.model.n_embd = 32
+  config.model.n_layer = 1
+  config.training.batch_size = 4
+  return config
+
+
+def test_benchmark_figures():
+  figures = benchmark.benchmark(tiny_config(), repeats=2, warmup=1, sample_steps=2,
+                                compiler_options={"xla_backend_optimization_level": 0})
+  json.dumps(figures)  # serialisable as it is
+  for key in TIMES + ("train_step_tflop", "train_tflops_per_s"):
+    assert isinstance(figures[key], float) and math.isfinite(figures[key]) and figures[key] > 0, key
+  assert figures["batch_size"] == 4 and figures["dtype"] == "float32" and figures["remat"] is False
+  assert figures["num_params"] > 0
+  assert figures["train_images_per_s"] == pytest.approx(4 / figures["train_step_s"])
+  # peak_bytes_in_use is not reported on the CPU.
+  assert figures["peak_memory_bytes"] is None or figures["peak_memory_bytes"] > 0
+  assert "images/s" in benchmark.format_report(figures)
+
+
+def test_flop_count_sees_every_scanned_block():
+  """XLA counts a loop body once; the FLOPs come from the unrolled step and grow with n_layer."""
+  mesh = train.make_mesh()
+  flops = []
+  for n_layer in (2, 4):
+    config = tiny_config()
+    config.model.n_layer = n_layer
+    flops.append(benchmark.train_step_flops(config, make_model(config), mesh, 4))
+  assert flops[1] > 1.4 * flops[0] > 0  # 7 -> 11 ResNet blocks; scanned, XLA would count 4 -> 4
+
+
+@pytest.mark.slow
+def test_command_line_writes_json(tmp_path):
+  config = tmp_path / "tiny.py"
+  config.write_text(
+      "from configs import default\n\n"
+      "def get_config():\n"
+      "  c = default.get_config()\n"
+      "  c.data.image_size, c.model.n_embd, c.model.n_layer = 8, 32, 1\n"
+      "  return c\n")
+  out = tmp_path / "bench.json"
+  subprocess.run([sys.executable, "-m", "vdm.benchmark", f"--config={config}", "--batch_size=2",
+                  "--dtype=bfloat16", "--remat", "--repeats=1", "--warmup=0", "--sample_steps=1",
+                  f"--json_out={out}"], check=True, capture_output=True, text=True, cwd=ROOT)
+  figures = json.loads(out.read_text())
+  assert figures["dtype"] == "bfloat16" and figures["remat"] is True and figures["batch_size"] == 2
+  assert all(figures[k] > 0 for k in TIMES)

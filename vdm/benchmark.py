@@ -1,0 +1,213 @@
+"""Throughput of the VDM model on the local devices: train, eval and sampling steps.
+
+    python -m vdm.benchmark --config=configs/cifar10.py --batch_size=128 [--dtype=bfloat16]
+        [--remat] [--repeats=10] [--warmup=2] [--json_out=bench.json]
+
+Reports, after warm-up and as the median over repeats, each step timed to
+``jax.block_until_ready``:
+  * train: images/s of the full step (ELBO forward + backward, AdamW, EMA: ``vdm.train``'s step),
+    its compile time, and the achieved TFLOP/s from XLA's cost analysis of the step;
+  * eval: images/s of the ELBO forward pass (no dropout);
+  * sampling: ms per ancestral sampling step at the batch size;
+  * peak device memory (``peak_bytes_in_use``; None where the backend does not report it).
+
+Data are uniform random integers: the step costs do not depend on the pixel values.
+"""
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import json
+import math
+import statistics
+import time
+from typing import Any, Callable, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from vdm import samplers, train
+from vdm.model import eps_fn_for, gamma_fn_for, make_model
+
+
+def _median_seconds(fn: Callable[[], Any], repeats: int, warmup: int) -> float:
+  """Median wall time of fn() over `repeats` calls after `warmup` calls, each to block_until_ready."""
+  for _ in range(warmup):
+    jax.block_until_ready(fn())
+  times = []
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    jax.block_until_ready(fn())
+    times.append(time.perf_counter() - t0)
+  return statistics.median(times)
+
+
+def _flops(analysis) -> Optional[float]:
+  """'flops' of a cost analysis: a dict, or (older JAX) a list of one dict per program."""
+  if isinstance(analysis, (list, tuple)):
+    analysis = analysis[0] if analysis else None
+  if not analysis or "flops" not in analysis:
+    return None
+  return float(analysis["flops"])
+
+
+def peak_memory_bytes() -> Optional[int]:
+  """The largest 'peak_bytes_in_use' over the local devices, or None where it is not reported."""
+  peaks = []
+  for device in jax.local_devices():
+    try:
+      stats = device.memory_stats()
+    except Exception:  # pylint: disable=broad-except  (backends without allocator stats)
+      stats = None
+    if stats and "peak_bytes_in_use" in stats:
+      peaks.append(int(stats["peak_bytes_in_use"]))
+  return max(peaks) if peaks else None
+
+
+def train_step_flops(config, model, mesh, batch_size: int) -> Optional[float]:
+  """FLOPs of one train step by XLA's cost analysis (None where unavailable), from tracing alone.
+
+  XLA counts a loop body once, so this lowers the same step with the block scans unrolled
+  (same parameters and arithmetic); remat's recomputation is included when the net has it.
+  """
+  twin = dataclasses.replace(model, net=model.net.clone(unroll=True))
+  state = train.abstract_train_state(config, twin)
+  batch = jax.ShapeDtypeStruct((batch_size,) + model.image_shape, jnp.int32)
+  return _flops(train.make_train_step(config, twin, mesh).lower(state, batch).cost_analysis())
+
+
+def benchmark(config, *, batch_size: Optional[int] = None, dtype: Optional[str] = None,
+              remat: Optional[bool] = None, repeats: int = 10, warmup: int = 2,
+              sample_steps: int = 10, compiler_options: Optional[dict] = None) -> dict:
+  """Measure train / eval / sampling throughput of the model of `config`; returns the figures.
+
+  batch_size, dtype and remat default to the config's (training.batch_size, model.dtype and
+  model.remat where present, else float32 without remat). The batch is global: it is split
+  over all local devices. compiler_options go to XLA's compile of each timed program (the tests
+  turn LLVM optimisation off to compile fast on the CPU).
+  """
+  if repeats < 1 or warmup < 0 or sample_steps < 1:
+    raise ValueError(f"repeats={repeats} must be >= 1, warmup={warmup} >= 0, "
+                     f"sample_steps={sample_steps} >= 1.")
+  batch_size = int(batch_size or config.training.batch_size)
+  dtype = dtype or config.model.get("dtype", "float32")
+  remat = bool(config.model.get("remat", False) if remat is None else remat)
+  mesh = train.make_mesh()
+  n_dev = mesh.devices.size
+  if batch_size % n_dev:
+    raise ValueError(f"batch_size={batch_size} must be a multiple of the {n_dev} devices.")
+
+  model = make_model(config)
+  model = dataclasses.replace(model, net=model.net.clone(dtype=dtype, remat=remat))
+  vocab = config.data.vocab_size
+  rng = np.random.default_rng(0)
+  batch = jax.device_put(rng.integers(0, vocab, (batch_size,) + model.image_shape, dtype=np.int32),
+                         train.batch_sharding(mesh))
+  out: dict[str, Any] = {
+      "device": jax.devices()[0].device_kind, "backend": jax.default_backend(),
+      "num_devices": int(n_dev), "batch_size": batch_size, "image_shape": list(model.image_shape),
+      "dtype": dtype, "remat": remat, "repeats": repeats, "warmup": warmup,
+      "jax_version": jax.__version__,
+      "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+  }
+
+  # ---- train step
+  state = train.create_train_state(config, model, mesh)
+  out["num_params"] = train.count_params(state.params["net"])
+  step = train.make_train_step(config, model, mesh)
+  t0 = time.perf_counter()
+  compiled = step.lower(state, batch).compile(compiler_options)
+  out["train_compile_s"] = time.perf_counter() - t0
+  flops = train_step_flops(config, model, mesh, batch_size)
+
+  holder = {"state": state}
+
+  def train_once():
+    holder["state"], metrics = compiled(holder["state"], batch)
+    return holder["state"], metrics
+
+  out["train_step_s"] = _median_seconds(train_once, repeats, warmup)
+  out["train_images_per_s"] = batch_size / out["train_step_s"]
+  out["train_step_tflop"] = None if flops is None else flops / 1e12
+  out["train_tflops_per_s"] = None if flops is None else flops / out["train_step_s"] / 1e12
+  out["peak_memory_bytes"] = peak_memory_bytes()  # the train step is the largest program
+  params = holder["state"].params
+
+  # ---- eval step (ELBO forward, deterministic net)
+  eval_step = train.make_eval_step(config, model, mesh)
+  mask = jax.device_put(np.ones((batch_size,), np.float32), train.batch_sharding(mesh))
+  key = jax.random.PRNGKey(1)
+  t0 = time.perf_counter()
+  eval_compiled = eval_step.lower(params, batch, mask, key).compile(compiler_options)
+  out["eval_compile_s"] = time.perf_counter() - t0
+  out["eval_step_s"] = _median_seconds(lambda: eval_compiled(params, batch, mask, key), repeats, warmup)
+  out["eval_images_per_s"] = batch_size / out["eval_step_s"]
+
+  # ---- ancestral sampling: `sample_steps` steps of the reverse process, per step
+  def sample(params, z, key):
+    return samplers.ancestral(eps_fn_for(model, params), gamma_fn_for(model, params), z, key,
+                              sample_steps)
+
+  z = jax.device_put(jnp.zeros((batch_size,) + model.image_shape, jnp.float32), train.batch_sharding(mesh))
+  t0 = time.perf_counter()
+  sample_compiled = jax.jit(sample).lower(params, z, key).compile(compiler_options)
+  out["sample_compile_s"] = time.perf_counter() - t0
+  seconds = _median_seconds(lambda: sample_compiled(params, z, key), repeats, warmup)
+  out["sample_steps"] = sample_steps
+  out["sample_step_ms"] = 1e3 * seconds / sample_steps
+
+  peak = peak_memory_bytes()
+  out["peak_memory_bytes"] = max(filter(None, [out["peak_memory_bytes"], peak]), default=None)
+  out["peak_memory_gib"] = None if out["peak_memory_bytes"] is None else out["peak_memory_bytes"] / 2**30
+  return out
+
+
+def format_report(figures: dict) -> str:
+  def num(key, fmt):
+    v = figures.get(key)
+    return "n/a" if v is None or (isinstance(v, float) and not math.isfinite(v)) else format(v, fmt)
+
+  return "\n".join([
+      f"device: {figures['num_devices']} x {figures['device']} ({figures['backend']}), jax {figures['jax_version']}",
+      f"model: {figures['num_params'] / 1e6:.2f} M params, images {tuple(figures['image_shape'])}, "
+      f"batch {figures['batch_size']}, dtype {figures['dtype']}, remat {figures['remat']}",
+      f"train:  {num('train_images_per_s', '.1f')} images/s  ({num('train_step_s', '.4f')} s/step, "
+      f"compile {num('train_compile_s', '.1f')} s, {num('train_tflops_per_s', '.2f')} TFLOP/s "
+      f"of {num('train_step_tflop', '.3f')} TFLOP/step)",
+      f"eval:   {num('eval_images_per_s', '.1f')} images/s  ({num('eval_step_s', '.4f')} s/step, "
+      f"compile {num('eval_compile_s', '.1f')} s)",
+      f"sample: {num('sample_step_ms', '.2f')} ms per ancestral step at batch {figures['batch_size']}",
+      f"peak device memory: {num('peak_memory_gib', '.2f')} GiB",
+      f"(median of {figures['repeats']} after {figures['warmup']} warm-up)",
+  ])
+
+
+def main(argv):
+  del argv
+  figures = benchmark(FLAGS.config, batch_size=FLAGS.batch_size, dtype=FLAGS.dtype,
+                      remat=FLAGS.remat, repeats=FLAGS.repeats, warmup=FLAGS.warmup,
+                      sample_steps=FLAGS.sample_steps)
+  print(format_report(figures))
+  if FLAGS.json_out:
+    with open(FLAGS.json_out, "w") as f:
+      json.dump(figures, f, indent=2)
+    print(f"wrote {FLAGS.json_out}")
+
+
+if __name__ == "__main__":
+  from absl import app, flags
+  from ml_collections import config_flags
+
+  FLAGS = flags.FLAGS
+  config_flags.DEFINE_config_file("config", None, "Configuration file (configs/*.py).",
+                                  lock_config=False)
+  flags.DEFINE_integer("batch_size", None, "Global batch size (default: the config's).")
+  flags.DEFINE_enum("dtype", None, ["float32", "bfloat16"], "Compute dtype (default: the config's).")
+  flags.DEFINE_bool("remat", None, "Recompute ResNet blocks in the backward pass.")
+  flags.DEFINE_integer("repeats", 10, "Timed repeats per figure (the median is reported).")
+  flags.DEFINE_integer("warmup", 2, "Untimed calls before timing.")
+  flags.DEFINE_integer("sample_steps", 10, "Ancestral steps per timed sampling call.")
+  flags.DEFINE_string("json_out", None, "Write all figures to this JSON file.")
+  flags.mark_flags_as_required(["config"])
+  app.run(main)
