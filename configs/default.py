@@ -44,9 +44,15 @@ def get_config() -> ml_collections.ConfigDict:
   m.num_timesteps = 0          # 0 = continuous time
   m.antithetic_time_sampling = True
   m.decoder = "vdm"            # 'vdm' | 'discretized_gaussian'
+  m.variance_minimizing = False  # fit γ's shape to the loss variance (needs 'learned_monotone', T=0)
 
   c.loss = ml_collections.ConfigDict()
   c.loss.weighting = "elbo"    # 'elbo' | 'simple'
+  c.loss.time_sampling = "uniform"  # 'uniform' | 'importance' (t ~ q ∝ sqrt(E[ℓ(t)²]); T=0, 'elbo')
+  c.loss.importance_num_bins = 64   # bins of the per-t second-moment EMA behind q
+  c.loss.importance_decay = 0.99    # its EMA decay per step
+  c.loss.importance_warmup_steps = 1000  # uniform t before this step
+  c.loss.importance_uniform_mix = 0.1    # q(t) >= this: bounds the weights 1/q
 
   c.optimizer = o = ml_collections.ConfigDict()
   o.learning_rate = 2e-4

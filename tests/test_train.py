@@ -1,6 +1,8 @@
 """Model glue, train/eval/sample steps, non-finite steps, and checkpoint save / resume."""
 import glob
+import math
 import os
+import subprocess
 import sys
 
 import jax
@@ -11,6 +13,7 @@ import pytest
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # configs/
 from configs import quickstart  # noqa: E402
 from vdm import checkpoint as ckpt_lib
+from vdm import importance
 from vdm import input_pipeline as ip
 from vdm import model as model_lib
 from vdm import train
@@ -162,3 +165,115 @@ def test_samplers_give_integer_images(setup, sampler):
   assert images.min() >= 0 and images.max() < config.data.vocab_size
   with pytest.raises(ValueError, match="unknown sampler"):
     train.make_sample_fn(config, model, "leapfrog", 2, 3)
+
+
+def _learned_monotone_config(**loss):
+  config = tiny_config()
+  config.model.schedule = "learned_monotone"
+  config.loss.update(loss)
+  return config
+
+
+def test_variance_minimizing_step_fits_the_shape_and_keeps_the_elbo_gradients(setup):
+  _, _, mesh, _, data = setup
+  configs = {vm: _learned_monotone_config() for vm in (False, True)}
+  configs[True].model.variance_minimizing = True
+  model = model_lib.make_model(configs[True])
+  state = train.create_train_state(configs[True], model, mesh)
+  x, keys = _batch(data, mesh, 0), jax.random.split(jax.random.PRNGKey(3))
+  both = jax.jit(lambda p: {vm: train.loss_and_grads(c, model, p, x, *keys)
+                            for vm, c in configs.items()})
+  (loss, _, elbo_grads), (vm_loss, _, vm_grads) = jax.device_get(both(state.params)).values()
+  np.testing.assert_allclose(vm_loss, loss, rtol=1e-6)
+  close = lambda a, b: np.allclose(a, b, rtol=1e-4, atol=1e-7)
+  # The score network and γ(0), γ(1) get the ELBO's gradients ...
+  assert all(jax.tree.leaves(jax.tree.map(close, vm_grads["net"], elbo_grads["net"])))
+  for end in ("gamma_min", "gamma_max"):
+    assert close(vm_grads["schedule"]["params"][end], elbo_grads["schedule"]["params"][end]), end
+  # ... the shape network those of the loss's second moment, not the ELBO's.
+  for layer in ("l1", "l2", "l3"):
+    shape_grads = [g["schedule"]["params"][layer]["kernel"] for g in (vm_grads, elbo_grads)]
+    assert not close(*shape_grads), layer
+
+  step_fn = train.make_train_step(configs[True], model, mesh)
+  before = jax.device_get(state.params["schedule"])
+  state, metrics = _run(step_fn, state, data, mesh, 0, 2)
+  after = jax.device_get(state.params["schedule"])
+  assert int(state.nonfinite) == 0 and np.isfinite(metrics[-1]["diffusion_second_moment"])
+  assert not np.allclose(after["params"]["l2"]["kernel"], before["params"]["l2"]["kernel"])
+  gamma = model_lib.gamma_fn_for(model, state.params)(jnp.array([0.0, 1.0]))
+  ends = [after["params"]["gamma_min"], after["params"]["gamma_max"]]
+  np.testing.assert_allclose(gamma, ends, rtol=1e-5)
+
+
+def test_importance_sampled_time_tracks_the_loss_and_stays_unbiased(setup):
+  _, _, mesh, _, data = setup
+  config = _learned_monotone_config(time_sampling="importance", importance_num_bins=16,
+                                    importance_warmup_steps=2)
+  model = model_lib.make_model(config)
+  step_fn = train.make_train_step(config, model, mesh)
+  state = train.create_train_state(config, model, mesh)
+  uniform = np.full(16, 1 / 16, np.float32)
+  state, _ = _run(step_fn, state, data, mesh, 0, 1)
+  # Step 0: 8 antithetic times 1/8 apart, one per bin of width 1/16, each bin's EMA from 0.
+  assert np.count_nonzero(np.asarray(state.time_second_moment)) == 8
+  np.testing.assert_array_equal(train.time_proposal_params(config.loss, state)["probs"], uniform)
+  state, _ = _run(step_fn, state, data, mesh, 1, 1)
+
+  # Step 2 (after the warm-up) samples t from q ∝ sqrt(EMA) and feeds ℓ(t) = q(t) × the
+  # 1/q-weighted term back into the EMA.
+  q = train.time_proposal_params(config.loss, state)
+  assert np.abs(np.asarray(q["probs"]) - uniform).max() > 0.01
+  moment_before, params = jax.device_get((state.time_second_moment, state.params))
+  x = _batch(data, mesh, 2)
+
+  @jax.jit
+  def estimates(q, keys_elbo, keys_dropout):
+    """(bpd, terms) of loss_and_grads per key pair, with t ~ q and with uniform t."""
+    out = {}
+    for name, proposal in (("importance", importance.time_proposal(q)), ("uniform", None)):
+      out[name] = jax.vmap(lambda ke, kd: train.loss_and_grads(  # noqa: B023
+          config, model, params, x, ke, kd, proposal)[:2])(keys_elbo, keys_dropout)
+    return out
+
+  # Draw 0 uses step 2's keys (fold_in(rng, step), split into ELBO and dropout keys).
+  keys = jax.random.split(jax.random.PRNGKey(5), 2 * 256).reshape(2, 256, -1)
+  keys = keys.at[:, 0].set(jax.random.split(jax.random.fold_in(state.rng, 2)))
+  out = jax.device_get(estimates(q, *keys))
+  state, _ = _run(step_fn, state, data, mesh, 2, 1)
+  terms = jax.tree.map(lambda a: a[0], out["importance"][1])
+  expected = importance.update_second_moment(
+      moment_before, terms["t"], terms["diffusion"] * importance.density(q, terms["t"]), 0.99)
+  np.testing.assert_allclose(state.time_second_moment, expected, rtol=1e-5)
+
+  # Unbiased: the bound averaged over the 256 draws agrees with uniform t within 4 SE, while
+  # dropping the 1/q weights would be far off.
+  to_bits = 1.0 / (16 * math.log(2.0))
+  (is_bpd, is_terms), (u_bpd, _) = out["importance"], out["uniform"]
+  se = math.hypot(is_bpd.std(), u_bpd.std()) / math.sqrt(256)
+  q_t = importance.density(q, is_terms["t"])
+  unweighted = is_bpd + (is_terms["diffusion"] * (q_t - 1)).mean(-1) * to_bits
+  print(f"importance {is_bpd.mean():.3f}, uniform {u_bpd.mean():.3f}, SE {se:.3f}, "
+        f"unweighted {unweighted.mean():.3f}")
+  assert abs(is_bpd.mean() - u_bpd.mean()) < 4 * se
+  assert abs(unweighted.mean() - u_bpd.mean()) > 10 * se
+
+
+def test_loss_options_that_do_not_combine_exit_2(tmp_path):
+  bad = {"variance_minimizing": ["--config.model.variance_minimizing=True"],  # learned_linear
+         "loss.time_sampling='importance'": ["--config.loss.time_sampling=importance",
+                                             "--config.model.num_timesteps=10"],
+         "unknown loss.time_sampling": ["--config.loss.time_sampling=beta"],
+         "optimizer.grad_clip": ["--config.model.variance_minimizing=True",
+                                 "--config.model.schedule=learned_monotone",
+                                 "--config.optimizer.grad_clip=1.0"]}
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  procs = {msg: subprocess.Popen(
+      [sys.executable, "-m", "vdm.main", "--config=configs/quickstart.py",
+       f"--workdir={tmp_path / str(i)}", *args], cwd=root, stdout=subprocess.PIPE,
+      stderr=subprocess.PIPE, text=True) for i, (msg, args) in enumerate(bad.items())}
+  for msg, proc in procs.items():
+    _, err = proc.communicate(timeout=300)
+    lines = [l for l in err.splitlines() if l.strip()]
+    assert proc.returncode == 2 and len(lines) == 1, err[-2000:]
+    assert lines[0].startswith("vdm: error: ") and msg in lines[0], lines[0]

@@ -8,6 +8,7 @@ resumed run continues exactly.
 from __future__ import annotations
 
 import math
+from functools import partial
 from typing import Any, Callable
 
 import flax
@@ -17,11 +18,13 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from vdm import elbo, samplers, schedules
+from vdm import elbo, importance, samplers, schedules, variance
+from vdm.elbo import TimeProposal
 from vdm.model import Model, eps_fn_for, gamma_fn_for, init_params
 
 SAMPLERS = ("ancestral", "ddim", "euler_maruyama", "probability_flow")
 TERMS = ("prior", "diffusion", "reconstruction")
+TIME_SAMPLINGS = ("uniform", "importance")
 
 
 @flax.struct.dataclass
@@ -32,6 +35,7 @@ class TrainState:
   opt_state: Any
   rng: jax.Array           # uint32 [2]: the run's base key; step k uses fold_in(rng, k)
   nonfinite: jax.Array     # int32 []: consecutive steps skipped for a non-finite loss or gradient
+  time_second_moment: jax.Array  # float32 [loss.importance_num_bins]: EMA of ℓ(t)² per bin of t
 
 
 # ---------------------------------------------------------------- sharding -----------------------
@@ -76,7 +80,8 @@ def create_train_state(config, model: Model, mesh: Mesh | None = None) -> TrainS
   state = TrainState(step=jnp.zeros((), jnp.int32), params=params,
                      ema_params=jax.tree.map(jnp.copy, params),
                      opt_state=make_optimizer(config.optimizer).init(params), rng=rng,
-                     nonfinite=jnp.zeros((), jnp.int32))
+                     nonfinite=jnp.zeros((), jnp.int32),
+                     time_second_moment=jnp.zeros((config.loss.importance_num_bins,), jnp.float32))
   return jax.device_put(state, replicated(mesh)) if mesh is not None else state
 
 
@@ -101,29 +106,100 @@ def _bpd(nats: jax.Array, dims: int) -> jax.Array:
   return nats / (dims * math.log(2.0))
 
 
+def check_loss_config(config) -> None:
+  """Raise ValueError unless the loss options combine: the variance-minimising schedule and
+  importance-sampled t are for the continuous-time ELBO (the former also needs γ's endpoints)."""
+  m, loss = config.model, config.loss
+  if loss.time_sampling not in TIME_SAMPLINGS:
+    raise ValueError(f"unknown loss.time_sampling {loss.time_sampling!r}: use one of "
+                     f"{', '.join(TIME_SAMPLINGS)}.")
+  continuous_elbo = m.num_timesteps == 0 and loss.weighting == "elbo"
+  if m.variance_minimizing and not (continuous_elbo and m.schedule == "learned_monotone"):
+    raise ValueError("model.variance_minimizing=True needs model.num_timesteps=0, "
+                     "loss.weighting='elbo' and model.schedule='learned_monotone': set them or "
+                     "set model.variance_minimizing=False.")
+  if m.variance_minimizing and config.optimizer.grad_clip > 0:
+    raise ValueError("optimizer.grad_clip clips one global norm, which the schedule's variance "
+                     "gradients (another loss, another scale) would dominate with "
+                     "model.variance_minimizing=True: set optimizer.grad_clip=0.")
+  if loss.time_sampling == "importance" and not continuous_elbo:
+    raise ValueError("loss.time_sampling='importance' needs model.num_timesteps=0 and "
+                     "loss.weighting='elbo': set them or use loss.time_sampling='uniform'.")
+  if loss.importance_num_bins < 1 or loss.importance_warmup_steps < 0:
+    raise ValueError(f"loss.importance_num_bins={loss.importance_num_bins} must be >= 1 and "
+                     f"loss.importance_warmup_steps={loss.importance_warmup_steps} >= 0.")
+  if not 0.0 <= loss.importance_decay < 1.0:
+    raise ValueError(f"loss.importance_decay={loss.importance_decay} must be in [0, 1).")
+
+
+def time_proposal_params(loss_config, state: TrainState) -> importance.ProposalParams:
+  """The training proposal q(t) ∝ sqrt(state.time_second_moment) (floored by
+  ``importance_uniform_mix``); uniform before step ``importance_warmup_steps``."""
+  probs = importance.proposal_from_second_moment(state.time_second_moment,
+                                                 loss_config.importance_uniform_mix)["probs"]
+  warm = state.step >= loss_config.importance_warmup_steps
+  return {"probs": jnp.where(warm, probs, 1.0 / probs.shape[0])}
+
+
+def loss_and_grads(config, model: Model, params, batch: jax.Array, rng_elbo: jax.Array,
+                   rng_dropout: jax.Array, time_proposal: TimeProposal | None = None
+                   ) -> tuple[jax.Array, dict, Any]:
+  """(training loss, ``elbo_terms``' terms, gradients w.r.t. ``params``) of one batch.
+
+  With ``model.variance_minimizing`` the schedule's shape gradients are those of the second
+  moment of the diffusion loss (:func:`vdm.variance.elbo_and_grads`); all others are the ELBO's.
+  """
+  kwargs = _elbo_kwargs(config)
+  if config.model.variance_minimizing:
+    res = variance.elbo_and_grads(
+        lambda net: eps_fn_for(model, {"net": net}, train=True, rng=rng_dropout), params["net"],
+        lambda sp: schedules.bind(model.schedule, sp), params["schedule"], batch, rng_elbo,
+        vocab_size=kwargs["vocab_size"], antithetic=kwargs["antithetic"],
+        decoder=kwargs["decoder"], time_proposal=time_proposal)
+    return res.loss, res.terms, {"net": res.score_grads, "schedule": res.gamma_grads}
+
+  def loss_fn(params):
+    terms = elbo.elbo_terms(eps_fn_for(model, params, train=True, rng=rng_dropout),
+                            gamma_fn_for(model, params), batch, rng_elbo,
+                            time_proposal=time_proposal, **kwargs)
+    return elbo.training_loss(terms, batch, config.loss.weighting), terms
+
+  (loss, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+  return loss, terms, grads
+
+
 def make_train_step(config, model: Model, mesh: Mesh) -> Callable[[TrainState, jax.Array], tuple]:
   """The jitted ``train_step(state, batch) -> (state, metrics)``; ``state`` is donated.
+
+  The gradients are those of the training loss, or with ``model.variance_minimizing`` those of
+  :func:`vdm.variance.elbo_and_grads` (the schedule's shape follows the loss variance). With
+  ``loss.time_sampling='importance'`` t ~ q(t) of :func:`time_proposal_params` and the diffusion
+  term is divided by q(t), an unbiased ELBO estimate. Every step updates the EMA of ℓ(t)², ℓ the
+  unweighted diffusion loss, in ``state.time_second_moment``.
 
   A step whose loss or gradient norm is not finite leaves params, EMA and optimiser state
   unchanged and increments ``state.nonfinite`` (reset to 0 by the next good step).
   """
+  check_loss_config(config)
   tx = make_optimizer(config.optimizer)
   lr_fn = learning_rate_fn(config.optimizer)
   ema_rate = config.optimizer.ema_rate
-  weighting = config.loss.weighting
-  kwargs = _elbo_kwargs(config)
+  loss_cfg = config.loss
 
   def train_step(state: TrainState, batch: jax.Array):
     rng = jax.random.fold_in(state.rng, state.step)
     rng_elbo, rng_dropout = jax.random.split(rng)
     dims = elbo.data_dims(batch)
-
-    def loss_fn(params):
-      terms = elbo.elbo_terms(eps_fn_for(model, params, train=True, rng=rng_dropout),
-                              gamma_fn_for(model, params), batch, rng_elbo, **kwargs)
-      return elbo.training_loss(terms, batch, weighting), terms
-
-    (loss, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    proposal, density = None, jnp.ones_like
+    if loss_cfg.time_sampling == "importance":
+      q_params = time_proposal_params(loss_cfg, state)
+      proposal, density = importance.time_proposal(q_params), partial(importance.density, q_params)
+    loss, terms, grads = loss_and_grads(config, model, state.params, batch, rng_elbo, rng_dropout,
+                                        proposal)
+    # ℓ(t) = q(t) × the 1/q-weighted diffusion term.
+    second_moment = importance.update_second_moment(
+        state.time_second_moment, terms["t"], terms["diffusion"] * density(terms["t"]),
+        loss_cfg.importance_decay)
     grad_norm = optax.global_norm(grads)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
@@ -136,13 +212,15 @@ def make_train_step(config, model: Model, mesh: Mesh) -> Callable[[TrainState, j
         params=keep(params, state.params),
         ema_params=keep(ema, state.ema_params),
         opt_state=keep(opt_state, state.opt_state),
-        nonfinite=jnp.where(finite, 0, state.nonfinite + 1).astype(jnp.int32))
+        nonfinite=jnp.where(finite, 0, state.nonfinite + 1).astype(jnp.int32),
+        time_second_moment=keep(second_moment, state.time_second_moment))
 
     gamma_0, gamma_1 = gamma_fn_for(model, state.params)(jnp.array([0.0, 1.0]))
     metrics = {
         "loss": loss,
         "bpd": _bpd(jnp.mean(elbo.total_nats(terms)), dims),
         **{f"{k}_bpd": _bpd(jnp.mean(terms[k]), dims) for k in TERMS},
+        "diffusion_second_moment": jnp.mean(_bpd(terms["diffusion"], dims) ** 2),
         "sigma2_0": schedules.sigma2(gamma_0),
         "sigma2_1": schedules.sigma2(gamma_1),
         "gamma_0": gamma_0,
