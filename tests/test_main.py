@@ -80,24 +80,38 @@ BAD_INPUTS = {
     "bad_checkpoint_path": (["--mode=sample", "--checkpoint=/nonexistent/ckpt"], {}, "does not exist"),
     "unwritable_workdir": (["WORKDIR_UNDER_FILE"], {}, "not a writable directory"),
     "missing_config": (["CONFIG=configs/nope.py"], {}, "could not be loaded"),
-    "bad_npz": (["BAD_NPZ"], {}, "has shape"),
+    "npz_shape": (["NPZ=shape"], {}, "has shape"),
+    "npz_dtype": (["NPZ=dtype"], {}, "has dtype"),
+    "npz_vocab": (["NPZ=vocab", "--config.data.vocab_size=8"], {}, "not below data.vocab_size=8"),
+    "workdir_in_proc": (["WORKDIR=/proc/vdm_workdir"], {}, "not a writable directory"),
+    "corrupt_checkpoint": (["CORRUPT_CHECKPOINT"], {}, "could not be restored"),
+    "no_coordinator": (["--process_id=1"], {}, "jax.distributed.initialize failed"),
 }
+NPZ_IMAGES = {"shape": np.zeros((4, 5, 5), np.uint8), "dtype": np.zeros((4, 8, 8, 3), np.float32),
+              "vocab": np.full((4, 8, 8, 3), 9, np.uint8)}
 
 
 def test_bad_input_exits_2_with_one_line(tmp_path):
   procs = {}
   a_file = tmp_path / "a_file"
   a_file.write_text("x")
-  bad_npz = tmp_path / "bad.npz"
-  np.savez(bad_npz, train_images=np.zeros((4, 5, 5), np.uint8), test_images=np.zeros((4, 5, 5), np.uint8))
+  corrupt = tmp_path / "ckpt" / "5"
+  corrupt.mkdir(parents=True)
+  (corrupt / "_CHECKPOINT_METADATA").write_text("{truncated")
   for name, (args, env, _) in BAD_INPUTS.items():
     workdir, config = str(tmp_path / name), "configs/quickstart.py"
     if args == ["WORKDIR_UNDER_FILE"]:
       workdir, args = str(a_file / "sub"), []
     elif args and args[0].startswith("CONFIG="):
       config, args = args[0][len("CONFIG="):], []
-    elif args == ["BAD_NPZ"]:
-      args = ["--config.data.source=npz", f"--config.data.path={bad_npz}"]
+    elif args and args[0].startswith("NPZ="):
+      path = tmp_path / f"{args[0][4:]}.npz"
+      np.savez(path, train_images=NPZ_IMAGES[args[0][4:]], test_images=NPZ_IMAGES[args[0][4:]])
+      args = ["--config.data.source=npz", f"--config.data.path={path}", *args[1:]]
+    elif args and args[0].startswith("WORKDIR="):
+      workdir, args = args[0][len("WORKDIR="):], []
+    elif args == ["CORRUPT_CHECKPOINT"]:
+      args = ["--mode=eval", f"--checkpoint={corrupt}"]
     procs[name] = subprocess.Popen(_cmd(workdir, *args, config=config), cwd=ROOT, env=_env(**env),
                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
   deadline = time.time() + 600

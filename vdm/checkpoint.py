@@ -3,10 +3,13 @@
 A checkpoint holds step, params, ema_params, opt_state, rng and the non-finite counter; the
 data position is the step (see vdm.input_pipeline). Checkpoints with non-finite parameters are
 never written. If the newest checkpoint cannot be restored (truncated, corrupt), the failure is
-logged and the next older one is tried.
+logged and the next older one is tried; the bad one is replaced when training reaches its step
+again.
 """
 from __future__ import annotations
 
+import contextlib
+import logging as std_logging
 import os
 from typing import Optional
 
@@ -41,6 +44,7 @@ class Checkpointer:
         self.directory,
         options=ocp.CheckpointManagerOptions(max_to_keep=max(int(max_to_keep), 1), create=True))
     self.last_good_step: Optional[int] = self._manager.latest_step()
+    self._unrestorable: set[int] = set()
 
   def all_steps(self) -> list[int]:
     return sorted(self._manager.all_steps())
@@ -49,7 +53,11 @@ class Checkpointer:
     """Write ``state`` at its step (collective: call on every process). Returns whether it did."""
     step = int(jax.device_get(state.step))
     if step in self._manager.all_steps():
-      return False
+      if step not in self._unrestorable:
+        return False
+      logging.warning("Replacing the unrestorable checkpoint %s/%d.", self.directory, step)
+      self._manager.delete(step)
+      self._unrestorable.discard(step)
     if not _all_finite((state.params, state.ema_params)):
       logging.error("Not saving the checkpoint at step %d: its parameters are not finite "
                     "(last good checkpoint: %s).", step, self.last_good_step)
@@ -67,6 +75,7 @@ class Checkpointer:
       except Exception as e:  # pylint: disable=broad-except
         logging.warning("Checkpoint %s/%d could not be restored (%s: %s); trying the previous one.",
                         self.directory, step, type(e).__name__, str(e).splitlines()[0][:200] if str(e) else "")
+        self._unrestorable.add(step)
         continue
       self.last_good_step = step
       return state
@@ -76,6 +85,25 @@ class Checkpointer:
     self._manager.close()
 
 
+def _reader(directory: str) -> ocp.CheckpointManager:
+  """A manager that never saves or deletes (orbax's read_only mode logs warnings on every use)."""
+  return ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(
+      create=False, save_interval_steps=0))
+
+
+@contextlib.contextmanager
+def _orbax_logs_off():
+  """Drop orbax's log records: restore_path reports a failure itself, in one line."""
+  logger = std_logging.getLogger("absl")
+  drop = lambda record: "orbax" not in record.pathname
+  logger.addFilter(drop)
+  try:
+    yield
+  finally:
+    logger.removeFilter(drop)
+
+
+@_orbax_logs_off()
 def restore_path(path: str, target: TrainState, sharding=None) -> TrainState:
   """Restore one checkpoint: a step directory (``.../checkpoints/1000``), or a workdir or
   checkpoints directory (its newest good step)."""
@@ -85,8 +113,7 @@ def restore_path(path: str, target: TrainState, sharding=None) -> TrainState:
                      f"WORKDIR/{CHECKPOINT_DIR}/1000, or a workdir.")
   base = os.path.basename(path.rstrip("/"))
   if base.isdigit():
-    manager = ocp.CheckpointManager(os.path.dirname(path),
-                                    options=ocp.CheckpointManagerOptions(read_only=True))
+    manager = _reader(os.path.dirname(path))
     try:
       return manager.restore(int(base), args=ocp.args.StandardRestore(_abstract(target, sharding)))
     except Exception as e:  # pylint: disable=broad-except
@@ -95,7 +122,7 @@ def restore_path(path: str, target: TrainState, sharding=None) -> TrainState:
     finally:
       manager.close()
   directory = os.path.join(path, CHECKPOINT_DIR) if os.path.isdir(os.path.join(path, CHECKPOINT_DIR)) else path
-  manager = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(read_only=True))
+  manager = _reader(directory)
   try:
     for step in sorted(manager.all_steps(), reverse=True):
       try:

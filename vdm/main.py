@@ -11,12 +11,25 @@ eval    the bound on the whole eval split in bits/dim (and its three terms, with
         error) with the EMA parameters of the newest checkpoint or --checkpoint; DIR/eval_<step>.json.
 sample  --num_samples images with --sampler in --num_steps steps; DIR/samples/*.png and *.npz.
 
+Preemption: SIGTERM makes training save a checkpoint at the current step and exit with status 0
+(a second SIGTERM acts as usual); rerunning the same command resumes from it. A SIGKILL loses at most the steps since the last
+checkpoint (rerun to resume; the result is bit-identical to an uninterrupted run).
+
+Multi-device / multi-host: the same command. The global batch is split over all devices. On a
+cluster, start one process per host with --coordinator_address=HOST0:PORT --num_processes=N
+--process_id=I (or --distributed alone where jax.distributed.initialize detects the cluster:
+TPU pods, SLURM, Open MPI); each process reads its own slice of every batch. Only process 0
+writes logs, samples, results and checkpoint metadata; orbax writes the checkpoint arrays from
+all processes in parallel, so --workdir must be the same shared directory on every host.
+
 Bad input (config, data, paths) ends with one line on stderr and exit status 2.
 """
 from __future__ import annotations
 
 import os
+import signal
 import sys
+import threading
 import time
 
 # `configs/*.py` import each other as `configs.<name>`: make the checkout's root importable.
@@ -27,6 +40,7 @@ if _ROOT not in sys.path:
 import jax  # pylint: disable=g-import-not-at-top
 import numpy as np
 from absl import app, flags, logging
+from jax.experimental import multihost_utils
 from ml_collections import config_flags
 
 from vdm import checkpoint as ckpt_lib
@@ -45,6 +59,11 @@ flags.DEFINE_string("sampler", None, f"sample: one of {', '.join(train.SAMPLERS)
 flags.DEFINE_integer("num_steps", None, "sample: sampler steps (default: config.sampling.num_steps).")
 flags.DEFINE_integer("num_samples", None, "sample: how many (default: config.sampling.num_samples).")
 flags.DEFINE_integer("sample_seed", 0, "sample: the seed of the samples.")
+flags.DEFINE_bool("distributed", False, "Multi-host: call jax.distributed.initialize, which detects "
+                  "TPU pods, SLURM and Open MPI (implied by --coordinator_address).")
+flags.DEFINE_string("coordinator_address", None, "Multi-host: HOST:PORT of process 0.")
+flags.DEFINE_integer("num_processes", None, "Multi-host: the number of processes.")
+flags.DEFINE_integer("process_id", None, "Multi-host: this process's index in [0, num_processes).")
 
 
 class UsageError(ValueError):
@@ -102,6 +121,20 @@ def validate_config(config) -> None:
       raise ValueError(f"training.{key}={t[key]} must be >= 1.")
   input_pipeline.check_batch_size(t.batch_size, "training.batch_size")
   input_pipeline.check_batch_size(config.eval.batch_size, "eval.batch_size")
+  train.check_loss_config(config)
+
+
+def init_distributed(coordinator_address: str | None, num_processes: int | None,
+                     process_id: int | None, detect: bool = False) -> None:
+  """``jax.distributed.initialize`` (before any other use of jax) when multi-host is asked for."""
+  if not (coordinator_address or detect or num_processes is not None or process_id is not None):
+    return
+  try:
+    jax.distributed.initialize(coordinator_address, num_processes, process_id)
+  except (RuntimeError, ValueError) as e:
+    raise ValueError(f"jax.distributed.initialize failed ({' '.join(str(e).split())[:300]}): pass "
+                     "--coordinator_address=HOST:PORT --num_processes=N --process_id=I, the same "
+                     "address and N on every process.") from None
 
 
 def prepare_workdir(workdir: str) -> str:
@@ -168,9 +201,35 @@ def _sample_and_save(sample_fn, params, rng, out_dir: str, name: str, config, wr
 
 # ---------------------------------------------------------------- modes --------------------------
 
+class PreemptionNotice:
+  """Records SIGTERM (a preemption notice) so training can checkpoint and stop between steps."""
+
+  def __init__(self):
+    self.received = False
+    self._previous = None
+    if threading.current_thread() is threading.main_thread():
+      self._previous = signal.signal(signal.SIGTERM, self._handle)
+
+  def _handle(self, signum, frame) -> None:  # pylint: disable=unused-argument
+    self.received = True
+    self.close()  # a second SIGTERM acts as usual
+
+  def agreed(self) -> bool:
+    """Whether any process has received it (collective when there are several processes)."""
+    if jax.process_count() == 1:
+      return self.received
+    return bool(np.any(multihost_utils.process_allgather(np.array(self.received))))
+
+  def close(self) -> None:
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+      self._previous = None
+
+
 def run_train(config, workdir: str) -> dict:
   """Train (or resume) to config.training.num_steps. Returns the last eval summary."""
   t_cfg = config.training
+  notice = PreemptionNotice()  # from the start: a notice during start-up stops at the first step
   mesh = train.make_mesh()
   model = make_model(config)
   train_split = input_pipeline.load_split(config.data, config.data.train_split, config.seed)
@@ -234,6 +293,13 @@ def run_train(config, workdir: str) -> dict:
     if done % t_cfg.checkpoint_every == 0 or last:
       check_finite(pending)
       checkpointer.save(state)
+    # Several processes agree on a notice by a collective, a host sync: only at log boundaries.
+    if not last and (jax.process_count() == 1 or done % t_cfg.log_every == 0) and notice.agreed():
+      check_finite(pending)
+      checkpointer.save(state)
+      logging.warning("SIGTERM at step %d: checkpoint saved in %s; rerun the same command to "
+                      "resume.", done, checkpointer.directory)
+      break
     if done % t_cfg.eval_every == 0 or last:
       summary = evaluate(eval_step, state.ema_params, eval_split, config, mesh,
                          config.eval.num_batches, desc=f"eval @ {done}")
@@ -255,6 +321,7 @@ def run_train(config, workdir: str) -> dict:
                  t_cfg.num_steps)
   if summary and logging_utils.is_main_process():
     logging_utils.write_json(os.path.join(workdir, "train_eval.json"), summary)
+  notice.close()
   writer.close()
   checkpointer.close()
   return summary
@@ -329,6 +396,8 @@ def main(argv) -> None:
   if config is None:
     fail("--config is required: e.g. --config=configs/quickstart.py.")
   try:
+    init_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id,
+                     FLAGS.distributed)
     validate_config(config)
     workdir = prepare_workdir(FLAGS.workdir)
     if FLAGS.mode == "train":

@@ -1,0 +1,194 @@
+"""Reliability of `vdm.main` training: SIGKILL / SIGTERM at any moment then resume bit-identically,
+a corrupt newest checkpoint, and divergence (bad input: tests/test_main.py).
+
+The runs share a persistent XLA compilation cache so that restarts skip compilation.
+"""
+import glob
+import os
+import random
+import re
+import signal
+import subprocess
+import time
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from test_main import ROOT, TINY, _cmd, _env  # pylint: disable=g-bad-import-order
+
+# Eval and sampling only at the last step, with the smallest settings.
+QUIET = ["--config.training.eval_every=100000", "--config.training.sample_every=100000",
+         "--config.training.log_every=1", "--config.sampling.num_steps=1",
+         "--config.sampling.num_samples=1"]
+# The quickstart model and data shape (8x8x3, batch 32), with fewer training images.
+QUICKSTART = ["--config.data.synthetic_num_train=512", "--config.data.synthetic_num_test=32",
+              "--config.eval.batch_size=32"]
+
+
+@pytest.fixture(scope="module")
+def cache_env(tmp_path_factory):
+  return {"JAX_COMPILATION_CACHE_DIR": str(tmp_path_factory.mktemp("xla_cache")),
+          "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+          "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
+
+
+def _start(workdir, args, env, log):
+  with open(log, "w") as f:
+    return subprocess.Popen(_cmd(workdir, *args), cwd=ROOT, env=_env(**env),
+                            stdout=subprocess.DEVNULL, stderr=f)
+
+
+def _finish(proc, log, timeout=900):
+  proc.wait(timeout=timeout)
+  with open(log) as f:
+    return proc.returncode, f.read()
+
+
+def _entries(workdir):
+  try:
+    return os.listdir(os.path.join(workdir, "checkpoints"))
+  except FileNotFoundError:
+    return []
+
+
+def _steps(workdir):
+  return sorted(int(e) for e in _entries(workdir) if e.isdigit())
+
+
+def restore(workdir, step):
+  """Checkpoint ``step`` of ``workdir`` as numpy arrays, whatever devices wrote it."""
+  path = os.path.join(workdir, "checkpoints", str(step), "default")
+  checkpointer = ocp.StandardCheckpointer()
+  one_device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=one_device),
+                        dict(checkpointer.metadata(path).item_metadata))
+  return jax.device_get(checkpointer.restore(path, target))
+
+
+def _wait(proc, condition, timeout=600):
+  deadline = time.time() + timeout
+  while not condition():
+    assert proc.poll() is None, "the run ended before it could be interrupted"
+    assert time.time() < deadline, "timed out waiting to interrupt the run"
+    time.sleep(0.001)
+
+
+def _interrupt(proc, workdir, log, moment, resume, rng):
+  """Interrupt a run that resumed at step ``resume`` at ``moment``. Returns where it must resume."""
+  if moment == "startup":  # during start-up / compilation, before any step
+    time.sleep(rng.uniform(0.5, 3.0))
+  elif moment == "checkpoint_write":  # while orbax writes this run's second checkpoint or later
+    def writing():  # a temporary directory '<step>.orbax-checkpoint-tmp...' beyond the newest step
+      newest = max(_steps(workdir) + [0])
+      return newest > resume and any(not e.isdigit() and e.split(".")[0].isdigit()
+                                     and int(e.split(".")[0]) > newest for e in _entries(workdir))
+    _wait(proc, writing)
+  else:  # 'random': a random time after this run's first checkpoint; 'sigterm': at it
+    _wait(proc, lambda: max(_steps(workdir) + [0]) > resume)
+    time.sleep(rng.uniform(0.0, 0.5) if moment == "random" else 0.0)
+  if moment == "sigterm":
+    proc.send_signal(signal.SIGTERM)
+    rc, err = _finish(proc, log, timeout=300)
+    assert rc == 0, err[-3000:]
+    saved = int(re.search(r"SIGTERM at step (\d+): checkpoint saved", err).group(1))
+    assert _steps(workdir)[-1] == saved
+    return saved
+  assert proc.poll() is None, "the run ended before it could be killed"
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  return _steps(workdir)[-1] if _steps(workdir) else 0
+
+
+def _corrupt(workdir, step):
+  for path in glob.glob(os.path.join(workdir, "checkpoints", str(step), "**", "*"), recursive=True):
+    if os.path.isfile(path) and "_CHECKPOINT_METADATA" not in path:
+      with open(path, "r+b") as f:
+        f.truncate(max(os.path.getsize(path) // 3, 1))
+
+
+def _assert_resumed(err, step):
+  if step:
+    assert re.search(rf"Resumed from \S+ at step {step}\.", err), err[-3000:]
+  else:
+    assert "Resumed from" not in err, err[-3000:]
+
+
+def _preempted_run_is_bit_identical(tmp_path, env, args, num_steps, moments, seed=0):
+  """Train ``num_steps`` straight, and again interrupted at each of ``moments`` (rerun after each),
+  then with the newest checkpoint corrupted; the final checkpoints must be equal bit for bit."""
+  rng = random.Random(seed)
+  args = [*args, f"--config.training.num_steps={num_steps}"]
+  t0 = time.time()
+  ref = str(tmp_path / "straight")
+  rc, err = _finish(_start(ref, args, env, tmp_path / "straight.log"), tmp_path / "straight.log")
+  assert rc == 0, err[-3000:]
+  t_straight = time.time() - t0
+
+  workdir, resume = str(tmp_path / "preempted"), 0
+  for i, moment in enumerate(moments):
+    log = tmp_path / f"run{i}.log"
+    proc = _start(workdir, args, env, log)
+    next_resume = _interrupt(proc, workdir, log, moment, resume, rng)
+    _assert_resumed(open(log).read(), resume)
+    print(f"{moment}: resumed at {resume}, stopped; checkpoints {_steps(workdir)}")
+    resume = next_resume
+
+  # The newest checkpoint is corrupt: reported, the previous one is used, and it is rewritten.
+  steps = _steps(workdir)
+  assert len(steps) >= 2, steps
+  _corrupt(workdir, steps[-1])
+  log = tmp_path / "final.log"
+  rc, err = _finish(_start(workdir, args, env, log), log)
+  assert rc == 0, err[-3000:]
+  assert f"checkpoints/{steps[-1]} could not be restored" in err, err[-3000:]
+  assert f"Replacing the unrestorable checkpoint {workdir}/checkpoints/{steps[-1]}." in err
+  _assert_resumed(err, steps[-2])
+  print(f"straight run {t_straight:.0f} s; all {time.time() - t0:.0f} s")
+
+  straight, resumed = restore(ref, num_steps), restore(workdir, num_steps)
+  assert int(resumed["step"]) == num_steps
+  for key in ("params", "ema_params", "opt_state", "rng", "nonfinite"):
+    a, b = jax.tree.leaves(straight[key]), jax.tree.leaves(resumed[key])
+    assert len(a) == len(b) > 0
+    assert all(np.array_equal(x, y) for x, y in zip(a, b)), key
+
+
+def test_sigkill_in_checkpoint_write_and_sigterm_resume_bit_identically(tmp_path, cache_env):
+  _preempted_run_is_bit_identical(
+      tmp_path, cache_env, [*TINY, *QUIET, "--config.training.checkpoint_every=2"], 10,
+      ["checkpoint_write", "sigterm"])
+
+
+@pytest.mark.slow
+def test_quickstart_model_survives_repeated_kills(tmp_path, cache_env):
+  _preempted_run_is_bit_identical(
+      tmp_path, cache_env, [*QUICKSTART, *QUIET, "--config.training.checkpoint_every=5"], 60,
+      ["startup", "random", "checkpoint_write", "sigterm", "random", "checkpoint_write"], seed=1)
+
+
+def test_divergence_stops_with_the_step_and_last_good_checkpoint(tmp_path, cache_env):
+  """An absurd learning rate (after one warm-up step at lr 0) overflows every update: each step is
+  skipped and counted, and the third in a row stops the run (exit status 1)."""
+  workdir = str(tmp_path / "run")
+  log = tmp_path / "run.log"
+  rc, err = _finish(_start(workdir, [*TINY, *QUIET, "--config.optimizer.learning_rate=1e30",
+                                     "--config.optimizer.warmup_steps=2",
+                                     "--config.training.checkpoint_every=1",
+                                     "--config.training.max_nonfinite_steps=3",
+                                     "--config.training.num_steps=20"], cache_env, log), log)
+  assert rc == 1, err[-3000:]
+  for k in (1, 2, 3):
+    assert f"Step {k}: non-finite loss or gradient; update skipped ({k} in a row)." in err
+  lines = [l for l in err.splitlines() if l.strip()]
+  ckpt = os.path.join(workdir, "checkpoints", "3")
+  assert lines[-1].startswith("vdm: error: training stopped at step 3: 3 non-finite steps in a row")
+  assert f"last good checkpoint: {ckpt}." in lines[-1]
+  assert "Traceback" not in err
+  assert _steps(workdir) == [1, 2, 3]
+  good, first = restore(workdir, 3), restore(workdir, 1)
+  assert all(np.isfinite(x).all() for x in jax.tree.leaves(good["params"]))
+  # The skipped steps left the parameters as the one good step made them.
+  assert all(np.array_equal(x, y) for x, y in zip(jax.tree.leaves(good["params"]),
+                                                  jax.tree.leaves(first["params"])))
