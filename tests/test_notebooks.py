@@ -31,6 +31,11 @@ NOTEBOOKS = [
                  ["2d_data.png", "2d_training.png", "2d_gamma.png", "2d_samples.png",
                   "2d_diffusion_loss_vs_t.png"],
                  _final_bpd_below(math.log2(64)), id="vdm_2d"),
+    # Trains 40 steps at 32x32 and compiles a dozen programs: ~1-2 min on 2 CPU cores.
+    pytest.param("vdm_cifar10.ipynb",
+                 ["cifar10_training.png", "cifar10_samples.png", "cifar10_schedule.png",
+                  "cifar10_diffusion_loss_vs_t.png"],
+                 _final_bpd_below(10.0), id="vdm_cifar10", marks=pytest.mark.slow),
 ]
 
 
@@ -42,6 +47,7 @@ def _stream_text(nb):
 @pytest.mark.parametrize("name, figures, check", NOTEBOOKS)
 def test_notebook_executes(name, figures, check, tmp_path, monkeypatch):
   monkeypatch.setenv("VDM_NOTEBOOK_SMALL", "1")
+  monkeypatch.delenv("VDM_CHECKPOINT_WORKDIR", raising=False)  # train, do not load a checkpoint
   monkeypatch.setenv("VDM_FIGURES_DIR", str(tmp_path))
   monkeypatch.setenv("JAX_PLATFORMS", os.environ.get("JAX_PLATFORMS", "cpu"))
   nb = nbformat.read(NOTEBOOK_DIR / name, as_version=4)
