@@ -13,7 +13,7 @@ import pytest
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # configs/
 from configs import quickstart  # noqa: E402
 from vdm import checkpoint as ckpt_lib
-from vdm import importance
+from vdm import importance, schedules
 from vdm import input_pipeline as ip
 from vdm import model as model_lib
 from vdm import train
@@ -277,3 +277,14 @@ def test_loss_options_that_do_not_combine_exit_2(tmp_path):
     lines = [l for l in err.splitlines() if l.strip()]
     assert proc.returncode == 2 and len(lines) == 1, err[-2000:]
     assert lines[0].startswith("vdm: error: ") and msg in lines[0], lines[0]
+
+
+@pytest.mark.parametrize("kind", ["linear", "cosine"])
+def test_ddpm_schedules_are_ddpms_own_betas_whatever_num_timesteps(kind):
+  """With model.num_timesteps=999, t_i = i/999 lands on DDPM's x_1..x_1000: ᾱ_i = Π_{j≤i}(1 − β_j)."""
+  config = quickstart.get_config()
+  config.model.schedule, config.model.num_timesteps = f"ddpm_{kind}", 999
+  gamma_fn = model_lib.make_model(config).fixed_gamma_fn
+  alpha_bar = np.cumprod(1.0 - schedules.ddpm_betas(kind, 1000))
+  got = np.asarray(schedules.alpha2(gamma_fn(jnp.arange(1000) / 999)), np.float64)
+  np.testing.assert_allclose(got, alpha_bar, rtol=1e-5)

@@ -58,7 +58,9 @@ def make_model(config) -> Model:
   elif m.schedule == "fixed_linear":
     fixed = schedules.fixed_linear(m.gamma_min, m.gamma_max)
   elif m.schedule in ("ddpm_linear", "ddpm_cosine"):
-    fixed = schedules.ddpm(m.schedule.split("_")[1], max(m.num_timesteps, 2) if m.num_timesteps else 1000)
+    # DDPM's own β_1..β_1000; its latents x_1..x_1000 sit at t = (i − 1)/999, so
+    # model.num_timesteps=999 gives DDPM's L_1..L_999 exactly (vdm.schedules.ddpm).
+    fixed = schedules.ddpm(m.schedule.split("_")[1])
   else:
     raise ValueError(f"unknown model.schedule {m.schedule!r}: use one of {', '.join(SCHEDULES)}.")
   return Model(net, schedule, fixed, (d.image_size, d.image_size, d.channels))
