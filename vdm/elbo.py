@@ -59,13 +59,20 @@ def scale_data(x: jax.Array, vocab_size: int) -> jax.Array:
   return 2.0 * (jnp.asarray(x, jnp.float32) + 0.5) / vocab_size - 1.0
 
 
-def _sum_per_example(a: jax.Array) -> jax.Array:
-  return jnp.sum(a.reshape(a.shape[0], -1), axis=-1)
-
-
 def _bcast(v: jax.Array, like: jax.Array) -> jax.Array:
   """Broadcast a per-example [B] array against [B, ...]."""
   return v.reshape(v.shape + (1,) * (like.ndim - v.ndim))
+
+
+def diffuse(x_scaled: jax.Array, gamma_t: jax.Array, eps: jax.Array) -> jax.Array:
+  """z_t = α_t x + σ_t ε, for γ_t per example [B] or a scalar."""
+  alpha_t, sigma_t = schedules.alpha_sigma(_bcast(jnp.asarray(gamma_t, jnp.float32), x_scaled))
+  return alpha_t * x_scaled + sigma_t * eps
+
+
+def sum_per_example(a: jax.Array) -> jax.Array:
+  """Σ over all but the batch axis: [B, ...] -> [B]."""
+  return jnp.sum(a.reshape(a.shape[0], -1), axis=-1)
 
 
 def prior_loss(x_scaled: jax.Array, gamma_1: jax.Array) -> jax.Array:
@@ -75,7 +82,7 @@ def prior_loss(x_scaled: jax.Array, gamma_1: jax.Array) -> jax.Array:
   """
   g = jnp.broadcast_to(_bcast(jnp.asarray(gamma_1, jnp.float32), x_scaled), x_scaled.shape)
   kl = 0.5 * (schedules.alpha2(g) * (x_scaled**2 - 1.0) + jax.nn.softplus(-g))
-  return _sum_per_example(kl)
+  return sum_per_example(kl)
 
 
 def _bin_log_prob(x: jax.Array, mean: jax.Array, log_scale: jax.Array, vocab_size: int) -> jax.Array:
@@ -118,7 +125,7 @@ def reconstruction_loss(x: jax.Array, z_0: jax.Array, gamma_0: jax.Array, *, voc
     logp = _bin_log_prob(x, mean, 0.5 * jnp.broadcast_to(g, z_0.shape), vocab_size)
   else:
     raise ValueError(f"unknown decoder {decoder!r}: use one of {DECODERS}.")
-  return -_sum_per_example(logp)
+  return -sum_per_example(logp)
 
 
 def sample_times(rng: jax.Array, batch: int, antithetic: bool = True) -> jax.Array:
@@ -198,20 +205,18 @@ def elbo_terms_from(eps_fn: EpsFn, x: jax.Array, rng: jax.Array, t: jax.Array, g
     q_t = jnp.ones_like(t)
 
   eps = jax.random.normal(rng_eps, x_scaled.shape)
-  alpha_t, sigma_t = schedules.alpha_sigma(_bcast(gamma_t, x_scaled))
-  z_t = alpha_t * x_scaled + sigma_t * eps
-
-  alpha_0, sigma_0 = schedules.alpha_sigma(gamma_0)
-  z_0 = alpha_0 * x_scaled + sigma_0 * jax.random.normal(rng_0, x_scaled.shape)
+  z_t = diffuse(x_scaled, gamma_t, eps)
+  z_0 = diffuse(x_scaled, gamma_0, jax.random.normal(rng_0, x_scaled.shape))
   if decoder == "discretized_gaussian":  # the denoiser's mean at t = 0: one call for z_t and z_0
     eps_hat_both = eps_fn(jnp.concatenate([z_t, z_0]),
                           jnp.concatenate([gamma_t, jnp.full((batch,), gamma_0)]))
     eps_hat, eps_hat_0 = eps_hat_both[:batch], eps_hat_both[batch:]
+    alpha_0, sigma_0 = schedules.alpha_sigma(gamma_0)
     x_hat_0 = (z_0 - sigma_0 * eps_hat_0) / alpha_0
   else:
     eps_hat, x_hat_0 = eps_fn(z_t, gamma_t), None
 
-  eps_mse = _sum_per_example((eps - eps_hat) ** 2)
+  eps_mse = sum_per_example((eps - eps_hat) ** 2)
   return {
       "prior": prior_loss(x_scaled, gamma_1),
       "diffusion": 0.5 * w_t / q_t * eps_mse,

@@ -34,7 +34,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vdm import elbo, schedules
+from vdm import elbo
 from vdm.elbo import EpsFn, TimeProposal
 from vdm.schedules import GammaFn
 
@@ -47,10 +47,8 @@ def diffusion_loss_at(eps_fn: EpsFn, gamma_fn: GammaFn, x: jax.Array, t: jax.Arr
   x_scaled = elbo.scale_data(x, vocab_size)
   _, gamma_t, w_t = elbo.diffusion_weight(gamma_fn, jnp.asarray(t, jnp.float32), 0)
   eps = jax.random.normal(rng, x_scaled.shape)
-  g = gamma_t.reshape(gamma_t.shape + (1,) * (x_scaled.ndim - 1))
-  alpha_t, sigma_t = schedules.alpha_sigma(g)
-  eps_hat = eps_fn(alpha_t * x_scaled + sigma_t * eps, gamma_t)
-  return 0.5 * w_t * jnp.sum(((eps - eps_hat) ** 2).reshape(x.shape[0], -1), axis=-1)
+  eps_hat = eps_fn(elbo.diffuse(x_scaled, gamma_t, eps), gamma_t)
+  return 0.5 * w_t * elbo.sum_per_example((eps - eps_hat) ** 2)
 
 
 @eqx.filter_jit
