@@ -62,7 +62,9 @@ class Checkpointer:
       logging.error("Not saving the checkpoint at step %d: its parameters are not finite "
                     "(last good checkpoint: %s).", step, self.last_good_step)
       return False
-    self._manager.save(step, args=ocp.args.StandardSave(state), force=force)
+    # The state is replicated: saving host copies makes orbax write from process 0 alone (its
+    # jax.Array handler would write replica slices from every process in parallel).
+    self._manager.save(step, args=ocp.args.StandardSave(jax.device_get(state)), force=force)
     self._manager.wait_until_finished()
     self.last_good_step = step
     return True
