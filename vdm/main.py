@@ -19,8 +19,8 @@ Multi-device / multi-host: the same command. The global batch is split over all 
 cluster, start one process per host with --coordinator_address=HOST0:PORT --num_processes=N
 --process_id=I (or --distributed alone where jax.distributed.initialize detects the cluster:
 TPU pods, SLURM, Open MPI); each process reads its own slice of every batch. Only process 0
-writes logs, samples, results and checkpoint metadata; orbax writes the checkpoint arrays from
-all processes in parallel, so --workdir must be the same shared directory on every host.
+writes logs, samples, results and checkpoints; --workdir must be the same shared directory on
+every host, since every process restores from it.
 
 Bad input (config, data, paths) ends with one line on stderr and exit status 2.
 """
