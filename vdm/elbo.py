@@ -232,9 +232,14 @@ def total_nats(terms: dict[str, jax.Array]) -> jax.Array:
   return terms["prior"] + terms["diffusion"] + terms["reconstruction"]
 
 
+def nats_to_bpd(nats, dims: int):
+  """nats per example → bits/dim: nats / (D ln 2), for arrays or floats."""
+  return nats / (dims * math.log(2.0))
+
+
 def bits_per_dim(terms: dict[str, jax.Array], x: jax.Array) -> jax.Array:
   """The batch mean of the bound in bits/dim: nats / (D ln 2)."""
-  return jnp.mean(total_nats(terms)) / (data_dims(x) * math.log(2.0))
+  return nats_to_bpd(jnp.mean(total_nats(terms)), data_dims(x))
 
 
 def training_loss(terms: dict[str, jax.Array], x: jax.Array, weighting: str = "elbo") -> jax.Array:

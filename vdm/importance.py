@@ -173,13 +173,13 @@ def estimator_variance(eps_fn: EpsFn, gamma_fn: GammaFn, x: jax.Array, rng: jax.
   the same keys.
   """
   keys = jax.random.split(rng, repeats)
-  to_bits = 1.0 / (elbo.data_dims(x) * np.log(2.0))
   methods = {"uniform": (False, None), "antithetic": (True, None), "importance": (False, proposal),
              "importance+antithetic": (True, proposal)}
   out: dict = {}
   for name, (antithetic, prop) in methods.items():
     v = np.asarray(_repeated_batch_means(eps_fn, gamma_fn, jnp.asarray(x), keys, vocab_size, antithetic,
-                                         prop), np.float64) * to_bits
+                                         prop), np.float64)
+    v = elbo.nats_to_bpd(v, elbo.data_dims(x))
     out[name] = {"mean": float(v.mean()), "mean_se": float(v.std(ddof=1) / np.sqrt(v.size)),
                  "variance": float(v.var(ddof=1))}
   best = out["importance+antithetic"]["variance"]

@@ -122,15 +122,15 @@ def evaluate_elbo(eps_fn: EpsFn, gamma_fn: GammaFn, batches: Iterable[jax.Array]
   if dims is None:
     raise ValueError("batches yielded no data.")
 
-  to_bits = 1.0 / (dims * math.log(2.0))
   results = {}
   for name, vals in values.items():
-    per_image = {k: np.concatenate(v) * to_bits for k, v in vals.items() if k != "total_var"}
+    per_image = {k: elbo.nats_to_bpd(np.concatenate(v), dims) for k, v in vals.items()
+                 if k != "total_var"}
     bpd, se = mean_and_se(per_image["total"])
     stats = {"bpd": bpd, "bpd_se": se}
     for term in TERMS[:-1]:
       stats[f"{term}_bpd"], stats[f"{term}_se"] = mean_and_se(per_image[term])
-    stats["mc_std_bpd"] = float(np.sqrt(np.mean(np.concatenate(vals["total_var"]))) * to_bits)
+    stats["mc_std_bpd"] = float(elbo.nats_to_bpd(np.sqrt(np.mean(np.concatenate(vals["total_var"]))), dims))
     stats["num_images"] = int(per_image["total"].size)
     stats["num_samples"] = int(num_samples)
     results[name] = stats

@@ -202,7 +202,7 @@ def evaluate_ode_likelihood(eps_fn: EpsFn, gamma_fn: GammaFn, batches: Iterable[
     per_image.append(np.mean(draws, axis=0))
   if dims is None:
     raise ValueError("batches yielded no data.")
-  bpd, se = mean_and_se(np.concatenate(per_image) / (dims * math.log(2.0)))
+  bpd, se = mean_and_se(elbo.nats_to_bpd(np.concatenate(per_image), dims))
   return {"bpd": bpd, "bpd_se": se, "nfe_mean": float(np.mean(nfe)), "nfe_max": int(np.max(nfe)),
           "num_steps_mean": float(np.mean(steps)), "num_images": int(sum(p.size for p in per_image)),
           "num_draws": int(num_draws), "num_solves": len(nfe), "all_converged": converged}

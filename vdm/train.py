@@ -102,9 +102,6 @@ def _elbo_kwargs(config) -> dict:
               antithetic=m.antithetic_time_sampling, decoder=m.decoder)
 
 
-def _bpd(nats: jax.Array, dims: int) -> jax.Array:
-  return nats / (dims * math.log(2.0))
-
 
 def check_loss_config(config) -> None:
   """Raise ValueError unless the loss options combine: the variance-minimising schedule and
@@ -218,9 +215,9 @@ def make_train_step(config, model: Model, mesh: Mesh) -> Callable[[TrainState, j
     gamma_0, gamma_1 = gamma_fn_for(model, state.params)(jnp.array([0.0, 1.0]))
     metrics = {
         "loss": loss,
-        "bpd": _bpd(jnp.mean(elbo.total_nats(terms)), dims),
-        **{f"{k}_bpd": _bpd(jnp.mean(terms[k]), dims) for k in TERMS},
-        "diffusion_second_moment": jnp.mean(_bpd(terms["diffusion"], dims) ** 2),
+        "bpd": elbo.nats_to_bpd(jnp.mean(elbo.total_nats(terms)), dims),
+        **{f"{k}_bpd": elbo.nats_to_bpd(jnp.mean(terms[k]), dims) for k in TERMS},
+        "diffusion_second_moment": jnp.mean(elbo.nats_to_bpd(terms["diffusion"], dims) ** 2),
         "sigma2_0": schedules.sigma2(gamma_0),
         "sigma2_1": schedules.sigma2(gamma_1),
         "gamma_0": gamma_0,
@@ -245,8 +242,8 @@ def make_eval_step(config, model: Model, mesh: Mesh) -> Callable:
     dims = elbo.data_dims(batch)
     terms = elbo.elbo_terms(eps_fn_for(model, params), gamma_fn_for(model, params), batch, rng,
                             **kwargs)
-    per_example = {k: _bpd(terms[k], dims) for k in TERMS}
-    per_example["bpd"] = _bpd(elbo.total_nats(terms), dims)
+    per_example = {k: elbo.nats_to_bpd(terms[k], dims) for k in TERMS}
+    per_example["bpd"] = elbo.nats_to_bpd(elbo.total_nats(terms), dims)
     sums = {k: jnp.sum(v * mask) for k, v in per_example.items()}
     sums["bpd_sq"] = jnp.sum(per_example["bpd"] ** 2 * mask)
     sums["count"] = jnp.sum(mask)

@@ -24,7 +24,6 @@ training mode), as any ε̂(z_t; γ_t) of a diffusion model does.
 """
 from __future__ import annotations
 
-import math
 from typing import Any, Callable, NamedTuple, Optional, Sequence
 
 import jax
@@ -86,7 +85,7 @@ def elbo_and_grads(eps_fn_of: Callable[[Params], EpsFn], score_params: Params,
     raise ValueError("the schedule has only endpoint parameters, no shape to fit to the variance: "
                      "use schedules.LearnedMonotone.")
 
-  scale = 1.0 / (elbo.data_dims(x) * math.log(2.0))  # nats per example -> bits/dim
+  dims = elbo.data_dims(x)
   rng_t = jax.random.split(rng, 3)[0]  # as elbo_terms: key 1 for t, keys 2 and 3 for the noise
   t = elbo.sample_times(rng_t, x.shape[0], antithetic)
   q_t = None
@@ -100,7 +99,7 @@ def elbo_and_grads(eps_fn_of: Callable[[Params], EpsFn], score_params: Params,
   def mean_loss(score_params, gamma_t, dgamma_t, gamma_0, gamma_1):
     terms = elbo.elbo_terms_from(eps_fn_of(score_params), x, rng, t, gamma_t, dgamma_t, gamma_0,
                                  gamma_1, q_t=q_t, vocab_size=vocab_size, decoder=decoder)
-    return jnp.mean(elbo.total_nats(terms)) * scale, terms
+    return elbo.nats_to_bpd(jnp.mean(elbo.total_nats(terms)), dims), terms
 
   (loss, terms), (score_grads, *cot) = jax.value_and_grad(mean_loss, argnums=(0, 1, 2, 3, 4),
                                                           has_aux=True)(score_params, *sched_out)
@@ -108,7 +107,7 @@ def elbo_and_grads(eps_fn_of: Callable[[Params], EpsFn], score_params: Params,
 
   # 3. Endpoints: the ELBO cotangents. Shape: cotangents 2 L_i c_i of mean_i L_i².
   (elbo_gamma_grads,) = sched_vjp((c_gamma_t, c_dgamma_t, c_gamma_0, c_gamma_1))
-  diff = terms["diffusion"] * scale
+  diff = elbo.nats_to_bpd(terms["diffusion"], dims)
   (var_gamma_grads,) = sched_vjp((2.0 * diff * c_gamma_t, 2.0 * diff * c_dgamma_t,
                                   jnp.zeros_like(c_gamma_0), jnp.zeros_like(c_gamma_1)))
   gamma_grads = jax.tree_util.tree_map(lambda e, g_elbo, g_var: g_elbo if e else g_var,
