@@ -264,8 +264,12 @@ def run_train(config, workdir: str) -> dict:
   summary: dict = {}
   pending = None  # (step, metrics) of the previous step: its non-finite count is read one step late
 
-  def check_finite(step_metrics):
-    step, metrics = step_metrics
+  def check_finite():
+    """Check the last dispatched step once: fetching its counter waits for that step only."""
+    nonlocal pending
+    if pending is None:
+      return
+    (step, metrics), pending = pending, None
     count = int(jax.device_get(metrics["nonfinite"]))
     if count:
       logging.warning("Step %d: non-finite loss or gradient; update skipped (%d in a row).", step, count)
@@ -278,24 +282,23 @@ def run_train(config, workdir: str) -> dict:
 
   for step in range(start, t_cfg.num_steps):
     state, metrics = train_step(state, next(batches))
-    if pending is not None:
-      check_finite(pending)
+    check_finite()  # the previous step, while this one runs
     pending = (step, metrics)
     done = step + 1
     last = done == t_cfg.num_steps
     if done % t_cfg.log_every == 0 or last:
-      check_finite(pending)
+      check_finite()
       values = {k: float(v) for k, v in jax.device_get(metrics).items()}
       rates = throughput.update(done)
       writer.scalars(done, {**values, **rates}, prefix="train/")
       if logging_utils.is_main_process():
         logging.info(logging_utils.console_line(done, t_cfg.num_steps, values, rates))
     if done % t_cfg.checkpoint_every == 0 or last:
-      check_finite(pending)
+      check_finite()
       checkpointer.save(state)
     # Several processes agree on a notice by a collective, a host sync: only at log boundaries.
     if not last and (jax.process_count() == 1 or done % t_cfg.log_every == 0) and notice.agreed():
-      check_finite(pending)
+      check_finite()
       checkpointer.save(state)
       logging.warning("SIGTERM at step %d: checkpoint saved in %s; rerun the same command to "
                       "resume.", done, checkpointer.directory)
