@@ -7,10 +7,13 @@ time, and the probability-flow ODE bound; one JSON with every number and its sta
 Without --checkpoint the newest restorable checkpoint under WORKDIR is used (EMA parameters
 unless --noema). --toy evaluates the Bayes-optimal denoiser of a small factorised discrete
 distribution instead (no model, no data: a self-check whose true entropy is known).
+--compare_dtype=bfloat16 also evaluates the same parameters at that compute precision on the same
+images and draws, and reports the paired difference of the bounds with its standard error.
 Output: WORKDIR/likelihood.json (or --output).
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -25,7 +28,8 @@ import numpy as np  # noqa: E402
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from vdm import importance, likelihood, ode_likelihood, schedules, toy  # noqa: E402
+from vdm import checkpoint, importance, likelihood, ode_likelihood, schedules, toy  # noqa: E402
+from vdm.model import traced_fns  # noqa: E402
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Training config file (configs/*.py).", lock_config=False)
@@ -40,6 +44,9 @@ flags.DEFINE_integer("batch_size", 128, "Images per denoiser call for the ELBO."
 flags.DEFINE_integer("num_images", 1024, "Test images for the ELBO (0 = the whole split).")
 flags.DEFINE_integer("num_time_samples", 4, "K: Monte-Carlo draws of (t, ε, z_0) per image.")
 flags.DEFINE_list("timesteps", ["0", "100", "1000"], "T values: 0 = continuous time.")
+flags.DEFINE_enum("compare_dtype", None, ["float32", "bfloat16"],
+                  "Also evaluate the same parameters with this compute dtype (model.dtype) on the "
+                  "same images and draws (K = --num_time_samples), and report the paired difference.")
 # (2) importance-sampled time
 flags.DEFINE_bool("importance", True, "Fit a time proposal and compare estimator variances.")
 flags.DEFINE_integer("is_bins", 64, "Bins of the piecewise-constant proposal.")
@@ -79,31 +86,6 @@ def _batches(images: np.ndarray, batch_size: int):
     yield images[start:start + batch_size]
 
 
-def _eps_apply(model, params, z, gamma):
-  from vdm.model import eps_fn_for
-  return eps_fn_for(model, params)(z, gamma)
-
-
-def _gamma_apply(model, params, t):
-  from vdm.model import gamma_fn_for
-  return gamma_fn_for(model, params)(t)
-
-
-def load_trained(config, workdir: str, checkpoint: str | None, use_ema: bool):
-  """(eps_fn, gamma_fn, info) of a trained model, as callable pytrees over its parameters."""
-  from vdm import checkpoint as ckpt
-  from vdm.model import make_model
-  from vdm.train import abstract_train_state
-  model = make_model(config)
-  path = checkpoint or workdir
-  state = ckpt.restore_path(path, abstract_train_state(config, model))
-  params = state.ema_params if use_ema else state.params
-  # Partial: the parameters are traced jit arguments, not constants folded into the programs.
-  eps_fn = jax.tree_util.Partial(lambda p, z, g: _eps_apply(model, p, z, g), params)
-  gamma_fn = jax.tree_util.Partial(lambda p, t: _gamma_apply(model, p, t), params)
-  return eps_fn, gamma_fn, {"checkpoint": os.path.abspath(path), "step": int(state.step), "ema": use_ema}
-
-
 def load_images(config, split: str, num: int) -> np.ndarray:
   from vdm import input_pipeline
   data = input_pipeline.load_split(config.data, split, seed=config.seed)
@@ -126,13 +108,14 @@ def main(argv):
     if FLAGS.config is None or FLAGS.workdir is None:
       raise app.UsageError("--config and --workdir are required (or use --toy).")
     config = FLAGS.config
-    eps_fn, gamma_fn, info = load_trained(config, FLAGS.workdir, FLAGS.checkpoint, FLAGS.ema)
+    model, params, info = checkpoint.load_params(config, FLAGS.checkpoint or FLAGS.workdir, FLAGS.ema)
+    eps_fn, gamma_fn = traced_fns(model, params)
     vocab_size, decoder = config.data.vocab_size, config.model.decoder
     test = load_images(config, config.data.eval_split, FLAGS.num_images)
     fit = load_images(config, config.data.train_split, FLAGS.is_fit_batches * FLAGS.batch_size)
   results = {"info": info, "flags": {k: FLAGS[k].value for k in (
-      "seed", "batch_size", "num_images", "num_time_samples", "timesteps", "is_bins", "is_fit_batches",
-      "is_uniform_mix", "is_spread", "variance_repeats", "ode_num_images", "ode_batch_size",
+      "seed", "batch_size", "num_images", "num_time_samples", "timesteps", "compare_dtype",
+      "is_bins", "is_fit_batches", "is_uniform_mix", "is_spread", "variance_repeats", "ode_num_images", "ode_batch_size",
       "ode_num_draws", "dequantization", "divergence", "num_probes", "solver", "rtol", "atol",
       "max_steps")}}
 
@@ -163,6 +146,21 @@ def main(argv):
   timings["elbo_s"] = time.time() - t0
   for name, stats in results["elbo"].items():
     logging.info("ELBO %-22s %.4f ± %.4f bits/dim", name, stats["bpd"], stats["bpd_se"])
+
+  if FLAGS.compare_dtype:
+    if FLAGS.toy:
+      raise app.UsageError("--compare_dtype needs a trained model: drop --toy.")
+    t0 = time.time()
+    other, _ = traced_fns(dataclasses.replace(model, net=model.net.clone(dtype=FLAGS.compare_dtype)),
+                          params)
+    res = likelihood.paired_difference(
+        eps_fn, other, gamma_fn, _batches(test, FLAGS.batch_size), jax.random.fold_in(rng, 5),
+        vocab_size=vocab_size, num_samples=FLAGS.num_time_samples, decoder=decoder)
+    results["dtype_comparison"] = {"a": config.model.dtype, "b": FLAGS.compare_dtype, **res}
+    timings["dtype_comparison_s"] = time.time() - t0
+    logging.info("model.dtype %s − %s: %+.5f ± %.5f bits/dim (max |difference| per image %.5f)",
+                 FLAGS.compare_dtype, config.model.dtype, res["difference_bpd"],
+                 res["difference_se"], res["max_abs_difference_bpd"])
 
   if FLAGS.ode_num_images > 0:
     results["ode"] = {}

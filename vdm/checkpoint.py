@@ -18,7 +18,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 
-from vdm.train import TrainState
+from vdm.model import Model, make_model
+from vdm.train import TrainState, abstract_train_state
 
 CHECKPOINT_DIR = "checkpoints"
 
@@ -136,3 +137,13 @@ def restore_path(path: str, target: TrainState, sharding=None) -> TrainState:
     manager.close()
   raise ValueError(f"no restorable checkpoint under {path}: train first, or pass "
                    f"--checkpoint=WORKDIR/{CHECKPOINT_DIR}/STEP.")
+
+
+def load_params(config, path: str, use_ema: bool = True) -> tuple[Model, dict, dict]:
+  """(model, params, info) of a trained run for inference: the EMA (or, with ``use_ema=False``,
+  the raw) parameters of the checkpoint at ``path`` (as :func:`restore_path`), built from
+  ``config``; info = {"checkpoint", "step", "ema"}."""
+  model = make_model(config)
+  state = restore_path(path, abstract_train_state(config, model))
+  params = state.ema_params if use_ema else state.params
+  return model, params, {"checkpoint": os.path.abspath(path), "step": int(state.step), "ema": use_ema}

@@ -155,22 +155,6 @@ def prepare_workdir(workdir: str) -> str:
 
 # ---------------------------------------------------------------- evaluation ---------------------
 
-def evaluate(eval_step, params, split, config, mesh, num_batches: int = 0, desc: str = "eval") -> dict:
-  """The bound on ``split`` (its first ``num_batches`` batches; 0 = all) with ``params``."""
-  total = input_pipeline.num_eval_batches(split, config.eval.batch_size)
-  if num_batches:
-    total = min(total, num_batches)
-  batches = input_pipeline.eval_batches(split, config.eval.batch_size)
-  staged = input_pipeline.prefetch((b for i, b in zip(range(total), batches)),
-                                   train.batch_sharding(mesh), config.data.prefetch)
-  rng = jax.random.PRNGKey(config.eval.seed)
-  sums = None
-  for i, (x, mask) in enumerate(logging_utils.progress(staged, total, desc)):
-    out = eval_step(params, x, mask, jax.random.fold_in(rng, i))
-    sums = out if sums is None else jax.tree.map(lambda a, b: a + b, sums, out)
-  return train.summarize_eval(jax.device_get(sums))
-
-
 def _restore_for_inference(config, model, mesh, workdir: str, checkpoint: str | None):
   target = train.abstract_train_state(config, model)
   sharding = train.replicated(mesh)
@@ -304,7 +288,7 @@ def run_train(config, workdir: str) -> dict:
                       "resume.", done, checkpointer.directory)
       break
     if done % t_cfg.eval_every == 0 or last:
-      summary = evaluate(eval_step, state.ema_params, eval_split, config, mesh,
+      summary = train.evaluate(eval_step, state.ema_params, eval_split, config, mesh,
                          config.eval.num_batches, desc=f"eval @ {done}")
       summary["step"] = done
       writer.scalars(done, {k: v for k, v in summary.items() if k != "step"}, prefix="eval/")
@@ -338,7 +322,7 @@ def run_eval(config, workdir: str, checkpoint: str | None) -> dict:
   step = int(jax.device_get(state.step))
   eval_step = train.make_eval_step(config, model, mesh)
   t0 = time.time()
-  summary = evaluate(eval_step, state.ema_params, split, config, mesh, 0, desc="eval")
+  summary = train.evaluate(eval_step, state.ema_params, split, config, mesh, 0, desc="eval")
   gamma = np.asarray(gamma_fn_for(model, state.ema_params)(np.array([0.0, 1.0], np.float32)))
   summary.update(step=step, split=split.name, params="ema", seconds=time.time() - t0,
                  sigma2_0=float(schedules.sigma2(gamma[0])), sigma2_1=float(schedules.sigma2(gamma[1])))

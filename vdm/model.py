@@ -98,3 +98,13 @@ def eps_fn_for(model: Model, params: Params, *, train: bool = False,
     return model.net.apply(params["net"], z, gamma, deterministic=deterministic, rngs=rngs)
 
   return eps_fn
+
+
+def traced_fns(model: Model, params: Params) -> tuple[EpsFn, GammaFn]:
+  """(ε̂, γ) with ``params`` as ``jax.tree_util.Partial``s: callable pytrees whose parameters jit
+  traces as arguments rather than folding them into the program as constants (what
+  :mod:`vdm.likelihood`, :mod:`vdm.ode_likelihood` and :mod:`vdm.importance` expect). Build them
+  once per model: each call makes new functions, so a new compile."""
+  eps_fn = jax.tree_util.Partial(lambda p, z, g: eps_fn_for(model, p)(z, g), params)
+  gamma_fn = jax.tree_util.Partial(lambda p, t: gamma_fn_for(model, p)(t), params)
+  return eps_fn, gamma_fn

@@ -18,7 +18,7 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from vdm import elbo, importance, samplers, schedules, variance
+from vdm import elbo, importance, input_pipeline, logging_utils, samplers, schedules, variance
 from vdm.elbo import TimeProposal
 from vdm.model import Model, eps_fn_for, gamma_fn_for, init_params
 
@@ -261,6 +261,22 @@ def summarize_eval(totals: dict) -> dict:
   out["bpd_stderr"] = math.sqrt(var / max(n - 1.0, 1.0))
   out["num_examples"] = int(n)
   return out
+
+
+def evaluate(eval_step, params, split, config, mesh, num_batches: int = 0, desc: str = "eval") -> dict:
+  """The bound on ``split`` (its first ``num_batches`` batches; 0 = all) with ``params``."""
+  total = input_pipeline.num_eval_batches(split, config.eval.batch_size)
+  if num_batches:
+    total = min(total, num_batches)
+  batches = input_pipeline.eval_batches(split, config.eval.batch_size)
+  staged = input_pipeline.prefetch((b for i, b in zip(range(total), batches)),
+                                   batch_sharding(mesh), config.data.prefetch)
+  rng = jax.random.PRNGKey(config.eval.seed)
+  sums = None
+  for i, (x, mask) in enumerate(logging_utils.progress(staged, total, desc)):
+    out = eval_step(params, x, mask, jax.random.fold_in(rng, i))
+    sums = out if sums is None else jax.tree.map(lambda a, b: a + b, sums, out)
+  return summarize_eval(jax.device_get(sums))
 
 
 def make_sample_fn(config, model: Model, sampler: str, num_steps: int, num_samples: int) -> Callable:
