@@ -89,3 +89,25 @@ def test_experiment_script_runs_on_the_toy_distribution(tmp_path):
   for stats in list(res["elbo"].values()) + [res["ode"]["vdm"]]:
     assert abs(stats["bpd"] - entropy) < 5 * stats["bpd_se"] + 0.05
   assert res["importance"]["variance"]["ratios"]["uniform/importance+antithetic"] > 1.5
+
+
+def test_paired_difference_shares_the_draws_and_detects_a_worse_denoiser():
+  x = np.asarray(DATA.sample(jax.random.PRNGKey(5), 512))
+  batches = [x[:256], x[256:]]
+  optimal = DATA.eps_fn()
+  same = likelihood.paired_difference(optimal, optimal, GAMMA, batches, jax.random.PRNGKey(6),
+                                      vocab_size=4, num_samples=2)
+  assert same["num_images"] == 512 and same["a_bpd"] == same["b_bpd"]
+  assert same["difference_bpd"] == 0.0 and same["max_abs_difference_bpd"] == 0.0
+  # Any change to the Bayes-optimal ε̂ raises E||ε − ε̂||², so the bound: the paired estimate
+  # resolves a difference that is small against either bound's own SE.
+  worse = lambda z, g: 1.1 * optimal(z, g)
+  res = likelihood.paired_difference(optimal, worse, GAMMA, batches, jax.random.PRNGKey(6),
+                                     vocab_size=4, num_samples=2)
+  print(f"difference {res['difference_bpd']:.5f} ± {res['difference_se']:.5f} bits/dim; "
+        f"bound {res['a_bpd']:.4f} ± {res['a_se']:.4f}")
+  np.testing.assert_allclose(res["a_bpd"], same["a_bpd"], rtol=1e-6)
+  assert res["difference_bpd"] > 5 * res["difference_se"]
+  assert res["difference_se"] < res["a_se"] / 3
+  with pytest.raises(ValueError, match="no data"):
+    likelihood.paired_difference(optimal, worse, GAMMA, [], jax.random.PRNGKey(6), vocab_size=4)
