@@ -1,0 +1,203 @@
+"""Test bits/dim against seconds of training: the end-to-end speed figure of issue 4.
+
+  python experiments/train_curve.py --config=configs/cifar10.py \
+      --config.data.source=npz --config.data.path=.data/cifar10_subset.npz \
+      [--config.model.dtype=bfloat16] --seconds=330 --output=curve.json [--workdir=RUN]
+  python experiments/train_curve.py --plot=curve.png curve.json [other.json ...]
+
+Trains from scratch with the config's model, optimiser and batch size (``vdm.train``'s step,
+compiled ahead of time, outside the clock). The clock runs only while training steps execute:
+at each mark of --marks it stops with the device synchronised, the test split's bound is
+evaluated with the raw parameters (--params=ema for the EMA) by the estimator of
+``python -m vdm.main --mode=eval`` (one (t, ε) draw per image, the config's eval seed: every
+mark sees the same noise), and the clock restarts. The step loop keeps one step in flight: it
+waits for step k − 1 after dispatching step k, so the clock is at most one step ahead of the
+device when it is read.
+
+The JSON holds the points (mark, training seconds, step, test bpd ± SE and its terms, the last
+training bpd), the compile time, the training images/s, the first mark whose test bpd reaches
+each target, and the machine. With --workdir the final state is saved as a checkpoint there
+(for experiments/likelihood.py). --plot draws test bpd against training seconds for one or
+more such JSON files beside the reference points of the published VDM code.
+"""
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import subprocess
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+from absl import app, flags, logging  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+from vdm import checkpoint, input_pipeline, train  # noqa: E402
+from vdm.model import make_model  # noqa: E402
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file("config", None, "Training config file (configs/*.py).", lock_config=False)
+flags.DEFINE_float("seconds", 330.0, "Training seconds (compile and evaluation excluded).")
+flags.DEFINE_list("marks", ["30", "60", "90", "110", "120", "180", "240", "300"],
+                  "Training seconds at which to evaluate (--seconds is always the last).")
+flags.DEFINE_enum("params", "raw", ["raw", "ema"], "Evaluate the raw or the EMA parameters.")
+flags.DEFINE_integer("eval_batches", 0, "Test batches (of eval.batch_size) per evaluation; 0 = all.")
+flags.DEFINE_string("output", None, "Output JSON (required unless --plot).")
+flags.DEFINE_string("workdir", None, "Save the final train state as a checkpoint here.")
+flags.DEFINE_string("plot", None, "Plot the JSON files given as arguments to this PNG instead.")
+
+# The published VDM code on one H100 (jax 0.11.2, CIFAR-10 config, batch 128, fp32), trained from
+# scratch on the subset's train images, raw parameters: the figures quoted in issue 4.
+REFERENCE = {"label": "published VDM code, fp32 (H100)",
+             "seconds": [60.0, 120.0, 180.0, 300.0, 330.0],
+             "bpd": [4.37, 3.90, 3.74, 3.60, 3.575]}
+TARGETS_BPD = (3.575, 3.40)
+
+
+def _git_commit() -> str | None:
+  try:
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True,
+                          text=True, check=True).stdout.strip() or None
+  except (OSError, subprocess.CalledProcessError):
+    return None
+
+
+def parse_marks(marks, seconds: float) -> list[float]:
+  """Sorted distinct marks in (0, seconds], with ``seconds`` itself last."""
+  if seconds <= 0:
+    raise ValueError(f"--seconds={seconds} must be > 0.")
+  try:
+    values = sorted({float(m) for m in marks if float(m) < seconds} | {float(seconds)})
+  except ValueError:
+    raise ValueError(f"--marks={','.join(marks)} must be numbers of seconds, e.g. 60,120.") from None
+  if values[0] <= 0:
+    raise ValueError(f"--marks={','.join(marks)} must be > 0 seconds.")
+  return values
+
+
+def first_mark_reaching(points: list[dict], bpd: float) -> float | None:
+  """The training seconds of the first point whose test bpd is ≤ ``bpd`` (None if none is)."""
+  return next((p["train_seconds"] for p in points if p["test_bpd"] <= bpd), None)
+
+
+def run_curve(config, seconds: float, marks: list[float], use_ema: bool = False,
+              eval_batches: int = 0) -> tuple[dict, train.TrainState]:
+  """Train for ``seconds`` of step time, evaluating at ``marks``; returns (results, final state)."""
+  mesh = train.make_mesh()
+  model = make_model(config)
+  batch_size = config.training.batch_size
+  data = input_pipeline.TrainData(
+      input_pipeline.load_split(config.data, config.data.train_split, config.seed), batch_size,
+      config.seed, config.data.random_flip)
+  test_split = input_pipeline.load_split(config.data, config.data.eval_split, config.seed)
+  state = train.create_train_state(config, model, mesh)
+  batches = input_pipeline.train_iterator(data, 0, train.batch_sharding(mesh), config.data.prefetch)
+
+  batch_shape = jax.ShapeDtypeStruct((batch_size,) + model.image_shape, jnp.uint8,
+                                     sharding=train.batch_sharding(mesh))
+  t0 = time.perf_counter()
+  step_fn = train.make_train_step(config, model, mesh).lower(state, batch_shape).compile()
+  compile_s = time.perf_counter() - t0
+  eval_step = train.make_eval_step(config, model, mesh)
+  logging.info("train step compiled in %.1f s; %d parameters, batch %d, dtype %s", compile_s,
+               train.count_params(state.params), batch_size, config.model.dtype)
+
+  points, train_s, step, previous = [], 0.0, 0, None
+  for mark in marks:
+    if train_s >= mark:  # passed already by the step that ended the previous mark
+      continue
+    start = time.perf_counter()
+    while train_s + time.perf_counter() - start < mark:
+      state, metrics = step_fn(state, next(batches))
+      if previous is not None:
+        jax.block_until_ready(previous)  # step k − 1, while step k runs
+      previous = metrics["bpd"]
+      step += 1
+    jax.block_until_ready(state)
+    train_s += time.perf_counter() - start
+    last = jax.device_get(metrics)
+    summary = train.evaluate(eval_step, state.ema_params if use_ema else state.params, test_split,
+                             config, mesh, eval_batches, desc=f"eval @ {train_s:.0f} s")
+    points.append({"mark_seconds": mark, "train_seconds": train_s, "step": step,
+                   "test_bpd": summary["bpd"], "test_bpd_se": summary["bpd_stderr"],
+                   **{f"test_{k}_bpd": summary[k] for k in train.TERMS},
+                   "num_test_images": summary["num_examples"],
+                   "train_bpd": float(last["bpd"]), "nonfinite": int(last["nonfinite"])})
+    logging.info("%.1f s, step %d: test %.4f ± %.4f bits/dim (train %.4f)", train_s, step,
+                 summary["bpd"], summary["bpd_stderr"], float(last["bpd"]))
+
+  results = {
+      "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+      "commit": _git_commit(), "device": jax.devices()[0].device_kind,
+      "num_devices": jax.device_count(), "jax": jax.__version__,
+      "config": json.loads(config.to_json_best_effort()),
+      "params": "ema" if use_ema else "raw", "compile_seconds": compile_s,
+      "train_seconds": train_s, "steps": step, "images_per_second": step * batch_size / train_s,
+      "points": points,
+      "first_seconds_reaching": {str(b): first_mark_reaching(points, b) for b in TARGETS_BPD},
+      "reference": REFERENCE,
+  }
+  return results, state
+
+
+def plot(paths: list[str], out: str) -> None:
+  """Test bpd ± 2 SE against training seconds for each JSON, beside the reference points."""
+  import matplotlib  # pylint: disable=g-import-not-at-top  (a test extra: not on the GPU image)
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+
+  fig, ax = plt.subplots(figsize=(6, 4))
+  for path in paths:
+    with open(path) as f:
+      res = json.load(f)
+    pts = res["points"]
+    label = (f"vdm {res['config']['model']['dtype']}, {res['device']} "
+             f"({res['images_per_second']:.0f} img/s)")
+    ax.errorbar([p["train_seconds"] for p in pts], [p["test_bpd"] for p in pts],
+                yerr=[2 * p["test_bpd_se"] for p in pts], marker="o", ms=3, capsize=2, label=label)
+  ax.plot(REFERENCE["seconds"], REFERENCE["bpd"], "ks--", label=REFERENCE["label"])
+  ax.axhline(TARGETS_BPD[1], color="tab:red", lw=0.8, ls=":", label=f"target {TARGETS_BPD[1]} at 330 s")
+  ax.plot([110.0], [TARGETS_BPD[0]], "r*", ms=10, label=f"target {TARGETS_BPD[0]} within 110 s")
+  ax.set(xlabel="training seconds (compile and evaluation excluded)", ylabel="test bits/dim",
+         title="CIFAR-10 subset: test bound against training time")
+  ax.legend(fontsize=7)
+  fig.savefig(out, dpi=120, bbox_inches="tight")
+  plt.close(fig)
+
+
+def main(argv):
+  if FLAGS.plot:
+    if len(argv) < 2:
+      raise app.UsageError("--plot needs the JSON files of runs as arguments.")
+    plot(argv[1:], FLAGS.plot)
+    logging.info("wrote %s", FLAGS.plot)
+    return
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments {' '.join(argv[1:])!r}.")
+  if FLAGS.config is None or FLAGS.output is None:
+    raise app.UsageError("--config and --output are required (or --plot=PNG with JSON files).")
+  try:
+    results, state = run_curve(FLAGS.config, FLAGS.seconds, parse_marks(FLAGS.marks, FLAGS.seconds),
+                               FLAGS.params == "ema", FLAGS.eval_batches)
+  except ValueError as e:  # bad flags, config or data: one line naming the fix
+    sys.exit(f"train_curve: error: {str(e).strip().splitlines()[0]}")
+  os.makedirs(os.path.dirname(os.path.abspath(FLAGS.output)), exist_ok=True)
+  with open(FLAGS.output, "w") as f:
+    json.dump(results, f, indent=1)
+  logging.info("wrote %s: %.0f images/s; reached %s", FLAGS.output, results["images_per_second"],
+               results["first_seconds_reaching"])
+  if FLAGS.workdir:
+    saver = checkpoint.Checkpointer(FLAGS.workdir)
+    saver.save(state, force=True)
+    saver.close()
+    with open(os.path.join(FLAGS.workdir, "config.json"), "w") as f:
+      f.write(FLAGS.config.to_json_best_effort(indent=2) + "\n")
+
+
+if __name__ == "__main__":
+  app.run(main)

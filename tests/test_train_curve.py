@@ -1,0 +1,74 @@
+"""experiments/train_curve.py: timed training with evaluations at marks, its checkpoint, the plot,
+and the paired precision comparison of experiments/likelihood.py on that checkpoint."""
+import json
+import math
+import os
+import subprocess
+import sys
+
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ["--config=configs/quickstart.py", "--config.data.image_size=4",
+        "--config.training.batch_size=16", "--config.eval.batch_size=64",
+        "--config.data.synthetic_num_test=128"]
+
+
+def _script(name, *args, check=True):
+  return subprocess.run([sys.executable, os.path.join(ROOT, "experiments", name), *args], cwd=ROOT,
+                        capture_output=True, text=True, check=check)
+
+
+def test_curve_marks_checkpoint_plot_and_dtype_comparison(tmp_path):
+  out, workdir, png = tmp_path / "curve.json", tmp_path / "run", tmp_path / "curve.png"
+  _script("train_curve.py", *TINY, "--seconds=3", "--marks=1,2,9", f"--output={out}",
+          f"--workdir={workdir}")
+  res = json.loads(out.read_text())
+  pts = res["points"]
+  assert [p["mark_seconds"] for p in pts] == [1.0, 2.0, 3.0]  # 9 > --seconds is dropped
+  for p, q in zip(pts, pts[1:]):
+    assert q["train_seconds"] > p["train_seconds"] and q["step"] > p["step"]
+  for p in pts:
+    assert p["train_seconds"] >= p["mark_seconds"] and p["num_test_images"] == 128
+    assert math.isfinite(p["test_bpd"]) and p["test_bpd_se"] > 0 and p["nonfinite"] == 0
+    terms = p["test_prior_bpd"] + p["test_diffusion_bpd"] + p["test_reconstruction_bpd"]
+    np.testing.assert_allclose(terms, p["test_bpd"], rtol=1e-5)
+  assert res["steps"] == pts[-1]["step"] and res["compile_seconds"] > 0
+  np.testing.assert_allclose(res["images_per_second"], res["steps"] * 16 / res["train_seconds"])
+  assert set(res["first_seconds_reaching"]) == {"3.575", "3.4"}
+
+  # The checkpoint is the final state, and re-evaluating its raw parameters gives the last point.
+  sys.path.insert(0, ROOT)
+  from configs import quickstart
+  from vdm import checkpoint, input_pipeline, train
+  config = quickstart.get_config()
+  config.update_from_flattened_dict({"data.image_size": 4, "training.batch_size": 16,
+                                     "eval.batch_size": 64, "data.synthetic_num_test": 128})
+  model, params, info = checkpoint.load_params(config, str(workdir), use_ema=False)
+  assert info["step"] == res["steps"] and not info["ema"]
+  mesh = train.make_mesh()
+  split = input_pipeline.load_split(config.data, config.data.eval_split, config.seed)
+  again = train.evaluate(train.make_eval_step(config, model, mesh), params, split, config, mesh)
+  np.testing.assert_allclose(again["bpd"], pts[-1]["test_bpd"], rtol=1e-5)
+
+  _script("train_curve.py", f"--plot={png}", str(out))
+  assert png.stat().st_size > 10_000
+
+  lik = tmp_path / "likelihood.json"
+  _script("likelihood.py", *TINY, f"--workdir={workdir}", "--noema", "--num_images=128",
+          "--num_time_samples=2", "--timesteps=0", "--noimportance", "--ode_num_images=0",
+          "--compare_dtype=bfloat16", f"--output={lik}")
+  cmp = json.loads(lik.read_text())["dtype_comparison"]
+  assert (cmp["a"], cmp["b"], cmp["num_images"]) == ("float32", "bfloat16", 128)
+  assert 0 < cmp["max_abs_difference_bpd"] < 0.1 and cmp["difference_se"] < cmp["a_se"] / 10
+
+
+def test_bad_marks_and_missing_data_are_one_line_errors(tmp_path):
+  out = str(tmp_path / "c.json")
+  for args, words in ((["--marks=abc"], "must be numbers"), (["--seconds=0"], "must be > 0"),
+                      (["--config.data.source=npz", "--config.data.path=/nonexistent.npz"], "npz")):
+    proc = _script("train_curve.py", *TINY, f"--output={out}", *args, check=False)
+    assert proc.returncode != 0
+    line = proc.stderr.strip().splitlines()[-1]
+    assert line.startswith("train_curve: error:") and words in line, proc.stderr[-2000:]
+  assert not os.path.exists(out)
