@@ -14,8 +14,6 @@ Output: WORKDIR/likelihood.json (or --output).
 from __future__ import annotations
 
 import dataclasses
-import json
-import math
 import os
 import sys
 import time
@@ -26,19 +24,13 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from absl import app, flags, logging  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
 
-from vdm import checkpoint, importance, likelihood, ode_likelihood, schedules, toy  # noqa: E402
+from experiments import common  # noqa: E402
+from vdm import importance, likelihood, ode_likelihood, schedules, toy  # noqa: E402
 from vdm.model import traced_fns  # noqa: E402
 
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file("config", None, "Training config file (configs/*.py).", lock_config=False)
-flags.DEFINE_string("workdir", None, "Training workdir; the JSON is written here.")
-flags.DEFINE_string("checkpoint", None, "A checkpoint step directory or workdir (default: --workdir).")
-flags.DEFINE_bool("ema", True, "Evaluate the EMA parameters (else the raw parameters).")
-flags.DEFINE_bool("toy", False, "Evaluate a toy FactorizedDiscrete with its optimal denoiser.")
-flags.DEFINE_string("output", None, "Output JSON path (default WORKDIR/likelihood.json).")
-flags.DEFINE_integer("seed", 0, "Seed of all Monte-Carlo draws.")
+common.define_model_flags("likelihood")
 flags.DEFINE_integer("batch_size", 128, "Images per denoiser call for the ELBO.")
 # (1) ELBO
 flags.DEFINE_integer("num_images", 1024, "Test images for the ELBO (0 = the whole split).")
@@ -68,19 +60,6 @@ flags.DEFINE_float("atol", 1e-5, "ODE absolute tolerance.")
 flags.DEFINE_integer("max_steps", 4096, "ODE step limit per solve.")
 
 
-def _clean(o):
-  """NaN → null (JSON has no NaN), NumPy scalars → Python."""
-  if isinstance(o, dict):
-    return {k: _clean(v) for k, v in o.items()}
-  if isinstance(o, (list, tuple)):
-    return [_clean(v) for v in o]
-  if isinstance(o, (np.floating, float)):
-    return None if math.isnan(float(o)) else float(o)
-  if isinstance(o, (np.integer, np.bool_)):
-    return o.item()
-  return o
-
-
 def _batches(images: np.ndarray, batch_size: int):
   for start in range(0, len(images), batch_size):
     yield images[start:start + batch_size]
@@ -93,6 +72,7 @@ def load_images(config, split: str, num: int) -> np.ndarray:
   return data.get(np.arange(n))
 
 
+@common.one_line_errors
 def main(argv):
   del argv
   rng = jax.random.PRNGKey(FLAGS.seed)
@@ -105,10 +85,8 @@ def main(argv):
     info = {"toy": "FactorizedDiscrete(seed 0, D=4, V=4)", "entropy_bpd": data.entropy_bits_per_dim()}
     decoder = "vdm"
   else:
-    if FLAGS.config is None or FLAGS.workdir is None:
-      raise app.UsageError("--config and --workdir are required (or use --toy).")
     config = FLAGS.config
-    model, params, info = checkpoint.load_params(config, FLAGS.checkpoint or FLAGS.workdir, FLAGS.ema)
+    model, params, info = common.load_trained()
     eps_fn, gamma_fn = traced_fns(model, params)
     vocab_size, decoder = config.data.vocab_size, config.model.decoder
     test = load_images(config, config.data.eval_split, FLAGS.num_images)
@@ -179,12 +157,7 @@ def main(argv):
   results["timings"] = timings
   results["device"] = str(jax.devices()[0].device_kind)
 
-  out = FLAGS.output or os.path.join(FLAGS.workdir or ".", "likelihood.json")
-  os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-  with open(out, "w") as f:
-    json.dump(_clean(results), f, indent=1, default=str)
-  logging.info("wrote %s", out)
-
+  logging.info("wrote %s", common.write_results(results, "likelihood"))
 
 if __name__ == "__main__":
   app.run(main)

@@ -36,6 +36,7 @@ import jax.numpy as jnp  # noqa: E402
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
+from experiments import common  # noqa: E402
 from vdm import checkpoint, input_pipeline, train  # noqa: E402
 from vdm.model import make_model  # noqa: E402
 
@@ -170,6 +171,7 @@ def plot(paths: list[str], out: str) -> None:
   plt.close(fig)
 
 
+@common.one_line_errors
 def main(argv):
   if FLAGS.plot:
     if len(argv) < 2:
@@ -181,11 +183,8 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments {' '.join(argv[1:])!r}.")
   if FLAGS.config is None or FLAGS.output is None:
     raise app.UsageError("--config and --output are required (or --plot=PNG with JSON files).")
-  try:
-    results, state = run_curve(FLAGS.config, FLAGS.seconds, parse_marks(FLAGS.marks, FLAGS.seconds),
-                               FLAGS.params == "ema", FLAGS.eval_batches)
-  except ValueError as e:  # bad flags, config or data: one line naming the fix
-    sys.exit(f"train_curve: error: {str(e).strip().splitlines()[0]}")
+  results, state = run_curve(FLAGS.config, FLAGS.seconds, parse_marks(FLAGS.marks, FLAGS.seconds),
+                             FLAGS.params == "ema", FLAGS.eval_batches)
   os.makedirs(os.path.dirname(os.path.abspath(FLAGS.output)), exist_ok=True)
   with open(FLAGS.output, "w") as f:
     json.dump(results, f, indent=1)

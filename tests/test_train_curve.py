@@ -68,7 +68,7 @@ def test_bad_marks_and_missing_data_are_one_line_errors(tmp_path):
   for args, words in ((["--marks=abc"], "must be numbers"), (["--seconds=0"], "must be > 0"),
                       (["--config.data.source=npz", "--config.data.path=/nonexistent.npz"], "npz")):
     proc = _script("train_curve.py", *TINY, f"--output={out}", *args, check=False)
-    assert proc.returncode != 0
+    assert proc.returncode == 2
     line = proc.stderr.strip().splitlines()[-1]
-    assert line.startswith("train_curve: error:") and words in line, proc.stderr[-2000:]
+    assert line.startswith("vdm: error:") and words in line, proc.stderr[-2000:]
   assert not os.path.exists(out)

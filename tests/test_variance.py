@@ -1,11 +1,8 @@
 """The variance-minimising schedule: exact gradients from one backward pass, and lower variance."""
-import math
-
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 
 from vdm import elbo, schedules, toy, variance
@@ -18,23 +15,6 @@ class TinyDenoiser(nn.Module):
   def __call__(self, z, gamma):
     h = jnp.concatenate([z, jnp.tanh(gamma[:, None] / 5.0)], axis=-1)
     return z + nn.Dense(D)(nn.swish(nn.Dense(32)(h)))
-
-
-def _bpd(nats):
-  return nats / (D * math.log(2.0))
-
-
-def _linear_shaped_monotone(n_features=32, feature_scale=4.0, seed=2):
-  """LearnedMonotone whose shape is linear to within 1e-2 in γ: l1 = t, l3 ≈ 0, l2 spread out."""
-  module = schedules.LearnedMonotone(n_features=n_features)
-  params = module.init(jax.random.PRNGKey(seed), jnp.zeros((1,)))
-  p = params["params"]
-  p["l1"]["kernel"] = jnp.ones_like(p["l1"]["kernel"])
-  p["l3"]["kernel"] = jnp.full_like(p["l3"]["kernel"], 1e-2)
-  p["l2"]["kernel"] = feature_scale * p["l2"]["kernel"]
-  p["l2"]["bias"] = jax.random.uniform(jax.random.PRNGKey(seed + 1), p["l2"]["bias"].shape,
-                                       minval=-feature_scale, maxval=feature_scale)
-  return module, params
 
 
 def _assert_trees_close(a, b, rtol=1e-4):
@@ -59,7 +39,7 @@ def test_gradients_equal_two_naive_backward_passes(decoder):
   def terms(sp, gp):
     return elbo.elbo_terms(eps_fn_of(sp), gamma_fn_of(gp), x, rng, vocab_size=V, decoder=decoder)
 
-  second_moment = lambda gp: jnp.mean(_bpd(terms(score_params, gp)["diffusion"]) ** 2)
+  second_moment = lambda gp: jnp.mean(elbo.nats_to_bpd(terms(score_params, gp)["diffusion"], D) ** 2)
 
   @jax.jit
   def both(sp, gp):
@@ -102,51 +82,44 @@ def test_learned_shape_lowers_variance_at_equal_elbo():
   The variance is that of the per-example diffusion loss over independent draws of (t, ε) on a
   fixed batch; the ELBO's mean stays the same within its standard error.
   """
-  dims, batch, steps, draws = 16, 128, 300, 200
+  dims, batch, steps = 16, 128, 300
   data = toy.FactorizedDiscrete.random(0, dims, V)
-  eps_fn = data.eps_fn()
-  module, params = _linear_shaped_monotone()
-  gamma_fn_of = lambda p: schedules.bind(module, p)
+  rng = jax.random.PRNGKey(2)
+  module, start = variance.linear_monotone(rng, schedules.GAMMA_MIN, schedules.GAMMA_MAX,
+                                           n_features=32, l3=1e-2)
+  _, linear = variance.linear_monotone(rng, schedules.GAMMA_MIN, schedules.GAMMA_MAX, n_features=32)
   t_grid = jnp.linspace(0.0, 1.0, 101)
-  assert np.abs(gamma_fn_of(params)(t_grid) - schedules.fixed_linear()(t_grid)).max() < 0.02
+  np.testing.assert_allclose(module.apply(linear, t_grid), schedules.fixed_linear()(t_grid), atol=1e-5)
+  assert np.abs(module.apply(start, t_grid) - schedules.fixed_linear()(t_grid)).max() < 0.02
 
-  labels = jax.tree_util.tree_map(lambda e: "endpoint" if e else "shape",
-                                  variance.split_endpoints(params))
-  opt = optax.multi_transform({"shape": optax.adam(optax.cosine_decay_schedule(0.3, steps)),
-                               "endpoint": optax.set_to_zero()}, labels)
-
-  @jax.jit
-  def train(params):
-    def step(carry, rng):
-      params, state = carry
-      x = data.sample(jax.random.fold_in(rng, 1), batch)
-      res = variance.elbo_and_grads(lambda p: eps_fn, {}, gamma_fn_of, params, x, rng, vocab_size=V)
-      updates, state = opt.update(res.gamma_grads, state, params)
-      return (optax.apply_updates(params, updates), state), None
-    (params, _), _ = jax.lax.scan(step, (params, opt.init(params)),
-                                  jax.random.split(jax.random.PRNGKey(100), steps))
-    return params
-
-  learned = train(params)
-  np.testing.assert_allclose(gamma_fn_of(learned)(jnp.array([0.0, 1.0])),
+  xs = np.asarray(data.sample(jax.random.PRNGKey(100), steps * batch)).reshape(steps, batch, dims)
+  fitted, second_moments = variance.fit_shape(data.eps_fn(), module, start, lambda k: xs[k],
+                                              jax.random.PRNGKey(101), steps=steps, learning_rate=0.3,
+                                              vocab_size=V)
+  assert second_moments.shape == (steps,)
+  np.testing.assert_allclose(module.apply(fitted, jnp.array([0.0, 1.0])),
                              [schedules.GAMMA_MIN, schedules.GAMMA_MAX], atol=1e-4)
-  # The fixed linear schedule, exactly, as parameters of the same module (l3 = 0): one compile.
-  linear = jax.tree_util.tree_map(lambda a: a, params)
-  linear["params"]["l3"]["kernel"] = jnp.zeros_like(linear["params"]["l3"]["kernel"])
-  np.testing.assert_allclose(gamma_fn_of(linear)(t_grid), schedules.fixed_linear()(t_grid), atol=1e-5)
 
-  x = jnp.tile(data.sample(jax.random.PRNGKey(1), 64), (draws, 1))  # a fixed batch, `draws` times
+  x = data.sample(jax.random.PRNGKey(1), 64)  # a fixed batch
+  res = variance.compare_shapes(data.eps_fn(), module, linear, fitted, x, jax.random.PRNGKey(9),
+                                draws=200, vocab_size=V)
+  print(res)
+  assert abs(res["mean_difference"]) < 3 * res["mean_difference_se"]  # the same ELBO
+  assert res["variance_ratio"] < 0.8
 
-  @jax.jit
-  def diffusion_bpd(p):  # [draws, 64]: independent t and ε for every entry
-    terms = elbo.elbo_terms(eps_fn, gamma_fn_of(p), x, jax.random.PRNGKey(9), vocab_size=V,
-                            antithetic=False)
-    return (terms["diffusion"] / (dims * math.log(2.0))).reshape(draws, -1)
 
-  lin, new = np.asarray(diffusion_bpd(linear)), np.asarray(diffusion_bpd(learned))
-  se = np.hypot(lin.std(), new.std()) / math.sqrt(lin.size)
-  assert abs(lin.mean() - new.mean()) < 3 * se, (lin.mean(), new.mean(), se)  # the same ELBO
-  ratio = new.var(axis=0).mean() / lin.var(axis=0).mean()
-  print(f"variance ratio learned/linear = {ratio:.3f}; diffusion loss {new.mean():.4f} vs "
-        f"{lin.mean():.4f} bits/dim (SE of the difference {se:.4f})")
-  assert ratio < 0.8
+def test_fit_and_measurement_reject_bad_arguments():
+  data = toy.FactorizedDiscrete.random(0, D, V)
+  x = data.sample(jax.random.PRNGKey(1), 8)
+  module, params = variance.linear_monotone(jax.random.PRNGKey(0), -5.0, 5.0, n_features=4)
+  fit = lambda **kw: variance.fit_shape(data.eps_fn(), module, params, lambda k: x,
+                                        jax.random.PRNGKey(0), vocab_size=V, **kw)
+  with pytest.raises(ValueError, match="steps=0 must be an integer >= 1"):
+    fit(steps=0, learning_rate=0.1)
+  with pytest.raises(ValueError, match="learning_rate=0.0 must be > 0"):
+    fit(steps=1, learning_rate=0.0)
+  with pytest.raises(ValueError, match="draws=1 must be an integer >= 2.*raise draws"):
+    variance.diffusion_loss_draws(data.eps_fn(), schedules.fixed_linear(), x, jax.random.PRNGKey(0),
+                                  draws=1, vocab_size=V)
+  with pytest.raises(ValueError, match="gamma_min=5.0 must be < gamma_max=-5.0"):
+    variance.linear_monotone(jax.random.PRNGKey(0), 5.0, -5.0)

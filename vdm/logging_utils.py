@@ -46,6 +46,21 @@ def save_png(path: str, grid: np.ndarray, upscale: int = 1) -> None:
   img.save(path)
 
 
+def json_safe(o):
+  """``o`` with NaN → None (JSON has no NaN) and NumPy scalars and arrays → Python, recursively."""
+  if isinstance(o, dict):
+    return {k: json_safe(v) for k, v in o.items()}
+  if isinstance(o, np.ndarray):
+    return json_safe(o.tolist())
+  if isinstance(o, (list, tuple)):
+    return [json_safe(v) for v in o]
+  if isinstance(o, (np.floating, float)):
+    return None if math.isnan(float(o)) else float(o)
+  if isinstance(o, (np.integer, np.bool_)):
+    return o.item()
+  return o
+
+
 def write_json(path: str, obj) -> None:
   tmp = path + ".tmp"
   with open(tmp, "w") as f:

@@ -1,0 +1,76 @@
+"""experiments/schedule_variance.py: the fitted shape lowers the variance at the same ELBO (toy), and
+the script runs on a checkpoint, reading the trained endpoints and keeping them."""
+import json
+import math
+import os
+import subprocess
+import sys
+
+import jax.numpy as jnp
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)  # configs/
+from configs import quickstart  # noqa: E402
+from vdm import checkpoint, train  # noqa: E402
+from vdm.model import make_model  # noqa: E402
+
+SCRIPT = os.path.join(ROOT, "experiments", "schedule_variance.py")
+
+
+def _run(*args):
+  return subprocess.run([sys.executable, SCRIPT, *args], cwd=ROOT, capture_output=True, text=True)
+
+
+def test_toy_mode_lowers_the_variance_at_equal_elbo(tmp_path):
+  out = tmp_path / "toy.json"
+  proc = _run("--toy", f"--output={out}", "--n_features=32", "--fit_steps=100", "--draws=100",
+              "--test_batch_size=32")
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  res = json.loads(out.read_text())
+  c = res["comparison"]
+  assert res["variance_ratio"] == c["variance_ratio"] < 1.0
+  assert abs(c["mean_difference"]) < 4 * c["mean_difference_se"]
+  np.testing.assert_allclose([res["endpoints"]["fitted_gamma_0"], res["endpoints"]["fitted_gamma_1"]],
+                             [res["endpoints"]["gamma_0"], res["endpoints"]["gamma_1"]], atol=1e-4)
+  assert len(res["gamma_grid"]["fitted"]) == 101 and len(res["fit_second_moment"]) == 100
+
+
+def test_bad_flags_give_one_line_and_status_2(tmp_path):
+  proc = _run("--toy", f"--output={tmp_path / 'x.json'}", "--draws=1")
+  assert proc.returncode == 2 and not (tmp_path / "x.json").exists()
+  assert proc.stderr.strip().splitlines()[-1].startswith("vdm: error: draws=1 must be an integer >= 2")
+
+
+def _finite(o):
+  """No NaN (written as null) or infinity anywhere in a JSON value."""
+  if isinstance(o, dict):
+    return all(_finite(v) for v in o.values())
+  if isinstance(o, list):
+    return all(_finite(v) for v in o)
+  return o is not None and (not isinstance(o, float) or math.isfinite(o))
+
+
+def test_runs_on_a_checkpoint_and_keeps_its_endpoints(tmp_path):
+  config = quickstart.get_config()
+  model = make_model(config)
+  state = train.create_train_state(config, model)
+  # Endpoints other than the config's, so the script must read them from the checkpoint.
+  schedule = {"params": {"b": jnp.float32(-11.0), "w": jnp.float32(15.0)}}
+  state = state.replace(params={**state.params, "schedule": schedule},
+                        ema_params={**state.ema_params, "schedule": schedule})
+  checkpoint.Checkpointer(str(tmp_path)).save(state, force=True)
+
+  out = tmp_path / "sv.json"
+  proc = _run("--config=configs/quickstart.py", f"--workdir={tmp_path}", f"--output={out}",
+              "--fit_steps=3", "--fit_batch_size=8", "--n_features=16", "--test_batch_size=8",
+              "--draws=4")
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  res = json.loads(out.read_text())
+  assert _finite(res), res
+  assert res["info"]["step"] == 0 and res["info"]["schedule"] == "learned_linear"
+  e = res["endpoints"]
+  np.testing.assert_allclose([e["gamma_0"], e["gamma_1"]], [-11.0, 4.0], atol=1e-5)
+  np.testing.assert_allclose([e["fitted_gamma_0"], e["fitted_gamma_1"]], [-11.0, 4.0], atol=1e-4)
+  np.testing.assert_allclose(res["info"]["trained_gamma"], np.linspace(-11.0, 4.0, 101), atol=1e-4)
+  assert res["comparison"]["linear"]["num_examples"] == 8 and res["comparison"]["fitted"]["draws"] == 4
