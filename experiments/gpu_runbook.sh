@@ -1,0 +1,102 @@
+#!/usr/bin/env bash
+# The GPU measurements of issues 3, 4 and 5, in phases that each fit one 10-minute device call.
+#
+# Once, on the development machine (wheels of what the GPU image lacks into .whl/, the CIFAR-10
+# subset into .data/; both git-ignored, never committed):
+#   bash experiments/gpu_runbook.sh prepare
+# Then one device call per phase, with carry [".whl", ".data"]; results and logs go to $OUT:
+#   bash experiments/gpu_runbook.sh bench   # issue 4: images/s, compile time, memory, ms/sampling step
+#   bash experiments/gpu_runbook.sh curve   # issue 4: test bpd vs training seconds; bf16 vs fp32 bpd
+#   bash experiments/gpu_runbook.sh model   # issues 3, 5: vdm.main train + eval, likelihood, schedule
+# Every phase trains what it needs (a fresh device machine keeps nothing between calls) and
+# writes fewer than the 8 files a call returns. Each command has its own time limit, so one that
+# fails or overruns leaves the others' results.
+# Overrides for a smoke run on any machine: VDM_CONFIG, VDM_DATA_ARGS, VDM_SECONDS, VDM_STEPS,
+# VDM_ARGS (extra --config.* flags for every command), VDM_LIMIT (the seconds a phase may take),
+# PYTHON (the interpreter).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+
+PY=${PYTHON:-python3}
+CONFIG=${VDM_CONFIG:-configs/cifar10.py}
+DATA_ARGS=${VDM_DATA_ARGS---config.data.source=npz --config.data.path=.data/cifar10_subset.npz}
+TRAIN_SECONDS=${VDM_SECONDS:-330}
+STEPS=${VDM_STEPS:-1500}
+LIMIT=${VDM_LIMIT:-570}
+OUT=${OUT:-/tmp/vdm_runbook}
+read -r -a EXTRA <<< "${VDM_ARGS:-}"
+read -r -a DATA <<< "$DATA_ARGS"
+
+run() {  # run LOG LIMIT_S CMD...: CMD's output appended to $OUT/LOG.log and the console
+  local log=$OUT/$1.log limit=$2; shift 2
+  echo "== $*" | tee -a "$log"
+  timeout "$limit" "$@" 2>&1 | tee -a "$log"
+  echo "== exit ${PIPESTATUS[0]}" | tee -a "$log"
+}
+
+setup() {
+  mkdir -p "$OUT"
+  if compgen -G ".whl/*.whl" > /dev/null; then
+    "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+      --target /tmp/site .whl/*.whl || exit 1
+    export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+  fi
+  export PYTHONUNBUFFERED=1
+  { date -u +%FT%TZ; git rev-parse --short HEAD 2>/dev/null || echo "commit: see the session";
+    nvidia-smi -L 2>/dev/null; "$PY" -c "import jax; print('jax', jax.__version__, jax.devices())"
+  } | tee "$OUT/machine.txt"
+}
+
+case "${1:-}" in
+  prepare)
+    mkdir -p .whl .data
+    "$PY" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+      --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+      -d .whl ml-collections==1.1.0 tensorboardX==2.6.5
+    cp ../shared/data/cifar10_subset.npz .data/
+    ls -l .whl .data
+    ;;
+  bench)
+    setup
+    LEFT=$LIMIT
+    for spec in "128 float32 noremat" "128 bfloat16 noremat" "512 bfloat16 noremat" "512 bfloat16 remat"; do
+      read -r batch dtype remat <<< "$spec"
+      name=bench_${dtype}_${batch}_${remat}
+      start=$SECONDS
+      run bench $((LEFT > 240 ? 240 : LEFT)) "$PY" -m vdm.benchmark --config="$CONFIG" "${EXTRA[@]}" \
+        --batch_size="$batch" --dtype="$dtype" --"$remat" --repeats=10 --json_out="$OUT/$name.json"
+      LEFT=$((LEFT - SECONDS + start))
+      [ "$LEFT" -gt 30 ] || break
+    done
+    ;;
+  curve)
+    setup
+    rm -rf /tmp/vdm_curve_run
+    run curve_bf16 $((TRAIN_SECONDS + 150)) "$PY" experiments/train_curve.py --config="$CONFIG" \
+      "${DATA[@]}" "${EXTRA[@]}" --config.model.dtype=bfloat16 --seconds="$TRAIN_SECONDS" \
+      --output="$OUT/curve_bf16.json" --workdir=/tmp/vdm_curve_run
+    run dtype $((LIMIT - TRAIN_SECONDS - 150)) "$PY" experiments/likelihood.py --config="$CONFIG" \
+      "${DATA[@]}" "${EXTRA[@]}" --config.model.dtype=bfloat16 --workdir=/tmp/vdm_curve_run --noema \
+      --num_images=0 --num_time_samples=4 --timesteps=0 --noimportance --ode_num_images=0 \
+      --compare_dtype=float32 --output="$OUT/dtype.json"
+    ;;
+  model)
+    setup
+    rm -rf /tmp/vdm_main_run  # else vdm.main resumes an old run
+    run main_train $((LIMIT * 7 / 20)) "$PY" -m vdm.main --config="$CONFIG" "${DATA[@]}" "${EXTRA[@]}" \
+      --workdir=/tmp/vdm_main_run --config.training.num_steps="$STEPS" --config.optimizer.ema_rate=0.999 \
+      --config.training.eval_every="$STEPS" --config.training.sample_every="$STEPS" \
+      --config.training.checkpoint_every="$STEPS" --config.sampling.num_steps=100
+    cp /tmp/vdm_main_run/train_eval.json "$OUT/main_train_eval.json" 2>/dev/null
+    run likelihood $((LIMIT / 3)) "$PY" experiments/likelihood.py --config="$CONFIG" "${DATA[@]}" \
+      "${EXTRA[@]}" --workdir=/tmp/vdm_main_run --num_images=0 \
+      --ode_num_images=32 --output="$OUT/likelihood.json"
+    run schedule_variance $((LIMIT / 4)) "$PY" experiments/schedule_variance.py --config="$CONFIG" \
+      "${DATA[@]}" "${EXTRA[@]}" --workdir=/tmp/vdm_main_run --fit_steps=300 --draws=128 \
+      --output="$OUT/schedule_variance.json"
+    ;;
+  *)
+    echo "usage: bash experiments/gpu_runbook.sh prepare|bench|curve|model" >&2
+    exit 2
+    ;;
+esac
