@@ -289,7 +289,7 @@ def run_train(config, workdir: str) -> dict:
       break
     if done % t_cfg.eval_every == 0 or last:
       summary = train.evaluate(eval_step, state.ema_params, eval_split, config, mesh,
-                         config.eval.num_batches, desc=f"eval @ {done}")
+                               config.eval.num_batches, desc=f"eval @ {done}")
       summary["step"] = done
       writer.scalars(done, {k: v for k, v in summary.items() if k != "step"}, prefix="eval/")
       logging.info("eval @ step %d: %.4f ± %.4f bits/dim (prior %.4f, diffusion %.4f, "
