@@ -93,9 +93,12 @@ def main(argv):
     fit = load_images(config, config.data.train_split, FLAGS.is_fit_batches * FLAGS.batch_size)
   results = {"info": info, "flags": {k: FLAGS[k].value for k in (
       "seed", "batch_size", "num_images", "num_time_samples", "timesteps", "compare_dtype",
-      "is_bins", "is_fit_batches", "is_uniform_mix", "is_spread", "variance_repeats", "ode_num_images", "ode_batch_size",
-      "ode_num_draws", "dequantization", "divergence", "num_probes", "solver", "rtol", "atol",
-      "max_steps")}}
+      "is_bins", "is_fit_batches", "is_uniform_mix", "is_spread", "variance_repeats",
+      "ode_num_images", "ode_batch_size", "ode_num_draws", "dequantization", "divergence",
+      "num_probes", "solver", "rtol", "atol", "max_steps")},
+             "device": str(jax.devices()[0].device_kind), "timings": timings}
+  # Written after every section: a run stopped part-way keeps what it finished.
+  save = lambda: common.write_results(results, "likelihood")
 
   proposals = {}
   if FLAGS.importance:
@@ -114,6 +117,7 @@ def main(argv):
                              "loss_second_moment_per_bin": moments["second_moment"].tolist(),
                              "fit_images": moments["num_images"], "variance": variance}
     timings["importance_s"] = time.time() - t0
+    save()
     logging.info("variance ratios: %s", variance["ratios"])
 
   t0 = time.time()
@@ -122,6 +126,7 @@ def main(argv):
       vocab_size=vocab_size, timesteps=[int(t) for t in FLAGS.timesteps],
       num_samples=FLAGS.num_time_samples, decoder=decoder, time_proposals=proposals)
   timings["elbo_s"] = time.time() - t0
+  save()
   for name, stats in results["elbo"].items():
     logging.info("ELBO %-22s %.4f ± %.4f bits/dim", name, stats["bpd"], stats["bpd_se"])
 
@@ -136,6 +141,7 @@ def main(argv):
         vocab_size=vocab_size, num_samples=FLAGS.num_time_samples, decoder=decoder)
     results["dtype_comparison"] = {"a": config.model.dtype, "b": FLAGS.compare_dtype, **res}
     timings["dtype_comparison_s"] = time.time() - t0
+    save()
     logging.info("model.dtype %s − %s: %+.5f ± %.5f bits/dim (max |difference| per image %.5f)",
                  FLAGS.compare_dtype, config.model.dtype, res["difference_bpd"],
                  res["difference_se"], res["max_abs_difference_bpd"])
@@ -151,13 +157,11 @@ def main(argv):
           divergence=FLAGS.divergence, num_probes=FLAGS.num_probes, solver=FLAGS.solver,
           rtol=FLAGS.rtol, atol=FLAGS.atol, max_steps=FLAGS.max_steps)
       timings[f"ode_{deq}_s"] = time.time() - t0
+      save()
       r = results["ode"][deq]
       logging.info("ODE (%s) %.4f ± %.4f bits/dim, NFE %.0f, converged %s", deq, r["bpd"], r["bpd_se"],
                    r["nfe_mean"], r["all_converged"])
-  results["timings"] = timings
-  results["device"] = str(jax.devices()[0].device_kind)
-
-  logging.info("wrote %s", common.write_results(results, "likelihood"))
+  logging.info("wrote %s", save())
 
 if __name__ == "__main__":
   app.run(main)
