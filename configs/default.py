@@ -37,7 +37,7 @@ def get_config() -> ml_collections.ConfigDict:
   m.channel_mult = (1,)        # (1,) = the paper's no-down-sampling U-Net
   m.dtype = "float32"          # 'float32' | 'bfloat16' (compute dtype; parameters stay fp32)
   m.unroll = False             # unroll the scans over identical blocks (much faster on CPU)
-  m.remat = False              # recompute ResNet blocks in the backward pass (saves memory)
+  m.remat = "none"             # 'none' | 'convs' | 'full': what ResNet blocks recompute (vdm.nets.REMAT)
   m.schedule = "learned_linear"  # 'fixed_linear' | 'learned_linear' | 'learned_monotone' | 'ddpm_linear' | 'ddpm_cosine'
   m.gamma_min = -13.3
   m.gamma_max = 5.0

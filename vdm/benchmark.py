@@ -1,7 +1,7 @@
 """Throughput of the VDM model on the local devices: train, eval and sampling steps.
 
     python -m vdm.benchmark --config=configs/cifar10.py --batch_size=128 [--dtype=bfloat16]
-        [--remat] [--repeats=10] [--warmup=2] [--json_out=bench.json]
+        [--remat=none|convs|full] [--repeats=10] [--warmup=2] [--json_out=bench.json]
 
 Reports, after warm-up and as the median over repeats, each step timed to
 ``jax.block_until_ready``:
@@ -9,7 +9,8 @@ Reports, after warm-up and as the median over repeats, each step timed to
     its compile time, and the achieved TFLOP/s from XLA's cost analysis of the step;
   * eval: images/s of the ELBO forward pass (no dropout);
   * sampling: ms per ancestral sampling step at the batch size;
-  * peak device memory (``peak_bytes_in_use``; None where the backend does not report it).
+  * peak device memory (``peak_bytes_in_use``; None where the backend does not report it) and
+    the train step's temporary buffers by XLA's buffer assignment (any backend).
 
 Data are uniform random integers: the step costs do not depend on the pixel values.
 """
@@ -28,6 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from vdm import samplers, train
+from vdm.nets import REMAT
 from vdm.model import eps_fn_for, gamma_fn_for, make_model
 
 
@@ -65,6 +67,15 @@ def peak_memory_bytes() -> Optional[int]:
   return max(peaks) if peaks else None
 
 
+def temp_bytes(compiled) -> Optional[int]:
+  """The compiled program's temporary buffers (activations and workspace) by XLA's buffer
+  assignment, per device; None where the backend gives no memory analysis."""
+  try:
+    return int(compiled.memory_analysis().temp_size_in_bytes)
+  except Exception:  # pylint: disable=broad-except  (backends without it)
+    return None
+
+
 def train_step_flops(config, model, mesh, batch_size: int) -> Optional[float]:
   """FLOPs of one train step by XLA's cost analysis (None where unavailable), from tracing alone.
 
@@ -78,12 +89,12 @@ def train_step_flops(config, model, mesh, batch_size: int) -> Optional[float]:
 
 
 def benchmark(config, *, batch_size: Optional[int] = None, dtype: Optional[str] = None,
-              remat: Optional[bool] = None, repeats: int = 10, warmup: int = 2,
+              remat: Optional[str] = None, repeats: int = 10, warmup: int = 2,
               sample_steps: int = 10, compiler_options: Optional[dict] = None) -> dict:
   """Measure train / eval / sampling throughput of the model of `config`; returns the figures.
 
-  batch_size, dtype and remat default to the config's (training.batch_size, model.dtype and
-  model.remat where present, else float32 without remat). The batch is global: it is split
+  batch_size, dtype and remat (a key of :data:`vdm.nets.REMAT`) default to the config's
+  (training.batch_size, model.dtype and model.remat). The batch is global: it is split
   over all local devices. compiler_options go to XLA's compile of each timed program (the tests
   turn LLVM optimisation off to compile fast on the CPU).
   """
@@ -91,8 +102,8 @@ def benchmark(config, *, batch_size: Optional[int] = None, dtype: Optional[str] 
     raise ValueError(f"repeats={repeats} must be >= 1, warmup={warmup} >= 0, "
                      f"sample_steps={sample_steps} >= 1.")
   batch_size = int(batch_size or config.training.batch_size)
-  dtype = dtype or config.model.get("dtype", "float32")
-  remat = bool(config.model.get("remat", False) if remat is None else remat)
+  dtype = dtype or config.model.dtype
+  remat = remat or config.model.remat
   mesh = train.make_mesh()
   n_dev = mesh.devices.size
   if batch_size % n_dev:
@@ -119,6 +130,8 @@ def benchmark(config, *, batch_size: Optional[int] = None, dtype: Optional[str] 
   t0 = time.perf_counter()
   compiled = step.lower(state, batch).compile(compiler_options)
   out["train_compile_s"] = time.perf_counter() - t0
+  out["train_temp_bytes"] = temp_bytes(compiled)
+  out["train_temp_gib"] = None if out["train_temp_bytes"] is None else out["train_temp_bytes"] / 2**30
   flops = train_step_flops(config, model, mesh, batch_size)
 
   holder = {"state": state}
@@ -149,7 +162,8 @@ def benchmark(config, *, batch_size: Optional[int] = None, dtype: Optional[str] 
     return samplers.ancestral(eps_fn_for(model, params), gamma_fn_for(model, params), z, key,
                               sample_steps)
 
-  z = jax.device_put(jnp.zeros((batch_size,) + model.image_shape, jnp.float32), train.batch_sharding(mesh))
+  z = jax.device_put(rng.standard_normal((batch_size,) + model.image_shape, np.float32),
+                     train.batch_sharding(mesh))  # not zeros: they can run faster than real data
   t0 = time.perf_counter()
   sample_compiled = jax.jit(sample).lower(params, z, key).compile(compiler_options)
   out["sample_compile_s"] = time.perf_counter() - t0
@@ -178,7 +192,8 @@ def format_report(figures: dict) -> str:
       f"eval:   {num('eval_images_per_s', '.1f')} images/s  ({num('eval_step_s', '.4f')} s/step, "
       f"compile {num('eval_compile_s', '.1f')} s)",
       f"sample: {num('sample_step_ms', '.2f')} ms per ancestral step at batch {figures['batch_size']}",
-      f"peak device memory: {num('peak_memory_gib', '.2f')} GiB",
+      f"peak device memory: {num('peak_memory_gib', '.2f')} GiB; train step temporaries "
+      f"{num('train_temp_gib', '.2f')} GiB",
       f"(median of {figures['repeats']} after {figures['warmup']} warm-up)",
   ])
 
@@ -204,7 +219,8 @@ if __name__ == "__main__":
                                   lock_config=False)
   flags.DEFINE_integer("batch_size", None, "Global batch size (default: the config's).")
   flags.DEFINE_enum("dtype", None, ["float32", "bfloat16"], "Compute dtype (default: the config's).")
-  flags.DEFINE_bool("remat", None, "Recompute ResNet blocks in the backward pass.")
+  flags.DEFINE_enum("remat", None, list(REMAT), "What ResNet blocks recompute in the backward "
+                    "pass (vdm.nets.REMAT; default: the config's model.remat).")
   flags.DEFINE_integer("repeats", 10, "Timed repeats per figure (the median is reported).")
   flags.DEFINE_integer("warmup", 2, "Untimed calls before timing.")
   flags.DEFINE_integer("sample_steps", 10, "Ancestral steps per timed sampling call.")

@@ -44,7 +44,7 @@ from jax.experimental import multihost_utils
 from ml_collections import config_flags
 
 from vdm import checkpoint as ckpt_lib
-from vdm import elbo, input_pipeline, logging_utils, schedules, train
+from vdm import elbo, input_pipeline, logging_utils, nets, schedules, train
 from vdm.model import SCHEDULES, gamma_fn_for, make_model
 
 FLAGS = flags.FLAGS
@@ -104,6 +104,11 @@ def validate_config(config) -> None:
     raise ValueError(f"unknown model.decoder {m.decoder!r}: use one of {', '.join(elbo.DECODERS)}.")
   if m.num_timesteps < 0:
     raise ValueError(f"model.num_timesteps={m.num_timesteps} must be >= 0 (0 = continuous time).")
+  if m.dtype not in nets.DTYPES:
+    raise ValueError(f"unknown model.dtype {m.dtype!r}: use one of {', '.join(nets.DTYPES)}.")
+  if m.remat not in nets.REMAT:
+    raise ValueError(f"unknown model.remat {m.remat!r}: use one of {', '.join(nets.REMAT)} (see "
+                     "vdm.nets.REMAT).")
   if m.n_embd % 32:
     raise ValueError(f"model.n_embd={m.n_embd} must be a multiple of 32 (GroupNorm's 32 groups).")
   if config.loss.weighting not in elbo.WEIGHTINGS:

@@ -20,10 +20,16 @@ from typing import Optional, Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
 from vdm.schedules import GAMMA_MAX, GAMMA_MIN
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+# What a ResNet block keeps for the backward pass: everything ("none": no rematerialisation), its
+# two convolutions' outputs ("convs": norms, activations and dropout are recomputed, convolutions
+# are not), or its input alone ("full": the whole block is recomputed, convolutions included).
+REMAT = {"none": None, "convs": jax.checkpoint_policies.save_only_these_names("conv"),
+         "full": jax.checkpoint_policies.nothing_saveable}
 
 
 def timestep_embedding(t: jax.Array, dim: int, scale: float = 1000.0) -> jax.Array:
@@ -68,12 +74,12 @@ class ResnetBlock(nn.Module):
       x = jnp.concatenate([x, skip], axis=-1)
     conv = lambda name, **kw: nn.Conv(self.out_ch, (3, 3), dtype=self.dtype, name=name, **kw)
     h = nn.swish(nn.GroupNorm(dtype=self.dtype, name="norm1")(x))
-    h = conv("conv1")(h)
+    h = checkpoint_name(conv("conv1")(h), "conv")
     h = h + nn.Dense(self.out_ch, use_bias=False, kernel_init=nn.initializers.zeros,
                      dtype=self.dtype, name="cond_proj")(cond)[:, None, None, :]
     h = nn.swish(nn.GroupNorm(dtype=self.dtype, name="norm2")(h))
     h = nn.Dropout(self.dropout, deterministic=self.deterministic)(h)
-    h = conv("conv2", kernel_init=nn.initializers.zeros)(h)
+    h = checkpoint_name(conv("conv2", kernel_init=nn.initializers.zeros)(h), "conv")
     if x.shape[-1] != self.out_ch:
       x = nn.Dense(self.out_ch, dtype=self.dtype, name="nin_shortcut")(x)
     h = (x + h).astype(self.dtype)
@@ -105,8 +111,8 @@ class ScoreUNet(nn.Module):
 
   dtype='bfloat16' runs convolutions, dense layers and attention in bf16 with fp32 parameters;
   GroupNorm statistics, the γ embedding and its MLP, the Fourier features, the output
-  convolution and the base-measure addition stay in fp32. remat=True recomputes each ResNet
-  block in the backward pass instead of storing its activations. unroll=True unrolls the scans
+  convolution and the base-measure addition stay in fp32. ``remat`` (a key of :data:`REMAT`) trades
+  the activations a ResNet block stores for recomputation in the backward pass. unroll=True unrolls the scans
   over identical blocks (same parameters, same results): XLA's cost analysis counts a loop body
   once, so FLOP counts need the unrolled program.
   """
@@ -119,7 +125,7 @@ class ScoreUNet(nn.Module):
   gamma_min: float = GAMMA_MIN
   gamma_max: float = GAMMA_MAX
   dtype: str = "float32"
-  remat: bool = False
+  remat: str = "none"
   unroll: bool = False
 
   @nn.compact
@@ -128,6 +134,8 @@ class ScoreUNet(nn.Module):
       raise ValueError(f"z has shape {z.shape}: ScoreUNet expects images [B, H, W, C].")
     if self.dtype not in DTYPES:
       raise ValueError(f"dtype={self.dtype!r}: use one of {tuple(DTYPES)}.")
+    if self.remat not in REMAT:
+      raise ValueError(f"remat={self.remat!r}: use one of {tuple(REMAT)}.")
     levels = len(self.channel_mult)
     if z.shape[1] % 2 ** (levels - 1) or z.shape[2] % 2 ** (levels - 1):
       raise ValueError(f"H, W = {z.shape[1:3]} must be divisible by 2^{levels - 1} for "
@@ -187,7 +195,8 @@ class ScoreUNet(nn.Module):
       if h.shape[-1] == out_ch:
         while end < n and (skips is None or skips[end].shape == skips[k].shape):
           end += 1
-      cls = nn.remat(ResnetBlock, prevent_cse=end - k == 1) if self.remat else ResnetBlock
+      cls = (ResnetBlock if self.remat == "none" else
+             nn.remat(ResnetBlock, prevent_cse=end - k == 1, policy=REMAT[self.remat]))
       if end - k == 1:
         h, _ = cls(**block_kw, name=f"{name}_{run_id}")(h, None if skips is None else skips[k], cond)
         outs.append(h)
