@@ -71,6 +71,27 @@ def elbo_samples(eps_fn: EpsFn, gamma_fn: GammaFn, x: jax.Array, rng: jax.Array,
   return out
 
 
+def _per_image(settings: Mapping[str, tuple[EpsFn, dict]], gamma_fn: GammaFn,
+               batches: Iterable[jax.Array], rng: jax.Array, vocab_size: int
+               ) -> tuple[dict[str, dict[str, np.ndarray]], int]:
+  """{setting: {output: per-image values over all batches}} of :func:`elbo_samples` with each
+  setting's (eps_fn, keyword arguments), and D. Batch i uses the key fold_in(rng, i) under every
+  setting (common random numbers)."""
+  values: dict[str, dict[str, list]] = {name: {} for name in settings}
+  dims = None
+  for i, x in enumerate(batches):
+    x = jnp.asarray(x)
+    elbo.check_data(x, vocab_size)
+    dims = elbo.data_dims(x)
+    key = jax.random.fold_in(rng, i)
+    for name, (eps_fn, kwargs) in settings.items():
+      for k, v in elbo_samples(eps_fn, gamma_fn, x, key, **kwargs).items():
+        values[name].setdefault(k, []).append(np.asarray(v))
+  if dims is None:
+    raise ValueError("batches yielded no data.")
+  return {name: {k: np.concatenate(v) for k, v in vals.items()} for name, vals in values.items()}, dims
+
+
 def evaluate_elbo(eps_fn: EpsFn, gamma_fn: GammaFn, batches: Iterable[jax.Array], rng: jax.Array, *,
                   vocab_size: int = 256, timesteps: Sequence[int] = (0,), num_samples: int = 1,
                   antithetic: bool = True, decoder: str = "vdm",
@@ -107,30 +128,20 @@ def evaluate_elbo(eps_fn: EpsFn, gamma_fn: GammaFn, batches: Iterable[jax.Array]
   for name, proposal in (time_proposals or {}).items():
     settings[f"continuous_{name}"] = {"num_timesteps": 0, "time_proposal": proposal}
 
-  values: dict[str, dict[str, list]] = {s: {k: [] for k in TERMS + ("total_var",)} for s in settings}
-  dims = None
-  for i, x in enumerate(batches):
-    x = jnp.asarray(x)
-    elbo.check_data(x, vocab_size)
-    dims = elbo.data_dims(x)
-    key = jax.random.fold_in(rng, i)
-    for name, kwargs in settings.items():
-      out = elbo_samples(eps_fn, gamma_fn, x, key, vocab_size=vocab_size, num_samples=num_samples,
-                         antithetic=antithetic, decoder=decoder, **kwargs)
-      for k, v in out.items():
-        values[name][k].append(np.asarray(v))
-  if dims is None:
-    raise ValueError("batches yielded no data.")
+  shared = dict(vocab_size=vocab_size, num_samples=num_samples, antithetic=antithetic,
+                decoder=decoder)
+  values, dims = _per_image(
+      {name: (eps_fn, {**shared, **kwargs}) for name, kwargs in settings.items()}, gamma_fn,
+      batches, rng, vocab_size)
 
   results = {}
   for name, vals in values.items():
-    per_image = {k: elbo.nats_to_bpd(np.concatenate(v), dims) for k, v in vals.items()
-                 if k != "total_var"}
+    per_image = {k: elbo.nats_to_bpd(v, dims) for k, v in vals.items() if k != "total_var"}
     bpd, se = mean_and_se(per_image["total"])
     stats = {"bpd": bpd, "bpd_se": se}
     for term in TERMS[:-1]:
       stats[f"{term}_bpd"], stats[f"{term}_se"] = mean_and_se(per_image[term])
-    stats["mc_std_bpd"] = float(elbo.nats_to_bpd(np.sqrt(np.mean(np.concatenate(vals["total_var"]))), dims))
+    stats["mc_std_bpd"] = float(elbo.nats_to_bpd(np.sqrt(np.mean(vals["total_var"])), dims))
     stats["num_images"] = int(per_image["total"].size)
     stats["num_samples"] = int(num_samples)
     results[name] = stats
@@ -151,18 +162,9 @@ def paired_difference(eps_fn_a: EpsFn, eps_fn_b: EpsFn, gamma_fn: GammaFn,
   """
   kwargs = dict(vocab_size=vocab_size, num_timesteps=num_timesteps, num_samples=num_samples,
                 antithetic=antithetic, decoder=decoder)
-  totals: dict[str, list] = {"a": [], "b": []}
-  dims = None
-  for i, x in enumerate(batches):
-    x = jnp.asarray(x)
-    elbo.check_data(x, vocab_size)
-    dims = elbo.data_dims(x)
-    key = jax.random.fold_in(rng, i)
-    for name, eps_fn in (("a", eps_fn_a), ("b", eps_fn_b)):
-      totals[name].append(np.asarray(elbo_samples(eps_fn, gamma_fn, x, key, **kwargs)["total"]))
-  if dims is None:
-    raise ValueError("batches yielded no data.")
-  a, b = (elbo.nats_to_bpd(np.concatenate(totals[k]).astype(np.float64), dims) for k in "ab")
+  values, dims = _per_image({"a": (eps_fn_a, kwargs), "b": (eps_fn_b, kwargs)}, gamma_fn, batches,
+                            rng, vocab_size)
+  a, b = (elbo.nats_to_bpd(values[k]["total"].astype(np.float64), dims) for k in "ab")
   out = {}
   out["a_bpd"], out["a_se"] = mean_and_se(a)
   out["b_bpd"], out["b_se"] = mean_and_se(b)
