@@ -75,6 +75,8 @@ def load_images(config, split: str, num: int) -> np.ndarray:
 @common.one_line_errors
 def main(argv):
   del argv
+  if FLAGS.toy and FLAGS.compare_dtype:
+    raise app.UsageError("--compare_dtype needs a trained model: drop --toy.")
   rng = jax.random.PRNGKey(FLAGS.seed)
   timings = {}
   if FLAGS.toy:
@@ -131,8 +133,6 @@ def main(argv):
     logging.info("ELBO %-22s %.4f ± %.4f bits/dim", name, stats["bpd"], stats["bpd_se"])
 
   if FLAGS.compare_dtype:
-    if FLAGS.toy:
-      raise app.UsageError("--compare_dtype needs a trained model: drop --toy.")
     t0 = time.time()
     other, _ = traced_fns(dataclasses.replace(model, net=model.net.clone(dtype=FLAGS.compare_dtype)),
                           params)
