@@ -161,6 +161,23 @@ def test_sigkill_in_checkpoint_write_and_sigterm_resume_bit_identically(tmp_path
       ["checkpoint_write", "sigterm"])
 
 
+def test_unrestorable_checkpoint_off_the_interval_is_rewritten(tmp_path, cache_env):
+  """A checkpoint at a step off checkpoint_every (as a SIGTERM or the last step writes) that no
+  longer restores is written again when training passes that step, not left on disk."""
+  workdir, args = str(tmp_path / "run"), [*TINY, *QUIET, "--config.training.checkpoint_every=2"]
+  rc, err = _finish(_start(workdir, [*args, "--config.training.num_steps=3"], cache_env,
+                           tmp_path / "a.log"), tmp_path / "a.log")
+  assert rc == 0 and _steps(workdir) == [2, 3], err[-3000:]
+  _corrupt(workdir, 3)
+  rc, err = _finish(_start(workdir, [*args, "--config.training.num_steps=4"], cache_env,
+                           tmp_path / "b.log"), tmp_path / "b.log")
+  assert rc == 0, err[-3000:]
+  _assert_resumed(err, 2)
+  assert f"Replacing the unrestorable checkpoint {workdir}/checkpoints/3." in err, err[-3000:]
+  assert _steps(workdir) == [2, 3, 4]
+  assert int(restore(workdir, 3)["step"]) == 3
+
+
 @pytest.mark.slow
 def test_quickstart_model_survives_repeated_kills(tmp_path, cache_env):
   _preempted_run_is_bit_identical(

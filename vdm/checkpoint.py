@@ -50,6 +50,11 @@ class Checkpointer:
   def all_steps(self) -> list[int]:
     return sorted(self._manager.all_steps())
 
+  def needs_rewrite(self, step: int) -> bool:
+    """Whether ``step`` holds a checkpoint that failed to restore: training saves again when it
+    reaches that step, whatever its checkpoint interval (a SIGTERM save may sit off it)."""
+    return step in self._unrestorable
+
   def save(self, state: TrainState, force: bool = False) -> bool:
     """Write ``state`` at its step (collective: call on every process). Returns whether it did."""
     step = int(jax.device_get(state.step))

@@ -282,7 +282,7 @@ def run_train(config, workdir: str) -> dict:
       writer.scalars(done, {**values, **rates}, prefix="train/")
       if logging_utils.is_main_process():
         logging.info(logging_utils.console_line(done, t_cfg.num_steps, values, rates))
-    if done % t_cfg.checkpoint_every == 0 or last:
+    if done % t_cfg.checkpoint_every == 0 or last or checkpointer.needs_rewrite(done):
       check_finite()
       checkpointer.save(state)
     # Several processes agree on a notice by a collective, a host sync: only at log boundaries.
