@@ -3,6 +3,7 @@ distribution), loading it, and writing the results as JSON. Import after the rep
 on sys.path."""
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 import sys
@@ -11,8 +12,11 @@ from typing import Callable
 from absl import flags
 from ml_collections import config_flags
 
-from vdm import checkpoint, logging_utils
-from vdm.model import Model
+import jax
+import numpy as np
+
+from vdm import checkpoint, likelihood, logging_utils
+from vdm.model import Model, traced_fns
 
 FLAGS = flags.FLAGS
 
@@ -36,6 +40,18 @@ def load_trained() -> tuple[Model, dict, dict]:
   if FLAGS.config is None or FLAGS.workdir is None:
     raise ValueError("--config and --workdir are required: pass them, or use --toy.")
   return checkpoint.load_params(FLAGS.config, FLAGS.checkpoint or FLAGS.workdir, FLAGS.ema)
+
+
+def compare_dtype(model: Model, params: dict, dtype: str, images: np.ndarray, rng: jax.Array, *,
+                  batch_size: int, num_samples: int, vocab_size: int, decoder: str) -> dict:
+  """The continuous-time bound of ``params`` at the model's compute dtype (a) and at ``dtype`` (b)
+  on ``images``, with shared draws: :func:`vdm.likelihood.paired_difference` and the two dtypes."""
+  eps_a, gamma_fn = traced_fns(model, params)
+  eps_b, _ = traced_fns(dataclasses.replace(model, net=model.net.clone(dtype=dtype)), params)
+  batches = (images[i:i + batch_size] for i in range(0, len(images), batch_size))
+  res = likelihood.paired_difference(eps_a, eps_b, gamma_fn, batches, rng, vocab_size=vocab_size,
+                                     num_samples=num_samples, decoder=decoder)
+  return {"a": model.net.dtype, "b": dtype, **res}
 
 
 def write_results(results: dict, name: str) -> str:

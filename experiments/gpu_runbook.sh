@@ -74,14 +74,9 @@ case "${1:-}" in
     ;;
   curve)
     setup
-    rm -rf /tmp/vdm_curve_run
-    run curve_bf16 $((TRAIN_SECONDS + 150)) "$PY" experiments/train_curve.py --config="$CONFIG" \
+    run curve_bf16 $((LIMIT - 30)) "$PY" experiments/train_curve.py --config="$CONFIG" \
       "${DATA[@]}" "${EXTRA[@]}" --config.model.dtype=bfloat16 --seconds="$TRAIN_SECONDS" \
-      --output="$OUT/curve_bf16.json" --workdir=/tmp/vdm_curve_run
-    run dtype $((LIMIT - TRAIN_SECONDS - 150)) "$PY" experiments/likelihood.py --config="$CONFIG" \
-      "${DATA[@]}" "${EXTRA[@]}" --config.model.dtype=bfloat16 --workdir=/tmp/vdm_curve_run --noema \
-      --num_images=0 --batch_size=113 --num_time_samples=4 --timesteps=0 --noimportance \
-      --ode_num_images=0 --compare_dtype=float32 --output="$OUT/dtype.json"
+      --compare_dtype=float32 --compare_batch_size=113 --output="$OUT/curve_bf16.json"
     ;;
   model)
     setup

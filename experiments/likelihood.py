@@ -13,7 +13,6 @@ Output: WORKDIR/likelihood.json (or --output).
 """
 from __future__ import annotations
 
-import dataclasses
 import os
 import sys
 import time
@@ -134,12 +133,10 @@ def main(argv):
 
   if FLAGS.compare_dtype:
     t0 = time.time()
-    other, _ = traced_fns(dataclasses.replace(model, net=model.net.clone(dtype=FLAGS.compare_dtype)),
-                          params)
-    res = likelihood.paired_difference(
-        eps_fn, other, gamma_fn, _batches(test, FLAGS.batch_size), jax.random.fold_in(rng, 5),
-        vocab_size=vocab_size, num_samples=FLAGS.num_time_samples, decoder=decoder)
-    results["dtype_comparison"] = {"a": config.model.dtype, "b": FLAGS.compare_dtype, **res}
+    res = results["dtype_comparison"] = common.compare_dtype(
+        model, params, FLAGS.compare_dtype, test, jax.random.fold_in(rng, 5),
+        batch_size=FLAGS.batch_size, num_samples=FLAGS.num_time_samples, vocab_size=vocab_size,
+        decoder=decoder)
     timings["dtype_comparison_s"] = time.time() - t0
     save()
     logging.info("model.dtype %s − %s: %+.5f ± %.5f bits/dim (max |difference| per image %.5f)",

@@ -2,7 +2,8 @@
 
   python experiments/train_curve.py --config=configs/cifar10.py \
       --config.data.source=npz --config.data.path=.data/cifar10_subset.npz \
-      [--config.model.dtype=bfloat16] --seconds=330 --output=curve.json [--workdir=RUN]
+      [--config.model.dtype=bfloat16 --compare_dtype=float32] --seconds=330 --output=curve.json \
+      [--workdir=RUN]
   python experiments/train_curve.py --plot=curve.png curve.json [other.json ...]
 
 Trains from scratch with the config's model, optimiser and batch size (``vdm.train``'s step,
@@ -16,8 +17,10 @@ device when it is read.
 
 The JSON holds the points (mark, training seconds, step, test bpd ± SE and its terms, the last
 training bpd), the compile time, the training images/s, the first mark whose test bpd reaches
-each target, and the machine. With --workdir the final state is saved as a checkpoint there
-(for experiments/likelihood.py). --plot draws test bpd against training seconds for one or
+each target, and the machine; it is rewritten after every mark. With --workdir the final state
+is saved as a checkpoint there (for experiments/likelihood.py). --compare_dtype=float32 then
+evaluates the final parameters at that precision and at model.dtype on the whole test split with
+shared draws, and adds the paired difference (issue 4's bf16-vs-fp32 figure). --plot draws test bpd against training seconds for one or
 more such JSON files beside the reference points of the published VDM code.
 """
 from __future__ import annotations
@@ -28,16 +31,18 @@ import os
 import subprocess
 import sys
 import time
+from typing import Callable
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 from experiments import common  # noqa: E402
-from vdm import checkpoint, input_pipeline, train  # noqa: E402
+from vdm import checkpoint, input_pipeline, logging_utils, train  # noqa: E402
 from vdm.model import make_model  # noqa: E402
 
 FLAGS = flags.FLAGS
@@ -49,6 +54,12 @@ flags.DEFINE_enum("params", "raw", ["raw", "ema"], "Evaluate the raw or the EMA 
 flags.DEFINE_integer("eval_batches", 0, "Test batches (of eval.batch_size) per evaluation; 0 = all.")
 flags.DEFINE_string("output", None, "Output JSON (required unless --plot).")
 flags.DEFINE_string("workdir", None, "Save the final train state as a checkpoint here.")
+flags.DEFINE_enum("compare_dtype", None, ["float32", "bfloat16"],
+                  "After training, the bound of the final parameters at this compute dtype and at "
+                  "model.dtype on the whole test split, with shared draws (a paired difference).")
+flags.DEFINE_integer("compare_samples", 4, "Draws of (t, ε, z_0) per image for --compare_dtype.")
+flags.DEFINE_integer("compare_batch_size", 128, "Images per call for --compare_dtype (a divisor "
+                     "of the split avoids compiling a ragged last batch: 113 for 1,017).")
 flags.DEFINE_string("plot", None, "Plot the JSON files given as arguments to this PNG instead.")
 
 # The published VDM code on one H100 (jax 0.11.2, CIFAR-10 config, batch 128, fp32), trained from
@@ -87,8 +98,10 @@ def first_mark_reaching(points: list[dict], bpd: float) -> float | None:
 
 
 def run_curve(config, seconds: float, marks: list[float], use_ema: bool = False,
-              eval_batches: int = 0) -> tuple[dict, train.TrainState]:
-  """Train for ``seconds`` of step time, evaluating at ``marks``; returns (results, final state)."""
+              eval_batches: int = 0, save: Callable[[dict], None] = lambda results: None
+              ) -> tuple[dict, train.TrainState]:
+  """Train for ``seconds`` of step time, evaluating at ``marks``; returns (results, final state).
+  ``save(results)`` runs after every evaluation, so a run stopped part-way keeps its points."""
   mesh = train.make_mesh()
   model = make_model(config)
   batch_size = config.training.batch_size
@@ -109,6 +122,14 @@ def run_curve(config, seconds: float, marks: list[float], use_ema: bool = False,
                train.count_params(state.params), batch_size, config.model.dtype)
 
   points, train_s, step, previous = [], 0.0, 0, None
+  results = {
+      "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+      "commit": _git_commit(), "device": jax.devices()[0].device_kind,
+      "num_devices": jax.device_count(), "jax": jax.__version__,
+      "config": json.loads(config.to_json_best_effort()),
+      "params": "ema" if use_ema else "raw", "compile_seconds": compile_s,
+      "points": points, "reference": REFERENCE,
+  }
   for mark in marks:
     if train_s >= mark:  # passed already by the step that ended the previous mark
       continue
@@ -131,18 +152,10 @@ def run_curve(config, seconds: float, marks: list[float], use_ema: bool = False,
                    "train_bpd": float(last["bpd"]), "nonfinite": int(last["nonfinite"])})
     logging.info("%.1f s, step %d: test %.4f ± %.4f bits/dim (train %.4f)", train_s, step,
                  summary["bpd"], summary["bpd_stderr"], float(last["bpd"]))
-
-  results = {
-      "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-      "commit": _git_commit(), "device": jax.devices()[0].device_kind,
-      "num_devices": jax.device_count(), "jax": jax.__version__,
-      "config": json.loads(config.to_json_best_effort()),
-      "params": "ema" if use_ema else "raw", "compile_seconds": compile_s,
-      "train_seconds": train_s, "steps": step, "images_per_second": step * batch_size / train_s,
-      "points": points,
-      "first_seconds_reaching": {str(b): first_mark_reaching(points, b) for b in TARGETS_BPD},
-      "reference": REFERENCE,
-  }
+    results.update(
+        train_seconds=train_s, steps=step, images_per_second=step * batch_size / train_s,
+        first_seconds_reaching={str(b): first_mark_reaching(points, b) for b in TARGETS_BPD})
+    save(results)
   return results, state
 
 
@@ -183,11 +196,12 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments {' '.join(argv[1:])!r}.")
   if FLAGS.config is None or FLAGS.output is None:
     raise app.UsageError("--config and --output are required (or --plot=PNG with JSON files).")
-  results, state = run_curve(FLAGS.config, FLAGS.seconds, parse_marks(FLAGS.marks, FLAGS.seconds),
-                             FLAGS.params == "ema", FLAGS.eval_batches)
+  config = FLAGS.config
+  marks = parse_marks(FLAGS.marks, FLAGS.seconds)
   os.makedirs(os.path.dirname(os.path.abspath(FLAGS.output)), exist_ok=True)
-  with open(FLAGS.output, "w") as f:
-    json.dump(results, f, indent=1)
+  save = lambda results: logging_utils.write_json(FLAGS.output, logging_utils.json_safe(results))
+  results, state = run_curve(config, FLAGS.seconds, marks, FLAGS.params == "ema",
+                             FLAGS.eval_batches, save)
   logging.info("wrote %s: %.0f images/s; reached %s", FLAGS.output, results["images_per_second"],
                results["first_seconds_reaching"])
   if FLAGS.workdir:
@@ -197,6 +211,16 @@ def main(argv):
     with open(os.path.join(FLAGS.workdir, "config.json"), "w") as f:
       f.write(FLAGS.config.to_json_best_effort(indent=2) + "\n")
 
+  if FLAGS.compare_dtype:
+    split = input_pipeline.load_split(config.data, config.data.eval_split, config.seed)
+    res = results["dtype_comparison"] = common.compare_dtype(
+        make_model(config), state.ema_params if FLAGS.params == "ema" else state.params,
+        FLAGS.compare_dtype, split.get(np.arange(len(split))), jax.random.PRNGKey(config.eval.seed),
+        batch_size=FLAGS.compare_batch_size, num_samples=FLAGS.compare_samples,
+        vocab_size=config.data.vocab_size, decoder=config.model.decoder)
+    save(results)
+    logging.info("model.dtype %s − %s: %+.5f ± %.5f bits/dim on %d images", res["b"], res["a"],
+                 res["difference_bpd"], res["difference_se"], res["num_images"])
 
 if __name__ == "__main__":
   app.run(main)

@@ -22,8 +22,12 @@ def _script(name, *args, check=True):
 def test_curve_marks_checkpoint_plot_and_dtype_comparison(tmp_path):
   out, workdir, png = tmp_path / "curve.json", tmp_path / "run", tmp_path / "curve.png"
   _script("train_curve.py", *TINY, "--seconds=3", "--marks=1,2,9", f"--output={out}",
-          f"--workdir={workdir}")
+          f"--workdir={workdir}", "--compare_dtype=bfloat16", "--compare_batch_size=64",
+          "--compare_samples=2")
   res = json.loads(out.read_text())
+  cmp = res["dtype_comparison"]
+  assert (cmp["a"], cmp["b"], cmp["num_images"]) == ("float32", "bfloat16", 128)
+  assert 0 < cmp["max_abs_difference_bpd"] < 0.1 and cmp["difference_se"] < cmp["a_se"] / 10
   pts = res["points"]
   assert [p["mark_seconds"] for p in pts] == [1.0, 2.0, 3.0]  # 9 > --seconds is dropped
   for p, q in zip(pts, pts[1:]):
