@@ -156,6 +156,7 @@ def run_curve(config, seconds: float, marks: list[float], use_ema: bool = False,
         train_seconds=train_s, steps=step, images_per_second=step * batch_size / train_s,
         first_seconds_reaching={str(b): first_mark_reaching(points, b) for b in TARGETS_BPD})
     save(results)
+  batches.close()  # stop and join the prefetch thread
   return results, state
 
 

@@ -187,3 +187,17 @@ def test_tfds_missing_data_set_is_a_one_line_error(tmp_path):
     ip.load_split(c, "train")
   assert "\n" not in str(e.value)
   assert not os.path.exists(tmp_path / "none" / "downloads")
+
+
+def test_closing_prefetch_joins_its_thread():
+  """A thread left inside a JAX call at interpreter exit can abort the process (seen once after a
+  SIGTERM save: exit status -6), so closing the stream must stop and join the worker."""
+  import itertools
+  import threading
+  sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  stream = ip.prefetch((np.full((2, 3), i, np.float32) for i in itertools.count()), sharding, 2)
+  assert float(next(stream)[0, 0]) == 0.0
+  workers = [t for t in threading.enumerate() if t.name == "vdm-prefetch"]
+  assert workers and any(t.is_alive() for t in workers)
+  stream.close()
+  assert not any(t.is_alive() for t in workers)

@@ -254,7 +254,8 @@ def to_global(local: np.ndarray, sharding) -> jax.Array:
 def prefetch(iterator: Iterator, sharding, size: int = 2) -> Iterator:
   """Iterate ``iterator`` in a background thread, staging each item (an array or a tuple of
   arrays) on the devices with ``to_global``; up to ``size`` items wait ready. Errors in the
-  thread are raised in the consumer."""
+  thread are raised in the consumer. Closing the generator stops and joins the thread: one left
+  inside a JAX call when the interpreter exits can abort the process."""
   q: queue.Queue = queue.Queue(maxsize=max(size, 1))
   done = object()
   stop = threading.Event()
@@ -291,6 +292,7 @@ def prefetch(iterator: Iterator, sharding, size: int = 2) -> Iterator:
       yield item
   finally:
     stop.set()
+    thread.join(timeout=30)
 
 
 def train_iterator(data: TrainData, start_step: int, sharding, size: int = 2,

@@ -269,44 +269,47 @@ def run_train(config, workdir: str) -> dict:
                      f"gradient NaN/inf); last good checkpoint: {where}. Lower "
                      "optimizer.learning_rate or set optimizer.grad_clip, then resume.")
 
-  for step in range(start, t_cfg.num_steps):
-    state, metrics = train_step(state, next(batches))
-    check_finite()  # the previous step, while this one runs
-    pending = (step, metrics)
-    done = step + 1
-    last = done == t_cfg.num_steps
-    if done % t_cfg.log_every == 0 or last:
-      check_finite()
-      values = {k: float(v) for k, v in jax.device_get(metrics).items()}
-      rates = throughput.update(done)
-      writer.scalars(done, {**values, **rates}, prefix="train/")
-      if logging_utils.is_main_process():
-        logging.info(logging_utils.console_line(done, t_cfg.num_steps, values, rates))
-    if done % t_cfg.checkpoint_every == 0 or last or checkpointer.needs_rewrite(done):
-      check_finite()
-      checkpointer.save(state)
-    # Several processes agree on a notice by a collective, a host sync: only at log boundaries.
-    if not last and (jax.process_count() == 1 or done % t_cfg.log_every == 0) and notice.agreed():
-      check_finite()
-      checkpointer.save(state)
-      logging.warning("SIGTERM at step %d: checkpoint saved in %s; rerun the same command to "
-                      "resume.", done, checkpointer.directory)
-      break
-    if done % t_cfg.eval_every == 0 or last:
-      summary = train.evaluate(eval_step, state.ema_params, eval_split, config, mesh,
-                               config.eval.num_batches, desc=f"eval @ {done}")
-      summary["step"] = done
-      writer.scalars(done, {k: v for k, v in summary.items() if k != "step"}, prefix="eval/")
-      logging.info("eval @ step %d: %.4f ± %.4f bits/dim (prior %.4f, diffusion %.4f, "
-                   "reconstruction %.4f) on %d examples", done, summary["bpd"], summary["bpd_stderr"],
-                   summary["prior"], summary["diffusion"], summary["reconstruction"],
-                   summary["num_examples"])
-    if done % t_cfg.sample_every == 0 or last:
-      if sample_fn is None:
-        s = config.sampling
-        sample_fn = train.make_sample_fn(config, model, s.sampler, s.num_steps, s.num_samples)
-      _sample_and_save(sample_fn, state.ema_params, jax.random.PRNGKey(done),
-                       os.path.join(workdir, "samples"), f"step_{done}", config, writer, done)
+  try:
+    for step in range(start, t_cfg.num_steps):
+      state, metrics = train_step(state, next(batches))
+      check_finite()  # the previous step, while this one runs
+      pending = (step, metrics)
+      done = step + 1
+      last = done == t_cfg.num_steps
+      if done % t_cfg.log_every == 0 or last:
+        check_finite()
+        values = {k: float(v) for k, v in jax.device_get(metrics).items()}
+        rates = throughput.update(done)
+        writer.scalars(done, {**values, **rates}, prefix="train/")
+        if logging_utils.is_main_process():
+          logging.info(logging_utils.console_line(done, t_cfg.num_steps, values, rates))
+      if done % t_cfg.checkpoint_every == 0 or last or checkpointer.needs_rewrite(done):
+        check_finite()
+        checkpointer.save(state)
+      # Several processes agree on a notice by a collective, a host sync: only at log boundaries.
+      if not last and (jax.process_count() == 1 or done % t_cfg.log_every == 0) and notice.agreed():
+        check_finite()
+        checkpointer.save(state)
+        logging.warning("SIGTERM at step %d: checkpoint saved in %s; rerun the same command to "
+                        "resume.", done, checkpointer.directory)
+        break
+      if done % t_cfg.eval_every == 0 or last:
+        summary = train.evaluate(eval_step, state.ema_params, eval_split, config, mesh,
+                                 config.eval.num_batches, desc=f"eval @ {done}")
+        summary["step"] = done
+        writer.scalars(done, {k: v for k, v in summary.items() if k != "step"}, prefix="eval/")
+        logging.info("eval @ step %d: %.4f ± %.4f bits/dim (prior %.4f, diffusion %.4f, "
+                     "reconstruction %.4f) on %d examples", done, summary["bpd"],
+                     summary["bpd_stderr"], summary["prior"], summary["diffusion"],
+                     summary["reconstruction"], summary["num_examples"])
+      if done % t_cfg.sample_every == 0 or last:
+        if sample_fn is None:
+          s = config.sampling
+          sample_fn = train.make_sample_fn(config, model, s.sampler, s.num_steps, s.num_samples)
+        _sample_and_save(sample_fn, state.ema_params, jax.random.PRNGKey(done),
+                         os.path.join(workdir, "samples"), f"step_{done}", config, writer, done)
+  finally:
+    batches.close()  # stop and join the prefetch thread before the interpreter exits
 
   if start >= t_cfg.num_steps:
     logging.info("Already trained to step %d (training.num_steps=%d): nothing to do.", start,
