@@ -15,7 +15,7 @@ from ml_collections import config_flags
 import jax
 import numpy as np
 
-from vdm import checkpoint, likelihood, logging_utils
+from vdm import checkpoint, input_pipeline, likelihood, logging_utils
 from vdm.model import Model, traced_fns
 
 FLAGS = flags.FLAGS
@@ -40,6 +40,12 @@ def load_trained() -> tuple[Model, dict, dict]:
   if FLAGS.config is None or FLAGS.workdir is None:
     raise ValueError("--config and --workdir are required: pass them, or use --toy.")
   return checkpoint.load_params(FLAGS.config, FLAGS.checkpoint or FLAGS.workdir, FLAGS.ema)
+
+
+def load_images(config, split: str, num: int) -> np.ndarray:
+  """The first ``num`` images of ``split`` of the config's data (all of them for num <= 0)."""
+  data = input_pipeline.load_split(config.data, split, seed=config.seed)
+  return data.get(np.arange(len(data) if num <= 0 else min(num, len(data))))
 
 
 def compare_dtype(model: Model, params: dict, dtype: str, images: np.ndarray, rng: jax.Array, *,

@@ -64,13 +64,6 @@ def _batches(images: np.ndarray, batch_size: int):
     yield images[start:start + batch_size]
 
 
-def load_images(config, split: str, num: int) -> np.ndarray:
-  from vdm import input_pipeline
-  data = input_pipeline.load_split(config.data, split, seed=config.seed)
-  n = len(data) if num <= 0 else min(num, len(data))
-  return data.get(np.arange(n))
-
-
 @common.one_line_errors
 def main(argv):
   del argv
@@ -90,8 +83,8 @@ def main(argv):
     model, params, info = common.load_trained()
     eps_fn, gamma_fn = traced_fns(model, params)
     vocab_size, decoder = config.data.vocab_size, config.model.decoder
-    test = load_images(config, config.data.eval_split, FLAGS.num_images)
-    fit = load_images(config, config.data.train_split, FLAGS.is_fit_batches * FLAGS.batch_size)
+    test = common.load_images(config, config.data.eval_split, FLAGS.num_images)
+    fit = common.load_images(config, config.data.train_split, FLAGS.is_fit_batches * FLAGS.batch_size)
   results = {"info": info, "flags": {k: FLAGS[k].value for k in (
       "seed", "batch_size", "num_images", "num_time_samples", "timesteps", "compare_dtype",
       "is_bins", "is_fit_batches", "is_uniform_mix", "is_spread", "variance_repeats",

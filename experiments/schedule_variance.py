@@ -72,8 +72,7 @@ def _trained_setup():
   gamma_0, gamma_1 = (float(g) for g in gamma_fn(jnp.array([0.0, 1.0])))
   train = input_pipeline.TrainData(input_pipeline.load_split(config.data, config.data.train_split,
                                                              config.seed), FLAGS.fit_batch_size, FLAGS.seed)
-  test_split = input_pipeline.load_split(config.data, config.data.eval_split, config.seed)
-  test = test_split.get(np.arange(min(FLAGS.test_batch_size, len(test_split))))
+  test = common.load_images(config, config.data.eval_split, FLAGS.test_batch_size)
   info["schedule"] = config.model.schedule
   info["trained_gamma"] = np.asarray(gamma_fn(jnp.linspace(0.0, 1.0, 101)))
   return eps_fn, gamma_0, gamma_1, train.batch, test, config.data.vocab_size, info

@@ -37,7 +37,6 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
@@ -213,10 +212,10 @@ def main(argv):
       f.write(FLAGS.config.to_json_best_effort(indent=2) + "\n")
 
   if FLAGS.compare_dtype:
-    split = input_pipeline.load_split(config.data, config.data.eval_split, config.seed)
     res = results["dtype_comparison"] = common.compare_dtype(
         make_model(config), state.ema_params if FLAGS.params == "ema" else state.params,
-        FLAGS.compare_dtype, split.get(np.arange(len(split))), jax.random.PRNGKey(config.eval.seed),
+        FLAGS.compare_dtype, common.load_images(config, config.data.eval_split, 0),
+        jax.random.PRNGKey(config.eval.seed),
         batch_size=FLAGS.compare_batch_size, num_samples=FLAGS.compare_samples,
         vocab_size=config.data.vocab_size, decoder=config.model.decoder)
     save(results)
