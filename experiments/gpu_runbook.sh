@@ -42,6 +42,8 @@ setup() {
     export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
   fi
   export PYTHONUNBUFFERED=1
+  # A warm machine keeps /tmp between calls: a program compiled by an earlier command loads from here.
+  export JAX_COMPILATION_CACHE_DIR=/tmp/jax_cache
   { date -u +%FT%TZ; git rev-parse --short HEAD 2>/dev/null || echo "commit: see the session";
     nvidia-smi -L 2>/dev/null; "$PY" -c "import jax; print('jax', jax.__version__, jax.devices())"
   } | tee "$OUT/machine.txt"
@@ -59,9 +61,9 @@ case "${1:-}" in
   bench)
     setup
     LEFT=$LIMIT
-    # In order of need: the bf16 step, the fp32 baseline, batch 512 (whose activations need
-    # remat), and whether keeping only the convolutions' outputs also speeds up batch 128.
-    for spec in "128 bfloat16 none" "128 float32 none" "512 bfloat16 convs" "128 bfloat16 convs" \
+    # In order of need: the bf16 step, whether keeping only the convolutions' outputs speeds it
+    # up, batch 512 (whose activations need remat), and the fp32 baseline.
+    for spec in "128 bfloat16 none" "128 bfloat16 convs" "512 bfloat16 convs" "128 float32 none" \
                 "512 bfloat16 full"; do
       read -r batch dtype remat <<< "$spec"
       name=bench_${dtype}_${batch}_${remat}
@@ -76,7 +78,8 @@ case "${1:-}" in
     setup
     run curve_bf16 $((LIMIT - 30)) "$PY" experiments/train_curve.py --config="$CONFIG" \
       "${DATA[@]}" "${EXTRA[@]}" --config.model.dtype=bfloat16 --seconds="$TRAIN_SECONDS" \
-      --compare_dtype=float32 --compare_batch_size=113 --output="$OUT/curve_bf16.json"
+      --compare_dtype=float32 --compare_batch_size=113 --output="$OUT/curve_bf16.json" \
+      --workdir=/tmp/vdm_curve_run
     ;;
   model)
     setup
@@ -88,13 +91,18 @@ case "${1:-}" in
       --config.training.eval_every="$STEPS" --config.training.sample_every="$STEPS" \
       --config.training.checkpoint_every=$((STEPS / 2)) --config.sampling.num_steps=100
     cp /tmp/vdm_main_run/train_eval.json "$OUT/main_train_eval.json" 2>/dev/null
+    # The likelihood runs take the curve phase's model (330 s of training) where this machine
+    # still holds it (its raw parameters, as the curve evaluates them), else this phase's short run.
+    RUN=/tmp/vdm_main_run EMA=--ema
+    [ -f /tmp/vdm_curve_run/config.json ] && RUN=/tmp/vdm_curve_run EMA=--noema
+    echo "likelihood model: $RUN" | tee -a "$OUT/machine.txt"
     # 1,017 test images = 9 batches of 113: no ragged last batch to compile again.
     run likelihood $((LIMIT * 3 / 8)) "$PY" experiments/likelihood.py --config="$CONFIG" \
-      "${DATA[@]}" "${EXTRA[@]}" --workdir=/tmp/vdm_main_run --num_images=0 --batch_size=113 \
+      "${DATA[@]}" "${EXTRA[@]}" --workdir="$RUN" "$EMA" --num_images=0 --batch_size=113 \
       --variance_repeats=50 --ode_num_images=16 --ode_batch_size=16 --dequantization=uniform \
       --output="$OUT/likelihood.json"
     run schedule_variance $((LIMIT / 4)) "$PY" experiments/schedule_variance.py --config="$CONFIG" \
-      "${DATA[@]}" "${EXTRA[@]}" --workdir=/tmp/vdm_main_run --fit_steps=300 --draws=128 \
+      "${DATA[@]}" "${EXTRA[@]}" --workdir="$RUN" "$EMA" --fit_steps=300 --draws=128 \
       --output="$OUT/schedule_variance.json"
     ;;
   *)
