@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from functools import partial
-from typing import Any, Callable
+from typing import Any, Callable, Optional, Sequence
 
 import flax
 import jax
@@ -40,8 +40,9 @@ class TrainState:
 
 # ---------------------------------------------------------------- sharding -----------------------
 
-def make_mesh() -> Mesh:
-  return Mesh(np.asarray(jax.devices()), ("data",))
+def make_mesh(devices: Optional[Sequence[jax.Device]] = None) -> Mesh:
+  """A 1-D 'data' mesh over ``devices`` (default: all devices)."""
+  return Mesh(np.asarray(jax.devices() if devices is None else devices), ("data",))
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
