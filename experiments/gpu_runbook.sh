@@ -61,15 +61,16 @@ case "${1:-}" in
   bench)
     setup
     LEFT=$LIMIT
-    # In order of need: the bf16 step, whether keeping only the convolutions' outputs speeds it
-    # up, batch 512 (whose activations need remat), and the fp32 baseline.
-    for spec in "128 bfloat16 none" "128 bfloat16 convs" "512 bfloat16 convs" "128 float32 none" \
-                "512 bfloat16 full"; do
-      read -r batch dtype remat <<< "$spec"
-      name=bench_${dtype}_${batch}_${remat}
+    # In order of need: the default bf16 step (fp32 residual stream), the bf16 stream of the
+    # 2026-11-22 runs, batch 512, and the fp32 step (which needs remat to fit at batch 128).
+    for spec in "128 bfloat16 convs float32" "128 bfloat16 convs bfloat16" "512 bfloat16 convs float32" \
+                "128 float32 convs float32" "128 bfloat16 full float32"; do
+      read -r batch dtype remat residual <<< "$spec"
+      name=bench_${dtype}_${batch}_${remat}_${residual}
       start=$SECONDS
       run bench $((LEFT > 240 ? 240 : LEFT)) "$PY" -m vdm.benchmark --config="$CONFIG" "${EXTRA[@]}" \
-        --batch_size="$batch" --dtype="$dtype" --remat="$remat" --repeats=10 --json_out="$OUT/$name.json"
+        --config.model.residual_dtype="$residual" --batch_size="$batch" --dtype="$dtype" \
+        --remat="$remat" --repeats=10 --json_out="$OUT/$name.json"
       LEFT=$((LEFT - SECONDS + start))
       [ "$LEFT" -gt 30 ] || break
     done

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from vdm.nets import REMAT, ScoreUNet, fourier_features, num_params, param_count, timestep_embedding
+from vdm.nets import REMAT, ResnetBlock, ScoreUNet, fourier_features, num_params, param_count, timestep_embedding
 
 SMALL = dict(n_embd=32, n_layer=2, dropout=0.1, attention=True)
 FAST_COMPILE = {"xla_backend_optimization_level": 0}
@@ -122,16 +122,30 @@ def test_conditioning_on_gamma(perturbed):
   np.testing.assert_allclose(det(perturbed, z, jnp.float32(-5.0), key), a, rtol=1e-6, atol=1e-6)
 
 
-def test_bfloat16_close_to_float32(perturbed):
+@pytest.mark.parametrize("residual_dtype", ["bfloat16", "float32"])
+def test_bfloat16_close_to_float32(perturbed, residual_dtype):
   z, g = _inputs()
   key = jax.random.PRNGKey(0)
   out32 = _apply(ScoreUNet(**SMALL), True)(perturbed, z, g, key)
-  out16 = _apply(ScoreUNet(**SMALL, dtype="bfloat16"), True)(perturbed, z, g, key)
+  out16 = _apply(ScoreUNet(**SMALL, dtype="bfloat16", residual_dtype=residual_dtype), True)(
+      perturbed, z, g, key)
   assert out16.dtype == jnp.float32
   h32, h16 = out32 - z, out16 - z  # the network's part, without the base measure
   assert float(jnp.linalg.norm(h32)) > 0.1 * float(jnp.linalg.norm(z))
   rel = float(jnp.linalg.norm(h16 - h32) / jnp.linalg.norm(h32))
   assert rel < 0.05, rel
+
+
+@pytest.mark.parametrize("residual_dtype", [jnp.bfloat16, jnp.float32])
+def test_residual_stream_dtype(residual_dtype):
+  """Layers compute in bf16; the sum leaving a block (scan carry and U-Net skip) has residual_dtype."""
+  block = ResnetBlock(out_ch=32, dropout=0.0, deterministic=True, attention=True,
+                      dtype=jnp.bfloat16, residual_dtype=residual_dtype)
+  x, cond = jnp.ones((2, 4, 4, 32), jnp.float32), jnp.ones((2, 128), jnp.float32)
+  (h, carry), _ = block.init_with_output(jax.random.PRNGKey(0), x, None, cond)
+  assert h.dtype == carry.dtype == residual_dtype
+  with pytest.raises(ValueError, match="residual_dtype='float16'"):
+    ScoreUNet(**SMALL, residual_dtype="float16").init(jax.random.PRNGKey(0), *_inputs())
 
 
 def _loss(net, z, g, key):

@@ -122,7 +122,7 @@ def benchmark(config, *, batch_size: Optional[int] = None, dtype: Optional[str] 
   out: dict[str, Any] = {
       "device": jax.devices()[0].device_kind, "backend": jax.default_backend(),
       "num_devices": int(n_dev), "batch_size": batch_size, "image_shape": list(model.image_shape),
-      "dtype": dtype, "remat": remat, "repeats": repeats, "warmup": warmup,
+      "dtype": dtype, "residual_dtype": model.net.residual_dtype, "remat": remat, "repeats": repeats, "warmup": warmup,
       "jax_version": jax.__version__,
       "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
   }
@@ -189,7 +189,8 @@ def format_report(figures: dict) -> str:
   return "\n".join([
       f"device: {figures['num_devices']} x {figures['device']} ({figures['backend']}), jax {figures['jax_version']}",
       f"model: {figures['num_params'] / 1e6:.2f} M params, images {tuple(figures['image_shape'])}, "
-      f"batch {figures['batch_size']}, dtype {figures['dtype']}, remat {figures['remat']}",
+      f"batch {figures['batch_size']}, dtype {figures['dtype']} (residual stream "
+      f"{figures['residual_dtype']}), remat {figures['remat']}",
       f"train:  {num('train_images_per_s', '.1f')} images/s  ({num('train_step_s', '.4f')} s/step, "
       f"compile {num('train_compile_s', '.1f')} s, {num('train_tflops_per_s', '.2f')} TFLOP/s "
       f"of {num('train_step_tflop', '.3f')} TFLOP/step)",

@@ -104,8 +104,9 @@ def validate_config(config) -> None:
     raise ValueError(f"unknown model.decoder {m.decoder!r}: use one of {', '.join(elbo.DECODERS)}.")
   if m.num_timesteps < 0:
     raise ValueError(f"model.num_timesteps={m.num_timesteps} must be >= 0 (0 = continuous time).")
-  if m.dtype not in nets.DTYPES:
-    raise ValueError(f"unknown model.dtype {m.dtype!r}: use one of {', '.join(nets.DTYPES)}.")
+  for key in ("dtype", "residual_dtype"):
+    if m[key] not in nets.DTYPES:
+      raise ValueError(f"unknown model.{key} {m[key]!r}: use one of {', '.join(nets.DTYPES)}.")
   if m.remat not in nets.REMAT:
     raise ValueError(f"unknown model.remat {m.remat!r}: use one of {', '.join(nets.REMAT)} (see "
                      "vdm.nets.REMAT).")

@@ -47,6 +47,7 @@ def make_model(config) -> Model:
       gamma_min=m.gamma_min,
       gamma_max=m.gamma_max,
       dtype=m.dtype,
+      residual_dtype=m.residual_dtype,
       remat=m.remat,
       unroll=m.unroll,
   )

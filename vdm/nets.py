@@ -60,13 +60,15 @@ class ResnetBlock(nn.Module):
   plus a skip (a 1×1 projection when the channel count changes); then optional self-attention.
 
   ``skip`` (the U-Net's stored activation) is concatenated to the input when given. Returns
-  (h, h) so that the block is also the body of an ``nn.scan``.
+  (h, h) so that the block is also the body of an ``nn.scan``. The layers compute in ``dtype``;
+  the sum x + h that leaves the block (the residual stream) is kept in ``residual_dtype``.
   """
   out_ch: int
   dropout: float
   deterministic: bool
   attention: bool = False
   dtype: jnp.dtype = jnp.float32
+  residual_dtype: jnp.dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x: jax.Array, skip: Optional[jax.Array], cond: jax.Array):
@@ -82,15 +84,16 @@ class ResnetBlock(nn.Module):
     h = checkpoint_name(conv("conv2", kernel_init=nn.initializers.zeros)(h), "conv")
     if x.shape[-1] != self.out_ch:
       x = nn.Dense(self.out_ch, dtype=self.dtype, name="nin_shortcut")(x)
-    h = (x + h).astype(self.dtype)
+    h = (x + h).astype(self.residual_dtype)
     if self.attention:
-      h = AttnBlock(dtype=self.dtype, name="attn")(h)
+      h = AttnBlock(dtype=self.dtype, residual_dtype=self.residual_dtype, name="attn")(h)
     return h, h
 
 
 class AttnBlock(nn.Module):
   """Single-head self-attention over all H·W positions, residual, zero-initialised output."""
   dtype: jnp.dtype = jnp.float32
+  residual_dtype: jnp.dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -99,7 +102,7 @@ class AttnBlock(nn.Module):
     q, k, v = (nn.Dense(c, dtype=self.dtype, name=n)(h) for n in ("q", "k", "v"))
     h = jax.nn.dot_product_attention(q, k, v)  # logits and softmax in fp32
     h = nn.Dense(c, kernel_init=nn.initializers.zeros, dtype=self.dtype, name="proj_out")(h)
-    return (x + h.reshape(x.shape)).astype(self.dtype)
+    return (x + h.reshape(x.shape)).astype(self.residual_dtype)
 
 
 class ScoreUNet(nn.Module):
@@ -111,7 +114,9 @@ class ScoreUNet(nn.Module):
 
   dtype='bfloat16' runs convolutions, dense layers and attention in bf16 with fp32 parameters;
   GroupNorm statistics, the γ embedding and its MLP, the Fourier features, the output
-  convolution and the base-measure addition stay in fp32. ``remat`` (a key of :data:`REMAT`) trades
+  convolution and the base-measure addition stay in fp32. ``residual_dtype`` is the dtype of the
+  residual stream, the activations between blocks and the U-Net's skips: with 'float32' only the
+  layers' inputs and outputs are rounded to bf16, not the running sums. ``remat`` (a key of :data:`REMAT`) trades
   the activations a ResNet block stores for recomputation in the backward pass. unroll=True unrolls the scans
   over identical blocks (same parameters, same results): XLA's cost analysis counts a loop body
   once, so FLOP counts need the unrolled program.
@@ -125,6 +130,7 @@ class ScoreUNet(nn.Module):
   gamma_min: float = GAMMA_MIN
   gamma_max: float = GAMMA_MAX
   dtype: str = "float32"
+  residual_dtype: str = "float32"
   remat: str = "none"
   unroll: bool = False
 
@@ -132,15 +138,16 @@ class ScoreUNet(nn.Module):
   def __call__(self, z: jax.Array, gamma_t: jax.Array, deterministic: bool = True) -> jax.Array:
     if z.ndim != 4:
       raise ValueError(f"z has shape {z.shape}: ScoreUNet expects images [B, H, W, C].")
-    if self.dtype not in DTYPES:
-      raise ValueError(f"dtype={self.dtype!r}: use one of {tuple(DTYPES)}.")
+    for field in ("dtype", "residual_dtype"):
+      if getattr(self, field) not in DTYPES:
+        raise ValueError(f"{field}={getattr(self, field)!r}: use one of {tuple(DTYPES)}.")
     if self.remat not in REMAT:
       raise ValueError(f"remat={self.remat!r}: use one of {tuple(REMAT)}.")
     levels = len(self.channel_mult)
     if z.shape[1] % 2 ** (levels - 1) or z.shape[2] % 2 ** (levels - 1):
       raise ValueError(f"H, W = {z.shape[1:3]} must be divisible by 2^{levels - 1} for "
                        f"channel_mult={tuple(self.channel_mult)}.")
-    cdt = DTYPES[self.dtype]
+    cdt, rdt = DTYPES[self.dtype], DTYPES[self.residual_dtype]
     z = jnp.asarray(z, jnp.float32)
     batch = z.shape[0]
 
@@ -152,7 +159,7 @@ class ScoreUNet(nn.Module):
     cond = nn.swish(nn.Dense(4 * self.n_embd, name="dense1")(cond))
 
     h = jnp.concatenate([z, fourier_features(z)], axis=-1) if self.fourier_features else z
-    h = nn.Conv(self.n_embd, (3, 3), dtype=cdt, name="conv_in")(h)
+    h = nn.Conv(self.n_embd, (3, 3), dtype=cdt, name="conv_in")(h).astype(rdt)
 
     hs = [h]
     for i, mult in enumerate(self.channel_mult):
@@ -160,7 +167,8 @@ class ScoreUNet(nn.Module):
                              self.attention, f"down_{i}")
       hs += outs
       if i < levels - 1:
-        h = nn.Conv(h.shape[-1], (3, 3), strides=(2, 2), dtype=cdt, name=f"downsample_{i}")(h)
+        h = nn.Conv(h.shape[-1], (3, 3), strides=(2, 2), dtype=cdt,
+                    name=f"downsample_{i}")(h).astype(rdt)
         hs.append(h)
 
     h, _ = self._blocks(h, None, cond, deterministic, h.shape[-1], 1, True, "mid_1")
@@ -173,7 +181,7 @@ class ScoreUNet(nn.Module):
       if i > 0:
         b, hgt, wid, c = h.shape
         h = jax.image.resize(h, (b, 2 * hgt, 2 * wid, c), "nearest")
-        h = nn.Conv(c, (3, 3), dtype=cdt, name=f"upsample_{i}")(h)
+        h = nn.Conv(c, (3, 3), dtype=cdt, name=f"upsample_{i}")(h).astype(rdt)
     assert not hs
 
     h = nn.swish(nn.GroupNorm(dtype=jnp.float32, name="norm_out")(h))
@@ -188,7 +196,8 @@ class ScoreUNet(nn.Module):
     a level runs on its own when it changes the channel count). Returns (h, [outputs]).
     """
     block_kw = dict(out_ch=out_ch, dropout=self.dropout, deterministic=deterministic,
-                    attention=attention, dtype=DTYPES[self.dtype])
+                    attention=attention, dtype=DTYPES[self.dtype],
+                    residual_dtype=DTYPES[self.residual_dtype])
     outs, k, run_id = [], 0, 0
     while k < n:
       end = k + 1
