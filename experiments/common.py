@@ -51,13 +51,16 @@ def load_images(config, split: str, num: int) -> np.ndarray:
 def compare_dtype(model: Model, params: dict, dtype: str, images: np.ndarray, rng: jax.Array, *,
                   batch_size: int, num_samples: int, vocab_size: int, decoder: str) -> dict:
   """The continuous-time bound of ``params`` at the model's compute dtype (a) and at ``dtype`` (b)
-  on ``images``, with shared draws: :func:`vdm.likelihood.paired_difference` and the two dtypes."""
+  on ``images``, with shared draws: :func:`vdm.likelihood.paired_difference` and the two dtypes,
+  and under "by_time" where in t they differ (:func:`vdm.likelihood.difference_by_time`)."""
   eps_a, gamma_fn = traced_fns(model, params)
   eps_b, _ = traced_fns(dataclasses.replace(model, net=model.net.clone(dtype=dtype)), params)
-  batches = (images[i:i + batch_size] for i in range(0, len(images), batch_size))
+  batches = [images[i:i + batch_size] for i in range(0, len(images), batch_size)]
   res = likelihood.paired_difference(eps_a, eps_b, gamma_fn, batches, rng, vocab_size=vocab_size,
                                      num_samples=num_samples, decoder=decoder)
-  return {"a": model.net.dtype, "b": dtype, **res}
+  by_time = likelihood.difference_by_time(eps_a, eps_b, gamma_fn, batches,
+                                          jax.random.fold_in(rng, 1), vocab_size=vocab_size)
+  return {"a": model.net.dtype, "b": dtype, **res, "by_time": by_time}
 
 
 def write_results(results: dict, name: str) -> str:

@@ -28,6 +28,9 @@ def test_curve_marks_checkpoint_plot_and_dtype_comparison(tmp_path):
   cmp = res["dtype_comparison"]
   assert (cmp["a"], cmp["b"], cmp["num_images"]) == ("float32", "bfloat16", 128)
   assert 0 < cmp["max_abs_difference_bpd"] < 0.1 and cmp["difference_se"] < cmp["a_se"] / 10
+  by_time = cmp["by_time"]  # where in t the two precisions differ, over the same images
+  assert by_time["num_images"] == 128 and len(by_time["bin_difference_bpd"]) == 10
+  assert abs(by_time["difference_bpd"]) < 0.1 and by_time["difference_se"] > 0
   pts = res["points"]
   assert [p["mark_seconds"] for p in pts] == [1.0, 2.0, 3.0]  # 9 > --seconds is dropped
   for p, q in zip(pts, pts[1:]):
