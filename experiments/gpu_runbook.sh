@@ -70,7 +70,7 @@ case "${1:-}" in
       start=$SECONDS
       run bench $((LEFT > 240 ? 240 : LEFT)) "$PY" -m vdm.benchmark --config="$CONFIG" "${EXTRA[@]}" \
         --config.model.residual_dtype="$residual" --batch_size="$batch" --dtype="$dtype" \
-        --remat="$remat" --repeats=10 --json_out="$OUT/$name.json"
+        --remat="$remat" --repeats=10 --profile --json_out="$OUT/$name.json"
       LEFT=$((LEFT - SECONDS + start))
       [ "$LEFT" -gt 30 ] || break
     done

@@ -69,3 +69,29 @@ def test_command_line_writes_json(tmp_path):
   figures = json.loads(out.read_text())
   assert figures["dtype"] == "bfloat16" and figures["remat"] == "convs" and figures["batch_size"] == 2
   assert all(figures[k] > 0 for k in TIMES)
+
+
+def test_kernel_kinds_and_breakdown():
+  """Kernel names as the H100 trace names them; 'convert' is not a convolution."""
+  kinds = {"sm90_xmma_fprop_implicit_gemm_bf16bf16_bf16f32_f32_nhwckrsc_nhwc": "conv_matmul",
+           "cutlass_80_wmma_tensorop_bf16_s161616gemm_bf16_32x32_128x2_tn_align8": "conv_matmul",
+           "loop_convert_fusion_3": "fusion", "input_reduce_fusion": "fusion",
+           "loop_dynamic_update_slice_fusion": "copy", "copy_transpose_3": "copy",
+           "Memcpy DtoD": "copy", "rng_bit_generator": "other"}
+  for name, kind in kinds.items():
+    assert benchmark.kernel_kind(name) == kind, name
+  events = [("a_gemm", 3e6), ("loop_add_fusion", 1e6), ("a_gemm", 3e6), ("copy_1", 2e6)]
+  res = benchmark.kernel_breakdown(events, calls=2, top=2)
+  assert res["ms_per_call"] == pytest.approx(4.5)
+  assert res["kinds"] == pytest.approx({"conv_matmul": 3.0, "fusion": 0.5, "copy": 1.0})
+  assert res["top"] == [("a_gemm", "conv_matmul", 3.0, 1.0), ("copy_1", "copy", 1.0, 0.5)]
+
+
+def test_profile_on_cpu_is_empty_not_an_error():
+  """The CPU trace has no device plane: the breakdown is empty, and the figures are all there."""
+  figures = benchmark.benchmark(tiny_config(), repeats=1, warmup=0, sample_steps=1, profile=True,
+                                compiler_options={"xla_backend_optimization_level": 0})
+  assert "profile_error" not in figures, figures.get("profile_error")
+  assert set(figures["profile"]) == {"train", "eval", "sample"}
+  assert all(p["ms_per_call"] == 0 and p["top"] == [] for p in figures["profile"].values())
+  assert figures["train_images_per_s"] > 0 and "kernels, train" in benchmark.format_report(figures)

@@ -1,7 +1,7 @@
 """Throughput of the VDM model on the local devices: train, eval and sampling steps.
 
     python -m vdm.benchmark --config=configs/cifar10.py --batch_size=128 [--dtype=bfloat16]
-        [--remat=none|convs|full] [--repeats=10] [--warmup=2] [--json_out=bench.json]
+        [--remat=none|convs|full] [--repeats=10] [--warmup=2] [--json_out=bench.json] [--profile]
 
 Reports, after warm-up and as the median over repeats, each step timed to
 ``jax.block_until_ready``:
@@ -10,7 +10,9 @@ Reports, after warm-up and as the median over repeats, each step timed to
   * eval: images/s of the ELBO forward pass (no dropout);
   * sampling: ms per ancestral sampling step at the batch size;
   * peak device memory (``peak_bytes_in_use``; None where the backend does not report it) and
-    the train step's temporary buffers by XLA's buffer assignment (any backend).
+    the train step's temporary buffers by XLA's buffer assignment (any backend);
+  * with --profile, each program's device-kernel time per call, by kind (convolutions and matrix
+    products, copies, other fusions) and its top kernels, from a ``jax.profiler`` trace.
 
 Data are uniform random integers: the step costs do not depend on the pixel values.
 """
@@ -18,11 +20,14 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import glob
 import json
 import math
+import os
 import statistics
+import tempfile
 import time
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterable, Optional
 
 import jax
 import jax.numpy as jnp
@@ -43,6 +48,64 @@ def _median_seconds(fn: Callable[[], Any], repeats: int, warmup: int) -> float:
     jax.block_until_ready(fn())
     times.append(time.perf_counter() - t0)
   return statistics.median(times)
+
+
+# Device kernels by what they do, matched on lower-cased kernel names in this order: cuDNN and
+# cuBLAS/CUTLASS kernels (convolutions and matrix products), XLA's data movement, XLA's other
+# generated kernels (elementwise and reduction fusions). "convert" must not read as a convolution.
+KERNEL_KINDS = (
+    ("conv_matmul", ("xmma", "gemm", "cudnn", "cutlass", "implicit", "fprop", "dgrad", "wgrad",
+                     "convolution", "conv2d", "cublas")),
+    ("copy", ("copy", "memcpy", "memset", "dynamic_update_slice", "dynamic-update-slice",
+              "transpose", "concatenate")),
+    ("fusion", ("fusion", "reduce", "loop_", "input_", "triton")),
+)
+
+
+def kernel_kind(name: str) -> str:
+  """The :data:`KERNEL_KINDS` entry a device kernel's name falls under, else "other"."""
+  n = name.lower()
+  for kind, keys in KERNEL_KINDS:
+    if any(k in n for k in keys):
+      return kind
+  return "other"
+
+
+def kernel_breakdown(events: Iterable[tuple[str, float]], calls: int, top: int = 15) -> dict:
+  """Device time per call from (kernel name, duration in ns) events of ``calls`` traced calls:
+  "ms_per_call" in all, "kinds" {kind: ms per call}, and the ``top`` kernels by time
+  [(name, kind, ms per call, launches per call)]."""
+  totals: dict[str, list] = {}
+  for name, ns in events:
+    t = totals.setdefault(name, [0.0, 0])
+    t[0] += ns
+    t[1] += 1
+  kinds: dict[str, float] = {}
+  for name, (ns, _) in totals.items():
+    kinds[kernel_kind(name)] = kinds.get(kernel_kind(name), 0.0) + ns / 1e6 / calls
+  ranked = sorted(totals.items(), key=lambda kv: -kv[1][0])[:top]
+  return {"ms_per_call": sum(kinds.values()), "kinds": kinds,
+          "top": [(n, kernel_kind(n), ns / 1e6 / calls, count / calls) for n, (ns, count) in ranked]}
+
+
+def device_kernel_events(fn: Callable[[], Any], calls: int) -> list[tuple[str, float]]:
+  """(kernel name, ns) of every kernel that ``calls`` calls of fn() ran on the accelerators, from a
+  ``jax.profiler`` trace: the events on the devices' stream lines. Empty on the CPU, whose trace
+  has no device plane."""
+  with tempfile.TemporaryDirectory() as tmp:
+    with jax.profiler.trace(tmp):
+      for _ in range(calls):
+        jax.block_until_ready(fn())
+    paths = glob.glob(os.path.join(tmp, "**", "*.xplane.pb"), recursive=True)
+    events = []
+    for path in paths:
+      for plane in jax.profiler.ProfileData.from_file(path).planes:
+        if not plane.name.startswith("/device:"):
+          continue
+        for line in plane.lines:
+          if line.name.startswith("Stream"):
+            events += [(ev.name, ev.duration_ns) for ev in line.events]
+  return events
 
 
 def _flops(analysis) -> Optional[float]:
@@ -94,13 +157,16 @@ def train_step_flops(config, model, batch_size: int) -> Optional[float]:
 
 def benchmark(config, *, batch_size: Optional[int] = None, dtype: Optional[str] = None,
               remat: Optional[str] = None, repeats: int = 10, warmup: int = 2,
-              sample_steps: int = 10, compiler_options: Optional[dict] = None) -> dict:
+              sample_steps: int = 10, compiler_options: Optional[dict] = None,
+              profile: bool = False) -> dict:
   """Measure train / eval / sampling throughput of the model of `config`; returns the figures.
 
   batch_size, dtype and remat (a key of :data:`vdm.nets.REMAT`) default to the config's
   (training.batch_size, model.dtype and model.remat). The batch is global: it is split
   over all local devices. compiler_options go to XLA's compile of each timed program (the tests
-  turn LLVM optimisation off to compile fast on the CPU).
+  turn LLVM optimisation off to compile fast on the CPU). With ``profile``, `repeats` more calls of
+  each program are traced and "profile" holds their device-kernel time (:func:`kernel_breakdown`;
+  empty on the CPU).
   """
   if repeats < 1 or warmup < 0 or sample_steps < 1:
     raise ValueError(f"repeats={repeats} must be >= 1, warmup={warmup} >= 0, "
@@ -145,6 +211,7 @@ def benchmark(config, *, batch_size: Optional[int] = None, dtype: Optional[str] 
     return holder["state"], metrics
 
   out["train_step_s"] = _median_seconds(train_once, repeats, warmup)
+  timed = {"train": train_once}
   out["train_images_per_s"] = batch_size / out["train_step_s"]
   out["train_step_tflop"] = None if flops is None else flops / 1e12
   out["train_tflops_per_s"] = None if flops is None else flops / out["train_step_s"] / 1e12
@@ -158,7 +225,8 @@ def benchmark(config, *, batch_size: Optional[int] = None, dtype: Optional[str] 
   t0 = time.perf_counter()
   eval_compiled = eval_step.lower(params, batch, mask, key).compile(compiler_options)
   out["eval_compile_s"] = time.perf_counter() - t0
-  out["eval_step_s"] = _median_seconds(lambda: eval_compiled(params, batch, mask, key), repeats, warmup)
+  timed["eval"] = lambda: eval_compiled(params, batch, mask, key)
+  out["eval_step_s"] = _median_seconds(timed["eval"], repeats, warmup)
   out["eval_images_per_s"] = batch_size / out["eval_step_s"]
 
   # ---- ancestral sampling: `sample_steps` steps of the reverse process, per step
@@ -171,13 +239,21 @@ def benchmark(config, *, batch_size: Optional[int] = None, dtype: Optional[str] 
   t0 = time.perf_counter()
   sample_compiled = jax.jit(sample).lower(params, z, key).compile(compiler_options)
   out["sample_compile_s"] = time.perf_counter() - t0
-  seconds = _median_seconds(lambda: sample_compiled(params, z, key), repeats, warmup)
+  timed["sample"] = lambda: sample_compiled(params, z, key)
+  seconds = _median_seconds(timed["sample"], repeats, warmup)
   out["sample_steps"] = sample_steps
   out["sample_step_ms"] = 1e3 * seconds / sample_steps
 
   peak = peak_memory_bytes()
   out["peak_memory_bytes"] = max(filter(None, [out["peak_memory_bytes"], peak]), default=None)
   out["peak_memory_gib"] = None if out["peak_memory_bytes"] is None else out["peak_memory_bytes"] / 2**30
+  if profile:  # diagnostics after the figures: a profiler that fails must not lose them
+    try:
+      # train last: its calls donate the state whose parameters the other two read
+      out["profile"] = {name: kernel_breakdown(device_kernel_events(timed[name], repeats), repeats)
+                        for name in ("eval", "sample", "train")}
+    except Exception as e:  # pylint: disable=broad-except
+      out["profile_error"] = f"{type(e).__name__}: {e}"
   return out
 
 
@@ -200,14 +276,16 @@ def format_report(figures: dict) -> str:
       f"peak device memory: {num('peak_memory_gib', '.2f')} GiB; train step temporaries "
       f"{num('train_temp_gib', '.2f')} GiB",
       f"(median of {figures['repeats']} after {figures['warmup']} warm-up)",
-  ])
+  ] + [f"kernels, {name}: {prof['ms_per_call']:.2f} ms per call; "
+       + ", ".join(f"{kind} {ms:.2f}" for kind, ms in sorted(prof["kinds"].items()))
+       for name, prof in figures.get("profile", {}).items()])
 
 
 def main(argv):
   del argv
   figures = benchmark(FLAGS.config, batch_size=FLAGS.batch_size, dtype=FLAGS.dtype,
                       remat=FLAGS.remat, repeats=FLAGS.repeats, warmup=FLAGS.warmup,
-                      sample_steps=FLAGS.sample_steps)
+                      sample_steps=FLAGS.sample_steps, profile=FLAGS.profile)
   print(format_report(figures))
   if FLAGS.json_out:
     with open(FLAGS.json_out, "w") as f:
@@ -230,5 +308,7 @@ if __name__ == "__main__":
   flags.DEFINE_integer("warmup", 2, "Untimed calls before timing.")
   flags.DEFINE_integer("sample_steps", 10, "Ancestral steps per timed sampling call.")
   flags.DEFINE_string("json_out", None, "Write all figures to this JSON file.")
+  flags.DEFINE_bool("profile", False, "Also trace each program and report its device-kernel time "
+                    "by kind and its top kernels (accelerators only).")
   flags.mark_flags_as_required(["config"])
   app.run(main)
