@@ -145,8 +145,8 @@ def train_step_flops(config, model, batch_size: int) -> Optional[float]:
 
   XLA counts a loop body once, so this lowers the same step with the block scans unrolled
   (same parameters and arithmetic); remat's recomputation is included when the net has it. It
-  lowers for the host CPU, whose compiler gives a cost analysis before compiling; the GPU
-  plugins give none (jax 0.11.2 on the H100 reported nothing).
+  lowers for the host CPU, whose compiler gives a cost analysis before compiling; on the H100
+  (jax 0.11.2) the lowered step's cost analysis came back empty.
   """
   twin = dataclasses.replace(model, net=model.net.clone(unroll=True))
   state = train.abstract_train_state(config, twin)
@@ -188,7 +188,8 @@ def benchmark(config, *, batch_size: Optional[int] = None, dtype: Optional[str] 
   out: dict[str, Any] = {
       "device": jax.devices()[0].device_kind, "backend": jax.default_backend(),
       "num_devices": int(n_dev), "batch_size": batch_size, "image_shape": list(model.image_shape),
-      "dtype": dtype, "residual_dtype": model.net.residual_dtype, "remat": remat, "repeats": repeats, "warmup": warmup,
+      "dtype": dtype, "residual_dtype": model.net.residual_dtype, "remat": remat,
+      "repeats": repeats, "warmup": warmup,
       "jax_version": jax.__version__,
       "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
   }

@@ -51,12 +51,19 @@ def diffusion_loss_at(eps_fn: EpsFn, gamma_fn: GammaFn, x: jax.Array, t: jax.Arr
   return 0.5 * w_t * elbo.sum_per_example((eps - eps_hat) ** 2)
 
 
+def times_in_bin(rng: jax.Array, b: jax.Array, batch: int, num_bins: int
+                 ) -> tuple[jax.Array, jax.Array]:
+  """t [batch] uniform in bin b of ``num_bins`` equal-width bins of [0, 1], and a key for ε: the
+  draws of bin b, a function of (rng, b) alone."""
+  key_t, key_eps = jax.random.split(jax.random.fold_in(rng, b))
+  return (b + jax.random.uniform(key_t, (batch,))) / num_bins, key_eps
+
+
 @eqx.filter_jit
 def _batch_moments(eps_fn, gamma_fn, x, rng, num_bins: int, vocab_size: int):
   """Σ over the batch of ℓ and ℓ² in each bin, t uniform inside the bin: two arrays [num_bins]."""
   def one_bin(carry, b):
-    key_t, key_eps = jax.random.split(jax.random.fold_in(rng, b))
-    t = (b + jax.random.uniform(key_t, (x.shape[0],))) / num_bins
+    t, key_eps = times_in_bin(rng, b, x.shape[0], num_bins)
     loss = diffusion_loss_at(eps_fn, gamma_fn, x, t, key_eps, vocab_size=vocab_size)
     return carry, (jnp.sum(loss), jnp.sum(loss**2))
 

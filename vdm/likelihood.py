@@ -22,7 +22,7 @@ import numpy as np
 
 from vdm import elbo
 from vdm.elbo import EpsFn, TimeProposal
-from vdm.importance import diffusion_loss_at
+from vdm.importance import diffusion_loss_at, times_in_bin
 from vdm.schedules import GammaFn
 
 TERMS = ("prior", "diffusion", "reconstruction", "total")
@@ -180,8 +180,7 @@ def _loss_differences(eps_fn_a: EpsFn, eps_fn_b: EpsFn, gamma_fn: GammaFn, x: ja
                       rng: jax.Array, num_bins: int, vocab_size: int) -> jax.Array:
   """ℓ_b(t) − ℓ_a(t) per bin and image [num_bins, B], with the same t (uniform in the bin) and ε."""
   def one_bin(carry, b):
-    key_t, key_eps = jax.random.split(jax.random.fold_in(rng, b))
-    t = (b + jax.random.uniform(key_t, (x.shape[0],))) / num_bins
+    t, key_eps = times_in_bin(rng, b, x.shape[0], num_bins)
     la, lb = (diffusion_loss_at(f, gamma_fn, x, t, key_eps, vocab_size=vocab_size)
               for f in (eps_fn_a, eps_fn_b))
     return carry, lb - la
