@@ -116,9 +116,10 @@ class ScoreUNet(nn.Module):
   GroupNorm statistics, the γ embedding and its MLP, the Fourier features, the output
   convolution and the base-measure addition stay in fp32. ``residual_dtype`` is the dtype of the
   residual stream, the activations between blocks and the U-Net's skips: with 'float32' only the
-  layers' inputs and outputs are rounded to bf16, not the running sums. ``remat`` (a key of :data:`REMAT`) trades
-  the activations a ResNet block stores for recomputation in the backward pass. unroll=True unrolls the scans
-  over identical blocks (same parameters, same results): XLA's cost analysis counts a loop body
+  layers' inputs and outputs are rounded to bf16, not the running sums. ``remat`` (a key of
+  :data:`REMAT`) trades the activations a ResNet block stores for recomputation in the backward
+  pass. unroll=True unrolls the scans over identical blocks (same parameters, same results):
+  XLA's cost analysis counts a loop body
   once, so FLOP counts need the unrolled program.
   """
   n_embd: int = 128
