@@ -82,7 +82,8 @@ def kernel_breakdown(events: Iterable[tuple[str, float]], calls: int, top: int =
     t[1] += 1
   kinds: dict[str, float] = {}
   for name, (ns, _) in totals.items():
-    kinds[kernel_kind(name)] = kinds.get(kernel_kind(name), 0.0) + ns / 1e6 / calls
+    kind = kernel_kind(name)
+    kinds[kind] = kinds.get(kind, 0.0) + ns / 1e6 / calls
   ranked = sorted(totals.items(), key=lambda kv: -kv[1][0])[:top]
   return {"ms_per_call": sum(kinds.values()), "kinds": kinds,
           "top": [(n, kernel_kind(n), ns / 1e6 / calls, count / calls) for n, (ns, count) in ranked]}

@@ -13,7 +13,7 @@ the compiled program; plain closures work too.
 from __future__ import annotations
 
 import math
-from typing import Iterable, Mapping, Optional, Sequence
+from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
 
 import equinox as eqx
 import jax
@@ -72,25 +72,35 @@ def elbo_samples(eps_fn: EpsFn, gamma_fn: GammaFn, x: jax.Array, rng: jax.Array,
   return out
 
 
+def _over_batches(batches: Iterable[jax.Array], rng: jax.Array, vocab_size: int,
+                  fn: Callable[[jax.Array, jax.Array], Any]) -> tuple[list, int]:
+  """[fn(x, fold_in(rng, i)) for each batch x, i = 0, 1, ...] and D, after checking each batch's
+  data; the same keys for every fn, so evaluations of the same batches share their draws."""
+  results, dims = [], None
+  for i, x in enumerate(batches):
+    x = jnp.asarray(x)
+    elbo.check_data(x, vocab_size)
+    dims = elbo.data_dims(x)
+    results.append(fn(x, jax.random.fold_in(rng, i)))
+  if dims is None:
+    raise ValueError("batches yielded no data.")
+  return results, dims
+
+
 def _per_image(settings: Mapping[str, tuple[EpsFn, dict]], gamma_fn: GammaFn,
                batches: Iterable[jax.Array], rng: jax.Array, vocab_size: int
                ) -> tuple[dict[str, dict[str, np.ndarray]], int]:
   """{setting: {output: per-image values over all batches}} of :func:`elbo_samples` with each
   setting's (eps_fn, keyword arguments), and D. Batch i uses the key fold_in(rng, i) under every
   setting (common random numbers)."""
-  values: dict[str, dict[str, list]] = {name: {} for name in settings}
-  dims = None
-  for i, x in enumerate(batches):
-    x = jnp.asarray(x)
-    elbo.check_data(x, vocab_size)
-    dims = elbo.data_dims(x)
-    key = jax.random.fold_in(rng, i)
-    for name, (eps_fn, kwargs) in settings.items():
-      for k, v in elbo_samples(eps_fn, gamma_fn, x, key, **kwargs).items():
-        values[name].setdefault(k, []).append(np.asarray(v))
-  if dims is None:
-    raise ValueError("batches yielded no data.")
-  return {name: {k: np.concatenate(v) for k, v in vals.items()} for name, vals in values.items()}, dims
+  def one_batch(x, key):
+    return {name: {k: np.asarray(v)
+                   for k, v in elbo_samples(eps_fn, gamma_fn, x, key, **kwargs).items()}
+            for name, (eps_fn, kwargs) in settings.items()}
+
+  per_batch, dims = _over_batches(batches, rng, vocab_size, one_batch)
+  return {name: {k: np.concatenate([b[name][k] for b in per_batch]) for k in per_batch[0][name]}
+          for name in settings}, dims
 
 
 def evaluate_elbo(eps_fn: EpsFn, gamma_fn: GammaFn, batches: Iterable[jax.Array], rng: jax.Array, *,
@@ -201,15 +211,8 @@ def difference_by_time(eps_fn_a: EpsFn, eps_fn_b: EpsFn, gamma_fn: GammaFn,
   """
   if num_bins < 1:
     raise ValueError(f"num_bins={num_bins} must be >= 1.")
-  per_image, dims = [], None
-  for i, x in enumerate(batches):
-    x = jnp.asarray(x)
-    elbo.check_data(x, vocab_size)
-    dims = elbo.data_dims(x)
-    per_image.append(np.asarray(_loss_differences(eps_fn_a, eps_fn_b, gamma_fn, x,
-                                                  jax.random.fold_in(rng, i), num_bins, vocab_size)))
-  if dims is None:
-    raise ValueError("batches yielded no data.")
+  per_image, dims = _over_batches(batches, rng, vocab_size, lambda x, key: np.asarray(
+      _loss_differences(eps_fn_a, eps_fn_b, gamma_fn, x, key, num_bins, vocab_size)))
   d = elbo.nats_to_bpd(np.concatenate(per_image, axis=1).astype(np.float64), dims)  # [bins, N]
   bins = [mean_and_se(row) for row in d]
   out = {"t_edges": np.linspace(0.0, 1.0, num_bins + 1).tolist(),
