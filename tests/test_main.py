@@ -155,3 +155,30 @@ def test_configs_load_and_validate(name):
     assert config.data.eval_split == "validation"
   if name == "imagenet64":
     assert len(config.model.channel_mult) > 1
+
+
+@pytest.mark.parametrize("name", ["imagenet32", "imagenet64"])
+def test_imagenet_configs_really_train(tmp_path, name):
+  """Each ImageNet config, with its own data set name, splits, image size and (64×64) down-sampling
+  levels, trains, evaluates and samples through vdm.main on tfds's mocked data (offline); only the
+  model's width and depth and the run's length are shrunk."""
+  tfds = pytest.importorskip("tensorflow_datasets")
+  import importlib  # pylint: disable=g-import-not-at-top
+  sys.path.insert(0, ROOT)
+  from vdm import main  # pylint: disable=g-import-not-at-top
+  config = importlib.import_module(f"configs.{name}").get_config()
+  config.update_from_flattened_dict({
+      "data.data_dir": str(tmp_path / "tfds"), "model.n_embd": 32, "model.n_layer": 1,
+      "model.unroll": True, "model.remat": "none", "training.batch_size": 4,
+      "training.num_steps": 2, "training.log_every": 1, "training.eval_every": 2,
+      "training.sample_every": 2, "training.checkpoint_every": 2, "eval.batch_size": 4,
+      "eval.num_batches": 1, "sampling.num_steps": 2, "sampling.num_samples": 4})
+  main.validate_config(config)
+  workdir = str(tmp_path / "run")
+  with tfds.testing.mock_data(num_examples=8, policy=tfds.testing.MockPolicy.USE_CODE):
+    summary = main.run_train(config, workdir)
+  size = config.data.image_size
+  assert summary["step"] == 2 and summary["num_examples"] == 4 and np.isfinite(summary["bpd"])
+  assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["2"]
+  samples = np.load(os.path.join(workdir, "samples", "step_2.npz"))
+  assert any(a.shape == (4, size, size, 3) for a in samples.values())
