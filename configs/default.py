@@ -37,7 +37,7 @@ def get_config() -> ml_collections.ConfigDict:
   m.channel_mult = (1,)        # (1,) = the paper's no-down-sampling U-Net
   m.dtype = "float32"          # 'float32' | 'bfloat16' (compute dtype; parameters stay fp32)
   m.residual_dtype = "float32"  # the residual stream between blocks and the skips (vdm.nets)
-  m.unroll = False             # unroll the scans over identical blocks (much faster on CPU)
+  m.unroll = 1                 # blocks per iteration of the loops over identical blocks; 0 = all
   # What ResNet blocks recompute in the backward pass (vdm.nets.REMAT): 'convs' keeps only the
   # convolutions' outputs. On the H100 it is the fastest at batch 128, and without it the fp32
   # step of the CIFAR-10 model runs out of the 80 GB (experiments/RESULTS.md).

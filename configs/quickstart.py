@@ -15,7 +15,7 @@ def get_config():
   config.model.n_embd = 32
   config.model.n_layer = 1
   config.model.dropout = 0.0
-  config.model.unroll = True   # XLA:CPU differentiates loops slowly
+  config.model.unroll = 0      # XLA:CPU differentiates loops slowly
   config.model.remat = "none"  # a tiny model: storing everything costs nothing, recomputing does
   config.optimizer.learning_rate = 2e-3
   config.optimizer.ema_rate = 0.99

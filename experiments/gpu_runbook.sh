@@ -8,12 +8,14 @@
 #   bash experiments/gpu_runbook.sh bench   # issue 4: images/s, compile time, memory, ms/sampling step
 #   bash experiments/gpu_runbook.sh curve   # issue 4: test bpd vs training seconds; bf16 vs fp32 bpd
 #   bash experiments/gpu_runbook.sh model   # issues 3, 5: vdm.main train + eval, likelihood, schedule
+#   bash experiments/gpu_runbook.sh sweep   # issue 4: variants of the step side by side, with
+#                                           # kernel time by kind, ceilings and the optimised HLO
 # Every phase trains what it needs (a fresh device machine keeps nothing between calls) and
 # writes fewer than the 8 files a call returns. Each command has its own time limit, so one that
 # fails or overruns leaves the others' results.
 # Overrides for a smoke run on any machine: VDM_CONFIG, VDM_DATA_ARGS, VDM_SECONDS, VDM_STEPS,
 # VDM_ARGS (extra --config.* flags for every command), VDM_LIMIT (the seconds a phase may take),
-# PYTHON (the interpreter).
+# VDM_VARIANTS (the sweep's, experiments/speed_sweep.py), PYTHON (the interpreter).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -109,8 +111,14 @@ case "${1:-}" in
       "${DATA[@]}" "${EXTRA[@]}" --workdir="$RUN" "$EMA" --fit_steps=300 --draws=128 \
       --output="$OUT/schedule_variance.json"
     ;;
+  sweep)
+    setup
+    run sweep $((LIMIT - 10)) "$PY" experiments/speed_sweep.py --config="$CONFIG" "${EXTRA[@]}" \
+      --variants="${VDM_VARIANTS:-base,no_dropout,rbg,residual_bf16,unroll4,remat_none,unroll2}" \
+      --floors --hlo_dir="$OUT/hlo" --output="$OUT/sweep.json"
+    ;;
   *)
-    echo "usage: bash experiments/gpu_runbook.sh prepare|bench|curve|model" >&2
+    echo "usage: bash experiments/gpu_runbook.sh prepare|bench|curve|model|sweep" >&2
     exit 2
     ;;
 esac

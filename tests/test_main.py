@@ -169,7 +169,7 @@ def test_imagenet_configs_really_train(tmp_path, name):
   config = importlib.import_module(f"configs.{name}").get_config()
   config.update_from_flattened_dict({
       "data.data_dir": str(tmp_path / "tfds"), "model.n_embd": 32, "model.n_layer": 1,
-      "model.unroll": True, "model.remat": "none", "training.batch_size": 4,
+      "model.unroll": 0, "model.remat": "none", "training.batch_size": 4,
       "training.num_steps": 2, "training.log_every": 1, "training.eval_every": 2,
       "training.sample_every": 2, "training.checkpoint_every": 2, "eval.batch_size": 4,
       "eval.num_batches": 1, "sampling.num_steps": 2, "sampling.num_samples": 4})

@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import glob
+import gzip
 import json
 import math
 import os
@@ -38,7 +39,7 @@ from vdm.nets import REMAT
 from vdm.model import eps_fn_for, gamma_fn_for, make_model
 
 
-def _median_seconds(fn: Callable[[], Any], repeats: int, warmup: int) -> float:
+def median_seconds(fn: Callable[[], Any], repeats: int, warmup: int) -> float:
   """Median wall time of fn() over `repeats` calls after `warmup` calls, each to block_until_ready."""
   for _ in range(warmup):
     jax.block_until_ready(fn())
@@ -149,17 +150,21 @@ def train_step_flops(config, model, batch_size: int) -> Optional[float]:
   lowers for the host CPU, whose compiler gives a cost analysis before compiling; on the H100
   (jax 0.11.2) the lowered step's cost analysis came back empty.
   """
-  twin = dataclasses.replace(model, net=model.net.clone(unroll=True))
+  twin = dataclasses.replace(model, net=model.net.clone(unroll=0))
   state = train.abstract_train_state(config, twin)
   batch = jax.ShapeDtypeStruct((batch_size,) + model.image_shape, jnp.int32)
   cpu_mesh = train.make_mesh(jax.devices("cpu")[:1])
   return _flops(train.make_train_step(config, twin, cpu_mesh).lower(state, batch).cost_analysis())
 
 
+PROGRAMS = ("eval", "sample")
+
+
 def benchmark(config, *, batch_size: Optional[int] = None, dtype: Optional[str] = None,
               remat: Optional[str] = None, repeats: int = 10, warmup: int = 2,
               sample_steps: int = 10, compiler_options: Optional[dict] = None,
-              profile: bool = False) -> dict:
+              profile: bool = False, programs: Iterable[str] = PROGRAMS,
+              count_flops: bool = True, hlo_dir: Optional[str] = None) -> dict:
   """Measure train / eval / sampling throughput of the model of `config`; returns the figures.
 
   batch_size, dtype and remat (a key of :data:`vdm.nets.REMAT`) default to the config's
@@ -167,8 +172,13 @@ def benchmark(config, *, batch_size: Optional[int] = None, dtype: Optional[str] 
   over all local devices. compiler_options go to XLA's compile of each timed program (the tests
   turn LLVM optimisation off to compile fast on the CPU). With ``profile``, `repeats` more calls of
   each program are traced and "profile" holds their device-kernel time (:func:`kernel_breakdown`;
-  empty on the CPU).
+  empty on the CPU). ``programs`` (of :data:`PROGRAMS`) are timed after the train step;
+  ``count_flops`` lowers the unrolled step for its FLOPs; with ``hlo_dir`` each compiled
+  program's optimised HLO is written there (``<program>.hlo.txt.gz``) for reading its fusions.
   """
+  programs = tuple(programs)
+  if set(programs) - set(PROGRAMS):
+    raise ValueError(f"programs={programs}: use some of {PROGRAMS}.")
   if repeats < 1 or warmup < 0 or sample_steps < 1:
     raise ValueError(f"repeats={repeats} must be >= 1, warmup={warmup} >= 0, "
                      f"sample_steps={sample_steps} >= 1.")
@@ -204,7 +214,8 @@ def benchmark(config, *, batch_size: Optional[int] = None, dtype: Optional[str] 
   out["train_compile_s"] = time.perf_counter() - t0
   out["train_temp_bytes"] = temp_bytes(compiled)
   out["train_temp_gib"] = None if out["train_temp_bytes"] is None else out["train_temp_bytes"] / 2**30
-  flops = train_step_flops(config, model, batch_size)
+  flops = train_step_flops(config, model, batch_size) if count_flops else None
+  compiled_programs = {"train": compiled}
 
   holder = {"state": state}
 
@@ -212,7 +223,7 @@ def benchmark(config, *, batch_size: Optional[int] = None, dtype: Optional[str] 
     holder["state"], metrics = compiled(holder["state"], batch)
     return holder["state"], metrics
 
-  out["train_step_s"] = _median_seconds(train_once, repeats, warmup)
+  out["train_step_s"] = median_seconds(train_once, repeats, warmup)
   timed = {"train": train_once}
   out["train_images_per_s"] = batch_size / out["train_step_s"]
   out["train_step_tflop"] = None if flops is None else flops / 1e12
@@ -220,31 +231,38 @@ def benchmark(config, *, batch_size: Optional[int] = None, dtype: Optional[str] 
   out["peak_memory_bytes"] = peak_memory_bytes()  # the train step is the largest program
   params = holder["state"].params
 
-  # ---- eval step (ELBO forward, deterministic net)
-  eval_step = train.make_eval_step(config, model, mesh)
-  mask = jax.device_put(np.ones((batch_size,), np.float32), train.batch_sharding(mesh))
   key = jax.random.PRNGKey(1)
-  t0 = time.perf_counter()
-  eval_compiled = eval_step.lower(params, batch, mask, key).compile(compiler_options)
-  out["eval_compile_s"] = time.perf_counter() - t0
-  timed["eval"] = lambda: eval_compiled(params, batch, mask, key)
-  out["eval_step_s"] = _median_seconds(timed["eval"], repeats, warmup)
-  out["eval_images_per_s"] = batch_size / out["eval_step_s"]
+  if "eval" in programs:  # the ELBO forward pass, deterministic net
+    eval_step = train.make_eval_step(config, model, mesh)
+    mask = jax.device_put(np.ones((batch_size,), np.float32), train.batch_sharding(mesh))
+    t0 = time.perf_counter()
+    eval_compiled = compiled_programs["eval"] = eval_step.lower(params, batch, mask, key).compile(
+        compiler_options)
+    out["eval_compile_s"] = time.perf_counter() - t0
+    timed["eval"] = lambda: eval_compiled(params, batch, mask, key)
+    out["eval_step_s"] = median_seconds(timed["eval"], repeats, warmup)
+    out["eval_images_per_s"] = batch_size / out["eval_step_s"]
 
-  # ---- ancestral sampling: `sample_steps` steps of the reverse process, per step
-  def sample(params, z, key):
-    return samplers.ancestral(eps_fn_for(model, params), gamma_fn_for(model, params), z, key,
-                              sample_steps)
+  if "sample" in programs:  # ancestral sampling: `sample_steps` steps, timed per step
+    def sample(params, z, key):
+      return samplers.ancestral(eps_fn_for(model, params), gamma_fn_for(model, params), z, key,
+                                sample_steps)
 
-  z = jax.device_put(rng.standard_normal((batch_size,) + model.image_shape, np.float32),
-                     train.batch_sharding(mesh))  # not zeros: they can run faster than real data
-  t0 = time.perf_counter()
-  sample_compiled = jax.jit(sample).lower(params, z, key).compile(compiler_options)
-  out["sample_compile_s"] = time.perf_counter() - t0
-  timed["sample"] = lambda: sample_compiled(params, z, key)
-  seconds = _median_seconds(timed["sample"], repeats, warmup)
-  out["sample_steps"] = sample_steps
-  out["sample_step_ms"] = 1e3 * seconds / sample_steps
+    z = jax.device_put(rng.standard_normal((batch_size,) + model.image_shape, np.float32),
+                       train.batch_sharding(mesh))  # not zeros: they can run faster than real data
+    t0 = time.perf_counter()
+    sample_compiled = compiled_programs["sample"] = jax.jit(sample).lower(params, z, key).compile(
+        compiler_options)
+    out["sample_compile_s"] = time.perf_counter() - t0
+    timed["sample"] = lambda: sample_compiled(params, z, key)
+    seconds = median_seconds(timed["sample"], repeats, warmup)
+    out["sample_steps"] = sample_steps
+    out["sample_step_ms"] = 1e3 * seconds / sample_steps
+  if hlo_dir:
+    os.makedirs(hlo_dir, exist_ok=True)
+    for name, program in compiled_programs.items():
+      with gzip.open(os.path.join(hlo_dir, f"{name}.hlo.txt.gz"), "wt") as f:
+        f.write(program.as_text())
 
   peak = peak_memory_bytes()
   out["peak_memory_bytes"] = max(filter(None, [out["peak_memory_bytes"], peak]), default=None)
@@ -253,7 +271,7 @@ def benchmark(config, *, batch_size: Optional[int] = None, dtype: Optional[str] 
     try:
       # train last: its calls donate the state whose parameters the other two read
       out["profile"] = {name: kernel_breakdown(device_kernel_events(timed[name], repeats), repeats)
-                        for name in ("eval", "sample", "train")}
+                        for name in (*programs, "train")}
     except Exception as e:  # pylint: disable=broad-except
       out["profile_error"] = f"{type(e).__name__}: {e}"
   return out

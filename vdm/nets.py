@@ -118,9 +118,9 @@ class ScoreUNet(nn.Module):
   residual stream, the activations between blocks and the U-Net's skips: with 'float32' only the
   layers' inputs and outputs are rounded to bf16, not the running sums. ``remat`` (a key of
   :data:`REMAT`) trades the activations a ResNet block stores for recomputation in the backward
-  pass. unroll=True unrolls the scans over identical blocks (same parameters, same results):
-  XLA's cost analysis counts a loop body
-  once, so FLOP counts need the unrolled program.
+  pass. ``unroll`` is the number of blocks per iteration of the loops over identical blocks
+  (same parameters, same results): 1 is a loop of single blocks, 0 unrolls the loops entirely
+  (XLA's cost analysis counts a loop body once, so FLOP counts need the unrolled program).
   """
   n_embd: int = 128
   n_layer: int = 32
@@ -133,7 +133,7 @@ class ScoreUNet(nn.Module):
   dtype: str = "float32"
   residual_dtype: str = "float32"
   remat: str = "none"
-  unroll: bool = False
+  unroll: int = 1
 
   @nn.compact
   def __call__(self, z: jax.Array, gamma_t: jax.Array, deterministic: bool = True) -> jax.Array:
@@ -144,6 +144,9 @@ class ScoreUNet(nn.Module):
         raise ValueError(f"{field}={getattr(self, field)!r}: use one of {tuple(DTYPES)}.")
     if self.remat not in REMAT:
       raise ValueError(f"remat={self.remat!r}: use one of {tuple(REMAT)}.")
+    if isinstance(self.unroll, bool) or not isinstance(self.unroll, int) or self.unroll < 0:
+      raise ValueError(f"unroll={self.unroll!r} must be an integer >= 0 (blocks per loop "
+                       "iteration; 0 unrolls the loops entirely).")
     levels = len(self.channel_mult)
     if z.shape[1] % 2 ** (levels - 1) or z.shape[2] % 2 ** (levels - 1):
       raise ValueError(f"H, W = {z.shape[1:3]} must be divisible by 2^{levels - 1} for "
@@ -214,7 +217,7 @@ class ScoreUNet(nn.Module):
         xs = None if skips is None else jnp.stack(skips[k:end])
         scanned = nn.scan(cls, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
                           in_axes=(0, nn.broadcast), length=end - k,
-                          unroll=end - k if self.unroll else 1)
+                          unroll=min(self.unroll or end - k, end - k))
         h, ys = scanned(**block_kw, name=f"{name}_{run_id}")(h, xs, cond)
         outs += list(ys)
       k, run_id = end, run_id + 1

@@ -1,0 +1,147 @@
+"""Variants of the training step timed side by side in one process, with where their time goes.
+
+    python experiments/speed_sweep.py --config=configs/cifar10.py --variants=base,no_dropout \
+        --output=/tmp/sweep.json [--hlo_dir=/tmp/hlo] [--floors]
+
+Each variant is a set of config overrides (and optionally the default PRNG implementation) on
+top of ``--config`` with ``--dtype`` and ``--batch_size``; :func:`vdm.benchmark.benchmark` times
+its train step (and the programs the variant names) and, with ``--profile``, splits its device
+time by kernel kind. ``--floors`` first measures the two ceilings the step is held to on this
+device: a bf16 3×3 convolution of the net's shape (forward, and forward plus both gradients)
+and a large copy. The JSON is rewritten after every variant, so a time limit keeps what finished.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+import traceback
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+from absl import app, flags  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+from vdm import benchmark  # noqa: E402
+
+# name -> (config overrides, default PRNG implementation or None, programs timed after training)
+VARIANTS = {
+    "base": ({}, None, benchmark.PROGRAMS),
+    "residual_bf16": ({"model.residual_dtype": "bfloat16"}, None, ("sample",)),
+    "no_dropout": ({"model.dropout": 0.0}, None, ()),
+    "rbg": ({}, "rbg", ()),
+    "unroll2": ({"model.unroll": 2}, None, ("sample",)),
+    "unroll4": ({"model.unroll": 4}, None, ("sample",)),
+    "remat_none": ({"model.remat": "none"}, None, ()),
+    "remat_full": ({"model.remat": "full"}, None, ()),
+    "float32": ({"model.dtype": "float32"}, None, ("sample",)),
+}
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file("config", None, "Configuration file (configs/*.py).",
+                                lock_config=False)
+flags.DEFINE_list("variants", ["base"], f"Variants to time, in order: {', '.join(VARIANTS)}.")
+flags.DEFINE_integer("batch_size", 128, "Global batch size.")
+flags.DEFINE_enum("dtype", "bfloat16", ["float32", "bfloat16"], "Compute dtype of every variant "
+                  "(a variant's model.dtype override wins).")
+flags.DEFINE_integer("repeats", 10, "Timed repeats per figure (the median is reported).")
+flags.DEFINE_bool("profile", True, "Split each program's device time by kernel kind.")
+flags.DEFINE_bool("floors", False, "First time a convolution of the net's shape and a copy.")
+flags.DEFINE_string("hlo_dir", None, "Write the first variant's optimised HLO here.")
+flags.DEFINE_string("output", None, "JSON file for all figures.")
+flags.mark_flags_as_required(["config", "output"])
+
+
+def _time(fn, *args, repeats: int = 20) -> float:
+  """Median seconds of fn(*args) after two warm-up calls, each to block_until_ready."""
+  return benchmark.median_seconds(lambda: fn(*args), repeats, 2)
+
+
+def floors(batch: int, width: int, size: int = 32) -> dict:
+  """TFLOP/s of a bf16 3×3 convolution [batch, size, size, width] -> width (forward, and forward
+  with the input and kernel gradients), and the GB/s of a 1 GiB fp32 copy (read + write)."""
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.standard_normal((batch, size, size, width)), jnp.bfloat16)
+  w = jnp.asarray(rng.standard_normal((3, 3, width, width)) / (3 * width ** 0.5), jnp.bfloat16)
+  conv = lambda x, w: jax.lax.conv_general_dilated(x, w, (1, 1), "SAME",
+                                                   dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  fwd = jax.jit(conv)
+  fwd_bwd = jax.jit(lambda x, w: jax.vjp(conv, x, w)[1](conv(x, w)))
+  flop = 2.0 * batch * size * size * 9 * width * width
+  big = jnp.asarray(rng.standard_normal((2**28,)), jnp.float32)
+  copy = jax.jit(lambda a: a * 1.0001)
+  return {"conv_fwd_tflops": flop / _time(fwd, x, w) / 1e12,
+          "conv_fwd_bwd_tflops": 3 * flop / _time(fwd_bwd, x, w) / 1e12,
+          "copy_gb_per_s": 2 * big.nbytes / _time(copy, big) / 1e9}
+
+
+def run_variant(name: str) -> dict:
+  overrides, prng_impl, programs = VARIANTS[name]
+  config = FLAGS.config.copy_and_resolve_references()
+  config.model.dtype = FLAGS.dtype
+  config.update_from_flattened_dict(overrides)
+  previous = jax.config.jax_default_prng_impl
+  if prng_impl:
+    jax.config.update("jax_default_prng_impl", prng_impl)
+  try:
+    figures = benchmark.benchmark(config, batch_size=FLAGS.batch_size, repeats=FLAGS.repeats,
+                                  profile=FLAGS.profile, programs=programs,
+                                  count_flops=name == FLAGS.variants[0],
+                                  hlo_dir=FLAGS.hlo_dir if name == FLAGS.variants[0] else None)
+  finally:
+    jax.config.update("jax_default_prng_impl", previous)
+  figures.update(variant=name, overrides=overrides, prng_impl=prng_impl or previous,
+                 unroll=config.model.unroll, dropout=config.model.dropout)
+  return figures
+
+
+def summary(name: str, f: dict) -> str:
+  if "error" in f:
+    return f"{name:>14}  error: {f['error']}"
+  kinds = f.get("profile", {}).get("train", {})
+  busy = kinds.get("ms_per_call")
+  split = ", ".join(f"{k} {v:.1f}" for k, v in sorted(kinds.get("kinds", {}).items()))
+  sample = f.get("sample_step_ms")
+  return (f"{name:>14}  {f['train_images_per_s']:8.1f} img/s  {1e3 * f['train_step_s']:7.1f} ms/step"
+          f"  compile {f['train_compile_s']:5.1f} s  temp {f['train_temp_gib'] or 0:5.1f} GiB"
+          f"  sample {sample if sample is not None else float('nan'):6.2f} ms"
+          f"  kernels {busy if busy is not None else float('nan'):6.1f} ms ({split})")
+
+
+def main(argv):
+  del argv
+  unknown = [v for v in FLAGS.variants if v not in VARIANTS]
+  if unknown:
+    raise app.UsageError(f"unknown variants {unknown}: use some of {', '.join(VARIANTS)}.")
+  results: dict = {"date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                   "device": jax.devices()[0].device_kind, "jax_version": jax.__version__,
+                   "batch_size": FLAGS.batch_size, "dtype": FLAGS.dtype, "variants": {}}
+
+  def save():
+    with open(FLAGS.output, "w") as f:
+      json.dump(results, f, indent=2)
+
+  if FLAGS.floors:
+    results["floors"] = floors(FLAGS.batch_size, FLAGS.config.model.n_embd,
+                               FLAGS.config.data.image_size)
+    print("floors:", results["floors"], flush=True)
+    save()
+  for name in FLAGS.variants:
+    t0 = time.perf_counter()
+    try:
+      results["variants"][name] = run_variant(name)
+    except Exception as e:  # pylint: disable=broad-except  (one failing variant keeps the others)
+      traceback.print_exc()
+      results["variants"][name] = {"error": f"{type(e).__name__}: {e}"[:500]}
+    results["variants"][name]["wall_s"] = time.perf_counter() - t0
+    print(summary(name, results["variants"][name]), flush=True)
+    save()
+  print("\n".join(summary(n, f) for n, f in results["variants"].items()))
+
+
+if __name__ == "__main__":
+  app.run(main)
