@@ -138,12 +138,15 @@ def test_bfloat16_close_to_float32(perturbed, residual_dtype):
 
 @pytest.mark.parametrize("residual_dtype", [jnp.bfloat16, jnp.float32])
 def test_residual_stream_dtype(residual_dtype):
-  """Layers compute in bf16; the sum leaving a block (scan carry and U-Net skip) has residual_dtype."""
+  """Layers compute in bf16; the sum leaving a block (the scan carry) has residual_dtype, its
+  copy for the way up (the U-Net skip) the compute dtype, and they hold the same values."""
   block = ResnetBlock(out_ch=32, dropout=0.0, deterministic=True, attention=True,
                       dtype=jnp.bfloat16, residual_dtype=residual_dtype)
-  x, cond = jnp.ones((2, 4, 4, 32), jnp.float32), jnp.ones((2, 128), jnp.float32)
-  (h, carry), _ = block.init_with_output(jax.random.PRNGKey(0), x, None, cond)
-  assert h.dtype == carry.dtype == residual_dtype
+  x = jax.random.normal(jax.random.PRNGKey(1), (2, 4, 4, 32))
+  cond = jnp.ones((2, 128), jnp.float32)
+  (carry, skip), _ = block.init_with_output(jax.random.PRNGKey(0), x, None, cond)
+  assert carry.dtype == residual_dtype and skip.dtype == jnp.bfloat16
+  np.testing.assert_array_equal(carry.astype(jnp.bfloat16), skip)
   with pytest.raises(ValueError, match="residual_dtype='float16'"):
     ScoreUNet(**SMALL, residual_dtype="float16").init(jax.random.PRNGKey(0), *_inputs())
 
@@ -164,7 +167,7 @@ def test_gradients_finite(perturbed):
 
 def test_remat_changes_nothing_but_memory():
   """Same loss and gradients under every remat policy, through scanned and single blocks (random
-  params, dropout on); the compiled step's temporary buffers shrink none > convs > full."""
+  params, dropout on); the compiled step's temporary buffers shrink none > conv_io > convs > full."""
   z, g = _inputs()
   kw = dict(n_embd=32, n_layer=2, dropout=0.1)
   shapes = jax.eval_shape(ScoreUNet(**kw).init, jax.random.PRNGKey(0), z, g)
@@ -177,32 +180,35 @@ def test_remat_changes_nothing_but_memory():
     temp[remat] = step.lower(params).compile().memory_analysis().temp_size_in_bytes
     results[remat] = step(params)
   loss, grad = results["none"]
-  for remat in ("convs", "full"):
+  for remat in ("conv_io", "convs", "full"):
     np.testing.assert_allclose(results[remat][0], loss, rtol=1e-6)
     for a, b in zip(jax.tree_util.tree_leaves(results[remat][1]), jax.tree_util.tree_leaves(grad)):
       np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
   print("temporary bytes:", temp)
-  assert temp["none"] > temp["convs"] > temp["full"]
+  assert temp["none"] > temp["conv_io"] > temp["convs"] > temp["full"]
   with pytest.raises(ValueError, match="remat='yes'"):
     ScoreUNet(**kw, remat="yes").init(jax.random.PRNGKey(0), z, g)
 
 
 def test_scanned_blocks_stack_parameters(init_params):
-  """Runs of identical blocks share one scanned body with stacked parameters."""
+  """Runs of identical blocks share one scanned body with stacked parameters: the way up scans
+  the way down's outputs in reverse, then takes conv_in's output in a block of its own."""
   p = init_params["params"]
   assert p["down_0_0"]["conv1"]["kernel"].shape == (2, 3, 3, 32, 32)  # 2 blocks down
   assert p["down_0_0"]["attn"]["q"]["kernel"].shape == (2, 32, 32)
-  assert p["up_0_0"]["conv1"]["kernel"].shape == (3, 3, 3, 64, 32)  # 3 blocks up, skip concatenated
+  assert p["up_0_0"]["conv1"]["kernel"].shape == (2, 3, 3, 64, 32)  # 2 blocks up, skip concatenated
+  assert p["up_0_1"]["conv1"]["kernel"].shape == (3, 3, 64, 32)  # the skip from conv_in
   assert set(p) == {"dense0", "dense1", "conv_in", "down_0_0", "mid_1_0", "mid_2_0", "up_0_0",
-                    "norm_out", "conv_out"}
+                    "up_0_1", "norm_out", "conv_out"}
   assert num_params(init_params) == param_count(ScoreUNet(**SMALL), SHAPE[1:])
 
 
 def test_unroll_changes_nothing_but_the_program():
-  """Loops of 2 (down) and 3 (up) identical blocks: unrolled by 1, 2 (a remainder) and entirely,
-  the loss and gradients (dropout on) are the same; a bad unroll gets a one-line error."""
+  """Two levels of 3 blocks (the way up splits a scanned segment where its first block changes
+  the channel count), the loops unrolled by 1, 2 (a remainder) and entirely: the loss and
+  gradients (dropout on) are the same; a bad unroll gets a one-line error."""
   z, g = _inputs()
-  kw = dict(n_embd=32, n_layer=2, dropout=0.1)
+  kw = dict(n_embd=32, n_layer=3, dropout=0.1, channel_mult=(1, 2))
   shapes = jax.eval_shape(ScoreUNet(**kw).init, jax.random.PRNGKey(0), z, g)
   rng = np.random.default_rng(9)
   params = jax.tree_util.tree_map(lambda s: 0.1 * rng.standard_normal(s.shape, np.float32), shapes)

@@ -72,7 +72,7 @@ def kernel_kind(name: str) -> str:
   return "other"
 
 
-def kernel_breakdown(events: Iterable[tuple[str, float]], calls: int, top: int = 15) -> dict:
+def kernel_breakdown(events: Iterable[tuple[str, float]], calls: int, top: int = 40) -> dict:
   """Device time per call from (kernel name, duration in ns) events of ``calls`` traced calls:
   "ms_per_call" in all, "kinds" {kind: ms per call}, and the ``top`` kernels by time
   [(name, kind, ms per call, launches per call)]."""

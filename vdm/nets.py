@@ -25,10 +25,15 @@ from jax.ad_checkpoint import checkpoint_name
 from vdm.schedules import GAMMA_MAX, GAMMA_MIN
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-# What a ResNet block keeps for the backward pass: everything ("none": no rematerialisation), its
-# two convolutions' outputs ("convs": norms, activations and dropout are recomputed, convolutions
-# are not), or its input alone ("full": the whole block is recomputed, convolutions included).
-REMAT = {"none": None, "convs": jax.checkpoint_policies.save_only_these_names("conv"),
+# What a ResNet block keeps for the backward pass, besides its input: everything ("none": no
+# rematerialisation); its two convolutions' inputs and outputs and the dropout mask, all in the
+# compute dtype ("conv_io": only normalisation statistics are recomputed); the convolutions'
+# outputs ("convs": norms, activations and dropout are recomputed, convolutions are not); or
+# nothing ("full": the whole block is recomputed, convolutions included).
+REMAT = {"none": None,
+         "conv_io": jax.checkpoint_policies.save_only_these_names("conv_in", "conv_out",
+                                                                   "dropout_mask"),
+         "convs": jax.checkpoint_policies.save_only_these_names("conv_out"),
          "full": jax.checkpoint_policies.nothing_saveable}
 
 
@@ -60,8 +65,10 @@ class ResnetBlock(nn.Module):
   plus a skip (a 1×1 projection when the channel count changes); then optional self-attention.
 
   ``skip`` (the U-Net's stored activation) is concatenated to the input when given. Returns
-  (h, h) so that the block is also the body of an ``nn.scan``. The layers compute in ``dtype``;
-  the sum x + h that leaves the block (the residual stream) is kept in ``residual_dtype``.
+  (h, skip for the way up) so that the block is also the body of an ``nn.scan``. The layers
+  compute in ``dtype``; the sum x + h that leaves the block (the residual stream) is kept in
+  ``residual_dtype``, its copy for the way up in ``dtype``: a skip only feeds a GroupNorm, whose
+  output is rounded to ``dtype``, and a 1×1 projection computed in ``dtype``.
   """
   out_ch: int
   dropout: float
@@ -74,20 +81,25 @@ class ResnetBlock(nn.Module):
   def __call__(self, x: jax.Array, skip: Optional[jax.Array], cond: jax.Array):
     if skip is not None:
       x = jnp.concatenate([x, skip], axis=-1)
-    conv = lambda name, **kw: nn.Conv(self.out_ch, (3, 3), dtype=self.dtype, name=name, **kw)
-    h = nn.swish(nn.GroupNorm(dtype=self.dtype, name="norm1")(x))
-    h = checkpoint_name(conv("conv1")(h), "conv")
+    def conv(h, name, **kw):  # conv3x3, its input and output named for the remat policies
+      h = checkpoint_name(h.astype(self.dtype), "conv_in")
+      h = nn.Conv(self.out_ch, (3, 3), dtype=self.dtype, name=name, **kw)(h)
+      return checkpoint_name(h, "conv_out")
+
+    h = conv(nn.swish(nn.GroupNorm(dtype=self.dtype, name="norm1")(x)), "conv1")
     h = h + nn.Dense(self.out_ch, use_bias=False, kernel_init=nn.initializers.zeros,
                      dtype=self.dtype, name="cond_proj")(cond)[:, None, None, :]
     h = nn.swish(nn.GroupNorm(dtype=self.dtype, name="norm2")(h))
-    h = nn.Dropout(self.dropout, deterministic=self.deterministic)(h)
-    h = checkpoint_name(conv("conv2", kernel_init=nn.initializers.zeros)(h), "conv")
+    if self.dropout > 0 and not self.deterministic:  # inverted dropout: E[h] is unchanged
+      keep = jax.random.bernoulli(self.make_rng("dropout"), 1.0 - self.dropout, h.shape)
+      h = jnp.where(checkpoint_name(keep, "dropout_mask"), h / (1.0 - self.dropout), 0.0)
+    h = conv(h, "conv2", kernel_init=nn.initializers.zeros)
     if x.shape[-1] != self.out_ch:
       x = nn.Dense(self.out_ch, dtype=self.dtype, name="nin_shortcut")(x)
     h = (x + h).astype(self.residual_dtype)
     if self.attention:
       h = AttnBlock(dtype=self.dtype, residual_dtype=self.residual_dtype, name="attn")(h)
-    return h, h
+    return h, h.astype(self.dtype)
 
 
 class AttnBlock(nn.Module):
@@ -165,28 +177,30 @@ class ScoreUNet(nn.Module):
     h = jnp.concatenate([z, fourier_features(z)], axis=-1) if self.fourier_features else z
     h = nn.Conv(self.n_embd, (3, 3), dtype=cdt, name="conv_in")(h).astype(rdt)
 
-    hs = [h]
+    # The skips, in the compute dtype, as segments [m, B, H, W, C]: the outputs of one scan
+    # stay one array (no copy), the way up reads them in reverse order.
+    segments = [h.astype(cdt)[None]]
     for i, mult in enumerate(self.channel_mult):
       h, outs = self._blocks(h, None, cond, deterministic, self.n_embd * mult, self.n_layer,
                              self.attention, f"down_{i}")
-      hs += outs
+      segments += outs
       if i < levels - 1:
         h = nn.Conv(h.shape[-1], (3, 3), strides=(2, 2), dtype=cdt,
                     name=f"downsample_{i}")(h).astype(rdt)
-        hs.append(h)
+        segments.append(h.astype(cdt)[None])
 
     h, _ = self._blocks(h, None, cond, deterministic, h.shape[-1], 1, True, "mid_1")
     h, _ = self._blocks(h, None, cond, deterministic, h.shape[-1], 1, False, "mid_2")
 
     for i in reversed(range(levels)):
-      skips = [hs.pop() for _ in range(self.n_layer + 1)]
-      h, _ = self._blocks(h, skips, cond, deterministic, self.n_embd * self.channel_mult[i],
-                          self.n_layer + 1, self.attention, f"up_{i}")
+      h, _ = self._blocks(h, _pop_skips(segments, self.n_layer + 1), cond, deterministic,
+                          self.n_embd * self.channel_mult[i], self.n_layer + 1, self.attention,
+                          f"up_{i}")
       if i > 0:
         b, hgt, wid, c = h.shape
         h = jax.image.resize(h, (b, 2 * hgt, 2 * wid, c), "nearest")
         h = nn.Conv(c, (3, 3), dtype=cdt, name=f"upsample_{i}")(h).astype(rdt)
-    assert not hs
+    assert not segments
 
     h = nn.swish(nn.GroupNorm(dtype=jnp.float32, name="norm_out")(h))
     h = nn.Conv(z.shape[-1], (3, 3), kernel_init=nn.initializers.zeros, dtype=jnp.float32,
@@ -194,34 +208,50 @@ class ScoreUNet(nn.Module):
     return z + h  # the base measure: ε̂ = z_t at initialisation
 
   def _blocks(self, h, skips, cond, deterministic, out_ch, n, attention, name):
-    """n ResNet blocks to out_ch channels, block k concatenating skips[k] when skips are given.
+    """n ResNet blocks to out_ch channels; with ``skips`` (segments from :func:`_pop_skips`)
+    block k concatenates the k-th skip, taking each segment from its last entry to its first.
 
-    Consecutive blocks with identical input shapes share one scanned body (the first block of
-    a level runs on its own when it changes the channel count). Returns (h, [outputs]).
+    Each segment's blocks share one scanned body over stacked parameters, reading the segment
+    in reverse; a level's first block runs on its own when it changes the channel count.
+    Returns (h, [segments of the blocks' outputs for the way up]).
     """
     block_kw = dict(out_ch=out_ch, dropout=self.dropout, deterministic=deterministic,
                     attention=attention, dtype=DTYPES[self.dtype],
                     residual_dtype=DTYPES[self.residual_dtype])
-    outs, k, run_id = [], 0, 0
-    while k < n:
-      end = k + 1
-      if h.shape[-1] == out_ch:
-        while end < n and (skips is None or skips[end].shape == skips[k].shape):
-          end += 1
+    runs = [(n, None)] if skips is None else [(len(s), s) for s in skips]  # (length, skips)
+    if h.shape[-1] != out_ch and runs[0][0] > 1:
+      m, s = runs[0]
+      runs[:1] = [(1, None if s is None else s[m - 1:]), (m - 1, None if s is None else s[:m - 1])]
+    assert sum(m for m, _ in runs) == n
+    outs = []
+    for run_id, (m, xs) in enumerate(runs):
       cls = (ResnetBlock if self.remat == "none" else
-             nn.remat(ResnetBlock, prevent_cse=end - k == 1, policy=REMAT[self.remat]))
-      if end - k == 1:
-        h, _ = cls(**block_kw, name=f"{name}_{run_id}")(h, None if skips is None else skips[k], cond)
-        outs.append(h)
+             nn.remat(ResnetBlock, prevent_cse=m == 1, policy=REMAT[self.remat]))
+      if m == 1:
+        h, y = cls(**block_kw, name=f"{name}_{run_id}")(h, None if xs is None else xs[0], cond)
+        outs.append(y[None])
       else:
-        xs = None if skips is None else jnp.stack(skips[k:end])
-        scanned = nn.scan(cls, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
-                          in_axes=(0, nn.broadcast), length=end - k,
-                          unroll=min(self.unroll or end - k, end - k))
+        scanned = nn.scan(cls, variable_axes={"params": 0},
+                          split_rngs={"params": True, "dropout": True},
+                          in_axes=(0, nn.broadcast), length=m, reverse=xs is not None,
+                          unroll=min(self.unroll or m, m))
         h, ys = scanned(**block_kw, name=f"{name}_{run_id}")(h, xs, cond)
-        outs += list(ys)
-      k, run_id = end, run_id + 1
+        outs.append(ys)
     return h, outs
+
+
+def _pop_skips(segments: list, n: int) -> list:
+  """The last n skips off a list of segments [m, ...] (popped in place), as the segments (or
+  their tails) that hold them, last first: the order in which the way up reads them."""
+  taken = []
+  while n > 0:
+    seg = segments.pop()
+    if len(seg) > n:  # leave the head of a longer segment for the next level
+      segments.append(seg[:len(seg) - n])
+      seg = seg[len(seg) - n:]
+    taken.append(seg)
+    n -= len(seg)
+  return taken
 
 
 def num_params(params) -> int:
