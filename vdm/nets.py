@@ -79,16 +79,18 @@ class ResnetBlock(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array, skip: Optional[jax.Array], cond: jax.Array):
-    if skip is not None:
-      x = jnp.concatenate([x, skip], axis=-1)
+    if skip is not None:  # in the compute dtype: both halves only feed layers that round to it
+      x = jnp.concatenate([x.astype(self.dtype), skip.astype(self.dtype)], axis=-1)
     def conv(h, name, **kw):  # conv3x3, its input and output named for the remat policies
       h = checkpoint_name(h.astype(self.dtype), "conv_in")
       h = nn.Conv(self.out_ch, (3, 3), dtype=self.dtype, name=name, **kw)(h)
       return checkpoint_name(h, "conv_out")
 
     h = conv(nn.swish(nn.GroupNorm(dtype=self.dtype, name="norm1")(x)), "conv1")
-    h = h + nn.Dense(self.out_ch, use_bias=False, kernel_init=nn.initializers.zeros,
-                     dtype=self.dtype, name="cond_proj")(cond)[:, None, None, :]
+    # The γ conditioning is added in fp32 inside the norm that follows; in the conv's dtype XLA
+    # makes it the conv's side input, a materialised [B, H, W, C] broadcast per block.
+    h = h.astype(jnp.float32) + nn.Dense(self.out_ch, use_bias=False, name="cond_proj",
+                                         kernel_init=nn.initializers.zeros)(cond)[:, None, None, :]
     h = nn.swish(nn.GroupNorm(dtype=self.dtype, name="norm2")(h))
     if self.dropout > 0 and not self.deterministic:  # inverted dropout: E[h] is unchanged
       keep = jax.random.bernoulli(self.make_rng("dropout"), 1.0 - self.dropout, h.shape)
@@ -125,10 +127,11 @@ class ScoreUNet(nn.Module):
   active only with ``deterministic=False`` (which needs the 'dropout' rng).
 
   dtype='bfloat16' runs convolutions, dense layers and attention in bf16 with fp32 parameters;
-  GroupNorm statistics, the γ embedding and its MLP, the Fourier features, the output
-  convolution and the base-measure addition stay in fp32. ``residual_dtype`` is the dtype of the
-  residual stream, the activations between blocks and the U-Net's skips: with 'float32' only the
-  layers' inputs and outputs are rounded to bf16, not the running sums. ``remat`` (a key of
+  GroupNorm statistics, the γ embedding, its MLP and its projections into the blocks, the
+  Fourier features, the output convolution and the base-measure addition stay in fp32.
+  ``residual_dtype`` is the dtype of the residual stream, the activations between blocks: with
+  'float32' only the layers' inputs and outputs are rounded to bf16, not the running sums (the
+  U-Net's skips, layer inputs only, are kept in the compute dtype). ``remat`` (a key of
   :data:`REMAT`) trades the activations a ResNet block stores for recomputation in the backward
   pass. ``unroll`` is the number of blocks per iteration of the loops over identical blocks
   (same parameters, same results): 1 is a loop of single blocks, 0 unrolls the loops entirely
