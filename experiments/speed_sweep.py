@@ -36,9 +36,6 @@ VARIANTS = {
     "rbg": ({}, "rbg", ()),
     "unroll2": ({"model.unroll": 2}, None, ("sample",)),
     "unroll4": ({"model.unroll": 4}, None, ("sample",)),
-    "conv_io": ({"model.remat": "conv_io"}, None, ("sample",)),
-    "conv_io_residual_bf16": ({"model.remat": "conv_io", "model.residual_dtype": "bfloat16"},
-                              None, ("sample",)),
     "remat_none": ({"model.remat": "none"}, None, ()),
     "remat_full": ({"model.remat": "full"}, None, ()),
     "float32": ({"model.dtype": "float32"}, None, ("sample",)),
@@ -54,6 +51,7 @@ flags.DEFINE_enum("dtype", "bfloat16", ["float32", "bfloat16"], "Compute dtype o
 flags.DEFINE_integer("repeats", 10, "Timed repeats per figure (the median is reported).")
 flags.DEFINE_bool("profile", True, "Split each program's device time by kernel kind.")
 flags.DEFINE_bool("floors", False, "First time a convolution of the net's shape and a copy.")
+flags.DEFINE_bool("count_flops", True, "Count the first variant's FLOPs (lowering it unrolled).")
 flags.DEFINE_string("hlo_dir", None, "Write the first variant's optimised HLO here.")
 flags.DEFINE_string("output", None, "JSON file for all figures.")
 flags.mark_flags_as_required(["config", "output"])
@@ -93,7 +91,7 @@ def run_variant(name: str) -> dict:
   try:
     figures = benchmark.benchmark(config, batch_size=FLAGS.batch_size, repeats=FLAGS.repeats,
                                   profile=FLAGS.profile, programs=programs,
-                                  count_flops=name == FLAGS.variants[0],
+                                  count_flops=FLAGS.count_flops and name == FLAGS.variants[0],
                                   hlo_dir=FLAGS.hlo_dir if name == FLAGS.variants[0] else None)
   finally:
     jax.config.update("jax_default_prng_impl", previous)

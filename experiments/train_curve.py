@@ -170,8 +170,9 @@ def plot(paths: list[str], out: str) -> None:
     with open(path) as f:
       res = json.load(f)
     pts = res["points"]
-    label = (f"vdm {res['config']['model']['dtype']}, {res['device']} "
-             f"({res['images_per_second']:.0f} img/s)")
+    model = res["config"]["model"]  # runs from before residual_dtype had their stream in dtype
+    label = (f"vdm {model['dtype']}, residual {model.get('residual_dtype', model['dtype'])}, "
+             f"{res['device']} ({res['images_per_second']:.0f} img/s)")
     ax.errorbar([p["train_seconds"] for p in pts], [p["test_bpd"] for p in pts],
                 yerr=[2 * p["test_bpd_se"] for p in pts], marker="o", ms=3, capsize=2, label=label)
   ax.plot(REFERENCE["seconds"], REFERENCE["bpd"], "ks--", label=REFERENCE["label"])

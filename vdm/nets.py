@@ -25,15 +25,12 @@ from jax.ad_checkpoint import checkpoint_name
 from vdm.schedules import GAMMA_MAX, GAMMA_MIN
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-# What a ResNet block keeps for the backward pass, besides its input: everything ("none": no
-# rematerialisation); its two convolutions' inputs and outputs and the dropout mask, all in the
-# compute dtype ("conv_io": only normalisation statistics are recomputed); the convolutions'
-# outputs ("convs": norms, activations and dropout are recomputed, convolutions are not); or
-# nothing ("full": the whole block is recomputed, convolutions included).
-REMAT = {"none": None,
-         "conv_io": jax.checkpoint_policies.save_only_these_names("conv_in", "conv_out",
-                                                                   "dropout_mask"),
-         "convs": jax.checkpoint_policies.save_only_these_names("conv_out"),
+# What a ResNet block keeps for the backward pass: everything ("none": no rematerialisation), its
+# two convolutions' outputs ("convs": norms, activations and dropout are recomputed, convolutions
+# are not), or its input alone ("full": the whole block is recomputed, convolutions included).
+# (Also keeping the convolutions' inputs and the dropout mask was slower on the H100 than
+# "convs": each saved tensor is one more copy into the scan's stacked residuals; RESULTS.md.)
+REMAT = {"none": None, "convs": jax.checkpoint_policies.save_only_these_names("conv"),
          "full": jax.checkpoint_policies.nothing_saveable}
 
 
@@ -81,21 +78,16 @@ class ResnetBlock(nn.Module):
   def __call__(self, x: jax.Array, skip: Optional[jax.Array], cond: jax.Array):
     if skip is not None:  # in the compute dtype: both halves only feed layers that round to it
       x = jnp.concatenate([x.astype(self.dtype), skip.astype(self.dtype)], axis=-1)
-    def conv(h, name, **kw):  # conv3x3, its input and output named for the remat policies
-      h = checkpoint_name(h.astype(self.dtype), "conv_in")
-      h = nn.Conv(self.out_ch, (3, 3), dtype=self.dtype, name=name, **kw)(h)
-      return checkpoint_name(h, "conv_out")
-
-    h = conv(nn.swish(nn.GroupNorm(dtype=self.dtype, name="norm1")(x)), "conv1")
+    conv = lambda name, **kw: nn.Conv(self.out_ch, (3, 3), dtype=self.dtype, name=name, **kw)
+    h = nn.swish(nn.GroupNorm(dtype=self.dtype, name="norm1")(x))
+    h = checkpoint_name(conv("conv1")(h), "conv")
     # The γ conditioning is added in fp32 inside the norm that follows; in the conv's dtype XLA
     # makes it the conv's side input, a materialised [B, H, W, C] broadcast per block.
     h = h.astype(jnp.float32) + nn.Dense(self.out_ch, use_bias=False, name="cond_proj",
                                          kernel_init=nn.initializers.zeros)(cond)[:, None, None, :]
     h = nn.swish(nn.GroupNorm(dtype=self.dtype, name="norm2")(h))
-    if self.dropout > 0 and not self.deterministic:  # inverted dropout: E[h] is unchanged
-      keep = jax.random.bernoulli(self.make_rng("dropout"), 1.0 - self.dropout, h.shape)
-      h = jnp.where(checkpoint_name(keep, "dropout_mask"), h / (1.0 - self.dropout), 0.0)
-    h = conv(h, "conv2", kernel_init=nn.initializers.zeros)
+    h = nn.Dropout(self.dropout, deterministic=self.deterministic)(h)
+    h = checkpoint_name(conv("conv2", kernel_init=nn.initializers.zeros)(h), "conv")
     if x.shape[-1] != self.out_ch:
       x = nn.Dense(self.out_ch, dtype=self.dtype, name="nin_shortcut")(x)
     h = (x + h).astype(self.residual_dtype)
