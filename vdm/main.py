@@ -107,6 +107,9 @@ def validate_config(config) -> None:
   for key in ("dtype", "residual_dtype"):
     if m[key] not in nets.DTYPES:
       raise ValueError(f"unknown model.{key} {m[key]!r}: use one of {', '.join(nets.DTYPES)}.")
+  if isinstance(m.unroll, bool) or m.unroll < 0:
+    raise ValueError(f"model.unroll={m.unroll!r} must be an integer >= 0 (blocks per loop "
+                     "iteration; 0 unrolls the loops entirely).")
   if m.remat not in nets.REMAT:
     raise ValueError(f"unknown model.remat {m.remat!r}: use one of {', '.join(nets.REMAT)} (see "
                      "vdm.nets.REMAT).")
