@@ -2,6 +2,7 @@
 
 Compile time dominates on the CPU, so the timed programs are compiled without LLVM optimisation
 (the figures are only checked for sanity); the command-line run is marked slow."""
+import gzip
 import json
 import math
 import pathlib
@@ -95,3 +96,48 @@ def test_profile_on_cpu_is_empty_not_an_error():
   assert set(figures["profile"]) == {"train", "eval", "sample"}
   assert all(p["ms_per_call"] == 0 and p["top"] == [] for p in figures["profile"].values())
   assert figures["train_images_per_s"] > 0 and "kernels, train" in benchmark.format_report(figures)
+
+
+def test_chosen_programs_no_flops_and_hlo(tmp_path):
+  """Only the named programs are timed (and profiled); no FLOP count when not asked; each compiled
+  program's optimised HLO is written; an unknown program is refused."""
+  figures = benchmark.benchmark(tiny_config(), repeats=1, warmup=0, sample_steps=1,
+                                programs=("sample",), count_flops=False, hlo_dir=str(tmp_path),
+                                compiler_options={"xla_backend_optimization_level": 0})
+  assert figures["sample_step_ms"] > 0 and "eval_step_s" not in figures
+  assert figures["train_step_tflop"] is None and figures["train_images_per_s"] > 0
+  for name in ("train", "sample"):
+    with gzip.open(tmp_path / f"{name}.hlo.txt.gz", "rt") as f:
+      assert f.read().startswith("HloModule")
+  assert not (tmp_path / "eval.hlo.txt.gz").exists()
+  with pytest.raises(ValueError, match="programs="):
+    benchmark.benchmark(tiny_config(), programs=("train",))
+
+
+SWEEP_TINY = ["--config=configs/quickstart.py", "--config.model.n_layer=2",
+              "--config.model.dropout=0.1", "--config.model.unroll=1", "--batch_size=2",
+              "--repeats=1", "--noprofile", "--nocount_flops"]
+
+
+def _sweep(*args):
+  return subprocess.run([sys.executable, str(ROOT / "experiments" / "speed_sweep.py"), *args],
+                        capture_output=True, text=True, cwd=ROOT)
+
+
+def test_sweep_refuses_unknown_variants(tmp_path):
+  r = _sweep(*SWEEP_TINY, "--variants=base,fastest", f"--output={tmp_path / 's.json'}")
+  assert r.returncode != 0 and "unknown variants ['fastest']" in r.stderr
+  assert not (tmp_path / "s.json").exists()
+
+
+@pytest.mark.slow
+def test_sweep_times_each_variant(tmp_path):
+  out = tmp_path / "sweep.json"
+  r = _sweep(*SWEEP_TINY, "--variants=no_dropout,unroll2", f"--output={out}")
+  assert r.returncode == 0, r.stderr[-2000:]
+  res = json.loads(out.read_text())
+  v = res["variants"]
+  assert list(v) == ["no_dropout", "unroll2"] and res["batch_size"] == 2
+  assert v["no_dropout"]["dropout"] == 0.0 and v["unroll2"]["unroll"] == 2
+  assert all(f["train_images_per_s"] > 0 for f in v.values())
+  assert "sample_step_ms" in v["unroll2"] and "sample_step_ms" not in v["no_dropout"]
