@@ -3,7 +3,6 @@ distribution), loading it, and writing the results as JSON. Import after the rep
 on sys.path."""
 from __future__ import annotations
 
-import dataclasses
 import functools
 import os
 import sys
@@ -16,7 +15,7 @@ import jax
 import numpy as np
 
 from vdm import checkpoint, input_pipeline, likelihood, logging_utils
-from vdm.model import Model, traced_fns
+from vdm.model import Model, traced_fns, with_dtype
 
 FLAGS = flags.FLAGS
 
@@ -50,17 +49,19 @@ def load_images(config, split: str, num: int) -> np.ndarray:
 
 def compare_dtype(model: Model, params: dict, dtype: str, images: np.ndarray, rng: jax.Array, *,
                   batch_size: int, num_samples: int, vocab_size: int, decoder: str) -> dict:
-  """The continuous-time bound of ``params`` at the model's compute dtype (a) and at ``dtype`` (b)
+  """The continuous-time bound of ``params`` at the model's compute dtype (a; with its
+  ``eval_fp32_fraction``) and at ``dtype`` (b; 'float32' is the network entirely in fp32)
   on ``images``, with shared draws: :func:`vdm.likelihood.paired_difference` and the two dtypes,
   and under "by_time" where in t they differ (:func:`vdm.likelihood.difference_by_time`)."""
   eps_a, gamma_fn = traced_fns(model, params)
-  eps_b, _ = traced_fns(dataclasses.replace(model, net=model.net.clone(dtype=dtype)), params)
+  eps_b, _ = traced_fns(with_dtype(model, dtype), params)
   batches = [images[i:i + batch_size] for i in range(0, len(images), batch_size)]
   res = likelihood.paired_difference(eps_a, eps_b, gamma_fn, batches, rng, vocab_size=vocab_size,
                                      num_samples=num_samples, decoder=decoder)
   by_time = likelihood.difference_by_time(eps_a, eps_b, gamma_fn, batches,
                                           jax.random.fold_in(rng, 1), vocab_size=vocab_size)
-  return {"a": model.net.dtype, "b": dtype, **res, "by_time": by_time}
+  return {"a": model.net.dtype, "a_eval_fp32_fraction": model.eval_fp32_fraction, "b": dtype,
+          **res, "by_time": by_time}
 
 
 def write_results(results: dict, name: str) -> str:

@@ -72,6 +72,8 @@ BAD_INPUTS = {
     "gamma_order": (["--config.model.gamma_min=6.0"], {}, "gamma_min"),
     "residual_dtype": (["--config.model.residual_dtype=fp16"], {}, "unknown model.residual_dtype"),
     "negative_unroll": (["--config.model.unroll=-1"], {}, "model.unroll=-1 must be an integer >= 0"),
+    "fp32_fraction": (["--config.model.eval_fp32_fraction=1.5"], {},
+                      "model.eval_fp32_fraction=1.5 must be in [0, 1]"),
     "indivisible_batch": (["--config.training.batch_size=3"],
                           {"XLA_FLAGS": "--xla_force_host_platform_device_count=2"},
                           "not divisible by the 2 devices"),

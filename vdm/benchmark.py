@@ -36,7 +36,7 @@ import numpy as np
 
 from vdm import samplers, train
 from vdm.nets import REMAT
-from vdm.model import eps_fn_for, gamma_fn_for, make_model
+from vdm.model import eps_fn_for, gamma_fn_for, make_model, with_dtype
 
 
 def median_seconds(fn: Callable[[], Any], repeats: int, warmup: int) -> float:
@@ -191,7 +191,8 @@ def benchmark(config, *, batch_size: Optional[int] = None, dtype: Optional[str] 
     raise ValueError(f"batch_size={batch_size} must be a multiple of the {n_dev} devices.")
 
   model = make_model(config)
-  model = dataclasses.replace(model, net=model.net.clone(dtype=dtype, remat=remat))
+  model = with_dtype(model, dtype)
+  model = dataclasses.replace(model, net=model.net.clone(remat=remat))
   vocab = config.data.vocab_size
   rng = np.random.default_rng(0)
   batch = jax.device_put(rng.integers(0, vocab, (batch_size,) + model.image_shape, dtype=np.int32),

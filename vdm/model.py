@@ -7,6 +7,7 @@ schedules). ``eps_fn_for`` and ``gamma_fn_for`` close over them and give the cal
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, Optional
 
 import flax.linen as nn
@@ -29,6 +30,7 @@ class Model:
   schedule: Optional[nn.Module]
   fixed_gamma_fn: Optional[GammaFn]
   image_shape: tuple[int, int, int]
+  eval_fp32_fraction: float = 0.0  # see eps_fn_for
 
 
 def make_model(config) -> Model:
@@ -37,6 +39,9 @@ def make_model(config) -> Model:
   if not m.gamma_min < m.gamma_max:
     raise ValueError(f"model.gamma_min={m.gamma_min} must be < model.gamma_max={m.gamma_max}: "
                      "γ(t) rises from data (t=0) to noise (t=1); fix or swap them.")
+  if not 0.0 <= m.eval_fp32_fraction <= 1.0:
+    raise ValueError(f"model.eval_fp32_fraction={m.eval_fp32_fraction} must be in [0, 1] (the "
+                     "share of each evaluated batch, least noisy first, computed in fp32).")
   net = ScoreUNet(
       n_embd=m.n_embd,
       n_layer=m.n_layer,
@@ -64,7 +69,17 @@ def make_model(config) -> Model:
     fixed = schedules.ddpm(m.schedule.split("_")[1])
   else:
     raise ValueError(f"unknown model.schedule {m.schedule!r}: use one of {', '.join(SCHEDULES)}.")
-  return Model(net, schedule, fixed, (d.image_size, d.image_size, d.channels))
+  return Model(net, schedule, fixed, (d.image_size, d.image_size, d.channels),
+               float(m.eval_fp32_fraction))
+
+
+def with_dtype(model: Model, dtype: str) -> Model:
+  """The model with its network computing in ``dtype``; 'float32' is the network entirely in fp32
+  (its residual stream too) and evaluates every example in fp32."""
+  if dtype == "float32":
+    return dataclasses.replace(model, net=model.net.clone(dtype=dtype, residual_dtype=dtype),
+                               eval_fp32_fraction=0.0)
+  return dataclasses.replace(model, net=model.net.clone(dtype=dtype))
 
 
 def init_params(model: Model, rng: jax.Array) -> Params:
@@ -91,12 +106,38 @@ def gamma_fn_for(model: Model, params: Params) -> GammaFn:
 
 def eps_fn_for(model: Model, params: Params, *, train: bool = False,
                rng: Optional[jax.Array] = None) -> EpsFn:
-  """ε̂(z_t, γ_t) with the model's parameters; dropout is on only with ``train`` (and ``rng``)."""
+  """ε̂(z_t, γ_t) with the model's parameters; dropout is on only with ``train`` (and ``rng``).
+
+  Evaluating (no ``train``) a network that computes in bf16 with ``model.eval_fp32_fraction``
+  f > 0, the ⌈f·B⌉ examples of lowest γ_t in each batch go through the network in fp32
+  (:func:`split_by_noise`): the low-noise end is where bf16 loses bits (experiments/RESULTS.md).
+  """
   deterministic = not train
 
   def eps_fn(z: jax.Array, gamma: jax.Array) -> jax.Array:
     rngs = {"dropout": rng} if (train and rng is not None) else {}
     return model.net.apply(params["net"], z, gamma, deterministic=deterministic, rngs=rngs)
+
+  if train or model.eval_fp32_fraction == 0.0 or model.net.dtype == "float32":
+    return eps_fn
+  return split_by_noise(eps_fn_for(with_dtype(model, "float32"), params), eps_fn,
+                        model.eval_fp32_fraction)
+
+
+def split_by_noise(eps_low: EpsFn, eps_rest: EpsFn, fraction: float) -> EpsFn:
+  """ε̂ that sends the ⌈fraction·B⌉ examples of lowest γ_t (least noise) of a batch of B through
+  ``eps_low`` and the others through ``eps_rest``, in the batch's order; the two sub-batches have
+  static sizes, so each function is compiled once."""
+  def eps_fn(z: jax.Array, gamma: jax.Array) -> jax.Array:
+    b = z.shape[0]
+    k = min(math.ceil(fraction * b), b)
+    if k in (0, b):
+      return (eps_low if k else eps_rest)(z, gamma)
+    gamma = jnp.broadcast_to(jnp.asarray(gamma, jnp.float32).reshape(-1), (b,))
+    order = jnp.argsort(gamma)
+    z, gamma = z[order], gamma[order]
+    out = jnp.concatenate([eps_low(z[:k], gamma[:k]), eps_rest(z[k:], gamma[k:])])
+    return jnp.zeros_like(out).at[order].set(out)
 
   return eps_fn
 

@@ -1,0 +1,62 @@
+"""vdm.model: the least noisy share of an evaluated batch in fp32 (split_by_noise, eps_fn_for)."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs import default
+from vdm.model import eps_fn_for, init_params, make_model, split_by_noise, with_dtype
+
+
+def test_split_by_noise_routes_the_lowest_gamma():
+  """Two denoisers told apart by their output: the ⌈f·B⌉ examples of lowest γ get the first, in
+  the batch's own order; f = 0 and 1 give one denoiser alone; a scalar γ is a batch of equal γ."""
+  low = lambda z, g: jnp.ones_like(z) + 0.0 * g[:, None]
+  rest = lambda z, g: jnp.zeros_like(z) + 0.0 * g[:, None]
+  z = jnp.arange(7.0)[:, None] * jnp.ones((7, 2))
+  gamma = jnp.array([3.0, -9.0, 0.5, -2.0, 7.0, -12.0, 1.0])
+  out = jax.jit(split_by_noise(low, rest, 0.3))(z, gamma)  # ⌈2.1⌉ = 3 lowest: -12, -9, -2
+  np.testing.assert_array_equal(out[:, 0], [0, 1, 0, 1, 0, 1, 0])
+  np.testing.assert_array_equal(split_by_noise(low, rest, 0.0)(z, gamma), rest(z, gamma))
+  np.testing.assert_array_equal(split_by_noise(low, rest, 1.0)(z, gamma), low(z, gamma))
+  assert float(split_by_noise(low, rest, 0.5)(z, jnp.float32(-3.0)).sum()) == 4 * 2
+  # The split keeps each example's own input: an identity stays an identity.
+  ident = lambda z, g: z
+  np.testing.assert_array_equal(split_by_noise(ident, ident, 0.3)(z, gamma), z)
+
+
+def test_eval_fp32_fraction_evaluates_the_low_noise_share_in_fp32():
+  """A bf16 model with eval_fp32_fraction = 0.5: its least noisy half gives the fp32 network's
+  ε̂, the other half the bf16 network's; training (dropout) is unaffected; bad fractions are
+  refused; with_dtype('float32') is fp32 throughout, residual stream included."""
+  config = default.get_config()
+  config.data.image_size = 8
+  config.model.update(n_embd=32, n_layer=1, dtype="bfloat16", residual_dtype="bfloat16",
+                      eval_fp32_fraction=0.5)
+  model = make_model(config)
+  rng = np.random.default_rng(0)
+  params = jax.tree_util.tree_map(  # non-zero everywhere, so that the output layers matter
+      lambda p: p + 0.05 * rng.standard_normal(p.shape).astype(np.float32),
+      init_params(model, jax.random.PRNGKey(0)))
+  z = jnp.asarray(rng.standard_normal((4, 8, 8, 3)), jnp.float32)
+  gamma = jnp.array([2.0, -11.0, 0.0, -6.0])  # the low-noise half: examples 1 and 3
+  fp32 = with_dtype(model, "float32")
+  assert fp32.net.residual_dtype == "float32" and fp32.eval_fp32_fraction == 0.0
+  plain = with_dtype(model, "bfloat16").net  # the bf16 net without the split
+  mixed = jax.jit(eps_fn_for(model, params))(z, gamma)
+  # References on the same sub-batches, in the order the split runs them (by γ): bf16 results
+  # depend on the batch a program sees, at the level of bf16 rounding.
+  low, high = np.array([1, 3]), np.array([2, 0])
+  ref32 = jax.jit(eps_fn_for(fp32, params))
+  ref16 = jax.jit(lambda z, g: plain.apply(params["net"], z, g))
+  gap = float(jnp.max(jnp.abs(ref16(z[high], gamma[high]) - ref32(z[high], gamma[high]))))
+  assert gap > 1e-3  # the two precisions differ here
+  np.testing.assert_allclose(mixed[low], ref32(z[low], gamma[low]), rtol=1e-5, atol=1e-5)
+  assert float(jnp.max(jnp.abs(mixed[high] - ref16(z[high], gamma[high])))) < 0.1 * gap
+  train = eps_fn_for(model, params, train=True, rng=jax.random.PRNGKey(1))
+  np.testing.assert_array_equal(
+      train(z, gamma), plain.apply(params["net"], z, gamma, deterministic=False,
+                                   rngs={"dropout": jax.random.PRNGKey(1)}))
+  config.model.eval_fp32_fraction = 1.5
+  with pytest.raises(ValueError, match="eval_fp32_fraction=1.5 must be in"):
+    make_model(config)
