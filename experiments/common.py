@@ -52,7 +52,9 @@ def compare_dtype(model: Model, params: dict, dtype: str, images: np.ndarray, rn
   """The continuous-time bound of ``params`` at the model's compute dtype (a; with its
   ``eval_fp32_fraction``) and at ``dtype`` (b; 'float32' is the network entirely in fp32)
   on ``images``, with shared draws: :func:`vdm.likelihood.paired_difference` and the two dtypes,
-  and under "by_time" where in t they differ (:func:`vdm.likelihood.difference_by_time`)."""
+  and under "by_time" where in t they differ (:func:`vdm.likelihood.difference_by_time`; its
+  batches hold one bin of t each, so with an ``eval_fp32_fraction`` the fp32 share of (a) is the
+  least noisy share of every bin, not the low-t bins)."""
   eps_a, gamma_fn = traced_fns(model, params)
   eps_b, _ = traced_fns(with_dtype(model, dtype), params)
   batches = [images[i:i + batch_size] for i in range(0, len(images), batch_size)]
