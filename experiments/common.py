@@ -47,6 +47,12 @@ def load_images(config, split: str, num: int) -> np.ndarray:
   return data.get(np.arange(len(data) if num <= 0 else min(num, len(data))))
 
 
+def image_batches(images: np.ndarray, batch_size: int) -> list[np.ndarray]:
+  """``images`` in consecutive batches of ``batch_size`` (the last one may be shorter): views,
+  so the list can be read more than once at no cost."""
+  return [images[i:i + batch_size] for i in range(0, len(images), batch_size)]
+
+
 def compare_dtype(model: Model, params: dict, dtype: str, images: np.ndarray, rng: jax.Array, *,
                   batch_size: int, num_samples: int, vocab_size: int, decoder: str) -> dict:
   """The continuous-time bound of ``params`` at the model's compute dtype (a; with its
@@ -57,7 +63,7 @@ def compare_dtype(model: Model, params: dict, dtype: str, images: np.ndarray, rn
   least noisy share of every bin, not the low-t bins)."""
   eps_a, gamma_fn = traced_fns(model, params)
   eps_b, _ = traced_fns(with_dtype(model, dtype), params)
-  batches = [images[i:i + batch_size] for i in range(0, len(images), batch_size)]
+  batches = image_batches(images, batch_size)
   res = likelihood.paired_difference(eps_a, eps_b, gamma_fn, batches, rng, vocab_size=vocab_size,
                                      num_samples=num_samples, decoder=decoder)
   by_time = likelihood.difference_by_time(eps_a, eps_b, gamma_fn, batches,

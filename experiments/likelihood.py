@@ -59,11 +59,6 @@ flags.DEFINE_float("atol", 1e-5, "ODE absolute tolerance.")
 flags.DEFINE_integer("max_steps", 4096, "ODE step limit per solve.")
 
 
-def _batches(images: np.ndarray, batch_size: int):
-  for start in range(0, len(images), batch_size):
-    yield images[start:start + batch_size]
-
-
 @common.one_line_errors
 def main(argv):
   del argv
@@ -97,7 +92,7 @@ def main(argv):
   proposals = {}
   if FLAGS.importance:
     t0 = time.time()
-    moments = importance.loss_moments(eps_fn, gamma_fn, _batches(fit, FLAGS.batch_size),
+    moments = importance.loss_moments(eps_fn, gamma_fn, common.image_batches(fit, FLAGS.batch_size),
                                       jax.random.fold_in(rng, 1), vocab_size=vocab_size,
                                       num_bins=FLAGS.is_bins)
     params = importance.proposal_from_second_moment(moments["second_moment"], FLAGS.is_uniform_mix,
@@ -116,7 +111,7 @@ def main(argv):
 
   t0 = time.time()
   results["elbo"] = likelihood.evaluate_elbo(
-      eps_fn, gamma_fn, _batches(test, FLAGS.batch_size), jax.random.fold_in(rng, 3),
+      eps_fn, gamma_fn, common.image_batches(test, FLAGS.batch_size), jax.random.fold_in(rng, 3),
       vocab_size=vocab_size, timesteps=[int(t) for t in FLAGS.timesteps],
       num_samples=FLAGS.num_time_samples, decoder=decoder, time_proposals=proposals)
   timings["elbo_s"] = time.time() - t0
@@ -142,7 +137,8 @@ def main(argv):
     for deq in FLAGS.dequantization:
       t0 = time.time()
       results["ode"][deq] = ode_likelihood.evaluate_ode_likelihood(
-          eps_fn, gamma_fn, _batches(ode_images, FLAGS.ode_batch_size), jax.random.fold_in(rng, 4),
+          eps_fn, gamma_fn, common.image_batches(ode_images, FLAGS.ode_batch_size),
+          jax.random.fold_in(rng, 4),
           vocab_size=vocab_size, num_draws=FLAGS.ode_num_draws, dequantization=deq, decoder=decoder,
           divergence=FLAGS.divergence, num_probes=FLAGS.num_probes, solver=FLAGS.solver,
           rtol=FLAGS.rtol, atol=FLAGS.atol, max_steps=FLAGS.max_steps)
