@@ -111,7 +111,7 @@ case "${1:-}" in
   sweep)
     setup
     run sweep $((LIMIT - 10)) "$PY" experiments/speed_sweep.py --config="$CONFIG" "${EXTRA[@]}" \
-      --variants="${VDM_VARIANTS:-base,no_dropout,rbg,residual_bf16,unroll4,remat_none,unroll2}" \
+      --variants="${VDM_VARIANTS:-base,residual_bf16,unroll1,unroll0,unroll0+remat_none,no_dropout}" \
       --floors --hlo_dir="$OUT/hlo" --output="$OUT/sweep.json"
     ;;
   *)

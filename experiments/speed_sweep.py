@@ -4,7 +4,8 @@
         --output=/tmp/sweep.json [--hlo_dir=/tmp/hlo] [--floors]
 
 Each variant is a set of config overrides (and optionally the default PRNG implementation) on
-top of ``--config`` with ``--dtype`` and ``--batch_size``; :func:`vdm.benchmark.benchmark` times
+top of ``--config`` with ``--dtype`` and ``--batch_size``; ``a+b`` applies the overrides of
+variants a and b together (e.g. ``unroll0+remat_none``). :func:`vdm.benchmark.benchmark` times
 its train step (and the programs the variant names) and, with ``--profile``, splits its device
 time by kernel kind. ``--floors`` first measures the two ceilings the step is held to on this
 device: a bf16 3×3 convolution of the net's shape (forward, and forward plus both gradients)
@@ -34,8 +35,9 @@ VARIANTS = {
     "residual_bf16": ({"model.residual_dtype": "bfloat16"}, None, ("sample",)),
     "no_dropout": ({"model.dropout": 0.0}, None, ()),
     "rbg": ({}, "rbg", ()),
+    "unroll0": ({"model.unroll": 0}, None, ("sample",)),
+    "unroll1": ({"model.unroll": 1}, None, ("sample",)),
     "unroll2": ({"model.unroll": 2}, None, ("sample",)),
-    "unroll4": ({"model.unroll": 4}, None, ("sample",)),
     "remat_none": ({"model.remat": "none"}, None, ()),
     "remat_full": ({"model.remat": "full"}, None, ()),
     "float32": ({"model.dtype": "float32"}, None, ("sample",)),
@@ -44,7 +46,8 @@ VARIANTS = {
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Configuration file (configs/*.py).",
                                 lock_config=False)
-flags.DEFINE_list("variants", ["base"], f"Variants to time, in order: {', '.join(VARIANTS)}.")
+flags.DEFINE_list("variants", ["base"], f"Variants to time, in order: {', '.join(VARIANTS)}, "
+                  "or several joined by '+'.")
 flags.DEFINE_integer("batch_size", 128, "Global batch size.")
 flags.DEFINE_enum("dtype", "bfloat16", ["float32", "bfloat16"], "Compute dtype of every variant "
                   "(a variant's model.dtype override wins).")
@@ -80,8 +83,20 @@ def floors(batch: int, width: int, size: int = 32) -> dict:
           "copy_gb_per_s": 2 * big.nbytes / _time(copy, big) / 1e9}
 
 
+def combine(name: str) -> tuple[dict, str | None, tuple[str, ...]]:
+  """(overrides, PRNG implementation, programs) of a variant, or of ``a+b+...``: the parts'
+  overrides together (a later part wins), the last PRNG named, and the programs of all parts."""
+  overrides, prng_impl, programs = {}, None, ()
+  for part in name.split("+"):
+    o, p, progs = VARIANTS[part]
+    overrides.update(o)
+    prng_impl = p or prng_impl
+    programs += tuple(q for q in progs if q not in programs)
+  return overrides, prng_impl, programs
+
+
 def run_variant(name: str) -> dict:
-  overrides, prng_impl, programs = VARIANTS[name]
+  overrides, prng_impl, programs = combine(name)
   config = FLAGS.config.copy_and_resolve_references()
   config.model.dtype = FLAGS.dtype
   config.update_from_flattened_dict(overrides)
@@ -115,7 +130,7 @@ def summary(name: str, f: dict) -> str:
 
 def main(argv):
   del argv
-  unknown = [v for v in FLAGS.variants if v not in VARIANTS]
+  unknown = [v for v in FLAGS.variants if any(p not in VARIANTS for p in v.split("+"))]
   if unknown:
     raise app.UsageError(f"unknown variants {unknown}: use some of {', '.join(VARIANTS)}.")
   results: dict = {"date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),

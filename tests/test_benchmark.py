@@ -125,19 +125,22 @@ def _sweep(*args):
 
 
 def test_sweep_refuses_unknown_variants(tmp_path):
-  r = _sweep(*SWEEP_TINY, "--variants=base,fastest", f"--output={tmp_path / 's.json'}")
-  assert r.returncode != 0 and "unknown variants ['fastest']" in r.stderr
+  r = _sweep(*SWEEP_TINY, "--variants=base,unroll0+fastest", f"--output={tmp_path / 's.json'}")
+  assert r.returncode != 0 and "unknown variants ['unroll0+fastest']" in r.stderr
   assert not (tmp_path / "s.json").exists()
 
 
 @pytest.mark.slow
 def test_sweep_times_each_variant(tmp_path):
   out = tmp_path / "sweep.json"
-  r = _sweep(*SWEEP_TINY, "--variants=no_dropout,unroll2", f"--output={out}")
+  r = _sweep(*SWEEP_TINY, "--variants=no_dropout,unroll2+remat_none", f"--output={out}")
   assert r.returncode == 0, r.stderr[-2000:]
   res = json.loads(out.read_text())
   v = res["variants"]
-  assert list(v) == ["no_dropout", "unroll2"] and res["batch_size"] == 2
-  assert v["no_dropout"]["dropout"] == 0.0 and v["unroll2"]["unroll"] == 2
+  both = "unroll2+remat_none"
+  assert list(v) == ["no_dropout", both] and res["batch_size"] == 2
+  assert v["no_dropout"]["dropout"] == 0.0 and v[both]["unroll"] == 2
+  assert v[both]["overrides"] == {"model.unroll": 2, "model.remat": "none"}
+  assert v[both]["remat"] == "none"
   assert all(f["train_images_per_s"] > 0 for f in v.values())
-  assert "sample_step_ms" in v["unroll2"] and "sample_step_ms" not in v["no_dropout"]
+  assert "sample_step_ms" in v[both] and "sample_step_ms" not in v["no_dropout"]
