@@ -95,13 +95,13 @@ def main(argv):
     moments = importance.loss_moments(eps_fn, gamma_fn, common.image_batches(fit, FLAGS.batch_size),
                                       jax.random.fold_in(rng, 1), vocab_size=vocab_size,
                                       num_bins=FLAGS.is_bins)
-    params = importance.proposal_from_second_moment(moments["second_moment"], FLAGS.is_uniform_mix,
-                                                    FLAGS.is_spread)
-    proposals["importance"] = importance.time_proposal(params)
+    proposal_params = importance.proposal_from_second_moment(
+        moments["second_moment"], FLAGS.is_uniform_mix, FLAGS.is_spread)
+    proposals["importance"] = importance.time_proposal(proposal_params)
     variance = importance.estimator_variance(eps_fn, gamma_fn, jnp.asarray(test[:FLAGS.batch_size]),
                                              jax.random.fold_in(rng, 2), proposals["importance"],
                                              vocab_size=vocab_size, repeats=FLAGS.variance_repeats)
-    results["importance"] = {"proposal_probs": np.asarray(params["probs"]).tolist(),
+    results["importance"] = {"proposal_probs": np.asarray(proposal_params["probs"]).tolist(),
                              "loss_mean_per_bin": moments["mean"].tolist(),
                              "loss_second_moment_per_bin": moments["second_moment"].tolist(),
                              "fit_images": moments["num_images"], "variance": variance}
