@@ -71,6 +71,8 @@ BAD_INPUTS = {
     "wrong_type": (["--config.training.batch_size=abc"], {}, "batch_size"),
     "gamma_order": (["--config.model.gamma_min=6.0"], {}, "gamma_min"),
     "residual_dtype": (["--config.model.residual_dtype=fp16"], {}, "unknown model.residual_dtype"),
+    "narrow_residual": (["--config.model.residual_dtype=bfloat16"], {},
+                        "would round the residual stream of a float32 network"),
     "negative_unroll": (["--config.model.unroll=-1"], {}, "model.unroll=-1 must be an integer >= 0"),
     "fp32_fraction": (["--config.model.eval_fp32_fraction=1.5"], {},
                       "model.eval_fp32_fraction=1.5 must be in [0, 1]"),
@@ -140,7 +142,8 @@ def test_full_quickstart_beats_uniform_bits(tmp_path):
   assert summary["bpd"] < 6.5
 
 
-@pytest.mark.parametrize("name", ["cifar10", "cifar10_aug", "imagenet32", "imagenet64", "quickstart"])
+@pytest.mark.parametrize("name", ["cifar10", "cifar10_aug", "cifar10_bf16", "imagenet32", "imagenet64",
+                                  "quickstart"])
 def test_configs_load_and_validate(name):
   import importlib  # pylint: disable=g-import-not-at-top
   from vdm import main  # pylint: disable=g-import-not-at-top
@@ -153,6 +156,10 @@ def test_configs_load_and_validate(name):
     assert (o.learning_rate, o.b1, o.b2, o.weight_decay, o.warmup_steps, o.ema_rate, o.grad_clip) == (
         2e-4, 0.9, 0.99, 0.01, 100, 0.9999, 0.0)
     assert config.data.random_flip == (name == "cifar10_aug")
+    # What the H100 curve ran as configs/cifar10.py with overrides (experiments/RESULTS.md).
+    assert (m.dtype, m.residual_dtype, m.unroll, m.remat, m.eval_fp32_fraction) == (
+        ("bfloat16", "bfloat16", 0, "none", 0.3) if name == "cifar10_bf16"
+        else ("float32", "float32", 4, "convs", 0.3))
   if name.startswith("imagenet"):
     assert config.data.name == f"imagenet_resized/{name[-2:]}x{name[-2:]}"
     assert config.data.eval_split == "validation"

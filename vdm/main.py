@@ -107,6 +107,10 @@ def validate_config(config) -> None:
   for key in ("dtype", "residual_dtype"):
     if m[key] not in nets.DTYPES:
       raise ValueError(f"unknown model.{key} {m[key]!r}: use one of {', '.join(nets.DTYPES)}.")
+  if m.dtype == "float32" and m.residual_dtype != "float32":
+    raise ValueError(f"model.residual_dtype={m.residual_dtype!r} would round the residual stream "
+                     "of a float32 network: set model.residual_dtype=float32 or model.dtype="
+                     f"{m.residual_dtype}.")
   if isinstance(m.unroll, bool) or m.unroll < 0:
     raise ValueError(f"model.unroll={m.unroll!r} must be an integer >= 0 (blocks per loop "
                      "iteration; 0 unrolls the loops entirely).")
