@@ -171,8 +171,12 @@ def plot(paths: list[str], out: str) -> None:
       res = json.load(f)
     pts = res["points"]
     model = res["config"]["model"]  # runs from before residual_dtype had their stream in dtype
+    unroll = model.get("unroll", 1)
+    if isinstance(unroll, bool):  # the first lease's unroll: True for all blocks, False for one
+      unroll = 0 if unroll else 1
     label = (f"vdm {model['dtype']}, residual {model.get('residual_dtype', model['dtype'])}, "
-             f"{res['device']} ({res['images_per_second']:.0f} img/s)")
+             f"unroll {unroll}, remat {model.get('remat', 'none')} "
+             f"({res['images_per_second']:.0f} img/s)")
     ax.errorbar([p["train_seconds"] for p in pts], [p["test_bpd"] for p in pts],
                 yerr=[2 * p["test_bpd_se"] for p in pts], marker="o", ms=3, capsize=2, label=label)
   ax.plot(REFERENCE["seconds"], REFERENCE["bpd"], "ks--", label=REFERENCE["label"])
