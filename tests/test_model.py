@@ -26,9 +26,10 @@ def test_split_by_noise_routes_the_lowest_gamma():
 
 
 def test_eval_fp32_fraction_evaluates_the_low_noise_share_in_fp32():
-  """A bf16 model with eval_fp32_fraction = 0.5: its least noisy half gives the fp32 network's
-  ε̂, the other half the bf16 network's; training (dropout) is unaffected; bad fractions are
-  refused; with_dtype('float32') is fp32 throughout, residual stream included."""
+  """A bf16 model with eval_fp32_fraction = 0.5: evaluating the bound, its least noisy half
+  gives the fp32 network's ε̂, the other half the bf16 network's; training (dropout) and
+  sampling are unaffected; bad fractions are refused; with_dtype('float32') is fp32 throughout,
+  residual stream included."""
   config = default.get_config()
   config.data.image_size = 8
   config.model.update(n_embd=32, n_layer=1, dtype="bfloat16", residual_dtype="bfloat16",
@@ -43,7 +44,7 @@ def test_eval_fp32_fraction_evaluates_the_low_noise_share_in_fp32():
   fp32 = with_dtype(model, "float32")
   assert fp32.net.residual_dtype == "float32" and fp32.eval_fp32_fraction == 0.0
   plain = with_dtype(model, "bfloat16").net  # the bf16 net without the split
-  mixed = jax.jit(eps_fn_for(model, params))(z, gamma)
+  mixed = jax.jit(eps_fn_for(model, params, bound=True))(z, gamma)
   # References on the same sub-batches, in the order the split runs them (by γ): bf16 results
   # depend on the batch a program sees, at the level of bf16 rounding.
   low, high = np.array([1, 3]), np.array([2, 0])
@@ -53,6 +54,8 @@ def test_eval_fp32_fraction_evaluates_the_low_noise_share_in_fp32():
   assert gap > 1e-3  # the two precisions differ here
   np.testing.assert_allclose(mixed[low], ref32(z[low], gamma[low]), rtol=1e-5, atol=1e-5)
   assert float(jnp.max(jnp.abs(mixed[high] - ref16(z[high], gamma[high])))) < 0.1 * gap
+  # A sampler's ε̂: the bf16 network for every example, on the same batch as the reference.
+  np.testing.assert_array_equal(jax.jit(eps_fn_for(model, params))(z, gamma), ref16(z, gamma))
   train = eps_fn_for(model, params, train=True, rng=jax.random.PRNGKey(1))
   np.testing.assert_array_equal(
       train(z, gamma), plain.apply(params["net"], z, gamma, deterministic=False,
@@ -60,3 +63,29 @@ def test_eval_fp32_fraction_evaluates_the_low_noise_share_in_fp32():
   config.model.eval_fp32_fraction = 1.5
   with pytest.raises(ValueError, match="eval_fp32_fraction=1.5 must be in"):
     make_model(config)
+
+
+def test_eval_step_bound_takes_the_fp32_share():
+  """train.make_eval_step evaluates with the fp32 share: a bf16 model with eval_fp32_fraction = 1
+  gives the fp32 model's sums; with 0 they differ at bf16's level."""
+  from vdm import train  # pylint: disable=g-import-not-at-top
+
+  config = default.get_config()
+  config.data.image_size = 8
+  config.model.update(n_embd=32, n_layer=1, dtype="bfloat16", eval_fp32_fraction=1.0)
+  mesh = train.make_mesh()
+  rng = np.random.default_rng(0)
+  batch = jnp.asarray(rng.integers(0, 256, (4, 8, 8, 3)), jnp.int32)
+  mask, key = jnp.ones((4,)), jax.random.PRNGKey(2)
+
+  def bpd(**model_overrides):
+    config.model.update(**model_overrides)
+    model = make_model(config)
+    params = jax.tree_util.tree_map(
+        lambda p: p + 0.05 * np.random.default_rng(1).standard_normal(p.shape).astype(np.float32),
+        init_params(model, jax.random.PRNGKey(0)))
+    return float(train.make_eval_step(config, model, mesh)(params, batch, mask, key)["bpd"])
+
+  all_fp32 = bpd()
+  np.testing.assert_allclose(all_fp32, bpd(dtype="float32"), rtol=1e-6)
+  assert abs(bpd(dtype="bfloat16", eval_fp32_fraction=0.0) - all_fp32) > 1e-5

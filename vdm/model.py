@@ -105,12 +105,13 @@ def gamma_fn_for(model: Model, params: Params) -> GammaFn:
 
 
 def eps_fn_for(model: Model, params: Params, *, train: bool = False,
-               rng: Optional[jax.Array] = None) -> EpsFn:
+               rng: Optional[jax.Array] = None, bound: bool = False) -> EpsFn:
   """ε̂(z_t, γ_t) with the model's parameters; dropout is on only with ``train`` (and ``rng``).
 
-  Evaluating (no ``train``) a network that computes in bf16 with ``model.eval_fp32_fraction``
-  f > 0, the ⌈f·B⌉ examples of lowest γ_t in each batch go through the network in fp32
-  (:func:`split_by_noise`): the low-noise end is where bf16 loses bits (experiments/RESULTS.md).
+  With ``bound`` (evaluating the ELBO, not training) a network that computes in bf16 with
+  ``model.eval_fp32_fraction`` f > 0 sends the ⌈f·B⌉ examples of lowest γ_t in each batch
+  through the network in fp32 (:func:`split_by_noise`): the low-noise end is where bf16 loses
+  bits (experiments/RESULTS.md). Samplers leave it off: a sampling step's examples share one t.
   """
   deterministic = not train
 
@@ -118,7 +119,7 @@ def eps_fn_for(model: Model, params: Params, *, train: bool = False,
     rngs = {"dropout": rng} if (train and rng is not None) else {}
     return model.net.apply(params["net"], z, gamma, deterministic=deterministic, rngs=rngs)
 
-  if train or model.eval_fp32_fraction == 0.0 or model.net.dtype == "float32":
+  if train or not bound or model.eval_fp32_fraction == 0.0 or model.net.dtype == "float32":
     return eps_fn
   return split_by_noise(eps_fn_for(with_dtype(model, "float32"), params), eps_fn,
                         model.eval_fp32_fraction)
@@ -146,7 +147,9 @@ def traced_fns(model: Model, params: Params) -> tuple[EpsFn, GammaFn]:
   """(ε̂, γ) with ``params`` as ``jax.tree_util.Partial``s: callable pytrees whose parameters jit
   traces as arguments rather than folding them into the program as constants (what
   :mod:`vdm.likelihood`, :mod:`vdm.ode_likelihood` and :mod:`vdm.importance` expect). Build them
-  once per model: each call makes new functions, so a new compile."""
-  eps_fn = jax.tree_util.Partial(lambda p, z, g: eps_fn_for(model, p)(z, g), params)
+  once per model: each call makes new functions, so a new compile. ε̂ is the bound's
+  (``eps_fn_for(..., bound=True)``); where a batch shares one t, as in an ODE solve, its fp32
+  share is the first ⌈f·B⌉ examples."""
+  eps_fn = jax.tree_util.Partial(lambda p, z, g: eps_fn_for(model, p, bound=True)(z, g), params)
   gamma_fn = jax.tree_util.Partial(lambda p, t: gamma_fn_for(model, p)(t), params)
   return eps_fn, gamma_fn

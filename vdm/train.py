@@ -241,8 +241,8 @@ def make_eval_step(config, model: Model, mesh: Mesh) -> Callable:
 
   def eval_step(params, batch, mask, rng):
     dims = elbo.data_dims(batch)
-    terms = elbo.elbo_terms(eps_fn_for(model, params), gamma_fn_for(model, params), batch, rng,
-                            **kwargs)
+    terms = elbo.elbo_terms(eps_fn_for(model, params, bound=True), gamma_fn_for(model, params),
+                            batch, rng, **kwargs)
     per_example = {k: elbo.nats_to_bpd(terms[k], dims) for k in TERMS}
     per_example["bpd"] = elbo.nats_to_bpd(elbo.total_nats(terms), dims)
     sums = {k: jnp.sum(v * mask) for k, v in per_example.items()}
