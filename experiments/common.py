@@ -55,21 +55,22 @@ def image_batches(images: np.ndarray, batch_size: int) -> list[np.ndarray]:
 
 def compare_dtype(model: Model, params: dict, dtype: str, images: np.ndarray, rng: jax.Array, *,
                   batch_size: int, num_samples: int, vocab_size: int, decoder: str) -> dict:
-  """The continuous-time bound of ``params`` at the model's compute dtype (a; with its
-  ``eval_fp32_fraction``) and at ``dtype`` (b; 'float32' is the network entirely in fp32)
-  on ``images``, with shared draws: :func:`vdm.likelihood.paired_difference` and the two dtypes,
-  and under "by_time" where in t they differ (:func:`vdm.likelihood.difference_by_time`; its
-  batches hold one bin of t each, so with an ``eval_fp32_fraction`` the fp32 share of (a) is the
-  least noisy share of every bin, not the low-t bins)."""
+  """The continuous-time bound of ``params`` on ``images`` at the model's compute dtype (a) and
+  at ``dtype`` (b; 'float32' is the network entirely in fp32), a bf16 side with the model's
+  ``eval_fp32_fraction``, with shared draws: :func:`vdm.likelihood.paired_difference` and the
+  two dtypes, and under "by_time" where in t they differ (:func:`vdm.likelihood.difference_by_time`;
+  its batches hold one bin of t each, so with an ``eval_fp32_fraction`` a bf16 side's fp32 share
+  is the least noisy share of every bin, not the low-t bins)."""
+  model_b = with_dtype(model, dtype)
   eps_a, gamma_fn = traced_fns(model, params)
-  eps_b, _ = traced_fns(with_dtype(model, dtype), params)
+  eps_b, _ = traced_fns(model_b, params)
   batches = image_batches(images, batch_size)
   res = likelihood.paired_difference(eps_a, eps_b, gamma_fn, batches, rng, vocab_size=vocab_size,
                                      num_samples=num_samples, decoder=decoder)
   by_time = likelihood.difference_by_time(eps_a, eps_b, gamma_fn, batches,
                                           jax.random.fold_in(rng, 1), vocab_size=vocab_size)
   return {"a": model.net.dtype, "a_eval_fp32_fraction": model.eval_fp32_fraction, "b": dtype,
-          **res, "by_time": by_time}
+          "b_eval_fp32_fraction": model_b.eval_fp32_fraction, **res, "by_time": by_time}
 
 
 def write_results(results: dict, name: str) -> str:
