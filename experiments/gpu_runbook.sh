@@ -15,7 +15,7 @@
 # fails or overruns leaves the others' results.
 # Overrides for a smoke run on any machine: VDM_CONFIG, VDM_DATA_ARGS, VDM_SECONDS, VDM_STEPS,
 # VDM_ARGS (extra --config.* flags for every command), VDM_LIMIT (the seconds a phase may take),
-# VDM_VARIANTS (the sweep's, experiments/speed_sweep.py), PYTHON (the interpreter).
+# VDM_SPECS (the bench's), VDM_VARIANTS (the sweep's, experiments/speed_sweep.py), PYTHON.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -63,15 +63,18 @@ case "${1:-}" in
   bench)
     setup
     LEFT=$LIMIT
-    # In order of need: the default bf16 step (fp32 residual stream), the bf16 stream, batch 512,
-    # and the fp32 step (which needs remat to fit at batch 128). Variants: the sweep phase.
-    for spec in "128 bfloat16 convs float32" "128 bfloat16 convs bfloat16" "512 bfloat16 convs float32" \
-                "128 float32 convs float32"; do
-      read -r batch dtype remat residual <<< "$spec"
-      name=bench_${dtype}_${batch}_${remat}_${residual}
+    # VDM_SPECS: "batch dtype remat residual_dtype unroll" per benchmark, ';'-separated. By
+    # default, in order of need: cifar10_bf16's setting, the same at batch 512, batch 512 with
+    # the scan and remat (measured to fit), and the fp32 step (which needs remat at batch 128).
+    # Variants of one step side by side: the sweep phase.
+    IFS=';' read -r -a SPECS <<< "${VDM_SPECS:-128 bfloat16 none bfloat16 0;512 bfloat16 none bfloat16 0;512 bfloat16 convs float32 4;128 float32 convs float32 4}"
+    for spec in "${SPECS[@]}"; do
+      read -r batch dtype remat residual unroll <<< "$spec"
+      name=bench_${dtype}_${batch}_${remat}_${residual}_unroll${unroll}
       start=$SECONDS
       run bench $((LEFT > 240 ? 240 : LEFT)) "$PY" -m vdm.benchmark --config="$CONFIG" "${EXTRA[@]}" \
-        --config.model.residual_dtype="$residual" --batch_size="$batch" --dtype="$dtype" \
+        --config.model.residual_dtype="$residual" --config.model.unroll="$unroll" \
+        --batch_size="$batch" --dtype="$dtype" \
         --remat="$remat" --repeats=10 --profile --json_out="$OUT/$name.json"
       LEFT=$((LEFT - SECONDS + start))
       [ "$LEFT" -gt 30 ] || break
