@@ -69,8 +69,9 @@ def compare_dtype(model: Model, params: dict, dtype: str, images: np.ndarray, rn
                                      num_samples=num_samples, decoder=decoder)
   by_time = likelihood.difference_by_time(eps_a, eps_b, gamma_fn, batches,
                                           jax.random.fold_in(rng, 1), vocab_size=vocab_size)
-  return {"a": model.net.dtype, "a_eval_fp32_fraction": model.eval_fp32_fraction, "b": dtype,
-          "b_eval_fp32_fraction": model_b.eval_fp32_fraction, **res, "by_time": by_time}
+  share = lambda m: 0.0 if m.net.dtype == "float32" else m.eval_fp32_fraction  # bf16 nets only
+  return {"a": model.net.dtype, "a_eval_fp32_fraction": share(model), "b": dtype,
+          "b_eval_fp32_fraction": share(model_b), **res, "by_time": by_time}
 
 
 def write_results(results: dict, name: str) -> str:
