@@ -15,7 +15,7 @@ import jax
 import numpy as np
 
 from vdm import checkpoint, input_pipeline, likelihood, logging_utils
-from vdm.model import Model, traced_fns, with_dtype
+from vdm.model import Model, eval_fp32_share, traced_fns, with_dtype
 
 FLAGS = flags.FLAGS
 
@@ -69,9 +69,8 @@ def compare_dtype(model: Model, params: dict, dtype: str, images: np.ndarray, rn
                                      num_samples=num_samples, decoder=decoder)
   by_time = likelihood.difference_by_time(eps_a, eps_b, gamma_fn, batches,
                                           jax.random.fold_in(rng, 1), vocab_size=vocab_size)
-  share = lambda m: 0.0 if m.net.dtype == "float32" else m.eval_fp32_fraction  # bf16 nets only
-  return {"a": model.net.dtype, "a_eval_fp32_fraction": share(model), "b": dtype,
-          "b_eval_fp32_fraction": share(model_b), **res, "by_time": by_time}
+  return {"a": model.net.dtype, "a_eval_fp32_fraction": eval_fp32_share(model), "b": dtype,
+          "b_eval_fp32_fraction": eval_fp32_share(model_b), **res, "by_time": by_time}
 
 
 def write_results(results: dict, name: str) -> str:

@@ -119,10 +119,16 @@ def eps_fn_for(model: Model, params: Params, *, train: bool = False,
     rngs = {"dropout": rng} if (train and rng is not None) else {}
     return model.net.apply(params["net"], z, gamma, deterministic=deterministic, rngs=rngs)
 
-  if train or not bound or model.eval_fp32_fraction == 0.0 or model.net.dtype == "float32":
+  share = eval_fp32_share(model)
+  if train or not bound or share == 0.0:
     return eps_fn
-  return split_by_noise(eps_fn_for(with_dtype(model, "float32"), params), eps_fn,
-                        model.eval_fp32_fraction)
+  return split_by_noise(eps_fn_for(with_dtype(model, "float32"), params), eps_fn, share)
+
+
+def eval_fp32_share(model: Model) -> float:
+  """The share of each batch the bound sends through the fp32 network: ``eval_fp32_fraction``
+  for a network computing in bf16, 0 for one already in fp32."""
+  return 0.0 if model.net.dtype == "float32" else model.eval_fp32_fraction
 
 
 def split_by_noise(eps_low: EpsFn, eps_rest: EpsFn, fraction: float) -> EpsFn:
