@@ -198,11 +198,11 @@ def make_train_step(config, model: Model, mesh: Mesh) -> Callable[[TrainState, j
     second_moment = importance.update_second_moment(
         state.time_second_moment, terms["t"], terms["diffusion"] * density(terms["t"]),
         loss_cfg.importance_decay)
-    grad_norm = optax.global_norm(grads)
+    grad_norm = optax.tree.norm(grads)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     finite = (jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-              & jnp.isfinite(optax.global_norm(params)))
+              & jnp.isfinite(optax.tree.norm(params)))
     ema = jax.tree.map(lambda e, p: ema_rate * e + (1.0 - ema_rate) * p, state.ema_params, params)
     keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
     new_state = state.replace(
