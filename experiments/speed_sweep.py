@@ -118,14 +118,16 @@ def run_variant(name: str) -> dict:
 def summary(name: str, f: dict) -> str:
   if "error" in f:
     return f"{name:>14}  error: {f['error']}"
-  kinds = f.get("profile", {}).get("train", {})
-  busy = kinds.get("ms_per_call")
-  split = ", ".join(f"{k} {v:.1f}" for k, v in sorted(kinds.get("kinds", {}).items()))
+  prof = f.get("profile", {}).get("train", {})
+  busy = prof.get("ms_per_call")
+  split = ", ".join(f"{k} {v:.1f}" for k, v in sorted(prof.get("kinds", {}).items()))
   sample = f.get("sample_step_ms")
-  return (f"{name:>14}  {f['train_images_per_s']:8.1f} img/s  {1e3 * f['train_step_s']:7.1f} ms/step"
+  line = (f"{name:>14}  {f['train_images_per_s']:8.1f} img/s  {1e3 * f['train_step_s']:7.1f} ms/step"
           f"  compile {f['train_compile_s']:5.1f} s  temp {f['train_temp_gib'] or 0:5.1f} GiB"
           f"  sample {sample if sample is not None else float('nan'):6.2f} ms"
           f"  kernels {busy if busy is not None else float('nan'):6.1f} ms ({split})")
+  return "\n".join([line] + benchmark.format_top_kernels(prof, benchmark.TOP_REPORTED,
+                                                             indent=16))
 
 
 def main(argv):

@@ -9,6 +9,8 @@ import pathlib
 import subprocess
 import sys
 
+import jax
+import jax.numpy as jnp
 import pytest
 
 from configs import default
@@ -85,7 +87,55 @@ def test_kernel_kinds_and_breakdown():
   res = benchmark.kernel_breakdown(events, calls=2, top=2)
   assert res["ms_per_call"] == pytest.approx(4.5)
   assert res["kinds"] == pytest.approx({"conv_matmul": 3.0, "fusion": 0.5, "copy": 1.0})
-  assert res["top"] == [("a_gemm", "conv_matmul", 3.0, 1.0), ("copy_1", "copy", 1.0, 0.5)]
+  assert res["top"] == [{"name": "a_gemm", "kind": "conv_matmul", "ms": 3.0, "launches": 1.0},
+                        {"name": "copy_1", "kind": "copy", "ms": 1.0, "launches": 0.5}]
+  info = {"copy_1": {"bytes": 4_000_000, "op_name": "jit(f)/concatenate"}}
+  top = benchmark.kernel_breakdown(events, calls=2, top=2, info=info)["top"]
+  assert "bytes" not in top[0]  # no HLO instruction of that name: left as it is
+  assert top[1]["gb_per_s"] == pytest.approx(2.0) and top[1]["op_name"] == "jit(f)/concatenate"
+
+
+# Lines as a compiled module prints them (jax 0.10, XLA:GPU names): a multi-output fusion, an
+# instruction named with '-', and a parameter without metadata.
+HLO = """
+ENTRY %main.9 (p.1: bf16[8,4]) -> (f32[8], bf16[8,4]) {
+  %p.1 = bf16[8,4]{1,0} parameter(0), metadata={op_name="x"}
+  %constant.2 = f32[] constant(0)
+  %input_add_reduce_fusion.13 = (f32[8]{0}, bf16[8,4]{1,0}) fusion(%p.1, %constant.2), kind=kInput, calls=%fused_computation.3, metadata={op_name="jit(step)/transpose(jvp(ScoreUNet))/up_0_1/norm1/reduce_sum" stack_frame_id=7}
+  ROOT %copy-start.1 = bf16[8,4]{1,0} copy(%p.1)
+}
+"""
+
+
+def test_hlo_kernel_info_reads_bytes_and_layers():
+  """Bytes a launch reads and writes, by the kernel names a trace gives, from compiled HLO text."""
+  info = benchmark.hlo_kernel_info(HLO)
+  fusion = info["input_add_reduce_fusion_13"]
+  assert fusion["bytes"] == (8 * 4 + 8 * 4 * 2) + (8 * 4 * 2 + 4)  # writes a tuple; reads p, c
+  assert fusion["op_name"].endswith("up_0_1/norm1/reduce_sum")
+  assert info["copy_start_1"] == {"bytes": 2 * 8 * 4 * 2, "op_name": None}
+  assert benchmark.shape_bytes("(f32[2,3]{1,0}, pred[], f8e4m3fn[10])") == 24 + 1 + 10
+  # A real program's text: the loop fusion that reads bf16 x and writes sin(x) in fp32, or all
+  # of it fused with the row sums (XLA's choice).
+  f = jax.jit(lambda x: jnp.sum(jnp.sin(x.astype(jnp.float32)), axis=1))
+  text = f.lower(jax.ShapeDtypeStruct((64, 128), jnp.bfloat16)).compile().as_text()
+  sizes = {v["bytes"] for v in benchmark.hlo_kernel_info(text).values()}
+  assert sizes & {64 * 128 * (2 + 4), 64 * 128 * 2 + 64 * 4}, sizes
+
+
+def test_report_lists_the_costliest_memory_bound_kernels():
+  """Convolutions and matrix products are left out; a gradient's kernel is marked 'bwd'."""
+  top = [{"name": "sm90_xmma_fprop", "kind": "conv_matmul", "ms": 9.0, "launches": 2.0},
+         {"name": "wrapped_concatenate_36", "kind": "copy", "ms": 3.0, "launches": 66.0,
+          "bytes": 10**8, "gb_per_s": 2200.0,
+          "op_name": "jit(train_step)/transpose(jvp(ScoreUNet))/ScoreUNet._blocks/up_0_3/concatenate"},
+         {"name": "loop_add_fusion", "kind": "fusion", "ms": 1.0, "launches": 33.0}]
+  lines = benchmark.format_top_kernels({"top": top}, n=8)
+  assert len(lines) == 2 and "xmma" not in "".join(lines)
+  assert lines[0].split() == ["3.00", "ms", "66x", "2200", "GB/s", "wrapped_concatenate_36", "bwd",
+                              "ScoreUNet._blocks/up_0_3/concatenate"]
+  assert lines[1].split() == ["1.00", "ms", "33x", "nan", "GB/s", "loop_add_fusion"]
+  assert benchmark.format_top_kernels({"top": top}, n=1) == lines[:1]
 
 
 def test_profile_on_cpu_is_empty_not_an_error():

@@ -12,7 +12,8 @@ Reports, after warm-up and as the median over repeats, each step timed to
   * peak device memory (``peak_bytes_in_use``; None where the backend does not report it) and
     the train step's temporary buffers by XLA's buffer assignment (any backend);
   * with --profile, each program's device-kernel time per call, by kind (convolutions and matrix
-    products, copies, other fusions) and its top kernels, from a ``jax.profiler`` trace.
+    products, copies, other fusions) and its top kernels, from a ``jax.profiler`` trace, each with
+    the bytes its HLO instruction reads and writes, the GB/s they imply and the layer it came from.
 
 Data are uniform random integers: the step costs do not depend on the pixel values.
 """
@@ -25,6 +26,7 @@ import gzip
 import json
 import math
 import os
+import re
 import statistics
 import tempfile
 import time
@@ -72,10 +74,47 @@ def kernel_kind(name: str) -> str:
   return "other"
 
 
-def kernel_breakdown(events: Iterable[tuple[str, float]], calls: int, top: int = 40) -> dict:
+# Bytes per element of the HLO element types a fusion reads or writes.
+_HLO_BYTES = {"pred": 1, "s8": 1, "u8": 1, "f8e4m3fn": 1, "f8e5m2": 1, "bf16": 2, "f16": 2, "s16": 2,
+              "u16": 2, "f32": 4, "s32": 4, "u32": 4, "f64": 8, "s64": 8, "u64": 8, "c64": 8}
+_HLO_INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%(\S+) = (.+?) ([a-z][\w-]*)\((.*?)\)(.*)$")
+
+
+def shape_bytes(shape: str) -> int:
+  """Bytes of an HLO shape string, e.g. 'bf16[128,32,32,128]{3,2,1,0}' or a tuple of them."""
+  total = 0
+  for dtype, dims in re.findall(r"\b([a-z]+\d*(?:e\dm\d\w*)?)\[([\d,]*)\]", shape):
+    total += _HLO_BYTES.get(dtype, 0) * math.prod(int(d) for d in dims.split(",") if d)
+  return total
+
+
+def hlo_kernel_info(hlo_text: str) -> dict[str, dict]:
+  """For each instruction of an optimised HLO module, keyed by the name its GPU kernel runs under in
+  a trace (the instruction's name with '.' and '-' as '_'): "bytes", its operands' and its result's
+  sizes (one launch's memory traffic if every byte moves once; an in-place update counts its whole
+  buffer), and "op_name", the layer it came from (its metadata)."""
+  shapes, instructions = {}, []
+  for line in hlo_text.splitlines():
+    m = _HLO_INSTRUCTION.match(line)
+    if m:
+      name, shape, _, operands, rest = m.groups()
+      shapes[name] = shape
+      instructions.append((name, shape, re.findall(r"%([\w.-]+)", operands), rest))
+  info = {}
+  for name, shape, operands, rest in instructions:
+    op_name = re.search(r'op_name="([^"]*)"', rest)
+    info[re.sub(r"[.-]", "_", name)] = {
+        "bytes": shape_bytes(shape) + sum(shape_bytes(shapes.get(o, "")) for o in operands),
+        "op_name": op_name.group(1) if op_name else None}
+  return info
+
+
+def kernel_breakdown(events: Iterable[tuple[str, float]], calls: int, top: int = 40,
+                     info: Optional[dict[str, dict]] = None) -> dict:
   """Device time per call from (kernel name, duration in ns) events of ``calls`` traced calls:
-  "ms_per_call" in all, "kinds" {kind: ms per call}, and the ``top`` kernels by time
-  [(name, kind, ms per call, launches per call)]."""
+  "ms_per_call" in all, "kinds" {kind: ms per call}, and the ``top`` kernels by time, each
+  {"name", "kind", "ms" per call, "launches" per call}; with ``info`` (:func:`hlo_kernel_info` of
+  the program) also the "bytes" of one launch, the "gb_per_s" they imply and the "op_name"."""
   totals: dict[str, list] = {}
   for name, ns in events:
     t = totals.setdefault(name, [0.0, 0])
@@ -85,9 +124,15 @@ def kernel_breakdown(events: Iterable[tuple[str, float]], calls: int, top: int =
   for name, (ns, _) in totals.items():
     kind = kernel_kind(name)
     kinds[kind] = kinds.get(kind, 0.0) + ns / 1e6 / calls
-  ranked = sorted(totals.items(), key=lambda kv: -kv[1][0])[:top]
-  return {"ms_per_call": sum(kinds.values()), "kinds": kinds,
-          "top": [(n, kernel_kind(n), ns / 1e6 / calls, count / calls) for n, (ns, count) in ranked]}
+  ranked = []
+  for name, (ns, count) in sorted(totals.items(), key=lambda kv: -kv[1][0])[:top]:
+    entry = {"name": name, "kind": kernel_kind(name), "ms": ns / 1e6 / calls,
+             "launches": count / calls}
+    hlo = (info or {}).get(name)
+    if hlo:
+      entry.update(bytes=hlo["bytes"], gb_per_s=hlo["bytes"] * count / ns, op_name=hlo["op_name"])
+    ranked.append(entry)
+  return {"ms_per_call": sum(kinds.values()), "kinds": kinds, "top": ranked}
 
 
 def device_kernel_events(fn: Callable[[], Any], calls: int) -> list[tuple[str, float]]:
@@ -158,6 +203,7 @@ def train_step_flops(config, model, batch_size: int) -> Optional[float]:
 
 
 PROGRAMS = ("eval", "sample")
+TOP_REPORTED = 8  # memory-bound kernels listed per program in the report (40 are in the JSON)
 
 
 def benchmark(config, *, batch_size: Optional[int] = None, dtype: Optional[str] = None,
@@ -271,11 +317,26 @@ def benchmark(config, *, batch_size: Optional[int] = None, dtype: Optional[str] 
   if profile:  # diagnostics after the figures: a profiler that fails must not lose them
     try:
       # train last: its calls donate the state whose parameters the other two read
-      out["profile"] = {name: kernel_breakdown(device_kernel_events(timed[name], repeats), repeats)
-                        for name in (*programs, "train")}
+      out["profile"] = {
+          name: kernel_breakdown(device_kernel_events(timed[name], repeats), repeats,
+                                 info=hlo_kernel_info(compiled_programs[name].as_text()))
+          for name in (*programs, "train")}
     except Exception as e:  # pylint: disable=broad-except
       out["profile_error"] = f"{type(e).__name__}: {e}"
   return out
+
+
+def format_top_kernels(profile: dict, n: int, indent: int = 2) -> list[str]:
+  """Lines for the ``n`` costliest kernels of a :func:`kernel_breakdown` that are not convolutions or
+  matrix products: ms and launches per call, the GB/s their bytes imply, name and layer (its
+  op_name's tail, 'bwd' when it comes from a gradient)."""
+  lines = []
+  for k in [k for k in profile.get("top", []) if k["kind"] != "conv_matmul"][:n]:
+    op_name = k.get("op_name") or ""
+    layer = ("bwd " if "transpose(" in op_name else "") + "/".join(op_name.split("/")[-3:])
+    lines.append(f"{'':>{indent}}{k['ms']:6.2f} ms {k['launches']:4.0f}x "
+                 f"{k.get('gb_per_s', float('nan')):6.0f} GB/s  {k['name']}  {layer}".rstrip())
+  return lines
 
 
 def format_report(figures: dict) -> str:
@@ -297,9 +358,10 @@ def format_report(figures: dict) -> str:
       f"peak device memory: {num('peak_memory_gib', '.2f')} GiB; train step temporaries "
       f"{num('train_temp_gib', '.2f')} GiB",
       f"(median of {figures['repeats']} after {figures['warmup']} warm-up)",
-  ] + [f"kernels, {name}: {prof['ms_per_call']:.2f} ms per call; "
-       + ", ".join(f"{kind} {ms:.2f}" for kind, ms in sorted(prof["kinds"].items()))
-       for name, prof in figures.get("profile", {}).items()])
+  ] + [line for name, prof in figures.get("profile", {}).items() for line in [
+      f"kernels, {name}: {prof['ms_per_call']:.2f} ms per call; "
+      + ", ".join(f"{kind} {ms:.2f}" for kind, ms in sorted(prof["kinds"].items()))]
+      + format_top_kernels(prof, TOP_REPORTED)])
 
 
 def main(argv):
