@@ -9,7 +9,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from vdm.nets import REMAT, ResnetBlock, ScoreUNet, fourier_features, num_params, param_count, timestep_embedding
+import flax.linen as nn
+
+from vdm.nets import (REMAT, ResnetBlock, ScoreUNet, SplitDense, fourier_features, num_params,
+                      param_count, timestep_embedding)
 
 SMALL = dict(n_embd=32, n_layer=2, dropout=0.1, attention=True)
 FAST_COMPILE = {"xla_backend_optimization_level": 0}
@@ -149,6 +152,23 @@ def test_residual_stream_dtype(residual_dtype):
   np.testing.assert_array_equal(carry.astype(jnp.bfloat16), skip)
   with pytest.raises(ValueError, match="residual_dtype='float16'"):
     ScoreUNet(**SMALL, residual_dtype="float16").init(jax.random.PRNGKey(0), *_inputs())
+
+
+@pytest.mark.parametrize("dtype,tol", [(jnp.float32, 1e-6), (jnp.bfloat16, 2e-2)])
+def test_split_dense_is_dense_of_the_concatenation(dtype, tol):
+  """The up blocks' 1×1 shortcut: the parameters nn.Dense would initialise, and its output on the
+  concatenated channels (fp32 exactly up to summation order; bf16 within its rounding)."""
+  keys = jax.random.split(jax.random.PRNGKey(3), 3)
+  parts = (jax.random.normal(keys[0], (2, 4, 4, 24)), jax.random.normal(keys[1], (2, 4, 4, 40)))
+  split, dense = SplitDense(16, dtype=dtype), nn.Dense(16, dtype=dtype)
+  params = split.init(keys[2], parts)
+  jax.tree_util.tree_map(np.testing.assert_array_equal, params,
+                         dense.init(keys[2], jnp.concatenate(parts, -1)))
+  params = jax.tree_util.tree_map(lambda p: p + 0.1, params)  # a non-zero bias
+  out, ref = split.apply(params, parts), dense.apply(params, jnp.concatenate(parts, -1))
+  assert out.dtype == ref.dtype == dtype
+  np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(ref, np.float32),
+                             rtol=tol, atol=tol * float(jnp.max(jnp.abs(ref.astype(jnp.float32)))))
 
 
 def _loss(net, z, g, key):

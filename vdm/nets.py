@@ -76,8 +76,12 @@ class ResnetBlock(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array, skip: Optional[jax.Array], cond: jax.Array):
-    if skip is not None:  # in the compute dtype: both halves only feed layers that round to it
-      x = jnp.concatenate([x.astype(self.dtype), skip.astype(self.dtype)], axis=-1)
+    # In the compute dtype: both halves only feed layers that round to it. The concatenation
+    # feeds the norm, whose XLA fusions read the halves where they lie; the 1×1 shortcut takes
+    # them apart, since a matrix product would need the concatenation written out (on the H100,
+    # 3 ms of the 90 ms step).
+    parts = (x,) if skip is None else (x.astype(self.dtype), skip.astype(self.dtype))
+    x = jnp.concatenate(parts, axis=-1)
     conv = lambda name, **kw: nn.Conv(self.out_ch, (3, 3), dtype=self.dtype, name=name, **kw)
     h = nn.swish(nn.GroupNorm(dtype=self.dtype, name="norm1")(x))
     h = checkpoint_name(conv("conv1")(h), "conv")
@@ -89,11 +93,28 @@ class ResnetBlock(nn.Module):
     h = nn.Dropout(self.dropout, deterministic=self.deterministic)(h)
     h = checkpoint_name(conv("conv2", kernel_init=nn.initializers.zeros)(h), "conv")
     if x.shape[-1] != self.out_ch:
-      x = nn.Dense(self.out_ch, dtype=self.dtype, name="nin_shortcut")(x)
+      x = SplitDense(self.out_ch, dtype=self.dtype, name="nin_shortcut")(parts)
     h = (x + h).astype(self.residual_dtype)
     if self.attention:
       h = AttnBlock(dtype=self.dtype, residual_dtype=self.residual_dtype, name="attn")(h)
     return h, h.astype(self.dtype)
+
+
+class SplitDense(nn.Module):
+  """nn.Dense of the channel concatenation of ``parts``, without forming it:
+  Σ_i parts_i · W[rows of part i] + b, in ``dtype``, with the parameters (names, shapes and
+  initialisation) of ``nn.Dense(features)`` on the concatenation."""
+  features: int
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, parts: Sequence[jax.Array]) -> jax.Array:
+    sizes = [p.shape[-1] for p in parts]
+    kernel = self.param("kernel", nn.initializers.lecun_normal(), (sum(sizes), self.features))
+    bias = self.param("bias", nn.initializers.zeros_init(), (self.features,))
+    starts = [sum(sizes[:i]) for i in range(len(parts))]
+    return sum(jnp.dot(p.astype(self.dtype), kernel[a:a + n].astype(self.dtype))
+               for p, a, n in zip(parts, starts, sizes)) + bias.astype(self.dtype)
 
 
 class AttnBlock(nn.Module):
