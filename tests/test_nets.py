@@ -4,12 +4,11 @@ a tiny net (n_embd 32, n_layer 2, attention) on 8×8×3 images, compiled without
 optimisation (compile time dominates on CPU); shape tests only trace (jax.eval_shape)."""
 import functools
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
-import flax.linen as nn
 
 from vdm.nets import (REMAT, ResnetBlock, ScoreUNet, SplitDense, fourier_features, num_params,
                       param_count, timestep_embedding)
