@@ -43,7 +43,20 @@ def test_benchmark_figures():
   assert figures["train_images_per_s"] == pytest.approx(4 / figures["train_step_s"])
   # peak_bytes_in_use is not reported on the CPU.
   assert figures["peak_memory_bytes"] is None or figures["peak_memory_bytes"] > 0
+  assert figures["norm_backward"] == "autodiff" and figures["net_saved_gib"] > 0
   assert "images/s" in benchmark.format_report(figures)
+
+
+def test_saved_bytes_follow_the_remat_policy():
+  """What the net keeps for its backward pass (traced): its parameters and the network input at
+  the least, shrinking with remat none > convs > full, and proportional to the batch in the
+  activations."""
+  net = make_model(tiny_config()).net
+  saved = {r: benchmark.saved_for_backward_bytes(net.clone(remat=r), (8, 8, 3), 4)
+           for r in ("none", "convs", "full")}
+  assert saved["none"] > saved["convs"] > saved["full"] > 4 * 8 * 8 * 3 * 4
+  twice = benchmark.saved_for_backward_bytes(net.clone(remat="none"), (8, 8, 3), 8)
+  assert saved["none"] < twice < 2 * saved["none"]
 
 
 def test_flop_count_sees_every_scanned_block():

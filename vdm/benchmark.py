@@ -30,7 +30,7 @@ import re
 import statistics
 import tempfile
 import time
-from typing import Any, Callable, Iterable, Optional
+from typing import Any, Callable, Iterable, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -202,6 +202,23 @@ def train_step_flops(config, model, batch_size: int) -> Optional[float]:
   return _flops(train.make_train_step(config, twin, cpu_mesh).lower(state, batch).cost_analysis())
 
 
+def saved_for_backward_bytes(net, image_shape: Sequence[int], batch_size: int) -> int:
+  """Bytes that JAX keeps from the network's forward pass for its backward pass in one training
+  call (the residuals of its VJP w.r.t. the parameters, dropout on, parameters included), from
+  tracing alone. XLA's fusions may recompute some of them rather than store them."""
+  z = jax.ShapeDtypeStruct((batch_size, *image_shape), jnp.float32)
+  g = jax.ShapeDtypeStruct((batch_size,), jnp.float32)
+  key = jax.random.PRNGKey(0)
+
+  def residuals(params, z, g):
+    return jax.vjp(lambda p: net.apply(p, z, g, deterministic=False, rngs={"dropout": key}),
+                   params)[1]
+
+  params = jax.eval_shape(net.init, key, z, g)
+  return sum(leaf.size * leaf.dtype.itemsize
+             for leaf in jax.tree_util.tree_leaves(jax.eval_shape(residuals, params, z, g)))
+
+
 PROGRAMS = ("eval", "sample")
 TOP_REPORTED = 8  # memory-bound kernels listed per program in the report (40 are in the JSON)
 
@@ -247,6 +264,10 @@ def benchmark(config, *, batch_size: Optional[int] = None, dtype: Optional[str] 
       "device": jax.devices()[0].device_kind, "backend": jax.default_backend(),
       "num_devices": int(n_dev), "batch_size": batch_size, "image_shape": list(model.image_shape),
       "dtype": dtype, "residual_dtype": model.net.residual_dtype, "remat": remat,
+      "norm_backward": model.net.norm_backward,
+      # per device, as the temporary buffers and peak memory are
+      "net_saved_gib": saved_for_backward_bytes(model.net, model.image_shape,
+                                                batch_size // n_dev) / 2**30,
       "repeats": repeats, "warmup": warmup,
       "jax_version": jax.__version__,
       "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -348,7 +369,8 @@ def format_report(figures: dict) -> str:
       f"device: {figures['num_devices']} x {figures['device']} ({figures['backend']}), jax {figures['jax_version']}",
       f"model: {figures['num_params'] / 1e6:.2f} M params, images {tuple(figures['image_shape'])}, "
       f"batch {figures['batch_size']}, dtype {figures['dtype']} (residual stream "
-      f"{figures['residual_dtype']}), remat {figures['remat']}",
+      f"{figures['residual_dtype']}), remat {figures['remat']}, norm backward "
+      f"{figures['norm_backward']}",
       f"train:  {num('train_images_per_s', '.1f')} images/s  ({num('train_step_s', '.4f')} s/step, "
       f"compile {num('train_compile_s', '.1f')} s, {num('train_tflops_per_s', '.2f')} TFLOP/s "
       f"of {num('train_step_tflop', '.3f')} TFLOP/step)",
@@ -356,7 +378,8 @@ def format_report(figures: dict) -> str:
       f"compile {num('eval_compile_s', '.1f')} s)",
       f"sample: {num('sample_step_ms', '.2f')} ms per ancestral step at batch {figures['batch_size']}",
       f"peak device memory: {num('peak_memory_gib', '.2f')} GiB; train step temporaries "
-      f"{num('train_temp_gib', '.2f')} GiB",
+      f"{num('train_temp_gib', '.2f')} GiB; the net keeps {num('net_saved_gib', '.2f')} GiB "
+      "for its backward pass (traced)",
       f"(median of {figures['repeats']} after {figures['warmup']} warm-up)",
   ] + [line for name, prof in figures.get("profile", {}).items() for line in [
       f"kernels, {name}: {prof['ms_per_call']:.2f} ms per call; "

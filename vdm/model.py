@@ -55,6 +55,7 @@ def make_model(config) -> Model:
       residual_dtype=m.residual_dtype,
       remat=m.remat,
       unroll=m.unroll,
+      norm_backward=m.norm_backward,
   )
   schedule, fixed = None, None
   if m.schedule == "learned_linear":

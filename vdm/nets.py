@@ -14,6 +14,7 @@ parameters, so the compiled program holds each kind of block once, not 67 copies
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Optional, Sequence
 
@@ -32,6 +33,11 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 # "convs": each saved tensor is one more copy into the scan's stacked residuals; RESULTS.md.)
 REMAT = {"none": None, "convs": jax.checkpoint_policies.save_only_these_names("conv"),
          "full": jax.checkpoint_policies.nothing_saveable}
+# How the GroupNorm + swish pairs are differentiated: "autodiff" (flax's GroupNorm and JAX's
+# derivatives, which keep 14 bytes of fp32 and bf16 intermediates per element for the backward
+# pass) or "recompute" (:func:`group_norm_swish`: only the inputs and the group statistics are
+# kept). "recompute" is for remat="none": a rematerialised block recomputes its norms anyway.
+NORM_BACKWARD = ("autodiff", "recompute")
 
 
 def timestep_embedding(t: jax.Array, dim: int, scale: float = 1000.0) -> jax.Array:
@@ -57,6 +63,95 @@ def fourier_features(z: jax.Array, exponents: Sequence[int] = (6, 7)) -> jax.Arr
   return jnp.concatenate([jnp.sin(h), jnp.cos(h)], axis=-1)
 
 
+def _grouped(parts: Sequence[jax.Array], shift: Optional[jax.Array], groups: int) -> jax.Array:
+  """v = concat(parts) + shift[:, None, None, :] in fp32, as groups [B, H, W, G, C/G]."""
+  v = jnp.concatenate([jnp.asarray(p, jnp.float32) for p in parts], axis=-1)
+  if shift is not None:
+    v = v + shift[:, None, None, :]
+  return v.reshape(v.shape[:-1] + (groups, v.shape[-1] // groups))
+
+
+def _group_mean(v: jax.Array) -> jax.Array:
+  """The mean over H, W and each group's channels of grouped v: [B, 1, 1, G, 1]."""
+  return v.mean(axis=(1, 2, 4), keepdims=True)
+
+
+def _ungrouped(v: jax.Array) -> jax.Array:
+  return v.reshape(v.shape[:3] + (-1,))
+
+
+def _norm_swish_forward(groups, epsilon, dtype, parts, shift, scale, bias):
+  """(swish(x̂ · scale + bias) in ``dtype``, μ_g, r_g), x̂ = (v − μ_g) r_g,
+  r_g = 1/√(max(E[v²] − μ_g², 0) + ε) (the variance as flax's GroupNorm computes it)."""
+  v = _grouped(parts, shift, groups)
+  mean = _group_mean(v)
+  rstd = jax.lax.rsqrt(jnp.maximum(_group_mean(v * v) - mean * mean, 0.0) + epsilon)
+  return nn.swish(_ungrouped((v - mean) * rstd) * scale + bias).astype(dtype), mean, rstd
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(0, 1, 2))
+def group_norm_swish(groups: int, epsilon: float, dtype: jnp.dtype, parts: Sequence[jax.Array],
+                     shift: Optional[jax.Array], scale: jax.Array, bias: jax.Array) -> jax.Array:
+  """swish(y), y = x̂ · scale + bias, x̂ = (v − μ_g) / √(σ²_g + ε), v = concat(parts) + shift
+  (μ_g, σ²_g over H, W and each of the ``groups`` groups of channels), in fp32, rounded to
+  ``dtype`` once.
+
+  Its derivative is written out so that differentiating it keeps only its inputs and the group
+  statistics: x̂, y and sigmoid(y) are recomputed from them, where autodiff of the same
+  arithmetic keeps v − μ_g, v², y and the swish's intermediates. Forward mode (the ODE
+  likelihood's ``jax.linearize``) uses the rule as it is; reverse mode transposes it.
+  """
+  return _norm_swish_forward(groups, epsilon, dtype, parts, shift, scale, bias)[0]
+
+
+@group_norm_swish.defjvp
+def _group_norm_swish_jvp(groups, epsilon, dtype, primals, tangents):
+  """d x̂ = r_g (dv − mean_g(dv) − x̂ mean_g(x̂ dv)), dy = d x̂ · scale + x̂ · dscale + dbias,
+  d swish(y) = dy (s + y s (1 − s)), s = sigmoid(y). The tangent map is a ``jax.checkpoint``,
+  so reverse mode keeps its inputs (the primal inputs, μ_g and r_g), not x̂ or s."""
+  out, mean, rstd = _norm_swish_forward(groups, epsilon, dtype, *primals)
+
+  @jax.checkpoint
+  def tangent(parts, shift, scale, bias, mean, rstd, dparts, dshift, dscale, dbias):
+    xhat = (_grouped(parts, shift, groups) - mean) * rstd
+    dv = _grouped(dparts, dshift, groups)
+    dxhat = _ungrouped(rstd * (dv - _group_mean(dv) - xhat * _group_mean(xhat * dv)))
+    xhat = _ungrouped(xhat)
+    y = xhat * scale + bias
+    s = jax.nn.sigmoid(y)
+    return ((dxhat * scale + xhat * dscale + dbias) * (s + y * s * (1.0 - s))).astype(dtype)
+
+  return out, tangent(*primals, mean, rstd, *tangents)
+
+
+class GroupNormSwish(nn.Module):
+  """:func:`group_norm_swish` with the parameters (names, shapes, initialisation) of
+  ``nn.GroupNorm`` on the concatenation, so that checkpoints do not depend on the choice."""
+  num_groups: int = 32
+  epsilon: float = 1e-6
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, parts: Sequence[jax.Array], shift: Optional[jax.Array] = None) -> jax.Array:
+    channels = sum(p.shape[-1] for p in parts)
+    scale = self.param("scale", nn.initializers.ones_init(), (channels,))
+    bias = self.param("bias", nn.initializers.zeros_init(), (channels,))
+    return group_norm_swish(self.num_groups, self.epsilon, self.dtype, tuple(parts), shift,
+                            scale, bias)
+
+
+def norm_swish(parts: Sequence[jax.Array], shift: Optional[jax.Array], dtype: jnp.dtype,
+               backward: str, name: str) -> jax.Array:
+  """swish(GroupNorm(concat(parts) + shift)) as the submodule ``name`` of the calling module,
+  differentiated as ``backward`` says (:data:`NORM_BACKWARD`); the parameters are the same."""
+  if backward == "recompute":
+    return GroupNormSwish(dtype=dtype, name=name)(parts, shift)
+  x = jnp.concatenate(parts, axis=-1) if len(parts) > 1 else parts[0]
+  if shift is not None:
+    x = x.astype(jnp.float32) + shift[:, None, None, :]
+  return nn.swish(nn.GroupNorm(dtype=dtype, name=name)(x))
+
+
 class ResnetBlock(nn.Module):
   """GroupNorm, swish, conv3x3, + cond projection, GroupNorm, swish, dropout, zero-init conv3x3,
   plus a skip (a 1×1 projection when the channel count changes); then optional self-attention.
@@ -66,6 +161,7 @@ class ResnetBlock(nn.Module):
   compute in ``dtype``; the sum x + h that leaves the block (the residual stream) is kept in
   ``residual_dtype``, its copy for the way up in ``dtype``: a skip only feeds a GroupNorm, whose
   output is rounded to ``dtype``, and a 1×1 projection computed in ``dtype``.
+  ``norm_backward`` says how its GroupNorm + swish pairs are differentiated (:data:`NORM_BACKWARD`).
   """
   out_ch: int
   dropout: float
@@ -73,6 +169,7 @@ class ResnetBlock(nn.Module):
   attention: bool = False
   dtype: jnp.dtype = jnp.float32
   residual_dtype: jnp.dtype = jnp.float32
+  norm_backward: str = "autodiff"
 
   @nn.compact
   def __call__(self, x: jax.Array, skip: Optional[jax.Array], cond: jax.Array):
@@ -81,19 +178,20 @@ class ResnetBlock(nn.Module):
     # them apart, since a matrix product would need the concatenation written out (on the H100,
     # 3 ms of the 90 ms step).
     parts = (x,) if skip is None else (x.astype(self.dtype), skip.astype(self.dtype))
-    x = jnp.concatenate(parts, axis=-1)
     conv = lambda name, **kw: nn.Conv(self.out_ch, (3, 3), dtype=self.dtype, name=name, **kw)
-    h = nn.swish(nn.GroupNorm(dtype=self.dtype, name="norm1")(x))
+    h = norm_swish(parts, None, self.dtype, self.norm_backward, "norm1")
     h = checkpoint_name(conv("conv1")(h), "conv")
     # The γ conditioning is added in fp32 inside the norm that follows; in the conv's dtype XLA
     # makes it the conv's side input, a materialised [B, H, W, C] broadcast per block.
-    h = h.astype(jnp.float32) + nn.Dense(self.out_ch, use_bias=False, name="cond_proj",
-                                         kernel_init=nn.initializers.zeros)(cond)[:, None, None, :]
-    h = nn.swish(nn.GroupNorm(dtype=self.dtype, name="norm2")(h))
+    shift = nn.Dense(self.out_ch, use_bias=False, name="cond_proj",
+                     kernel_init=nn.initializers.zeros)(cond)
+    h = norm_swish((h,), shift, self.dtype, self.norm_backward, "norm2")
     h = nn.Dropout(self.dropout, deterministic=self.deterministic)(h)
     h = checkpoint_name(conv("conv2", kernel_init=nn.initializers.zeros)(h), "conv")
-    if x.shape[-1] != self.out_ch:
+    if sum(p.shape[-1] for p in parts) != self.out_ch:
       x = SplitDense(self.out_ch, dtype=self.dtype, name="nin_shortcut")(parts)
+    elif skip is not None:
+      x = jnp.concatenate(parts, axis=-1)
     h = (x + h).astype(self.residual_dtype)
     if self.attention:
       h = AttnBlock(dtype=self.dtype, residual_dtype=self.residual_dtype, name="attn")(h)
@@ -149,6 +247,8 @@ class ScoreUNet(nn.Module):
   pass. ``unroll`` is the number of blocks per iteration of the loops over identical blocks
   (same parameters, same results): 1 is a loop of single blocks, 0 unrolls the loops entirely
   (XLA's cost analysis counts a loop body once, so FLOP counts need the unrolled program).
+  ``norm_backward`` (one of :data:`NORM_BACKWARD`) says how the GroupNorm + swish pairs are
+  differentiated; it changes neither the parameters nor, beyond rounding, the outputs.
   """
   n_embd: int = 128
   n_layer: int = 32
@@ -162,6 +262,7 @@ class ScoreUNet(nn.Module):
   residual_dtype: str = "float32"
   remat: str = "none"
   unroll: int = 1
+  norm_backward: str = "autodiff"
 
   @nn.compact
   def __call__(self, z: jax.Array, gamma_t: jax.Array, deterministic: bool = True) -> jax.Array:
@@ -172,6 +273,12 @@ class ScoreUNet(nn.Module):
         raise ValueError(f"{field}={getattr(self, field)!r}: use one of {tuple(DTYPES)}.")
     if self.remat not in REMAT:
       raise ValueError(f"remat={self.remat!r}: use one of {tuple(REMAT)}.")
+    if self.norm_backward not in NORM_BACKWARD:
+      raise ValueError(f"norm_backward={self.norm_backward!r}: use one of {NORM_BACKWARD}.")
+    if self.norm_backward == "recompute" and self.remat != "none":
+      raise ValueError(f"norm_backward='recompute' with remat={self.remat!r}: a rematerialised "
+                       "block already recomputes its norms; use remat='none' or "
+                       "norm_backward='autodiff'.")
     if isinstance(self.unroll, bool) or not isinstance(self.unroll, int) or self.unroll < 0:
       raise ValueError(f"unroll={self.unroll!r} must be an integer >= 0 (blocks per loop "
                        "iteration; 0 unrolls the loops entirely).")
@@ -218,7 +325,7 @@ class ScoreUNet(nn.Module):
         h = nn.Conv(c, (3, 3), dtype=cdt, name=f"upsample_{i}")(h).astype(rdt)
     assert not segments
 
-    h = nn.swish(nn.GroupNorm(dtype=jnp.float32, name="norm_out")(h))
+    h = norm_swish((h,), None, jnp.float32, self.norm_backward, "norm_out")
     h = nn.Conv(z.shape[-1], (3, 3), kernel_init=nn.initializers.zeros, dtype=jnp.float32,
                 name="conv_out")(h)
     return z + h  # the base measure: ε̂ = z_t at initialisation
@@ -233,7 +340,7 @@ class ScoreUNet(nn.Module):
     """
     block_kw = dict(out_ch=out_ch, dropout=self.dropout, deterministic=deterministic,
                     attention=attention, dtype=DTYPES[self.dtype],
-                    residual_dtype=DTYPES[self.residual_dtype])
+                    residual_dtype=DTYPES[self.residual_dtype], norm_backward=self.norm_backward)
     runs = [(n, None)] if skips is None else [(len(s), s) for s in skips]  # (length, skips)
     if h.shape[-1] != out_ch and runs[0][0] > 1:
       m, s = runs[0]
