@@ -63,17 +63,19 @@ case "${1:-}" in
   bench)
     setup
     LEFT=$LIMIT
-    # VDM_SPECS: "batch dtype remat residual_dtype unroll" per benchmark, ';'-separated. By
+    # VDM_SPECS: "batch dtype remat residual_dtype unroll [norm_backward]" per benchmark,
+    # ';'-separated (norm_backward: the config's when left out). By
     # default, in order of need: cifar10_bf16's setting, the same at batch 512, batch 512 with
     # the scan and remat (measured to fit), and the fp32 step (which needs remat at batch 128).
     # Variants of one step side by side: the sweep phase.
     IFS=';' read -r -a SPECS <<< "${VDM_SPECS:-128 bfloat16 none bfloat16 0;512 bfloat16 none bfloat16 0;512 bfloat16 convs float32 4;128 float32 convs float32 4}"
     for spec in "${SPECS[@]}"; do
-      read -r batch dtype remat residual unroll <<< "$spec"
-      name=bench_${dtype}_${batch}_${remat}_${residual}_unroll${unroll}
+      read -r batch dtype remat residual unroll norm <<< "$spec"
+      name=bench_${dtype}_${batch}_${remat}_${residual}_unroll${unroll}${norm:+_$norm}
       start=$SECONDS
       run bench $((LEFT > 240 ? 240 : LEFT)) "$PY" -m vdm.benchmark --config="$CONFIG" "${EXTRA[@]}" \
         --config.model.residual_dtype="$residual" --config.model.unroll="$unroll" \
+        ${norm:+--config.model.norm_backward="$norm"} \
         --batch_size="$batch" --dtype="$dtype" \
         --remat="$remat" --repeats=10 --profile --json_out="$OUT/$name.json"
       LEFT=$((LEFT - SECONDS + start))

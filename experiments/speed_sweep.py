@@ -40,6 +40,7 @@ VARIANTS = {
     "unroll2": ({"model.unroll": 2}, None, ("sample",)),
     "remat_none": ({"model.remat": "none"}, None, ()),
     "remat_full": ({"model.remat": "full"}, None, ()),
+    "norm_recompute": ({"model.norm_backward": "recompute"}, None, ()),  # with remat_none
     "float32": ({"model.dtype": "float32"}, None, ("sample",)),
 }
 
@@ -124,6 +125,7 @@ def summary(name: str, f: dict) -> str:
   sample = f.get("sample_step_ms")
   line = (f"{name:>14}  {f['train_images_per_s']:8.1f} img/s  {1e3 * f['train_step_s']:7.1f} ms/step"
           f"  compile {f['train_compile_s']:5.1f} s  temp {f['train_temp_gib'] or 0:5.1f} GiB"
+          f"  saved {f['net_saved_gib']:5.1f} GiB"
           f"  sample {sample if sample is not None else float('nan'):6.2f} ms"
           f"  kernels {busy if busy is not None else float('nan'):6.1f} ms ({split})")
   return "\n".join([line] + benchmark.format_top_kernels(prof, benchmark.TOP_REPORTED,
