@@ -34,9 +34,11 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 REMAT = {"none": None, "convs": jax.checkpoint_policies.save_only_these_names("conv"),
          "full": jax.checkpoint_policies.nothing_saveable}
 # How the GroupNorm + swish pairs are differentiated: "autodiff" (flax's GroupNorm and JAX's
-# derivatives, which keep 14 bytes of fp32 and bf16 intermediates per element for the backward
-# pass) or "recompute" (:func:`group_norm_swish`: only the inputs and the group statistics are
-# kept). "recompute" is for remat="none": a rematerialised block recomputes its norms anyway.
+# derivatives, which ask to keep 14 bytes of fp32 and bf16 intermediates per element for the
+# backward pass; XLA's fusions may recompute some) or "recompute" (:func:`group_norm_swish`: only
+# the inputs and the group statistics are kept). "recompute" is for remat="none": a
+# rematerialised block recomputes its norms anyway. On the CPU neither compiles to less memory
+# traffic (experiments/RESULTS.md); which is faster on a GPU is for `speed_sweep.py` to measure.
 NORM_BACKWARD = ("autodiff", "recompute")
 
 
