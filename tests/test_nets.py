@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from vdm.benchmark import saved_for_backward_bytes
-from vdm.nets import (NORM_BACKWARD, REMAT, ResnetBlock, ScoreUNet, SplitDense,
+from vdm.nets import (NORM_BACKWARD, REMAT, GroupNormSwish, ResnetBlock, ScoreUNet, SplitDense,
                       fourier_features, group_norm_swish, num_params, param_count,
                       timestep_embedding)
 
@@ -254,6 +254,8 @@ def test_norm_backward_changes_nothing_but_the_program():
   scale = max(float(jnp.max(jnp.abs(b))) for b in want)  # some gradients are rounding noise
   for a, b in zip(got, want):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6 * scale)
+  with pytest.raises(ValueError, match="48 channels do not split into 32 groups"):
+    GroupNormSwish().init(jax.random.PRNGKey(0), (jnp.zeros((1, 2, 2, 48)),))
   with pytest.raises(ValueError, match="norm_backward='fused'"):
     ScoreUNet(**kw, norm_backward="fused").init(jax.random.PRNGKey(0), z, g)
   with pytest.raises(ValueError, match="remat='none'"):

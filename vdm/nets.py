@@ -136,6 +136,9 @@ class GroupNormSwish(nn.Module):
   @nn.compact
   def __call__(self, parts: Sequence[jax.Array], shift: Optional[jax.Array] = None) -> jax.Array:
     channels = sum(p.shape[-1] for p in parts)
+    if channels % self.num_groups:
+      raise ValueError(f"{channels} channels do not split into {self.num_groups} groups: use a "
+                       f"multiple of {self.num_groups} channels.")
     scale = self.param("scale", nn.initializers.ones_init(), (channels,))
     bias = self.param("bias", nn.initializers.zeros_init(), (channels,))
     return group_norm_swish(self.num_groups, self.epsilon, self.dtype, tuple(parts), shift,
