@@ -3,10 +3,7 @@ distribution), loading it, and writing the results as JSON. Import after the rep
 on sys.path."""
 from __future__ import annotations
 
-import functools
 import os
-import sys
-from typing import Callable
 
 from absl import flags
 from ml_collections import config_flags
@@ -79,17 +76,3 @@ def write_results(results: dict, name: str) -> str:
   os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
   logging_utils.write_json(out, logging_utils.json_safe(results))
   return out
-
-
-def one_line_errors(main: Callable[[list], None]) -> Callable[[list], None]:
-  """``main`` with a ValueError (bad flags, config, data or checkpoint: the library's errors name
-  the fix) ending the script as one line ``vdm: error: ...`` on stderr and exit status 2."""
-  @functools.wraps(main)
-  def wrapped(argv):
-    try:
-      return main(argv)
-    except ValueError as e:
-      print(f"vdm: error: {str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}",
-            file=sys.stderr, flush=True)
-      sys.exit(2)
-  return wrapped

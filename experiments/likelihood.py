@@ -25,7 +25,7 @@ import numpy as np  # noqa: E402
 from absl import app, flags, logging  # noqa: E402
 
 from experiments import common  # noqa: E402
-from vdm import importance, likelihood, ode_likelihood, schedules, toy  # noqa: E402
+from vdm import importance, likelihood, logging_utils, ode_likelihood, schedules, toy  # noqa: E402
 from vdm.model import traced_fns  # noqa: E402
 
 FLAGS = flags.FLAGS
@@ -59,7 +59,7 @@ flags.DEFINE_float("atol", 1e-5, "ODE absolute tolerance.")
 flags.DEFINE_integer("max_steps", 4096, "ODE step limit per solve.")
 
 
-@common.one_line_errors
+@logging_utils.one_line_errors
 def main(argv):
   del argv
   if FLAGS.toy and FLAGS.compare_dtype:

@@ -37,7 +37,7 @@ import numpy as np  # noqa: E402
 from absl import app, flags, logging  # noqa: E402
 
 from experiments import common  # noqa: E402
-from vdm import input_pipeline, schedules, toy, variance  # noqa: E402
+from vdm import input_pipeline, logging_utils, schedules, toy, variance  # noqa: E402
 from vdm.model import traced_fns  # noqa: E402
 
 FLAGS = flags.FLAGS
@@ -120,7 +120,7 @@ def run() -> dict:
   }
 
 
-@common.one_line_errors
+@logging_utils.one_line_errors
 def main(argv):
   del argv
   results = run()

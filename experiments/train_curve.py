@@ -189,7 +189,7 @@ def plot(paths: list[str], out: str) -> None:
   plt.close(fig)
 
 
-@common.one_line_errors
+@logging_utils.one_line_errors
 def main(argv):
   if FLAGS.plot:
     if len(argv) < 2:

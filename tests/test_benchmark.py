@@ -87,6 +87,17 @@ def test_command_line_writes_json(tmp_path):
   assert all(figures[k] > 0 for k in TIMES)
 
 
+def test_command_line_bad_input_is_one_line():
+  """A setting the network refuses ends the command with one line (after JAX's start-up log) and
+  exit status 2, not a traceback."""
+  proc = subprocess.run([sys.executable, "-m", "vdm.benchmark", "--config=configs/quickstart.py",
+                         "--config.model.norm_backward=recompute", "--remat=convs"],
+                        capture_output=True, text=True, cwd=ROOT)
+  assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+  last = proc.stderr.strip().splitlines()[-1]
+  assert last.startswith("vdm: error: norm_backward='recompute' with remat='convs'"), last
+
+
 def test_kernel_kinds_and_breakdown():
   """Kernel names as the H100 trace names them; 'convert' is not a convolution."""
   kinds = {"sm90_xmma_fprop_implicit_gemm_bf16bf16_bf16f32_f32_nhwckrsc_nhwc": "conv_matmul",

@@ -36,7 +36,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vdm import samplers, train
+from vdm import logging_utils, samplers, train
 from vdm.nets import REMAT
 from vdm.model import eps_fn_for, gamma_fn_for, make_model, with_dtype
 
@@ -387,6 +387,7 @@ def format_report(figures: dict) -> str:
       + format_top_kernels(prof, TOP_REPORTED)])
 
 
+@logging_utils.one_line_errors
 def main(argv):
   del argv
   figures = benchmark(FLAGS.config, batch_size=FLAGS.batch_size, dtype=FLAGS.dtype,

@@ -1,15 +1,17 @@
-"""Output of a run: TensorBoard event files (tensorboardX), console lines, PNG grids, JSON.
+"""Output of a run: TensorBoard event files (tensorboardX), console lines, PNG grids, JSON, and
+the one-line error that ends a script on bad input.
 
 Everything here writes only on process 0; other processes get no-ops.
 """
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
 import sys
 import time
-from typing import Iterable, Iterator, Optional
+from typing import Callable, Iterable, Iterator, Optional
 
 import jax
 import numpy as np
@@ -146,3 +148,17 @@ def progress(iterable: Iterable, total: int, desc: str) -> Iterator:
   yield from tqdm(iterable, total=total, desc=desc, file=sys.stderr, leave=False,
                   disable=not sys.stderr.isatty() and not os.environ.get("VDM_PROGRESS"),
                   mininterval=1.0)
+
+
+def one_line_errors(main: Callable[[list], None]) -> Callable[[list], None]:
+  """``main`` with a ValueError (bad flags, config, data or checkpoint: the library's errors name
+  the fix) ending the script as one line ``vdm: error: ...`` on stderr and exit status 2."""
+  @functools.wraps(main)
+  def wrapped(argv):
+    try:
+      return main(argv)
+    except ValueError as e:
+      print(f"vdm: error: {str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}",
+            file=sys.stderr, flush=True)
+      sys.exit(2)
+  return wrapped
