@@ -150,6 +150,12 @@ def progress(iterable: Iterable, total: int, desc: str) -> Iterator:
                   mininterval=1.0)
 
 
+def fail(message: str, status: int = 2) -> None:
+  """End the program with one line ``vdm: error: message`` on stderr and exit ``status``."""
+  print(f"vdm: error: {message}", file=sys.stderr, flush=True)
+  sys.exit(status)
+
+
 def one_line_errors(main: Callable[[list], None]) -> Callable[[list], None]:
   """``main`` with a ValueError (bad flags, config, data or checkpoint: the library's errors name
   the fix) ending the script as one line ``vdm: error: ...`` on stderr and exit status 2."""
@@ -158,7 +164,5 @@ def one_line_errors(main: Callable[[list], None]) -> Callable[[list], None]:
     try:
       return main(argv)
     except ValueError as e:
-      print(f"vdm: error: {str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}",
-            file=sys.stderr, flush=True)
-      sys.exit(2)
+      fail(str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__)
   return wrapped

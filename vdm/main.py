@@ -74,11 +74,6 @@ class Diverged(RuntimeError):
   """Too many non-finite steps in a row: reported as one line, exit status 1."""
 
 
-def fail(message: str, status: int = 2) -> None:
-  print(f"vdm: error: {message}", file=sys.stderr, flush=True)
-  sys.exit(status)
-
-
 # ---------------------------------------------------------------- validation ---------------------
 
 def validate_config(config) -> None:
@@ -391,20 +386,23 @@ class _QuietLibraries:
             or "absl" in record.pathname)
 
 
+@logging_utils.one_line_errors
 def main(argv) -> None:
   logging.get_absl_handler().addFilter(_QuietLibraries())
   if len(argv) > 1:
-    fail(f"unexpected arguments {' '.join(argv[1:])!r}: pass options as --name=value.")
+    logging_utils.fail(f"unexpected arguments {' '.join(argv[1:])!r}: pass options as "
+                       "--name=value.")
   try:
     config = FLAGS.config
     if config is not None:
       config.get("data")
   except OSError as e:  # config_flags defers a failed load to the first use
     lines = [l.strip() for l in str(e).splitlines() if l.strip()]
-    fail(f"--config={config_flags.get_config_filename(FLAGS['config'])} could not be loaded "
-         f"({lines[-1] if lines else e}): pass an existing file such as configs/quickstart.py.")
+    logging_utils.fail(f"--config={config_flags.get_config_filename(FLAGS['config'])} could not "
+                       f"be loaded ({lines[-1] if lines else e}): pass an existing file such as "
+                       "configs/quickstart.py.")
   if config is None:
-    fail("--config is required: e.g. --config=configs/quickstart.py.")
+    logging_utils.fail("--config is required: e.g. --config=configs/quickstart.py.")
   try:
     init_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id,
                      FLAGS.distributed)
@@ -421,22 +419,20 @@ def main(argv) -> None:
                  FLAGS.num_samples if FLAGS.num_samples is not None else config.sampling.num_samples,
                  FLAGS.sample_seed)
   except Diverged as e:
-    fail(str(e), status=1)
-  except ValueError as e:
-    fail(str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__)
+    logging_utils.fail(str(e), status=1)
 
 
 def _parse_flags(argv):
   try:
     return FLAGS(argv)
   except flags.Error as e:
-    fail(" ".join(str(e).split()))
+    logging_utils.fail(" ".join(str(e).split()))
   except (KeyError, AttributeError) as e:  # an override of a key the config does not have
     bad = [a.split("=")[0] for a in argv[1:] if a.startswith("--config.")]
-    fail(f"unknown config key {str(e).strip(chr(34))} in {' '.join(bad) or '--config'}: check the "
-         "--config.SECTION.KEY overrides against configs/default.py.")
+    logging_utils.fail(f"unknown config key {str(e).strip(chr(34))} in {' '.join(bad) or '--config'}"
+                       ": check the --config.SECTION.KEY overrides against configs/default.py.")
   except (ValueError, TypeError, OSError, SyntaxError, ImportError) as e:
-    fail(f"bad --config: {' '.join(str(e).split())}")
+    logging_utils.fail(f"bad --config: {' '.join(str(e).split())}")
 
 
 def run() -> None:
