@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from vdm.benchmark import saved_for_backward_bytes
+from vdm.benchmark import saved_for_backward_bytes, vjp_residual_bytes
 from vdm.nets import (NORM_BACKWARD, REMAT, GroupNormSwish, ResnetBlock, ScoreUNet, SplitDense,
                       fourier_features, group_norm_swish, num_params, param_count,
                       timestep_embedding)
@@ -215,10 +215,7 @@ def test_group_norm_swish_keeps_only_its_inputs_and_statistics():
   parts, shift, scale, bias = _norm_inputs(jnp.bfloat16)
   elements = sum(p.size for p in parts)
 
-  def kept(f):
-    vjp = jax.eval_shape(lambda *a: jax.vjp(f, *a)[1], parts, shift, scale, bias)
-    return sum(l.size * l.dtype.itemsize for l in jax.tree_util.tree_leaves(vjp))
-
+  kept = lambda f: vjp_residual_bytes(lambda a: f(*a), (parts, shift, scale, bias))  # noqa: E731
   small = shift.nbytes + scale.nbytes + bias.nbytes + 2 * 2 * 32 * 4
   assert kept(functools.partial(group_norm_swish, 32, 1e-6, jnp.bfloat16)) == 2 * elements + small
   flax_bf16 = lambda p, *a: nn.swish(  # noqa: E731  (GroupNorm in bf16, as the nets' layers)

@@ -202,21 +202,23 @@ def train_step_flops(config, model, batch_size: int) -> Optional[float]:
   return _flops(train.make_train_step(config, twin, cpu_mesh).lower(state, batch).cost_analysis())
 
 
+def vjp_residual_bytes(fn: Callable, primal, *rest) -> int:
+  """Bytes that JAX keeps from the forward pass of ``fn(primal, *rest)`` for its backward pass
+  (the residuals of its VJP w.r.t. the pytree ``primal``), from tracing alone: the arguments may
+  be ShapeDtypeStructs. XLA's fusions may recompute some of them rather than store them."""
+  residuals = jax.eval_shape(lambda p, *r: jax.vjp(lambda q: fn(q, *r), p)[1], primal, *rest)
+  return sum(leaf.size * leaf.dtype.itemsize for leaf in jax.tree_util.tree_leaves(residuals))
+
+
 def saved_for_backward_bytes(net, image_shape: Sequence[int], batch_size: int) -> int:
-  """Bytes that JAX keeps from the network's forward pass for its backward pass in one training
-  call (the residuals of its VJP w.r.t. the parameters, dropout on, parameters included), from
-  tracing alone. XLA's fusions may recompute some of them rather than store them."""
+  """:func:`vjp_residual_bytes` of one training call of the network w.r.t. its parameters
+  (dropout on, the parameters included) on a batch of ``image_shape`` images."""
   z = jax.ShapeDtypeStruct((batch_size, *image_shape), jnp.float32)
   g = jax.ShapeDtypeStruct((batch_size,), jnp.float32)
   key = jax.random.PRNGKey(0)
-
-  def residuals(params, z, g):
-    return jax.vjp(lambda p: net.apply(p, z, g, deterministic=False, rngs={"dropout": key}),
-                   params)[1]
-
-  params = jax.eval_shape(net.init, key, z, g)
-  return sum(leaf.size * leaf.dtype.itemsize
-             for leaf in jax.tree_util.tree_leaves(jax.eval_shape(residuals, params, z, g)))
+  return vjp_residual_bytes(
+      lambda p, z, g: net.apply(p, z, g, deterministic=False, rngs={"dropout": key}),
+      jax.eval_shape(net.init, key, z, g), z, g)
 
 
 PROGRAMS = ("eval", "sample")
