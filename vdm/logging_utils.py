@@ -1,7 +1,7 @@
 """Output of a run: TensorBoard event files (tensorboardX), console lines, PNG grids, JSON, and
 the one-line error that ends a script on bad input.
 
-Everything here writes only on process 0; other processes get no-ops.
+Everything here but the error line writes only on process 0; other processes get no-ops.
 """
 from __future__ import annotations
 
