@@ -90,6 +90,17 @@ def test_discrete_time_loss_converges_to_continuous_time():
   assert abs(l_t[1] - l_inf) > abs(l_t[2] - l_inf)
 
 
+def test_discrete_time_grid_and_weight():
+  """t_i = i/T for i = ⌊uT⌋ + 1 ∈ {1..T} (never s < 0), and w = T (e^{γ_t − γ_s} − 1), s = t − 1/T."""
+  u = jnp.array([0.0, 0.05, 0.5, 1.0 - 1e-6])
+  t, gamma_t, w = elbo.diffusion_weight(GAMMA, u, 10)
+  np.testing.assert_allclose(t, [0.1, 0.1, 0.6, 1.0], rtol=1e-6)
+  np.testing.assert_allclose(gamma_t, GAMMA(t), rtol=1e-6)
+  g = np.asarray(GAMMA(jnp.asarray(t, jnp.float32)), np.float64)
+  g_s = np.asarray(GAMMA(jnp.asarray(t - 0.1, jnp.float32)), np.float64)
+  np.testing.assert_allclose(w, 10 * np.expm1(g - g_s), rtol=1e-4)
+
+
 def test_elbo_of_optimal_denoiser_sits_at_the_entropy():
   dist = toy.FactorizedDiscrete.random(0, dims=64, vocab_size=16, concentration=1.0)
   entropy = dist.entropy_bits_per_dim()
@@ -172,3 +183,7 @@ def test_bad_arguments_raise_clear_errors():
     elbo.elbo_terms(eps_fn, lambda t: 5.0 - 18.3 * t, x, rng)
   with pytest.raises(ValueError, match="batch"):
     elbo.elbo_terms(eps_fn, GAMMA, jnp.zeros((3,), jnp.int32), rng)
+  for bad in (lambda z, g: z[..., :1], lambda z, g: z.mean(0)):  # would broadcast silently
+    for decoder in elbo.DECODERS:
+      with pytest.raises(ValueError, match="eps_fn returned shape"):
+        jax.jit(lambda r: elbo.elbo_terms(bad, GAMMA, x, r, decoder=decoder))(rng)

@@ -45,8 +45,11 @@ def test_exact_divergence_matches_the_diffused_gaussian_density():
   print(f"exact divergence: max |ODE − analytic| log q(z_0) = {err.max():.2e} nats, NFE {int(out['nfe'])}")
   assert bool(out["converged"])
   assert err.max() < 1e-3
-  # The flow carries q_0 onto q_1 exactly: z_1 ~ N(α_1 μ, C_1) (its mean log-density is right).
-  assert np.all(np.isfinite(np.asarray(out["z_1"])))
+  # The flow of a Gaussian is linear: in the eigenbasis, Rᵀ(z_1 − α_1 μ) = sqrt(v_1/v_0) Rᵀ(z_0 − α_0 μ).
+  (a_0, a_1), (v_0, v_1) = (np.asarray(a) for a in gauss._variances(jnp.array([G0, G1])))
+  rot, mu = np.asarray(gauss._rotation()), gauss.mean
+  z_1 = a_1 * mu + ((np.asarray(z0) - a_0 * mu) @ rot * np.sqrt(v_1 / v_0)) @ rot.T
+  np.testing.assert_allclose(out["z_1"], z_1, atol=1e-4)
 
 
 def test_hutchinson_is_unbiased_for_a_non_diagonal_jacobian():
@@ -156,3 +159,10 @@ def test_rejects_bad_arguments():
   with pytest.raises(ValueError, match="dequantization"):
     ode_likelihood.ode_nll_bound(eps_fn, GAMMA, jnp.zeros((2, 3), jnp.int32), jax.random.PRNGKey(0),
                                  vocab_size=4, dequantization="gaussian")
+  # Checked before compiling, where the values are known (inside the jitted solve they are not).
+  with pytest.raises(ValueError, match="outside"):
+    ode_likelihood.evaluate_ode_likelihood(eps_fn, GAMMA, [np.full((2, 3), 9)], jax.random.PRNGKey(0),
+                                           vocab_size=4)
+  with pytest.raises(ValueError, match="not increasing"):
+    ode_likelihood.ode_nll_bound(eps_fn, lambda t: 5.0 - 18.3 * t, jnp.zeros((2, 3), jnp.int32),
+                                 jax.random.PRNGKey(0), vocab_size=4)

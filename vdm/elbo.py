@@ -49,6 +49,21 @@ def check_data(x: jax.Array, vocab_size: int) -> None:
                      "set vocab_size to the number of distinct levels or fix the data.")
 
 
+def check_num_timesteps(num_timesteps: int) -> None:
+  """Raise ValueError unless T is an integer >= 0 (0 = continuous time)."""
+  if not isinstance(num_timesteps, (int, np.integer)) or num_timesteps < 0:
+    raise ValueError(f"num_timesteps={num_timesteps!r} must be an integer >= 0 (0 = continuous time).")
+
+
+def denoise(eps_fn: EpsFn, z_t: jax.Array, gamma_t: jax.Array) -> jax.Array:
+  """ε̂ = eps_fn(z_t, γ_t), refused unless it has z_t's shape (a mismatch would broadcast)."""
+  eps_hat = eps_fn(z_t, gamma_t)
+  if jnp.shape(eps_hat) != z_t.shape:
+    raise ValueError(f"eps_fn returned shape {jnp.shape(eps_hat)} for z_t of shape {z_t.shape}: "
+                     "it must return ε̂ with z_t's shape.")
+  return eps_hat
+
+
 def data_dims(x: jax.Array) -> int:
   """D = the number of dimensions per example (H·W·C for images)."""
   return int(np.prod(jnp.shape(x)[1:]))
@@ -163,8 +178,7 @@ def elbo_terms(eps_fn: EpsFn, gamma_fn: GammaFn, x: jax.Array, rng: jax.Array, *
   which keeps it unbiased.
   """
   check_data(x, vocab_size)
-  if not isinstance(num_timesteps, (int, np.integer)) or num_timesteps < 0:
-    raise ValueError(f"num_timesteps={num_timesteps!r} must be an integer >= 0 (0 = continuous time).")
+  check_num_timesteps(num_timesteps)
   if decoder not in DECODERS:
     raise ValueError(f"unknown decoder {decoder!r}: use one of {DECODERS}.")
   if time_proposal is not None and num_timesteps:
@@ -208,13 +222,13 @@ def elbo_terms_from(eps_fn: EpsFn, x: jax.Array, rng: jax.Array, t: jax.Array, g
   z_t = diffuse(x_scaled, gamma_t, eps)
   z_0 = diffuse(x_scaled, gamma_0, jax.random.normal(rng_0, x_scaled.shape))
   if decoder == "discretized_gaussian":  # the denoiser's mean at t = 0: one call for z_t and z_0
-    eps_hat_both = eps_fn(jnp.concatenate([z_t, z_0]),
-                          jnp.concatenate([gamma_t, jnp.full((batch,), gamma_0)]))
+    eps_hat_both = denoise(eps_fn, jnp.concatenate([z_t, z_0]),
+                           jnp.concatenate([gamma_t, jnp.full((batch,), gamma_0)]))
     eps_hat, eps_hat_0 = eps_hat_both[:batch], eps_hat_both[batch:]
     alpha_0, sigma_0 = schedules.alpha_sigma(gamma_0)
     x_hat_0 = (z_0 - sigma_0 * eps_hat_0) / alpha_0
   else:
-    eps_hat, x_hat_0 = eps_fn(z_t, gamma_t), None
+    eps_hat, x_hat_0 = denoise(eps_fn, z_t, gamma_t), None
 
   eps_mse = sum_per_example((eps - eps_hat) ** 2)
   return {

@@ -34,7 +34,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vdm import elbo
+from vdm import elbo, schedules
 from vdm.elbo import EpsFn, TimeProposal
 from vdm.schedules import GammaFn
 
@@ -47,7 +47,7 @@ def diffusion_loss_at(eps_fn: EpsFn, gamma_fn: GammaFn, x: jax.Array, t: jax.Arr
   x_scaled = elbo.scale_data(x, vocab_size)
   _, gamma_t, w_t = elbo.diffusion_weight(gamma_fn, jnp.asarray(t, jnp.float32), 0)
   eps = jax.random.normal(rng, x_scaled.shape)
-  eps_hat = eps_fn(elbo.diffuse(x_scaled, gamma_t, eps), gamma_t)
+  eps_hat = elbo.denoise(eps_fn, elbo.diffuse(x_scaled, gamma_t, eps), gamma_t)
   return 0.5 * w_t * elbo.sum_per_example((eps - eps_hat) ** 2)
 
 
@@ -179,6 +179,9 @@ def estimator_variance(eps_fn: EpsFn, gamma_fn: GammaFn, x: jax.Array, rng: jax.
   (variance of each method / variance of importance+antithetic) under "ratios". All methods use
   the same keys.
   """
+  x = np.asarray(x)  # checked on the host: inside the jitted draws its values are unknown
+  elbo.check_data(x, vocab_size)
+  schedules.check_increasing(gamma_fn)
   keys = jax.random.split(rng, repeats)
   methods = {"uniform": (False, None), "antithetic": (True, None), "importance": (False, proposal),
              "importance+antithetic": (True, proposal)}

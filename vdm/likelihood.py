@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vdm import elbo
+from vdm import elbo, schedules
 from vdm.elbo import EpsFn, TimeProposal
 from vdm.importance import diffusion_loss_at, times_in_bin
 from vdm.schedules import GammaFn
@@ -41,7 +41,6 @@ def mean_and_se(per_image: np.ndarray) -> tuple[float, float]:
   return float(v.mean()), float(v.std(ddof=1) / math.sqrt(v.size))
 
 
-@eqx.filter_jit
 def elbo_samples(eps_fn: EpsFn, gamma_fn: GammaFn, x: jax.Array, rng: jax.Array, *,
                  vocab_size: int = 256, num_timesteps: int = 0, num_samples: int = 1,
                  antithetic: bool = True, decoder: str = "vdm",
@@ -52,8 +51,22 @@ def elbo_samples(eps_fn: EpsFn, gamma_fn: GammaFn, x: jax.Array, rng: jax.Array,
   draws, and "total_var": [B], the sample variance over the K draws of the one-sample total
   (nan for K = 1), i.e. the Monte-Carlo noise of a single draw. The K draws run as a
   ``lax.scan`` over keys (one batch-sized denoiser call each), so memory does not grow with K;
-  with ``antithetic`` each draw stratifies t across the batch.
+  with ``antithetic`` each draw stratifies t across the batch. x, K, T and γ are checked here,
+  before compiling, where their values are known.
   """
+  elbo.check_data(x, vocab_size)
+  elbo.check_num_timesteps(num_timesteps)
+  if not isinstance(num_samples, (int, np.integer)) or num_samples < 1:
+    raise ValueError(f"num_samples={num_samples!r} must be an integer >= 1.")
+  schedules.check_increasing(gamma_fn)
+  return _elbo_samples(eps_fn, gamma_fn, x, rng, vocab_size=vocab_size, num_timesteps=num_timesteps,
+                       num_samples=num_samples, antithetic=antithetic, decoder=decoder,
+                       time_proposal=time_proposal)
+
+
+@eqx.filter_jit
+def _elbo_samples(eps_fn, gamma_fn, x, rng, *, vocab_size, num_timesteps, num_samples, antithetic,
+                  decoder, time_proposal):
   def draw(acc, key):
     terms = elbo.elbo_terms(eps_fn, gamma_fn, x, key, vocab_size=vocab_size,
                             num_timesteps=num_timesteps, antithetic=antithetic, decoder=decoder,
@@ -130,12 +143,12 @@ def evaluate_elbo(eps_fn: EpsFn, gamma_fn: GammaFn, batches: Iterable[jax.Array]
   N·K draws as independent would instead divide the between-image spread by N·K, understating
   the SE by up to sqrt(K) when, as usual, that spread dominates.
   """
-  if not isinstance(num_samples, (int, np.integer)) or num_samples < 1:
-    raise ValueError(f"num_samples={num_samples!r} must be an integer >= 1.")
   if not timesteps and not time_proposals:
     raise ValueError("nothing to evaluate: give at least one T in timesteps (0 = continuous) or a "
                      "time proposal.")
-  settings: dict[str, dict] = {setting_name(int(T)): {"num_timesteps": int(T)} for T in timesteps}
+  for T in timesteps:
+    elbo.check_num_timesteps(T)
+  settings: dict[str, dict] = {setting_name(T): {"num_timesteps": T} for T in timesteps}
   for name, proposal in (time_proposals or {}).items():
     settings[f"continuous_{name}"] = {"num_timesteps": 0, "time_proposal": proposal}
 

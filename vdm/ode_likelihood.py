@@ -115,7 +115,6 @@ def ode_log_density(eps_fn: EpsFn, gamma_fn: GammaFn, z_0: jax.Array, rng: Optio
           "converged": sol.result == diffrax.RESULTS.successful}
 
 
-@eqx.filter_jit
 def ode_nll_bound(eps_fn: EpsFn, gamma_fn: GammaFn, x: jax.Array, rng: jax.Array, *,
                   vocab_size: int = 256, dequantization: str = "uniform", decoder: str = "vdm",
                   divergence: str = "hutchinson", num_probes: int = 1, solver: str = "tsit5",
@@ -142,10 +141,21 @@ def ode_nll_bound(eps_fn: EpsFn, gamma_fn: GammaFn, x: jax.Array, rng: jax.Array
     the ELBO with the diffusion + prior terms replaced by the exact ODE density of z_0.
 
   Returns {"nats": [B], "log_prob": ODE log p_0(z_0) [B], "num_steps", "nfe", "converged"}.
+  x and γ are checked here, before compiling, where their values are known.
   """
   elbo.check_data(x, vocab_size)
   if dequantization not in DEQUANTIZATIONS:
     raise ValueError(f"unknown dequantization {dequantization!r}: use one of {DEQUANTIZATIONS}.")
+  schedules.check_increasing(gamma_fn)
+  return _ode_nll_bound(eps_fn, gamma_fn, x, rng, vocab_size=vocab_size,
+                        dequantization=dequantization, decoder=decoder, divergence=divergence,
+                        num_probes=num_probes, solver=solver, rtol=rtol, atol=atol,
+                        max_steps=max_steps, prior_log_prob=prior_log_prob)
+
+
+@eqx.filter_jit
+def _ode_nll_bound(eps_fn, gamma_fn, x, rng, *, vocab_size, dequantization, decoder, divergence,
+                   num_probes, solver, rtol, atol, max_steps, prior_log_prob):
   dims = elbo.data_dims(x)
   key_deq, key_ode = jax.random.split(rng)
   gamma_0 = gamma_fn(jnp.zeros(()))
@@ -164,7 +174,7 @@ def ode_nll_bound(eps_fn: EpsFn, gamma_fn: GammaFn, x: jax.Array, rng: jax.Array
   else:
     x_hat = None
     if decoder == "discretized_gaussian":
-      x_hat = (z_0 - sigma_0 * eps_fn(z_0, jnp.full((x.shape[0],), gamma_0))) / alpha_0
+      x_hat = (z_0 - sigma_0 * elbo.denoise(eps_fn, z_0, jnp.full((x.shape[0],), gamma_0))) / alpha_0
     recon = elbo.reconstruction_loss(x, z_0, gamma_0, vocab_size=vocab_size, decoder=decoder,
                                      x_hat=x_hat)
     log_q = standard_normal_log_prob(eps) - dims * jnp.log(sigma_0)

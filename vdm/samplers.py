@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from vdm import schedules
-from vdm.elbo import EpsFn, vdm_decoder_logits
+from vdm.elbo import EpsFn, denoise, vdm_decoder_logits
 from vdm.schedules import GammaFn
 
 # step(z_t, t, s, rng) -> z_s for s = t − 1/N.
@@ -41,7 +41,7 @@ def _reverse_loop(step: Step, z_1: jax.Array, rng: Optional[jax.Array], num_step
 
 
 def _eps(eps_fn: EpsFn, z: jax.Array, gamma: jax.Array) -> jax.Array:
-  return eps_fn(z, jnp.full((z.shape[0],), gamma, jnp.float32))
+  return denoise(eps_fn, z, jnp.full((z.shape[0],), gamma, jnp.float32))
 
 
 def ancestral(eps_fn: EpsFn, gamma_fn: GammaFn, z_1: jax.Array, rng: jax.Array, num_steps: int) -> jax.Array:

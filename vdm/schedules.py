@@ -91,7 +91,9 @@ class LearnedMonotone(nn.Module):
   γ(t) = γ_min + (γ_max − γ_min) (f(t) − f(0)) / (f(1) − f(0)).
 
   γ(0) = γ_min and γ(1) = γ_max exactly, as trainable parameters, while the network
-  only shapes γ in between (and so only the variance of the continuous-time loss).
+  only shapes γ in between (and so only the variance of the continuous-time loss). The shape
+  is non-decreasing by construction; γ increases as long as γ_max > γ_min, which the endpoints'
+  ELBO gradients keep (and :func:`check_increasing` verifies wherever the parameters are known).
   """
   gamma_min: float = GAMMA_MIN
   gamma_max: float = GAMMA_MAX
@@ -169,8 +171,8 @@ def ddpm(kind: str = "linear", num_steps: int = 1000, **kwargs) -> GammaFn:
 def check_increasing(gamma_fn: GammaFn, num_points: int = 257) -> None:
   """Raise ValueError if a concrete γ(t) is not strictly increasing on a grid of [0, 1].
 
-  Schedules whose values are traced (learned schedules inside ``jit``) are monotone by
-  construction and are not checked here.
+  Schedules whose values are traced (learned schedules inside ``jit``) are not checked here;
+  the evaluation entry points call this on the host, before compiling.
   """
   with jax.ensure_compile_time_eval():
     g = gamma_fn(jnp.linspace(0.0, 1.0, num_points))
