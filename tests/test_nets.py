@@ -84,6 +84,12 @@ def test_rejects_bad_inputs():
   with pytest.raises(ValueError, match="dtype"):
     jax.eval_shape(ScoreUNet(n_layer=1, dtype="float16").init, jax.random.PRNGKey(0),
                    jnp.zeros((1, 4, 4, 3)), jnp.zeros((1,)))
+  for kwargs, match in [(dict(n_layer=0), "n_layer=0"), (dict(n_layer=-1), "n_layer=-1"),
+                        (dict(n_layer=1, channel_mult=()), "channel_mult=()"),
+                        (dict(n_layer=1, channel_mult=(1, 0)), r"channel_mult=\(1, 0\)")]:
+    with pytest.raises(ValueError, match=match):
+      jax.eval_shape(ScoreUNet(n_embd=32, **kwargs).init, jax.random.PRNGKey(0),
+                     jnp.zeros((1, 4, 4, 3)), jnp.zeros((1,)))
 
 
 def test_embeddings():

@@ -10,7 +10,8 @@ CIFAR-10 model, 30.58 M parameters); longer tuples add resolutions, halving H an
 levels, as in DDPM's U-Net.
 
 Runs of identical blocks (the same input and skip shapes) are one ``nn.scan`` over stacked
-parameters, so the compiled program holds each kind of block once, not 67 copies.
+parameters, so the compiled program holds ``unroll`` copies of each kind of block (all 67 blocks
+of the CIFAR-10 net only with ``unroll=0``).
 """
 from __future__ import annotations
 
@@ -43,7 +44,7 @@ NORM_BACKWARD = ("autodiff", "recompute")
 
 
 def timestep_embedding(t: jax.Array, dim: int, scale: float = 1000.0) -> jax.Array:
-  """Sinusoidal embedding [sin(s t ω_k), cos(s t ω_k)], ω_k = 10000^(−k/(dim/2 − 1)), in fp32.
+  """Sinusoidal embedding [sin(s t ω_k), cos(s t ω_k)], ω_k = 10000^(−k/(⌊dim/2⌋ − 1)), in fp32.
 
   t: [B] in [0, 1], scaled by `scale` (1000, as in DDPM's integer timesteps). Returns [B, dim];
   an odd dim gets one zero column.
@@ -193,10 +194,8 @@ class ResnetBlock(nn.Module):
     h = norm_swish((h,), shift, self.dtype, self.norm_backward, "norm2")
     h = nn.Dropout(self.dropout, deterministic=self.deterministic)(h)
     h = checkpoint_name(conv("conv2", kernel_init=nn.initializers.zeros)(h), "conv")
-    if sum(p.shape[-1] for p in parts) != self.out_ch:
+    if sum(p.shape[-1] for p in parts) != self.out_ch:  # always with a skip
       x = SplitDense(self.out_ch, dtype=self.dtype, name="nin_shortcut")(parts)
-    elif skip is not None:
-      x = jnp.concatenate(parts, axis=-1)
     h = (x + h).astype(self.residual_dtype)
     if self.attention:
       h = AttnBlock(dtype=self.dtype, residual_dtype=self.residual_dtype, name="attn")(h)
@@ -244,7 +243,8 @@ class ScoreUNet(nn.Module):
 
   dtype='bfloat16' runs convolutions, dense layers and attention in bf16 with fp32 parameters;
   GroupNorm statistics, the γ embedding, its MLP and its projections into the blocks, the
-  Fourier features, the output convolution and the base-measure addition stay in fp32.
+  output convolution and the base-measure addition stay in fp32; the Fourier features are
+  computed in fp32 and rounded, with z, at the input convolution.
   ``residual_dtype`` is the dtype of the residual stream, the activations between blocks: with
   'float32' only the layers' inputs and outputs are rounded to bf16, not the running sums (the
   U-Net's skips, layer inputs only, are kept in the compute dtype). ``remat`` (a key of
@@ -284,6 +284,13 @@ class ScoreUNet(nn.Module):
       raise ValueError(f"norm_backward='recompute' with remat={self.remat!r}: a rematerialised "
                        "block already recomputes its norms; use remat='none' or "
                        "norm_backward='autodiff'.")
+    if isinstance(self.n_layer, bool) or not isinstance(self.n_layer, int) or self.n_layer < 1:
+      raise ValueError(f"n_layer={self.n_layer!r} must be an integer >= 1 (ResNet blocks per "
+                       "level on the way down).")
+    if not self.channel_mult or any(isinstance(m, bool) or not isinstance(m, int) or m < 1
+                                    for m in self.channel_mult):
+      raise ValueError(f"channel_mult={tuple(self.channel_mult)!r} must be a non-empty tuple of "
+                       "integers >= 1 (channels per level, in units of n_embd).")
     if isinstance(self.unroll, bool) or not isinstance(self.unroll, int) or self.unroll < 0:
       raise ValueError(f"unroll={self.unroll!r} must be an integer >= 0 (blocks per loop "
                        "iteration; 0 unrolls the loops entirely).")
