@@ -41,7 +41,7 @@ from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 from experiments import common  # noqa: E402
-from vdm import checkpoint, input_pipeline, logging_utils, train  # noqa: E402
+from vdm import checkpoint, input_pipeline, logging_utils, nets, train  # noqa: E402
 from vdm.model import make_model  # noqa: E402
 
 FLAGS = flags.FLAGS
@@ -118,7 +118,7 @@ def run_curve(config, seconds: float, marks: list[float], use_ema: bool = False,
   compile_s = time.perf_counter() - t0
   eval_step = train.make_eval_step(config, model, mesh)
   logging.info("train step compiled in %.1f s; %d parameters, batch %d, dtype %s", compile_s,
-               train.count_params(state.params), batch_size, config.model.dtype)
+               nets.num_params(state.params), batch_size, config.model.dtype)
 
   points, train_s, step, previous = [], 0.0, 0, None
   results = {

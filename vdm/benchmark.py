@@ -1,7 +1,8 @@
 """Throughput of the VDM model on the local devices: train, eval and sampling steps.
 
     python -m vdm.benchmark --config=configs/cifar10.py --batch_size=128 [--dtype=bfloat16]
-        [--remat=none|convs|full] [--repeats=10] [--warmup=2] [--json_out=bench.json] [--profile]
+        [--remat=none|convs|full] [--repeats=10] [--warmup=2] [--sample_steps=10]
+        [--json_out=bench.json] [--profile]
 
 Reports, after warm-up and as the median over repeats, each step timed to
 ``jax.block_until_ready``:
@@ -36,7 +37,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vdm import logging_utils, samplers, train
+from vdm import logging_utils, nets, samplers, train
 from vdm.nets import REMAT
 from vdm.model import eps_fn_for, gamma_fn_for, make_model, with_dtype
 
@@ -272,12 +273,14 @@ def benchmark(config, *, batch_size: Optional[int] = None, dtype: Optional[str] 
                                                 batch_size // n_dev) / 2**30,
       "repeats": repeats, "warmup": warmup,
       "jax_version": jax.__version__,
+      # A persistent compilation cache turns the compile times into cache loads.
+      "compilation_cache_dir": jax.config.jax_compilation_cache_dir or None,
       "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
   }
 
   # ---- train step
   state = train.create_train_state(config, model, mesh)
-  out["num_params"] = train.count_params(state.params["net"])
+  out["num_params"] = nets.num_params(state.params["net"])
   step = train.make_train_step(config, model, mesh)
   t0 = time.perf_counter()
   compiled = step.lower(state, batch).compile(compiler_options)

@@ -247,7 +247,7 @@ def run_train(config, workdir: str) -> dict:
     logging.info("Resumed from %s at step %d.", checkpointer.directory, int(state.step))
   start = int(jax.device_get(state.step))
   logging.info("Model: %d parameters; data: %s (%d train, %d eval examples); %d devices.",
-               train.count_params(state.params), train_split.name, len(train_split), len(eval_split),
+               nets.num_params(state.params), train_split.name, len(train_split), len(eval_split),
                jax.device_count())
 
   if logging_utils.is_main_process():

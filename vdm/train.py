@@ -91,10 +91,6 @@ def abstract_train_state(config, model: Model) -> TrainState:
   return jax.eval_shape(lambda: create_train_state(config, model))
 
 
-def count_params(params) -> int:
-  return int(sum(np.prod(p.shape) for p in jax.tree.leaves(params)))
-
-
 # ---------------------------------------------------------------- steps --------------------------
 
 def _elbo_kwargs(config) -> dict:
