@@ -36,6 +36,11 @@ run() {  # run LOG LIMIT_S CMD...: CMD's output appended to $OUT/LOG.log and the
   echo "== exit ${PIPESTATUS[0]}" | tee -a "$log"
 }
 
+cache() {  # A warm machine keeps /tmp between calls: a program compiled by an earlier command
+  # loads from here. Not for bench and sweep, whose compile times would become cache loads.
+  export JAX_COMPILATION_CACHE_DIR=/tmp/jax_cache
+}
+
 setup() {
   mkdir -p "$OUT"
   if compgen -G ".whl/*.whl" > /dev/null; then
@@ -44,8 +49,6 @@ setup() {
     export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
   fi
   export PYTHONUNBUFFERED=1
-  # A warm machine keeps /tmp between calls: a program compiled by an earlier command loads from here.
-  export JAX_COMPILATION_CACHE_DIR=/tmp/jax_cache
   { date -u +%FT%TZ; git rev-parse --short HEAD 2>/dev/null || echo "commit: see the session";
     nvidia-smi -L 2>/dev/null; "$PY" -c "import jax; print('jax', jax.__version__, jax.devices())"
   } | tee "$OUT/machine.txt"
@@ -83,14 +86,14 @@ case "${1:-}" in
     done
     ;;
   curve)
-    setup
+    setup; cache
     run curve_bf16 $((LIMIT - 30)) "$PY" experiments/train_curve.py --config="$CONFIG" \
       "${DATA[@]}" "${EXTRA[@]}" --config.model.dtype=bfloat16 --seconds="$TRAIN_SECONDS" \
       --compare_dtype=float32 --compare_batch_size=113 --output="$OUT/curve_bf16.json" \
       --workdir=/tmp/vdm_curve_run
     ;;
   model)
-    setup
+    setup; cache
     rm -rf /tmp/vdm_main_run  # else vdm.main resumes an old run
     # A short run of the paper's config (fp32): EMA 0.99, since 0.9999 would still sit near
     # the initial parameters; a checkpoint half-way in case the time limit stops it.

@@ -207,12 +207,17 @@ def test_sweep_refuses_unknown_variants(tmp_path):
 @pytest.mark.slow
 def test_sweep_times_each_variant(tmp_path):
   out = tmp_path / "sweep.json"
-  r = _sweep(*SWEEP_TINY, "--variants=no_dropout,unroll2+remat_none", f"--output={out}")
+  r = _sweep(*SWEEP_TINY, "--variants=no_dropout,unroll2+remat_none,norm_recompute",
+             f"--output={out}")
   assert r.returncode == 0, r.stderr[-2000:]
   res = json.loads(out.read_text())
   v = res["variants"]
   both = "unroll2+remat_none"
-  assert list(v) == ["no_dropout", both] and res["batch_size"] == 2
+  assert list(v) == ["no_dropout", both, "norm_recompute"] and res["batch_size"] == 2
+  assert all("error" not in f for f in v.values()), v
+  assert v["norm_recompute"]["norm_backward"] == "recompute" and v["norm_recompute"]["remat"] == "none"
+  # one process: its running peak is labelled as such, not as a variant's own
+  assert all("peak_memory_gib" not in f and "process_peak_memory_gib" in f for f in v.values())
   assert v["no_dropout"]["dropout"] == 0.0 and v[both]["unroll"] == 2
   assert v[both]["overrides"] == {"model.unroll": 2, "model.remat": "none"}
   assert v[both]["remat"] == "none"
