@@ -50,6 +50,15 @@ def test_train_eval_sample_end_to_end_and_resume(tmp_path):
   assert r.returncode == 0, r.stderr[-3000:]
   assert "Resumed from" in r.stderr and "step 6/6" in r.stderr
 
+  # Another run's config in this workdir is refused, in one line, and the record is kept.
+  for args, shown in [(["--config.seed=7", "--config.optimizer.learning_rate=0.5"],
+                       "optimizer.learning_rate=0.002 (now 0.5), seed=0 (now 7)"),
+                      (["--mode=eval", "--config.data.vocab_size=16"], "data.vocab_size=256 (now 16)")]:
+    r = _run(_cmd(workdir, *TINY, *args))
+    lines = [l for l in r.stderr.splitlines() if l.strip()]
+    assert r.returncode == 2 and len(lines) == 1 and f"holds a run with {shown}" in lines[0], r.stderr
+  assert json.load(open(os.path.join(workdir, "config.json")))["seed"] == 0
+
   r = _run(_cmd(workdir, *TINY, "--mode=eval"))
   assert r.returncode == 0, r.stderr[-3000:]
   result = json.load(open(os.path.join(workdir, "eval_6.json")))
@@ -95,6 +104,13 @@ BAD_INPUTS = {
     "workdir_in_proc": (["WORKDIR=/proc/vdm_workdir"], {}, "not a writable directory"),
     "corrupt_checkpoint": (["CORRUPT_CHECKPOINT"], {}, "could not be restored"),
     "no_coordinator": (["--process_id=1"], {}, "jax.distributed.initialize failed"),
+    "negative_seed": (["--config.seed=-1"], {}, "seed=-1 must be >= 0"),
+    "dropout": (["--config.model.dropout=1.5"], {}, "model.dropout=1.5 must be in [0, 1)"),
+    "eval_num_batches": (["--config.eval.num_batches=-1"], {}, "eval.num_batches=-1 must be >= 0"),
+    "sampling_steps": (["--config.sampling.num_steps=0"], {}, "sampling.num_steps=0 must be >= 1"),
+    "eval_batch": (["--config.eval.batch_size=-8"], {}, "eval.batch_size=-8 must be >= 1"),
+    "empty_test_split": (["--config.data.synthetic_num_test=0"], {}, "has no examples"),
+    "sample_flag_in_train": (["--num_steps=10"], {}, "--num_steps has no effect with --mode=train"),
 }
 NPZ_IMAGES = {"shape": np.zeros((4, 5, 5), np.uint8), "dtype": np.zeros((4, 8, 8, 3), np.float32),
               "vocab": np.full((4, 8, 8, 3), 9, np.uint8)}

@@ -178,6 +178,28 @@ def test_unrestorable_checkpoint_off_the_interval_is_rewritten(tmp_path, cache_e
   assert int(restore(workdir, 3)["step"]) == 3
 
 
+def test_eval_and_samples_due_at_a_sigterm_step_run_on_resuming(tmp_path, cache_env):
+  """A notice during start-up stops after step 1, before its eval and samples (eval_every =
+  sample_every = 1); the resumed run does them at step 1 before training on."""
+  workdir = str(tmp_path / "run")
+  args = [*TINY, "--config.training.eval_every=1", "--config.training.sample_every=1",
+          "--config.sampling.num_steps=1", "--config.sampling.num_samples=1"]
+  log = tmp_path / "a.log"
+  proc = _start(workdir, [*args, "--config.training.num_steps=3"], cache_env, log)
+  _wait(proc, lambda: "Model: " in open(log).read())  # the notice's handler is installed
+  proc.send_signal(signal.SIGTERM)
+  rc, err = _finish(proc, log, timeout=300)
+  assert rc == 0 and "SIGTERM at step 1: checkpoint saved" in err, err[-3000:]
+  assert "eval @ step 1" not in err and not os.path.exists(os.path.join(workdir, "samples"))
+  rc, err = _finish(_start(workdir, [*args, "--config.training.num_steps=2"], cache_env,
+                           tmp_path / "b.log"), tmp_path / "b.log")
+  assert rc == 0, err[-3000:]
+  _assert_resumed(err, 1)
+  assert "eval @ step 1:" in err and "eval @ step 2:" in err, err[-3000:]
+  assert sorted(os.listdir(os.path.join(workdir, "samples"))) == [
+      "step_1.npz", "step_1.png", "step_2.npz", "step_2.png"]
+
+
 @pytest.mark.slow
 def test_quickstart_model_survives_repeated_kills(tmp_path, cache_env):
   _preempted_run_is_bit_identical(

@@ -1,14 +1,15 @@
 """Checkpoints of the TrainState with orbax: keep the last N, resume from the newest good one.
 
-A checkpoint holds step, params, ema_params, opt_state, rng and the non-finite counter; the
-data position is the step (see vdm.input_pipeline). Checkpoints with non-finite parameters are
-never written. If the newest checkpoint cannot be restored (truncated, corrupt), the failure is
+A checkpoint holds the TrainState: step, params, ema_params, opt_state, rng, the non-finite
+counter and the importance sampler's per-t second moments; the data position is the step (see
+vdm.input_pipeline). Checkpoints with non-finite parameters are never written. If the newest checkpoint cannot be restored (truncated, corrupt), the failure is
 logged and the next older one is tried; the bad one is replaced when training reaches its step
 again.
 """
 from __future__ import annotations
 
 import contextlib
+import json
 import logging as std_logging
 import os
 from typing import Optional
@@ -144,10 +145,74 @@ def restore_path(path: str, target: TrainState, sharding=None) -> TrainState:
                    f"--checkpoint=WORKDIR/{CHECKPOINT_DIR}/STEP.")
 
 
+# What may differ between the invocations on one run: how the same function is computed, how
+# long and how often, how it is evaluated and sampled, and where the data lie.
+COMPUTE_KEYS = ("model.dtype", "model.residual_dtype", "model.unroll", "model.remat",
+                "model.norm_backward", "model.eval_fp32_fraction")
+FREE_KEYS = COMPUTE_KEYS + (
+    "training.num_steps", "training.log_every", "training.eval_every", "training.sample_every",
+    "training.checkpoint_every", "training.max_to_keep", "training.max_nonfinite_steps", "eval.",
+    "sampling.", "data.data_dir", "data.download", "data.path", "data.prefetch", "data.eval_split",
+    "data.synthetic_num_test")
+# Evaluating or sampling a trained run, only what defines its function and parameters must match.
+INFERENCE_KEYS = ("model.", "data.image_size", "data.channels", "data.vocab_size")
+
+
+def _flat(tree: dict, prefix: str = "") -> dict:
+  """{"a": {"b": 1}} -> {"a.b": 1}."""
+  out = {}
+  for k, v in tree.items():
+    if isinstance(v, dict):
+      out.update(_flat(v, f"{prefix}{k}."))
+    else:
+      out[f"{prefix}{k}"] = v
+  return out
+
+
+def run_dir(path: str) -> str:
+  """The workdir of ``path``: a workdir, its checkpoints directory or one of its step directories."""
+  path = os.path.abspath(path)
+  if os.path.basename(path).isdigit() and os.path.basename(os.path.dirname(path)) == CHECKPOINT_DIR:
+    path = os.path.dirname(path)
+  return os.path.dirname(path) if os.path.basename(path) == CHECKPOINT_DIR else path
+
+
+def check_run_config(config, path: str, mode: str = "eval") -> None:
+  """Refuse a config that differs from the one training recorded in the run's config.json in what
+  defines the run (``mode`` 'train') or its trained function ('eval', 'sample'), when the run at
+  ``path`` (as :func:`run_dir`) has checkpoints: resuming or evaluating it with another seed,
+  optimizer, data or model would silently mix two runs."""
+  workdir = run_dir(path)
+  path = os.path.join(workdir, "config.json")
+  checkpoints = os.path.join(workdir, CHECKPOINT_DIR)
+  if not (os.path.isfile(path) and os.path.isdir(checkpoints) and os.listdir(checkpoints)):
+    return
+  try:
+    with open(path) as f:
+      saved = _flat(json.load(f))
+  except (OSError, ValueError) as e:
+    logging.warning("Cannot read %s (%s): the config is not compared with the run's.", path, e)
+    return
+  current = _flat(json.loads(config.to_json_best_effort()))
+  if mode == "train":
+    defining = lambda k: not k.startswith(FREE_KEYS)
+  else:
+    defining = lambda k: k.startswith(INFERENCE_KEYS) and not k.startswith(COMPUTE_KEYS)
+  changed = [k for k in sorted(saved.keys() & current.keys())
+             if defining(k) and saved[k] != current[k]]
+  if changed:
+    shown = ", ".join(f"{k}={saved[k]!r} (now {current[k]!r})" for k in changed[:3])
+    more = f" and {len(changed) - 3} more" if len(changed) > 3 else ""
+    raise ValueError(f"{workdir} holds a run with {shown}{more}: use that run's config "
+                     f"({path}) or a fresh --workdir.")
+
+
+
 def load_params(config, path: str, use_ema: bool = True) -> tuple[Model, dict, dict]:
   """(model, params, info) of a trained run for inference: the EMA (or, with ``use_ema=False``,
   the raw) parameters of the checkpoint at ``path`` (as :func:`restore_path`), built from
   ``config``; info = {"checkpoint", "step", "ema"}."""
+  check_run_config(config, path)
   model = make_model(config)
   state = restore_path(path, abstract_train_state(config, model))
   params = state.ema_params if use_ema else state.params

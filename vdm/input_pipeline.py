@@ -92,7 +92,16 @@ def synthetic_images(seed: int, num: int, size: int = 8, channels: int = 3) -> n
 # ---------------------------------------------------------------- loading ------------------------
 
 def load_split(data_config, split: str, seed: int = 0) -> Split:
-  """The images of ``split`` ('train' or the eval split) from ``data_config.source``."""
+  """The images of ``split`` ('train' or the eval split) from ``data_config.source``; refuses an
+  empty split, which would end a run at its first evaluation."""
+  loaded = _load_split(data_config, split, seed)
+  if not len(loaded):
+    raise ValueError(f"split {split!r} of data.source={data_config.source!r} ({loaded.name}) has no "
+                     "examples: point the config at a split with data.")
+  return loaded
+
+
+def _load_split(data_config, split: str, seed: int) -> Split:
   source = data_config.source
   if source == "synthetic":
     num = data_config.synthetic_num_train if split == data_config.train_split else data_config.synthetic_num_test
@@ -165,7 +174,9 @@ def _load_tfds(data_config, split: str) -> Split:
 def check_batch_size(batch_size: int, what: str = "training.batch_size") -> None:
   """Raise ValueError unless the global batch divides evenly over devices and processes."""
   devices, processes = jax.device_count(), jax.process_count()
-  if batch_size < 1 or batch_size % devices or batch_size % processes:
+  if batch_size < 1:
+    raise ValueError(f"{what}={batch_size} must be >= 1.")
+  if batch_size % devices or batch_size % processes:
     raise ValueError(f"{what}={batch_size} is not divisible by the {devices} devices: set it to a "
                      f"multiple of {devices}.")
 

@@ -1,7 +1,9 @@
 """Output of a run: TensorBoard event files (tensorboardX), console lines, PNG grids, JSON, and
 the one-line error that ends a script on bad input.
 
-Everything here but the error line writes only on process 0; other processes get no-ops.
+The Writer acts only on process 0 (elsewhere it is a no-op) and the error line is written on every
+process; ``write_json`` and ``save_png`` write wherever they are called, so their callers call
+them on process 0 only.
 """
 from __future__ import annotations
 

@@ -26,9 +26,11 @@ Bad input (config, data, paths) ends with one line on stderr and exit status 2.
 """
 from __future__ import annotations
 
+import json
 import os
 import signal
 import sys
+import tempfile
 import threading
 import time
 
@@ -66,8 +68,9 @@ flags.DEFINE_integer("num_processes", None, "Multi-host: the number of processes
 flags.DEFINE_integer("process_id", None, "Multi-host: this process's index in [0, num_processes).")
 
 
-class UsageError(ValueError):
-  """Bad input: reported as one line, exit status 2."""
+# The flags that only some modes read.
+MODE_FLAGS = {"checkpoint": ("eval", "sample"), "sampler": ("sample",), "num_steps": ("sample",),
+              "num_samples": ("sample",), "sample_seed": ("sample",)}
 
 
 class Diverged(RuntimeError):
@@ -127,6 +130,15 @@ def validate_config(config) -> None:
   if config.sampling.sampler not in train.SAMPLERS:
     raise ValueError(f"unknown sampling.sampler {config.sampling.sampler!r}: use one of "
                      f"{', '.join(train.SAMPLERS)}.")
+  if config.seed < 0:
+    raise ValueError(f"seed={config.seed} must be >= 0.")
+  if not 0.0 <= m.dropout < 1.0:
+    raise ValueError(f"model.dropout={m.dropout} must be in [0, 1) (the rate of zeroed activations).")
+  if config.eval.num_batches < 0:
+    raise ValueError(f"eval.num_batches={config.eval.num_batches} must be >= 0 (0 = the whole split).")
+  for key in ("num_steps", "num_samples"):
+    if config.sampling[key] < 1:
+      raise ValueError(f"sampling.{key}={config.sampling[key]} must be >= 1.")
   if not 0.0 <= config.optimizer.ema_rate < 1.0:
     raise ValueError(f"optimizer.ema_rate={config.optimizer.ema_rate} must be in [0, 1).")
   if t.num_steps < 0 or t.max_nonfinite_steps < 1:
@@ -158,9 +170,8 @@ def prepare_workdir(workdir: str) -> str:
   workdir = os.path.abspath(workdir)
   try:
     os.makedirs(workdir, exist_ok=True)
-    probe = os.path.join(workdir, f".write_test_{os.getpid()}")
-    with open(probe, "w") as f:
-      f.write("ok")
+    fd, probe = tempfile.mkstemp(prefix=".write_test_", dir=workdir)  # unique among hosts too
+    os.close(fd)
     os.remove(probe)
   except OSError as e:
     raise ValueError(f"--workdir={workdir} is not a writable directory ({e.strerror}): choose "
@@ -279,6 +290,32 @@ def run_train(config, workdir: str) -> dict:
                      f"gradient NaN/inf); last good checkpoint: {where}. Lower "
                      "optimizer.learning_rate or set optimizer.grad_clip, then resume.")
 
+  def evaluate_and_sample(done: int, evaluate: bool, sample: bool) -> None:
+    nonlocal summary, sample_fn
+    if evaluate:
+      summary = train.evaluate(eval_step, state.ema_params, eval_split, config, mesh,
+                               config.eval.num_batches, desc=f"eval @ {done}")
+      summary["step"] = done
+      writer.scalars(done, {k: v for k, v in summary.items() if k != "step"}, prefix="eval/")
+      logging.info("eval @ step %d: %.4f ± %.4f bits/dim (prior %.4f, diffusion %.4f, "
+                   "reconstruction %.4f) on %d examples", done, summary["bpd"],
+                   summary["bpd_stderr"], summary["prior"], summary["diffusion"],
+                   summary["reconstruction"], summary["num_examples"])
+    if sample:
+      if sample_fn is None:
+        s = config.sampling
+        sample_fn = train.make_sample_fn(config, model, s.sampler, s.num_steps, s.num_samples)
+      _sample_and_save(sample_fn, state.ema_params, jax.random.PRNGKey(done),
+                       os.path.join(workdir, "samples"), f"step_{done}", config, writer, done)
+
+  # A notice at an eval or sample step stopped before them: they are done on resuming there.
+  due_path = os.path.join(workdir, "due_at_preemption.json")
+  if os.path.isfile(due_path):
+    with open(due_path) as f:
+      due = json.load(f)
+    if due.get("step") == start:
+      evaluate_and_sample(start, bool(due.get("evaluate")), bool(due.get("sample")))
+
   try:
     for step in range(start, t_cfg.num_steps):
       state, metrics = train_step(state, next(batches))
@@ -296,28 +333,18 @@ def run_train(config, workdir: str) -> dict:
       if done % t_cfg.checkpoint_every == 0 or last or checkpointer.needs_rewrite(done):
         check_finite()
         checkpointer.save(state)
+      due = {"evaluate": done % t_cfg.eval_every == 0 or last,
+             "sample": done % t_cfg.sample_every == 0 or last}
       # Several processes agree on a notice by a collective, a host sync: only at log boundaries.
       if not last and (jax.process_count() == 1 or done % t_cfg.log_every == 0) and notice.agreed():
         check_finite()
         checkpointer.save(state)
+        if any(due.values()) and logging_utils.is_main_process():
+          logging_utils.write_json(due_path, {"step": done, **due})
         logging.warning("SIGTERM at step %d: checkpoint saved in %s; rerun the same command to "
                         "resume.", done, checkpointer.directory)
         break
-      if done % t_cfg.eval_every == 0 or last:
-        summary = train.evaluate(eval_step, state.ema_params, eval_split, config, mesh,
-                                 config.eval.num_batches, desc=f"eval @ {done}")
-        summary["step"] = done
-        writer.scalars(done, {k: v for k, v in summary.items() if k != "step"}, prefix="eval/")
-        logging.info("eval @ step %d: %.4f ± %.4f bits/dim (prior %.4f, diffusion %.4f, "
-                     "reconstruction %.4f) on %d examples", done, summary["bpd"],
-                     summary["bpd_stderr"], summary["prior"], summary["diffusion"],
-                     summary["reconstruction"], summary["num_examples"])
-      if done % t_cfg.sample_every == 0 or last:
-        if sample_fn is None:
-          s = config.sampling
-          sample_fn = train.make_sample_fn(config, model, s.sampler, s.num_steps, s.num_samples)
-        _sample_and_save(sample_fn, state.ema_params, jax.random.PRNGKey(done),
-                         os.path.join(workdir, "samples"), f"step_{done}", config, writer, done)
+      evaluate_and_sample(done, **due)
   finally:
     batches.close()  # stop and join the prefetch thread before the interpreter exits
 
@@ -407,7 +434,13 @@ def main(argv) -> None:
     init_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id,
                      FLAGS.distributed)
     validate_config(config)
+    misplaced = [f"--{name}" for name in MODE_FLAGS if FLAGS[name].present
+                 and FLAGS.mode not in MODE_FLAGS[name]]
+    if misplaced:
+      raise ValueError(f"{', '.join(misplaced)} has no effect with --mode={FLAGS.mode}: drop it "
+                       "(run lengths and sampler settings of training are config keys).")
     workdir = prepare_workdir(FLAGS.workdir)
+    ckpt_lib.check_run_config(config, FLAGS.checkpoint or workdir, FLAGS.mode)
     if FLAGS.mode == "train":
       run_train(config, workdir)
     elif FLAGS.mode == "eval":
