@@ -79,21 +79,11 @@ BAD_INPUTS = {
     "unknown_key": (["--config.model.bogus=1"], {}, "unknown config key"),
     "wrong_type": (["--config.training.batch_size=abc"], {}, "batch_size"),
     "gamma_order": (["--config.model.gamma_min=6.0"], {}, "gamma_min"),
-    "residual_dtype": (["--config.model.residual_dtype=fp16"], {}, "unknown model.residual_dtype"),
-    "narrow_residual": (["--config.model.residual_dtype=bfloat16"], {},
-                        "would round the residual stream of a float32 network"),
-    "negative_unroll": (["--config.model.unroll=-1"], {}, "model.unroll=-1 must be an integer >= 0"),
-    "norm_backward": (["--config.model.norm_backward=fused"], {}, "unknown model.norm_backward"),
-    "norm_recompute_remat": (["--config.model.norm_backward=recompute", "--config.model.remat=convs"],
-                             {}, "model.norm_backward='recompute' with model.remat='convs'"),
     "fp32_fraction": (["--config.model.eval_fp32_fraction=1.5"], {},
                       "model.eval_fp32_fraction=1.5 must be in [0, 1]"),
     "indivisible_batch": (["--config.training.batch_size=3"],
                           {"XLA_FLAGS": "--xla_force_host_platform_device_count=2"},
                           "not divisible by the 2 devices"),
-    "missing_npz": (["--config.data.source=npz", "--config.data.path=/nonexistent/d.npz"], {},
-                    "does not exist"),
-    "unknown_source": (["--config.data.source=ftp"], {}, "unknown data.source"),
     "missing_checkpoint": (["--mode=eval"], {}, "no checkpoint"),
     "bad_checkpoint_path": (["--mode=sample", "--checkpoint=/nonexistent/ckpt"], {}, "does not exist"),
     "unwritable_workdir": (["WORKDIR_UNDER_FILE"], {}, "not a writable directory"),
@@ -104,13 +94,29 @@ BAD_INPUTS = {
     "workdir_in_proc": (["WORKDIR=/proc/vdm_workdir"], {}, "not a writable directory"),
     "corrupt_checkpoint": (["CORRUPT_CHECKPOINT"], {}, "could not be restored"),
     "no_coordinator": (["--process_id=1"], {}, "jax.distributed.initialize failed"),
-    "negative_seed": (["--config.seed=-1"], {}, "seed=-1 must be >= 0"),
-    "dropout": (["--config.model.dropout=1.5"], {}, "model.dropout=1.5 must be in [0, 1)"),
-    "eval_num_batches": (["--config.eval.num_batches=-1"], {}, "eval.num_batches=-1 must be >= 0"),
-    "sampling_steps": (["--config.sampling.num_steps=0"], {}, "sampling.num_steps=0 must be >= 1"),
-    "eval_batch": (["--config.eval.batch_size=-8"], {}, "eval.batch_size=-8 must be >= 1"),
     "empty_test_split": (["--config.data.synthetic_num_test=0"], {}, "has no examples"),
     "sample_flag_in_train": (["--num_steps=10"], {}, "--num_steps has no effect with --mode=train"),
+}
+# Settings validate_config refuses before any work, naming the key and the fix (vdm.main ends each
+# such ValueError in one line with exit status 2, as the gamma_order case above shows end to end).
+INVALID_SETTINGS = {
+    "residual_dtype": ({"model.residual_dtype": "fp16"}, "unknown model.residual_dtype"),
+    "narrow_residual": ({"model.residual_dtype": "bfloat16"},
+                        "would round the residual stream of a float32 network"),
+    "negative_unroll": ({"model.unroll": -1}, "model.unroll=-1 must be an integer >= 0"),
+    "norm_backward": ({"model.norm_backward": "fused"}, "unknown model.norm_backward"),
+    "norm_recompute_remat": ({"model.norm_backward": "recompute", "model.remat": "convs"},
+                             "model.norm_backward='recompute' with model.remat='convs'"),
+    "missing_npz": ({"data.source": "npz", "data.path": "/nonexistent/d.npz"}, "does not exist"),
+    "unknown_source": ({"data.source": "ftp"}, "unknown data.source"),
+    "negative_seed": ({"seed": -1}, "seed=-1 must be >= 0"),
+    "dropout": ({"model.dropout": 1.5}, "model.dropout=1.5 must be in [0, 1)"),
+    "eval_num_batches": ({"eval.num_batches": -1}, "eval.num_batches=-1 must be >= 0"),
+    "sampling_steps": ({"sampling.num_steps": 0}, "sampling.num_steps=0 must be >= 1"),
+    "sampling_samples": ({"sampling.num_samples": 0}, "sampling.num_samples=0 must be >= 1"),
+    "eval_batch": ({"eval.batch_size": -8}, "eval.batch_size=-8 must be >= 1"),
+    "uniform_mix": ({"loss.importance_uniform_mix": 0.0},
+                    "loss.importance_uniform_mix=0.0 must be in (0, 1]"),
 }
 NPZ_IMAGES = {"shape": np.zeros((4, 5, 5), np.uint8), "dtype": np.zeros((4, 8, 8, 3), np.float32),
               "vocab": np.full((4, 8, 8, 3), 9, np.uint8)}
@@ -147,6 +153,18 @@ def test_bad_input_exits_2_with_one_line(tmp_path):
     assert len(lines) == 1 and lines[0].startswith("vdm: error: "), (name, err[-2000:])
     assert BAD_INPUTS[name][2] in lines[0], (name, lines[0])
     assert "Traceback" not in err
+
+
+@pytest.mark.parametrize("name", list(INVALID_SETTINGS))
+def test_validate_config_names_the_key_and_the_fix(name):
+  import importlib  # pylint: disable=g-import-not-at-top
+  from vdm import main  # pylint: disable=g-import-not-at-top
+  config = importlib.import_module("configs.quickstart").get_config()
+  overrides, message = INVALID_SETTINGS[name]
+  config.update_from_flattened_dict(overrides)
+  with pytest.raises(ValueError) as error:
+    main.validate_config(config)
+  assert message in str(error.value)
 
 
 @pytest.mark.slow

@@ -124,6 +124,9 @@ def check_loss_config(config) -> None:
                      f"loss.importance_warmup_steps={loss.importance_warmup_steps} >= 0.")
   if not 0.0 <= loss.importance_decay < 1.0:
     raise ValueError(f"loss.importance_decay={loss.importance_decay} must be in [0, 1).")
+  if not 0.0 < loss.importance_uniform_mix <= 1.0:
+    raise ValueError(f"loss.importance_uniform_mix={loss.importance_uniform_mix} must be in (0, 1]: "
+                     "it floors q(t), bounding the importance weights 1/q(t).")
 
 
 def time_proposal_params(loss_config, state: TrainState) -> importance.ProposalParams:
