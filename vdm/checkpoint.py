@@ -2,9 +2,10 @@
 
 A checkpoint holds the TrainState: step, params, ema_params, opt_state, rng, the non-finite
 counter and the importance sampler's per-t second moments; the data position is the step (see
-vdm.input_pipeline). Checkpoints with non-finite parameters are never written. If the newest checkpoint cannot be restored (truncated, corrupt), the failure is
-logged and the next older one is tried; the bad one is replaced when training reaches its step
-again.
+vdm.input_pipeline). Checkpoints with non-finite parameters are never written. If the newest
+checkpoint cannot be restored (truncated, corrupt), the failure is logged and the next older one
+is tried; the bad one is replaced when training reaches its step again. A run's config.json
+(written by training) guards its workdir against another run's config (:func:`check_run_config`).
 """
 from __future__ import annotations
 
@@ -183,15 +184,15 @@ def check_run_config(config, path: str, mode: str = "eval") -> None:
   ``path`` (as :func:`run_dir`) has checkpoints: resuming or evaluating it with another seed,
   optimizer, data or model would silently mix two runs."""
   workdir = run_dir(path)
-  path = os.path.join(workdir, "config.json")
+  recorded = os.path.join(workdir, "config.json")
   checkpoints = os.path.join(workdir, CHECKPOINT_DIR)
-  if not (os.path.isfile(path) and os.path.isdir(checkpoints) and os.listdir(checkpoints)):
+  if not (os.path.isfile(recorded) and os.path.isdir(checkpoints) and os.listdir(checkpoints)):
     return
   try:
-    with open(path) as f:
+    with open(recorded) as f:
       saved = _flat(json.load(f))
   except (OSError, ValueError) as e:
-    logging.warning("Cannot read %s (%s): the config is not compared with the run's.", path, e)
+    logging.warning("Cannot read %s (%s): the config is not compared with the run's.", recorded, e)
     return
   current = _flat(json.loads(config.to_json_best_effort()))
   if mode == "train":
@@ -204,8 +205,7 @@ def check_run_config(config, path: str, mode: str = "eval") -> None:
     shown = ", ".join(f"{k}={saved[k]!r} (now {current[k]!r})" for k in changed[:3])
     more = f" and {len(changed) - 3} more" if len(changed) > 3 else ""
     raise ValueError(f"{workdir} holds a run with {shown}{more}: use that run's config "
-                     f"({path}) or a fresh --workdir.")
-
+                     f"({recorded}) or a fresh --workdir.")
 
 
 def load_params(config, path: str, use_ema: bool = True) -> tuple[Model, dict, dict]:

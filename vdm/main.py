@@ -312,9 +312,9 @@ def run_train(config, workdir: str) -> dict:
   due_path = os.path.join(workdir, "due_at_preemption.json")
   if os.path.isfile(due_path):
     with open(due_path) as f:
-      due = json.load(f)
-    if due.get("step") == start:
-      evaluate_and_sample(start, bool(due.get("evaluate")), bool(due.get("sample")))
+      record = json.load(f)
+    if record.get("step") == start:
+      evaluate_and_sample(start, bool(record.get("evaluate")), bool(record.get("sample")))
 
   try:
     for step in range(start, t_cfg.num_steps):
