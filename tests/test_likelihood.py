@@ -13,10 +13,6 @@ GAMMA = schedules.fixed_linear()
 DATA = toy.FactorizedDiscrete.random(0, dims=3, vocab_size=4)
 
 
-def _nll_bits(x):
-  return -np.log2(DATA.probs[np.arange(DATA.dims), np.asarray(x)]).sum(-1) / DATA.dims
-
-
 def _exact_bound_nats(dist, gamma_fn, order=200):
   """The expected continuous-time bound of the Bayes-optimal denoiser by quadrature: [D, V], the
   contribution of dimension d taking the value v (an example's bound sums its dimensions').

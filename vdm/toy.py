@@ -109,6 +109,14 @@ class Gaussian:
     w = (z - alpha * jnp.asarray(self.mean, jnp.float32)) @ self._rotation()  # Rᵀ(z − α μ)
     return -0.5 * jnp.sum(w**2 / var + jnp.log(2 * jnp.pi * var), axis=-1)
 
+  def flow(self, z: jax.Array, gamma_from: float, gamma_to: float) -> jax.Array:
+    """The probability-flow ODE's exact map of z [B, D] from γ_from to γ_to, linear for Gaussian
+    data: z ↦ α_to μ + R diag(sqrt(v_to / v_from)) Rᵀ (z − α_from μ), v = α² s² + σ² (C_t's
+    eigenvalues)."""
+    (alpha_from, alpha_to), (v_from, v_to) = self._variances(jnp.array([gamma_from, gamma_to]))
+    rot, mu = self._rotation(), jnp.asarray(self.mean, jnp.float32)
+    return alpha_to * mu + ((z - alpha_from * mu) @ rot * jnp.sqrt(v_to / v_from)) @ rot.T
+
   def eps_fn(self) -> EpsFn:
     """The optimal ε̂(z_t; γ_t) = σ_t C_t⁻¹ (z_t − α_t μ), for z [B, D] and γ_t [B]."""
     rot = self._rotation()
