@@ -44,9 +44,10 @@ def get_config() -> ml_collections.ConfigDict:
   # convolutions' outputs. On the H100 it is the fastest at batch 128, and without it the fp32
   # step of the CIFAR-10 model runs out of the 80 GB (experiments/RESULTS.md).
   m.remat = "convs"            # 'none' | 'convs' | 'full'
-  # How GroupNorm + swish is differentiated (vdm.nets.NORM_BACKWARD): 'autodiff', or 'recompute'
-  # (keeps only the norms' inputs and group statistics; for remat='none'; not yet timed on a GPU).
-  m.norm_backward = "autodiff"
+  # How GroupNorm + swish is computed (vdm.nets.NORM_IMPL): 'autodiff', 'recompute' (keeps only
+  # the norms' inputs and group statistics; for remat='none') or 'pallas' (fused Triton kernels,
+  # forward and backward). Neither of the last two is timed on a GPU yet.
+  m.norm_impl = "autodiff"
   # Evaluating in bf16, the least noisy share of each batch runs in fp32 (vdm.model.eps_fn_for):
   # on the H100 this took the bf16 − fp32 bound gap from 0.0095 to 0.0003 bits/dim.
   m.eval_fp32_fraction = 0.3

@@ -66,8 +66,8 @@ case "${1:-}" in
   bench)
     setup
     LEFT=$LIMIT
-    # VDM_SPECS: "batch dtype remat residual_dtype unroll [norm_backward]" per benchmark,
-    # ';'-separated (norm_backward: the config's when left out). By
+    # VDM_SPECS: "batch dtype remat residual_dtype unroll [norm_impl]" per benchmark,
+    # ';'-separated (norm_impl: the config's when left out). By
     # default, in order of need: cifar10_bf16's setting, the same at batch 512, batch 512 with
     # the scan and remat (measured to fit), and the fp32 step (which needs remat at batch 128).
     # Variants of one step side by side: the sweep phase.
@@ -78,7 +78,7 @@ case "${1:-}" in
       start=$SECONDS
       run bench $((LEFT > 240 ? 240 : LEFT)) "$PY" -m vdm.benchmark --config="$CONFIG" "${EXTRA[@]}" \
         --config.model.residual_dtype="$residual" --config.model.unroll="$unroll" \
-        ${norm:+--config.model.norm_backward="$norm"} \
+        ${norm:+--config.model.norm_impl="$norm"} \
         --batch_size="$batch" --dtype="$dtype" \
         --remat="$remat" --repeats=10 --profile --json_out="$OUT/$name.json"
       LEFT=$((LEFT - SECONDS + start))

@@ -26,7 +26,7 @@ from absl import app, flags, logging  # noqa: E402
 
 from experiments import common  # noqa: E402
 from vdm import importance, likelihood, logging_utils, ode_likelihood, schedules, toy  # noqa: E402
-from vdm.model import traced_fns  # noqa: E402
+from vdm.model import forward_differentiable, traced_fns  # noqa: E402
 
 FLAGS = flags.FLAGS
 common.define_model_flags("likelihood")
@@ -134,10 +134,12 @@ def main(argv):
   if FLAGS.ode_num_images > 0:
     results["ode"] = {}
     ode_images = test[:FLAGS.ode_num_images]
+    # The ODE's jax.linearize needs forward-mode derivatives (Pallas norms have none).
+    ode_eps_fn = eps_fn if FLAGS.toy else traced_fns(forward_differentiable(model), params)[0]
     for deq in FLAGS.dequantization:
       t0 = time.time()
       results["ode"][deq] = ode_likelihood.evaluate_ode_likelihood(
-          eps_fn, gamma_fn, common.image_batches(ode_images, FLAGS.ode_batch_size),
+          ode_eps_fn, gamma_fn, common.image_batches(ode_images, FLAGS.ode_batch_size),
           jax.random.fold_in(rng, 4),
           vocab_size=vocab_size, num_draws=FLAGS.ode_num_draws, dequantization=deq, decoder=decoder,
           divergence=FLAGS.divergence, num_probes=FLAGS.num_probes, solver=FLAGS.solver,

@@ -42,7 +42,8 @@ VARIANTS = {
     "unroll2": ({"model.unroll": 2}, None, ("sample",)),
     "remat_none": ({"model.remat": "none"}, None, ()),
     "remat_full": ({"model.remat": "full"}, None, ()),
-    "norm_recompute": ({"model.norm_backward": "recompute", "model.remat": "none"}, None, ()),
+    "norm_recompute": ({"model.norm_impl": "recompute", "model.remat": "none"}, None, ()),
+    "norm_pallas": ({"model.norm_impl": "pallas"}, None, ("sample",)),
     "float32": ({"model.dtype": "float32"}, None, ("sample",)),
 }
 

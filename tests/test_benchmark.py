@@ -43,7 +43,7 @@ def test_benchmark_figures():
   assert figures["train_images_per_s"] == pytest.approx(4 / figures["train_step_s"])
   # peak_bytes_in_use is not reported on the CPU.
   assert figures["peak_memory_bytes"] is None or figures["peak_memory_bytes"] > 0
-  assert figures["norm_backward"] == "autodiff" and figures["net_saved_gib"] > 0
+  assert figures["norm_impl"] == "autodiff" and figures["net_saved_gib"] > 0
   assert "images/s" in benchmark.format_report(figures)
 
 
@@ -91,11 +91,11 @@ def test_command_line_bad_input_is_one_line():
   """A setting the network refuses ends the command with one line (after JAX's start-up log) and
   exit status 2, not a traceback."""
   proc = subprocess.run([sys.executable, "-m", "vdm.benchmark", "--config=configs/quickstart.py",
-                         "--config.model.norm_backward=recompute", "--remat=convs"],
+                         "--config.model.norm_impl=recompute", "--remat=convs"],
                         capture_output=True, text=True, cwd=ROOT)
   assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
   last = proc.stderr.strip().splitlines()[-1]
-  assert last.startswith("vdm: error: norm_backward='recompute' with remat='convs'"), last
+  assert last.startswith("vdm: error: norm_impl='recompute' with remat='convs'"), last
 
 
 def test_kernel_kinds_and_breakdown():
@@ -104,7 +104,8 @@ def test_kernel_kinds_and_breakdown():
            "cutlass_80_wmma_tensorop_bf16_s161616gemm_bf16_32x32_128x2_tn_align8": "conv_matmul",
            "loop_convert_fusion_3": "fusion", "input_reduce_fusion": "fusion",
            "loop_dynamic_update_slice_fusion": "copy", "copy_transpose_3": "copy",
-           "Memcpy DtoD": "copy", "rng_bit_generator": "other"}
+           "Memcpy DtoD": "copy", "rng_bit_generator": "other",
+           "vdm_norm_swish_backward": "pallas_norm"}
   for name, kind in kinds.items():
     assert benchmark.kernel_kind(name) == kind, name
   events = [("a_gemm", 3e6), ("loop_add_fusion", 1e6), ("a_gemm", 3e6), ("copy_1", 2e6)]
@@ -207,15 +208,17 @@ def test_sweep_refuses_unknown_variants(tmp_path):
 @pytest.mark.slow
 def test_sweep_times_each_variant(tmp_path):
   out = tmp_path / "sweep.json"
-  r = _sweep(*SWEEP_TINY, "--variants=no_dropout,unroll2+remat_none,norm_recompute",
+  r = _sweep(*SWEEP_TINY, "--variants=no_dropout,unroll2+remat_none,norm_recompute,norm_pallas",
              f"--output={out}")
   assert r.returncode == 0, r.stderr[-2000:]
   res = json.loads(out.read_text())
   v = res["variants"]
   both = "unroll2+remat_none"
-  assert list(v) == ["no_dropout", both, "norm_recompute"] and res["batch_size"] == 2
+  assert list(v) == ["no_dropout", both, "norm_recompute", "norm_pallas"]
+  assert res["batch_size"] == 2
   assert all("error" not in f for f in v.values()), v
-  assert v["norm_recompute"]["norm_backward"] == "recompute" and v["norm_recompute"]["remat"] == "none"
+  assert v["norm_recompute"]["norm_impl"] == "recompute" and v["norm_recompute"]["remat"] == "none"
+  assert v["norm_pallas"]["norm_impl"] == "pallas" and v["norm_pallas"]["sample_step_ms"] > 0
   # one process: its running peak is labelled as such, not as a variant's own
   assert all("peak_memory_gib" not in f and "process_peak_memory_gib" in f for f in v.values())
   assert v["no_dropout"]["dropout"] == 0.0 and v[both]["unroll"] == 2

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from vdm.benchmark import saved_for_backward_bytes, vjp_residual_bytes
-from vdm.nets import (NORM_BACKWARD, REMAT, GroupNormSwish, ResnetBlock, ScoreUNet, SplitDense,
+from vdm.nets import (NORM_IMPL, REMAT, GroupNormSwish, ResnetBlock, ScoreUNet, SplitDense,
                       fourier_features, group_norm_swish, num_params, param_count,
                       timestep_embedding)
 
@@ -229,40 +229,44 @@ def test_group_norm_swish_keeps_only_its_inputs_and_statistics():
                                              jnp.concatenate(p, -1) + a[0][:, None, None, :]))
   assert kept(flax_bf16) >= 14 * elements
   net = lambda nb: ScoreUNet(dtype="bfloat16", residual_dtype="bfloat16", unroll=0,  # noqa: E731
-                             norm_backward=nb)
-  saved = {nb: saved_for_backward_bytes(net(nb), (32, 32, 3), 128) for nb in NORM_BACKWARD}
+                             norm_impl=nb)
+  saved = {nb: saved_for_backward_bytes(net(nb), (32, 32, 3), 128) for nb in NORM_IMPL}
   print({nb: f"{b / 2**30:.2f} GiB" for nb, b in saved.items()})
   assert saved["recompute"] < saved["autodiff"] / 3
 
 
-def test_norm_backward_changes_nothing_but_the_program():
-  """The same parameters under both ways of differentiating the norms; the same loss and
-  gradients (fp32, dropout on) and the same forward-mode derivative w.r.t. z; one-line errors
-  for an unknown choice and for 'recompute' inside a rematerialised block."""
+def test_norm_impl_changes_nothing_but_the_program():
+  """The same parameters under the three ways of computing the norms; the same loss and
+  gradients (fp32, dropout on); the same forward-mode derivative w.r.t. z where there is one (the
+  Pallas kernels have none, and say so); one-line errors for an unknown choice and for
+  'recompute' inside a rematerialised block."""
   z, g = _inputs()
   kw = dict(n_embd=32, n_layer=2, dropout=0.1, attention=True)
-  init = {nb: ScoreUNet(**kw, norm_backward=nb).init(jax.random.PRNGKey(0), z, g)
-          for nb in NORM_BACKWARD}
+  init = {nb: ScoreUNet(**kw, norm_impl=nb).init(jax.random.PRNGKey(0), z, g)
+          for nb in NORM_IMPL}
   jax.tree_util.tree_map(np.testing.assert_array_equal, *init.values())
   rng = np.random.default_rng(14)
   params = jax.tree_util.tree_map(lambda p: p + 0.1 * rng.standard_normal(p.shape, np.float32),
                                   init["autodiff"])
   key, dz = jax.random.PRNGKey(15), jax.random.normal(jax.random.PRNGKey(16), z.shape)
-  results = {}
-  for nb in NORM_BACKWARD:
-    net = ScoreUNet(**kw, norm_backward=nb)
-    results[nb] = (_jit(jax.value_and_grad(_loss(net, z, g, key)))(params),
-                   _jit(lambda z, dz: jax.jvp(lambda z: net.apply(params, z, g), (z,), (dz,)))(z, dz))
-  got, want = (jax.tree_util.tree_leaves(results[nb]) for nb in ("recompute", "autodiff"))
+  jvp = lambda net: _jit(lambda z, dz: jax.jvp(lambda z: net.apply(params, z, g), (z,), (dz,)))
+  results = {nb: [_jit(jax.value_and_grad(_loss(ScoreUNet(**kw, norm_impl=nb), z, g, key)))(params)]
+              for nb in NORM_IMPL}
+  for nb in ("autodiff", "recompute"):
+    results[nb].append(jvp(ScoreUNet(**kw, norm_impl=nb))(z, dz))
+  with pytest.raises(TypeError, match="custom_vjp"):
+    jvp(ScoreUNet(**kw, norm_impl="pallas"))(z, dz)
+  want = jax.tree_util.tree_leaves(results["autodiff"])
   scale = max(float(jnp.max(jnp.abs(b))) for b in want)  # some gradients are rounding noise
-  for a, b in zip(got, want):
-    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6 * scale)
+  for nb in ("recompute", "pallas"):
+    for a, b in zip(jax.tree_util.tree_leaves(results[nb]), want):
+      np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6 * scale)
   with pytest.raises(ValueError, match="48 channels do not split into 32 groups"):
     GroupNormSwish().init(jax.random.PRNGKey(0), (jnp.zeros((1, 2, 2, 48)),))
-  with pytest.raises(ValueError, match="norm_backward='fused'"):
-    ScoreUNet(**kw, norm_backward="fused").init(jax.random.PRNGKey(0), z, g)
+  with pytest.raises(ValueError, match="norm_impl='fused'"):
+    ScoreUNet(**kw, norm_impl="fused").init(jax.random.PRNGKey(0), z, g)
   with pytest.raises(ValueError, match="remat='none'"):
-    ScoreUNet(**kw, norm_backward="recompute", remat="convs").init(jax.random.PRNGKey(0), z, g)
+    ScoreUNet(**kw, norm_impl="recompute", remat="convs").init(jax.random.PRNGKey(0), z, g)
 
 
 def _loss(net, z, g, key):

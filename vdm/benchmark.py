@@ -37,7 +37,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vdm import logging_utils, nets, samplers, train
+from vdm import logging_utils, nets, pallas_norm, samplers, train
 from vdm.nets import REMAT
 from vdm.model import eps_fn_for, gamma_fn_for, make_model, with_dtype
 
@@ -54,10 +54,12 @@ def median_seconds(fn: Callable[[], Any], repeats: int, warmup: int) -> float:
   return statistics.median(times)
 
 
-# Device kernels by what they do, matched on lower-cased kernel names in this order: cuDNN and
-# cuBLAS/CUTLASS kernels (convolutions and matrix products), XLA's data movement, XLA's other
-# generated kernels (elementwise and reduction fusions). "convert" must not read as a convolution.
+# Device kernels by what they do, matched on lower-cased kernel names in this order: our Pallas
+# norms (vdm.pallas_norm.KERNEL_NAME), cuDNN and cuBLAS/CUTLASS kernels (convolutions and matrix
+# products), XLA's data movement, XLA's other generated kernels (elementwise and reduction
+# fusions). "convert" must not read as a convolution.
 KERNEL_KINDS = (
+    ("pallas_norm", (pallas_norm.KERNEL_NAME,)),
     ("conv_matmul", ("xmma", "gemm", "cudnn", "cutlass", "implicit", "fprop", "dgrad", "wgrad",
                      "convolution", "conv2d", "cublas")),
     ("copy", ("copy", "memcpy", "memset", "dynamic_update_slice", "dynamic-update-slice",
@@ -267,7 +269,7 @@ def benchmark(config, *, batch_size: Optional[int] = None, dtype: Optional[str] 
       "device": jax.devices()[0].device_kind, "backend": jax.default_backend(),
       "num_devices": int(n_dev), "batch_size": batch_size, "image_shape": list(model.image_shape),
       "dtype": dtype, "residual_dtype": model.net.residual_dtype, "remat": remat,
-      "norm_backward": model.net.norm_backward,
+      "norm_impl": model.net.norm_impl,
       # per device, as the temporary buffers and peak memory are
       "net_saved_gib": saved_for_backward_bytes(model.net, model.image_shape,
                                                 batch_size // n_dev) / 2**30,
@@ -375,7 +377,7 @@ def format_report(figures: dict) -> str:
       f"model: {figures['num_params'] / 1e6:.2f} M params, images {tuple(figures['image_shape'])}, "
       f"batch {figures['batch_size']}, dtype {figures['dtype']} (residual stream "
       f"{figures['residual_dtype']}), remat {figures['remat']}, norm backward "
-      f"{figures['norm_backward']}",
+      f"{figures['norm_impl']}",
       f"train:  {num('train_images_per_s', '.1f')} images/s  ({num('train_step_s', '.4f')} s/step, "
       f"compile {num('train_compile_s', '.1f')} s, {num('train_tflops_per_s', '.2f')} TFLOP/s "
       f"of {num('train_step_tflop', '.3f')} TFLOP/step)",

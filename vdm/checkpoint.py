@@ -149,7 +149,7 @@ def restore_path(path: str, target: TrainState, sharding=None) -> TrainState:
 # What may differ between the invocations on one run: how the same function is computed, how
 # long and how often, how it is evaluated and sampled, and where the data lie.
 COMPUTE_KEYS = ("model.dtype", "model.residual_dtype", "model.unroll", "model.remat",
-                "model.norm_backward", "model.eval_fp32_fraction")
+                "model.norm_impl", "model.eval_fp32_fraction")
 FREE_KEYS = COMPUTE_KEYS + (
     "training.num_steps", "training.log_every", "training.eval_every", "training.sample_every",
     "training.checkpoint_every", "training.max_to_keep", "training.max_nonfinite_steps", "eval.",

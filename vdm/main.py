@@ -112,13 +112,13 @@ def validate_config(config) -> None:
   if isinstance(m.unroll, bool) or m.unroll < 0:
     raise ValueError(f"model.unroll={m.unroll!r} must be an integer >= 0 (blocks per loop "
                      "iteration; 0 unrolls the loops entirely).")
-  if m.norm_backward not in nets.NORM_BACKWARD:
-    raise ValueError(f"unknown model.norm_backward {m.norm_backward!r}: use one of "
-                     f"{', '.join(nets.NORM_BACKWARD)} (see vdm.nets.NORM_BACKWARD).")
-  if m.norm_backward == "recompute" and m.remat != "none":
-    raise ValueError(f"model.norm_backward='recompute' with model.remat={m.remat!r}: a "
+  if m.norm_impl not in nets.NORM_IMPL:
+    raise ValueError(f"unknown model.norm_impl {m.norm_impl!r}: use one of "
+                     f"{', '.join(nets.NORM_IMPL)} (see vdm.nets.NORM_IMPL).")
+  if m.norm_impl == "recompute" and m.remat != "none":
+    raise ValueError(f"model.norm_impl='recompute' with model.remat={m.remat!r}: a "
                      "rematerialised block already recomputes its norms; set model.remat=none "
-                     "or model.norm_backward=autodiff.")
+                     "or model.norm_impl=autodiff.")
   if m.remat not in nets.REMAT:
     raise ValueError(f"unknown model.remat {m.remat!r}: use one of {', '.join(nets.REMAT)} (see "
                      "vdm.nets.REMAT).")

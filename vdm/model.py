@@ -55,7 +55,7 @@ def make_model(config) -> Model:
       residual_dtype=m.residual_dtype,
       remat=m.remat,
       unroll=m.unroll,
-      norm_backward=m.norm_backward,
+      norm_impl=m.norm_impl,
   )
   schedule, fixed = None, None
   if m.schedule == "learned_linear":
@@ -81,6 +81,16 @@ def with_dtype(model: Model, dtype: str) -> Model:
     return dataclasses.replace(model, net=model.net.clone(dtype=dtype, residual_dtype=dtype),
                                eval_fp32_fraction=0.0)
   return dataclasses.replace(model, net=model.net.clone(dtype=dtype))
+
+
+def forward_differentiable(model: Model) -> Model:
+  """The model with a network that has forward-mode derivatives (the ODE likelihood's
+  ``jax.linearize``): Pallas norms, which have only reverse-mode ones, become the XLA rule
+  'recompute' of the same function (``remat`` is reset to 'none', which 'recompute' needs and
+  inference does not use)."""
+  if model.net.norm_impl != "pallas":
+    return model
+  return dataclasses.replace(model, net=model.net.clone(norm_impl="recompute", remat="none"))
 
 
 def init_params(model: Model, rng: jax.Array) -> Params:

@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
+from vdm import pallas_norm
 from vdm.schedules import GAMMA_MAX, GAMMA_MIN
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -34,13 +35,14 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 # "convs": each saved tensor is one more copy into the scan's stacked residuals; RESULTS.md.)
 REMAT = {"none": None, "convs": jax.checkpoint_policies.save_only_these_names("conv"),
          "full": jax.checkpoint_policies.nothing_saveable}
-# How the GroupNorm + swish pairs are differentiated: "autodiff" (flax's GroupNorm and JAX's
-# derivatives, which ask to keep 14 bytes of fp32 and bf16 intermediates per element for the
-# backward pass; XLA's fusions may recompute some) or "recompute" (:func:`group_norm_swish`: only
-# the inputs and the group statistics are kept). "recompute" is for remat="none": a
-# rematerialised block recomputes its norms anyway. On the CPU neither compiles to less memory
-# traffic (experiments/RESULTS.md); which is faster on a GPU is for `speed_sweep.py` to measure.
-NORM_BACKWARD = ("autodiff", "recompute")
+# How the GroupNorm + swish pairs are computed and differentiated: "autodiff" (flax's GroupNorm
+# and JAX's derivatives, which ask to keep 14 bytes of fp32 and bf16 intermediates per element for
+# the backward pass; XLA's fusions may recompute some), "recompute" (:func:`group_norm_swish`:
+# only the inputs and the group statistics are kept; for remat="none", since a rematerialised
+# block recomputes its norms anyway) or "pallas" (:func:`vdm.pallas_norm.group_norm_swish`: the
+# same arithmetic as fused Triton kernels that read each input once, forward and backward; no
+# forward-mode derivative). Which is fastest on a GPU is for `speed_sweep.py` to measure.
+NORM_IMPL = ("autodiff", "recompute", "pallas")
 
 
 def timestep_embedding(t: jax.Array, dim: int, scale: float = 1000.0) -> jax.Array:
@@ -133,6 +135,7 @@ class GroupNormSwish(nn.Module):
   num_groups: int = 32
   epsilon: float = 1e-6
   dtype: jnp.dtype = jnp.float32
+  pallas: bool = False  # vdm.pallas_norm's fused kernels in place of the XLA rule
 
   @nn.compact
   def __call__(self, parts: Sequence[jax.Array], shift: Optional[jax.Array] = None) -> jax.Array:
@@ -142,16 +145,16 @@ class GroupNormSwish(nn.Module):
                        f"multiple of {self.num_groups} channels.")
     scale = self.param("scale", nn.initializers.ones_init(), (channels,))
     bias = self.param("bias", nn.initializers.zeros_init(), (channels,))
-    return group_norm_swish(self.num_groups, self.epsilon, self.dtype, tuple(parts), shift,
-                            scale, bias)
+    fn = pallas_norm.group_norm_swish if self.pallas else group_norm_swish
+    return fn(self.num_groups, self.epsilon, self.dtype, tuple(parts), shift, scale, bias)
 
 
 def norm_swish(parts: Sequence[jax.Array], shift: Optional[jax.Array], dtype: jnp.dtype,
-               backward: str, name: str) -> jax.Array:
+               impl: str, name: str) -> jax.Array:
   """swish(GroupNorm(concat(parts) + shift)) as the submodule ``name`` of the calling module,
-  differentiated as ``backward`` says (:data:`NORM_BACKWARD`); the parameters are the same."""
-  if backward == "recompute":
-    return GroupNormSwish(dtype=dtype, name=name)(parts, shift)
+  computed as ``impl`` says (:data:`NORM_IMPL`); the parameters are the same."""
+  if impl != "autodiff":
+    return GroupNormSwish(dtype=dtype, pallas=impl == "pallas", name=name)(parts, shift)
   x = jnp.concatenate(parts, axis=-1) if len(parts) > 1 else parts[0]
   if shift is not None:
     x = x.astype(jnp.float32) + shift[:, None, None, :]
@@ -167,7 +170,7 @@ class ResnetBlock(nn.Module):
   compute in ``dtype``; the sum x + h that leaves the block (the residual stream) is kept in
   ``residual_dtype``, its copy for the way up in ``dtype``: a skip only feeds a GroupNorm, whose
   output is rounded to ``dtype``, and a 1×1 projection computed in ``dtype``.
-  ``norm_backward`` says how its GroupNorm + swish pairs are differentiated (:data:`NORM_BACKWARD`).
+  ``norm_impl`` says how its GroupNorm + swish pairs are computed (:data:`NORM_IMPL`).
   """
   out_ch: int
   dropout: float
@@ -175,7 +178,7 @@ class ResnetBlock(nn.Module):
   attention: bool = False
   dtype: jnp.dtype = jnp.float32
   residual_dtype: jnp.dtype = jnp.float32
-  norm_backward: str = "autodiff"
+  norm_impl: str = "autodiff"
 
   @nn.compact
   def __call__(self, x: jax.Array, skip: Optional[jax.Array], cond: jax.Array):
@@ -185,13 +188,13 @@ class ResnetBlock(nn.Module):
     # 3 ms of the 90 ms step).
     parts = (x,) if skip is None else (x.astype(self.dtype), skip.astype(self.dtype))
     conv = lambda name, **kw: nn.Conv(self.out_ch, (3, 3), dtype=self.dtype, name=name, **kw)
-    h = norm_swish(parts, None, self.dtype, self.norm_backward, "norm1")
+    h = norm_swish(parts, None, self.dtype, self.norm_impl, "norm1")
     h = checkpoint_name(conv("conv1")(h), "conv")
     # The γ conditioning is added in fp32 inside the norm that follows; in the conv's dtype XLA
     # makes it the conv's side input, a materialised [B, H, W, C] broadcast per block.
     shift = nn.Dense(self.out_ch, use_bias=False, name="cond_proj",
                      kernel_init=nn.initializers.zeros)(cond)
-    h = norm_swish((h,), shift, self.dtype, self.norm_backward, "norm2")
+    h = norm_swish((h,), shift, self.dtype, self.norm_impl, "norm2")
     h = nn.Dropout(self.dropout, deterministic=self.deterministic)(h)
     h = checkpoint_name(conv("conv2", kernel_init=nn.initializers.zeros)(h), "conv")
     if sum(p.shape[-1] for p in parts) != self.out_ch:  # always with a skip
@@ -252,8 +255,8 @@ class ScoreUNet(nn.Module):
   pass. ``unroll`` is the number of blocks per iteration of the loops over identical blocks
   (same parameters, same results): 1 is a loop of single blocks, 0 unrolls the loops entirely
   (XLA's cost analysis counts a loop body once, so FLOP counts need the unrolled program).
-  ``norm_backward`` (one of :data:`NORM_BACKWARD`) says how the GroupNorm + swish pairs are
-  differentiated; it changes neither the parameters nor, beyond rounding, the outputs.
+  ``norm_impl`` (one of :data:`NORM_IMPL`) says how the GroupNorm + swish pairs are computed
+  and differentiated; it changes neither the parameters nor, beyond rounding, the outputs.
   """
   n_embd: int = 128
   n_layer: int = 32
@@ -267,7 +270,7 @@ class ScoreUNet(nn.Module):
   residual_dtype: str = "float32"
   remat: str = "none"
   unroll: int = 1
-  norm_backward: str = "autodiff"
+  norm_impl: str = "autodiff"
 
   @nn.compact
   def __call__(self, z: jax.Array, gamma_t: jax.Array, deterministic: bool = True) -> jax.Array:
@@ -278,12 +281,12 @@ class ScoreUNet(nn.Module):
         raise ValueError(f"{field}={getattr(self, field)!r}: use one of {tuple(DTYPES)}.")
     if self.remat not in REMAT:
       raise ValueError(f"remat={self.remat!r}: use one of {tuple(REMAT)}.")
-    if self.norm_backward not in NORM_BACKWARD:
-      raise ValueError(f"norm_backward={self.norm_backward!r}: use one of {NORM_BACKWARD}.")
-    if self.norm_backward == "recompute" and self.remat != "none":
-      raise ValueError(f"norm_backward='recompute' with remat={self.remat!r}: a rematerialised "
+    if self.norm_impl not in NORM_IMPL:
+      raise ValueError(f"norm_impl={self.norm_impl!r}: use one of {NORM_IMPL}.")
+    if self.norm_impl == "recompute" and self.remat != "none":
+      raise ValueError(f"norm_impl='recompute' with remat={self.remat!r}: a rematerialised "
                        "block already recomputes its norms; use remat='none' or "
-                       "norm_backward='autodiff'.")
+                       "norm_impl='autodiff'.")
     if isinstance(self.n_layer, bool) or not isinstance(self.n_layer, int) or self.n_layer < 1:
       raise ValueError(f"n_layer={self.n_layer!r} must be an integer >= 1 (ResNet blocks per "
                        "level on the way down).")
@@ -337,7 +340,7 @@ class ScoreUNet(nn.Module):
         h = nn.Conv(c, (3, 3), dtype=cdt, name=f"upsample_{i}")(h).astype(rdt)
     assert not segments
 
-    h = norm_swish((h,), None, jnp.float32, self.norm_backward, "norm_out")
+    h = norm_swish((h,), None, jnp.float32, self.norm_impl, "norm_out")
     h = nn.Conv(z.shape[-1], (3, 3), kernel_init=nn.initializers.zeros, dtype=jnp.float32,
                 name="conv_out")(h)
     return z + h  # the base measure: ε̂ = z_t at initialisation
@@ -352,7 +355,7 @@ class ScoreUNet(nn.Module):
     """
     block_kw = dict(out_ch=out_ch, dropout=self.dropout, deterministic=deterministic,
                     attention=attention, dtype=DTYPES[self.dtype],
-                    residual_dtype=DTYPES[self.residual_dtype], norm_backward=self.norm_backward)
+                    residual_dtype=DTYPES[self.residual_dtype], norm_impl=self.norm_impl)
     runs = [(n, None)] if skips is None else [(len(s), s) for s in skips]  # (length, skips)
     if h.shape[-1] != out_ch and runs[0][0] > 1:
       m, s = runs[0]

@@ -1,0 +1,113 @@
+"""The fused Pallas GroupNorm + swish (vdm.pallas_norm) against the XLA rule of the same function
+(vdm.nets.group_norm_swish, itself checked against autodiff in test_nets.py): outputs and every
+input's gradient, run in Pallas's interpreter on the CPU; the Triton lowering of the CIFAR-10
+net's shapes; one-line errors for what the kernels cannot tile. Whether Triton compiles and how
+fast it runs only a GPU can tell (experiments/speed_sweep.py)."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from vdm import model as model_lib
+from vdm import nets, pallas_norm
+from vdm.nets import ScoreUNet
+
+FAST_COMPILE = {"xla_backend_optimization_level": 0}
+
+
+def _inputs(part_shapes, with_shift, seed=0):
+  keys = jax.random.split(jax.random.PRNGKey(seed), 6)
+  parts = tuple(2.0 * jax.random.normal(keys[i], s) + 0.5 for i, s in enumerate(part_shapes))
+  channels = sum(s[-1] for s in part_shapes)
+  shift = jax.random.normal(keys[3], (part_shapes[0][0], channels)) if with_shift else None
+  scale = 1.0 + 0.1 * jax.random.normal(keys[4], (channels,))
+  bias = 0.1 * jax.random.normal(keys[5], (channels,))
+  return parts, shift, scale, bias
+
+
+@pytest.mark.parametrize("part_shapes,with_shift", [
+    ([(2, 8, 8, 64)], False),                   # 2 channels per group, one program per example
+    ([(3, 16, 8, 64)], True),                   # the γ shift; several chunks of rows
+    ([(2, 4, 4, 64), (2, 4, 4, 64)], False),    # an up block's input and skip, never concatenated
+    ([(2, 4, 8, 128), (2, 4, 8, 128)], True),   # 8 channels per group, 4 programs per part
+])
+def test_matches_the_xla_rule_and_its_gradients(part_shapes, with_shift):
+  parts, shift, scale, bias = _inputs(part_shapes, with_shift)
+  xla = lambda *a: nets.group_norm_swish(32, 1e-6, jnp.float32, *a)  # noqa: E731
+  fused = lambda *a: pallas_norm.group_norm_swish(32, 1e-6, jnp.float32, *a)  # noqa: E731
+  out, vjp = jax.vjp(xla, parts, shift, scale, bias)
+  got, got_vjp = jax.vjp(fused, parts, shift, scale, bias)
+  np.testing.assert_allclose(got, out, rtol=1e-5, atol=1e-5)
+  ct = jax.random.normal(jax.random.PRNGKey(9), out.shape)
+  for a, b in zip(jax.tree_util.tree_leaves(got_vjp(ct)), jax.tree_util.tree_leaves(vjp(ct))):
+    assert a.shape == b.shape and a.dtype == b.dtype
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4 * float(jnp.max(jnp.abs(b))))
+
+
+def test_bf16_inputs_and_output_round_once():
+  """bf16 parts (the convolutions' outputs) in, fp32 statistics, one rounding to bf16 out, and
+  bf16 gradients for the parts, fp32 for the shift and the parameters."""
+  parts, shift, scale, bias = _inputs([(2, 8, 8, 64)], True)
+  parts = tuple(p.astype(jnp.bfloat16) for p in parts)
+  out, vjp = jax.vjp(lambda *a: nets.group_norm_swish(32, 1e-6, jnp.bfloat16, *a),
+                     parts, shift, scale, bias)
+  got, got_vjp = jax.vjp(lambda *a: pallas_norm.group_norm_swish(32, 1e-6, jnp.bfloat16, *a),
+                         parts, shift, scale, bias)
+  assert got.dtype == jnp.bfloat16
+  np.testing.assert_allclose(got.astype(jnp.float32), out.astype(jnp.float32), atol=2e-2)
+  ct = jax.random.normal(jax.random.PRNGKey(9), out.shape).astype(jnp.bfloat16)
+  grads, want = got_vjp(ct), vjp(ct)
+  assert [g.dtype for g in jax.tree_util.tree_leaves(grads)] == [jnp.bfloat16, jnp.float32,
+                                                                 jnp.float32, jnp.float32]
+  for a, b in zip(jax.tree_util.tree_leaves(grads), jax.tree_util.tree_leaves(want)):
+    a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+    assert np.abs(a - b).max() <= 2e-2 * np.abs(b).max()
+
+
+def test_lowers_to_triton_for_the_cifar10_net(monkeypatch):
+  """The forward and backward kernels at the CIFAR-10 net's shapes (batch 128, 32×32, 128 and
+  128 + 128 channels in bf16, the fp32 output norm) lower to Triton calls for CUDA; this checks
+  Pallas's lowering, not Triton's compilation, which needs the GPU."""
+  monkeypatch.setattr(pallas_norm, "_interpret", lambda: False)
+  spec = jax.ShapeDtypeStruct
+  for dtype, part_channels, with_shift in ((jnp.bfloat16, (128,), True),
+                                          (jnp.bfloat16, (128, 128), False),
+                                          (jnp.float32, (128,), False)):
+    channels = sum(part_channels)
+    parts = tuple(spec((128, 32, 32, c), dtype) for c in part_channels)
+    shift = spec((128, channels), jnp.float32) if with_shift else None
+
+    def step(parts, shift, scale, bias, ct, dtype=dtype):
+      out, vjp = jax.vjp(lambda *a: pallas_norm.group_norm_swish(32, 1e-6, dtype, *a),
+                         parts, shift, scale, bias)
+      return out, vjp(ct)
+    lowered = jax.jit(step).trace(parts, shift, spec((channels,), jnp.float32),
+                                  spec((channels,), jnp.float32),
+                                  spec((128, 32, 32, channels), dtype)).lower(
+                                      lowering_platforms=("cuda",))
+    assert lowered.as_text().count("__gpu$xla.gpu.triton") == 2  # forward, backward
+
+
+def test_what_the_kernels_cannot_tile_is_refused_in_one_line():
+  parts, _, scale, bias = _inputs([(1, 4, 4, 96)], False)  # 3 channels per group
+  with pytest.raises(ValueError, match="cannot tile 96 channels in groups of 3.*norm_impl='recompute'"):
+    pallas_norm.group_norm_swish(32, 1e-6, jnp.float32, parts, None, scale, bias)
+  with pytest.raises(ValueError, match="48 channels do not split into 32 groups"):
+    pallas_norm.group_norm_swish(32, 1e-6, jnp.float32, (jnp.zeros((1, 2, 2, 48)),), None,
+                                 jnp.ones(48), jnp.zeros(48))
+
+
+def test_the_ode_likelihood_gets_a_forward_differentiable_net_with_the_same_function():
+  """model.forward_differentiable swaps the Pallas norms for the XLA rule: the same outputs, and
+  a jvp where the Pallas net has none."""
+  z = jax.random.normal(jax.random.PRNGKey(0), (2, 8, 8, 3))
+  g = jnp.array([-10.0, 3.0])
+  net = ScoreUNet(n_embd=32, n_layer=1, norm_impl="pallas", remat="convs")
+  model = model_lib.Model(net, None, lambda t: t, (8, 8, 3))
+  params = jax.jit(net.init, compiler_options=FAST_COMPILE)(jax.random.PRNGKey(1), z, g)
+  swapped = model_lib.forward_differentiable(model)
+  assert (swapped.net.norm_impl, swapped.net.remat) == ("recompute", "none")
+  apply = lambda net: jax.jit(lambda z: net.apply(params, z, g), compiler_options=FAST_COMPILE)
+  np.testing.assert_allclose(apply(swapped.net)(z), apply(net)(z), rtol=1e-5, atol=1e-5)
+  jax.jvp(apply(swapped.net), (z,), (z,))
+  assert model_lib.forward_differentiable(swapped) is swapped
