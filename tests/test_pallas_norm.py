@@ -26,8 +26,9 @@ def _inputs(part_shapes, with_shift, seed=0):
 
 
 @pytest.mark.parametrize("part_shapes,with_shift", [
-    ([(2, 8, 8, 64)], False),                   # 2 channels per group, one program per example
-    ([(3, 16, 8, 64)], True),                   # the γ shift; several chunks of rows
+    ([(2, 8, 8, 64)], False),                   # 2 channels per group, whole blocks held
+    ([(3, 16, 8, 64)], True),                   # the γ shift
+    ([(1, 64, 64, 32)], True),                  # 4,096 rows: read in chunks, twice
     ([(2, 4, 4, 64), (2, 4, 4, 64)], False),    # an up block's input and skip, never concatenated
     ([(2, 4, 8, 128), (2, 4, 8, 128)], True),   # 8 channels per group, 4 programs per part
 ])
@@ -39,9 +40,13 @@ def test_matches_the_xla_rule_and_its_gradients(part_shapes, with_shift):
   got, got_vjp = jax.vjp(fused, parts, shift, scale, bias)
   np.testing.assert_allclose(got, out, rtol=1e-5, atol=1e-5)
   ct = jax.random.normal(jax.random.PRNGKey(9), out.shape)
-  for a, b in zip(jax.tree_util.tree_leaves(got_vjp(ct)), jax.tree_util.tree_leaves(vjp(ct))):
+  got_grads, grads = jax.tree_util.tree_leaves(got_vjp(ct)), jax.tree_util.tree_leaves(vjp(ct))
+  # With one channel per group the shift's gradient is 0 up to rounding: tolerances in units of
+  # the largest gradient.
+  unit = max(float(jnp.max(jnp.abs(b))) for b in grads)
+  for a, b in zip(got_grads, grads):
     assert a.shape == b.shape and a.dtype == b.dtype
-    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4 * float(jnp.max(jnp.abs(b))))
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * unit)
 
 
 def test_bf16_inputs_and_output_round_once():

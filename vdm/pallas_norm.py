@@ -5,13 +5,13 @@ v = concat(parts) + shift[:, None, None, :], with μ_g and E_g over H, W and the
 of the ``groups`` groups: the function :func:`vdm.nets.group_norm_swish` computes with XLA.
 
 XLA computes a GroupNorm as a reduction that reads v and an elementwise pass that reads it again;
-its derivative reads v and the cotangent in a reduction and again to apply it. Here one program
-owns one example's H·W × ``block`` channels (whole groups), so the statistics and the output
-come from one kernel: the second read of each chunk of rows follows the first closely enough to
-come from the GPU's L2 cache, and HBM sees each input once. The backward kernel recomputes x̂
-from v and the statistics, reads the cotangent, and writes dv (and its sums for the shift, the
-scale and the bias) the same way. The concatenation of two parts is never formed: the programs
-of each part's channel blocks read that part.
+its derivative reads v and the cotangent in a reduction and again to apply them. Here one program
+owns one example's H·W rows of a block of channels (whole groups), and one kernel computes the
+statistics and the output. A block that fits in registers (the CIFAR-10 net's 32×32 images in
+blocks of 16 channels) is loaded once; a larger one is read twice in chunks of rows, the second
+time mostly from the GPU's L2 cache. The backward kernel recomputes x̂ from v and the statistics,
+reads the cotangent, and writes dv and its sums for the shift, the scale and the bias the same
+way. The concatenation of two parts is never formed: each part's channel blocks are read from it.
 
 On the CPU the kernels run in Pallas's interpreter (for tests: same arithmetic, slow); on a GPU
 Triton compiles them. They have no forward-mode derivative: the ODE likelihood's
@@ -21,18 +21,20 @@ parameters).
 from __future__ import annotations
 
 import functools
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
-# The most channels one program owns, and the most elements of a chunk of rows it holds in
-# registers at once (Triton keeps a loaded block in registers: 4,096 fp32 values are 16 per
-# thread of 8 warps).
+# The most channels one program owns, and the most elements of one input it holds in registers
+# at once (Triton keeps a loaded block in registers: 16,384 values are 64 per thread of 8 warps).
+# A program whose whole block fits reads it once; a larger one reads it in chunks of rows twice,
+# the second time mostly from L2.
 MAX_BLOCK_CHANNELS = 32
-MAX_CHUNK_ELEMENTS = 4096
+MIN_BLOCK_CHANNELS = 16  # 32 bytes of bf16 per row: one memory sector
+MAX_HELD_ELEMENTS = 16384
 NUM_WARPS = 8
 # The kernels' names start with this (profiles count their time apart: vdm.benchmark.KERNEL_KINDS).
 KERNEL_NAME = "vdm_norm_swish"
@@ -40,23 +42,29 @@ KERNEL_NAME = "vdm_norm_swish"
 
 def _layout(parts: Sequence[jax.Array], groups: int) -> tuple[int, int, int]:
   """(channels per group, channels per program, rows per chunk) for ``parts``, or a one-line
-  ValueError naming what the kernels cannot tile."""
+  ValueError naming what the kernels cannot tile. The block of channels is a power of two that
+  holds whole groups and divides each part, halved (not below MIN_BLOCK_CHANNELS) until one
+  example's H·W rows of it fit in MAX_HELD_ELEMENTS."""
   channels = sum(p.shape[-1] for p in parts)
   if channels % groups:
     raise ValueError(f"{channels} channels do not split into {groups} groups: use a multiple of "
                      f"{groups} channels.")
   per_group = channels // groups
+  fits = lambda block: block % per_group == 0 and all(p.shape[-1] % block == 0 for p in parts)
   block = MAX_BLOCK_CHANNELS
-  while block >= per_group and (block % per_group or any(p.shape[-1] % block for p in parts)):
+  while block >= per_group and not fits(block):
     block //= 2
-  if block < per_group or block % per_group:
+  if block < per_group or not fits(block):
     sizes = "+".join(str(p.shape[-1]) for p in parts)
     raise ValueError(f"the Pallas GroupNorm cannot tile {sizes} channels in groups of "
                      f"{per_group}: each part needs a multiple of a power of two that holds whole "
                      "groups; use model.norm_impl='recompute'.")
   rows = parts[0].shape[1] * parts[0].shape[2]
+  while (rows * block > MAX_HELD_ELEMENTS and block // 2 >= max(per_group, MIN_BLOCK_CHANNELS)
+         and fits(block // 2)):
+    block //= 2
   chunk = 1
-  while chunk * 2 * block <= MAX_CHUNK_ELEMENTS and rows % (chunk * 2) == 0:
+  while chunk * 2 * block <= MAX_HELD_ELEMENTS and rows % (chunk * 2) == 0:
     chunk *= 2
   return per_group, block, chunk
 
@@ -77,22 +85,41 @@ def _group_sum(s: jax.Array, per_group: int) -> jax.Array:
   return jnp.sum(jnp.where(same, s[None, :], 0.0), axis=1)
 
 
-def _part_index_maps(parts, block):
-  """For each part, the map (b, j) -> its block (clamped into the part) and the range of the
-  global channel blocks j it owns."""
-  maps, start = [], 0
+def _part_blocks(parts, block) -> list[tuple[Callable, int, int]]:
+  """For each part: the map (b, j) -> its block of the global channel block j (clamped into the
+  part; only the programs of the part's own blocks read or write it), and the range [lo, hi) of
+  the global channel blocks it holds."""
+  out, start = [], 0
   for p in parts:
     n = p.shape[-1] // block
-    maps.append((functools.partial(
+    out.append((functools.partial(
         lambda b, j, start, n: (b, 0, jnp.clip(j - start, 0, n - 1)), start=start, n=n),
         start, start + n))
     start += n
-  return maps
+  return out
 
 
-def _chunks(rows: int, chunk: int, body, init):
-  """fori_loop over the row chunks [i·chunk, (i+1)·chunk) of one program's block."""
-  return jax.lax.fori_loop(0, rows // chunk, lambda i, c: body(pl.ds(i * chunk, chunk), c), init)
+def _two_passes(rows: int, chunk: int, load, accumulate, between, write, init):
+  """Two passes over one program's block of rows, in chunks of ``chunk`` rows: totals =
+  Σ_chunks accumulate(load(rows)) (per element, summed over rows at the end); ctx =
+  between(totals); then carry = write(rows, load(rows), ctx, carry) from ``init`` for each chunk.
+  Returns (ctx, carry). When the chunk is the whole block it is loaded once for both passes."""
+  if chunk == rows:
+    every = pl.ds(0, rows)
+    values = load(every)
+    ctx = between(tuple(a.sum(0) for a in accumulate(values)))
+    return ctx, write(every, values, ctx, init)
+
+  def first(i, totals):
+    return tuple(t + a for t, a in zip(totals, accumulate(load(pl.ds(i * chunk, chunk)))))
+  zeros = tuple(jnp.zeros_like(a) for a in accumulate(load(pl.ds(0, chunk))))
+  totals = jax.lax.fori_loop(0, rows // chunk, first, zeros)
+  ctx = between(tuple(t.sum(0) for t in totals))
+
+  def second(i, carry):
+    r = pl.ds(i * chunk, chunk)
+    return write(r, load(r), ctx, carry)
+  return ctx, jax.lax.fori_loop(0, rows // chunk, second, init)
 
 
 def _forward_kernel(*refs, num_parts, has_shift, per_group, rows, chunk, epsilon, part_ranges):
@@ -105,26 +132,27 @@ def _forward_kernel(*refs, num_parts, has_shift, per_group, rows, chunk, epsilon
   scale, bias = scale_ref[...].astype(jnp.float32), bias_ref[...].astype(jnp.float32)
   count = rows * per_group
 
+  def accumulate(x):
+    v = x.astype(jnp.float32) + shift
+    return v, v * v
+
+  def between(totals):
+    mean = _group_sum(totals[0], per_group) / count
+    var = jnp.maximum(_group_sum(totals[1], per_group) / count - mean * mean, 0.0)
+    return mean, jax.lax.rsqrt(var + epsilon)
+
+  def write(r, x, stats, carry):
+    mean, rstd = stats
+    y = (x.astype(jnp.float32) + shift - mean) * (rstd * scale) + bias
+    out_ref[r, :] = (y * jax.nn.sigmoid(y)).astype(out_ref.dtype)
+    return carry
+
   for x_ref, (lo, hi) in zip(xs, part_ranges):
     @pl.when((j >= lo) & (j < hi))
     def _(x_ref=x_ref):
-      v_at = lambda r: x_ref[r, :].astype(jnp.float32) + shift
-
-      def stats(r, acc):
-        v = v_at(r)
-        return acc[0] + v.sum(0), acc[1] + (v * v).sum(0)
-      zeros = jnp.zeros(scale.shape, jnp.float32)
-      s1, s2 = _chunks(rows, chunk, stats, (zeros, zeros))
-      mean = _group_sum(s1, per_group) / count
-      rstd = jax.lax.rsqrt(jnp.maximum(_group_sum(s2, per_group) / count - mean * mean, 0.0)
-                           + epsilon)
+      (mean, rstd), _ = _two_passes(rows, chunk, lambda r: x_ref[r, :], accumulate, between,
+                                    write, 0)
       mean_ref[...], rstd_ref[...] = mean, rstd
-
-      def write(r, carry):
-        y = (v_at(r) - mean) * (rstd * scale) + bias
-        out_ref[r, :] = (y * jax.nn.sigmoid(y)).astype(out_ref.dtype)
-        return carry
-      _chunks(rows, chunk, write, 0)
 
 
 def _backward_kernel(*refs, num_parts, has_shift, per_group, rows, chunk, part_ranges):
@@ -141,75 +169,78 @@ def _backward_kernel(*refs, num_parts, has_shift, per_group, rows, chunk, part_r
   mean, rstd = mean_ref[...], rstd_ref[...]
   count = rows * per_group
 
+  def grads(loaded):
+    """(x̂, ∂L/∂y) of a chunk: ∂L/∂y = ct · (s + y s (1 − s)), y = x̂ · scale + bias,
+    s = sigmoid(y)."""
+    x, ct = loaded
+    xhat = (x.astype(jnp.float32) + shift - mean) * rstd
+    y = xhat * scale + bias
+    s = jax.nn.sigmoid(y)
+    return xhat, ct.astype(jnp.float32) * (s + y * s * (1.0 - s))
+
+  def accumulate(loaded):
+    xhat, gy = grads(loaded)
+    return gy, gy * xhat
+
+  def between(totals):
+    # ∂L/∂x̂ = ∂L/∂y · scale; dv = r_g (∂L/∂x̂ − mean_g(∂L/∂x̂) − x̂ mean_g(∂L/∂x̂ · x̂)).
+    gy_sum, gy_xhat_sum = totals
+    return (gy_sum, gy_xhat_sum, _group_sum(gy_sum * scale, per_group) / count,
+            _group_sum(gy_xhat_sum * scale, per_group) / count)
+
   for x_ref, dx_ref, (lo, hi) in zip(xs, dxs, part_ranges):
     @pl.when((j >= lo) & (j < hi))
     def _(x_ref=x_ref, dx_ref=dx_ref):
-      def grads(r):
-        """(x̂, ∂L/∂y) of a chunk: ∂L/∂y = ct · (s + y s (1 − s)), s = sigmoid(y)."""
-        xhat = (x_ref[r, :].astype(jnp.float32) + shift - mean) * rstd
-        y = xhat * scale + bias
-        s = jax.nn.sigmoid(y)
-        return xhat, ct_ref[r, :].astype(jnp.float32) * (s + y * s * (1.0 - s))
-
-      def sums(r, acc):
-        xhat, gy = grads(r)
-        return acc[0] + gy.sum(0), acc[1] + (gy * xhat).sum(0)
-      zeros = jnp.zeros(scale.shape, jnp.float32)
-      gy_sum, gy_xhat_sum = _chunks(rows, chunk, sums, (zeros, zeros))
-      dbias_ref[...], dscale_ref[...] = gy_sum, gy_xhat_sum
-      # ∂L/∂x̂ = ∂L/∂y · scale; dv = r_g (∂L/∂x̂ − mean_g(∂L/∂x̂) − x̂ mean_g(∂L/∂x̂ · x̂)).
-      m1 = _group_sum(gy_sum * scale, per_group) / count
-      m2 = _group_sum(gy_xhat_sum * scale, per_group) / count
-
-      def write(r, dshift):
-        xhat, gy = grads(r)
-        dv = rstd * (gy * scale - m1 - xhat * m2)
+      def write(r, loaded, ctx, dshift):
+        xhat, gy = grads(loaded)
+        dv = rstd * (gy * scale - ctx[2] - xhat * ctx[3])
         dx_ref[r, :] = dv.astype(dx_ref.dtype)
         return dshift + dv.sum(0)
-      dshift = _chunks(rows, chunk, write, zeros)
+      ctx, dshift = _two_passes(rows, chunk, lambda r: (x_ref[r, :], ct_ref[r, :]), accumulate,
+                                between, write, jnp.zeros(scale.shape, jnp.float32))
+      dbias_ref[...], dscale_ref[...] = ctx[0], ctx[1]
       if has_shift:
         dshift_ref[...] = dshift
 
 
-def _call(kernel, name, parts, block, out_shapes, out_kinds, in_arrays, in_kinds, **kw):
-  """pallas_call over the grid (B, channel blocks). Each array is laid out [B, H·W, C] ('image',
-  per part, its block clamped into the part), [B, H·W, C] ('full', blocks of all channels),
-  [B, C] ('per_example') or [C] ('per_channel')."""
+def _call(kernel, name, parts, block, arrays, in_kinds, out_shapes, out_kinds, **kw):
+  """pallas_call of ``kernel`` over the grid (B, channel blocks) on ``arrays``. The kinds say how
+  each input and output is blocked: "parts" (one array [B, H·W, C_k] per part, each blocked as
+  :func:`_part_blocks` says), "image" ([B, H·W, C], all channels), "per_example" ([B, C]) or
+  "per_channel" ([C])."""
   batch, rows = parts[0].shape[0], parts[0].shape[1] * parts[0].shape[2]
-  channels = sum(p.shape[-1] for p in parts)
-  part_maps = iter(_part_index_maps(parts, block))
+  part_blocks = _part_blocks(parts, block)
   specs = {
-      "full": lambda: pl.BlockSpec((None, rows, block), lambda b, j: (b, 0, j)),
-      "per_example": lambda: pl.BlockSpec((None, block), lambda b, j: (b, j)),
-      "per_channel": lambda: pl.BlockSpec((block,), lambda b, j: (j,)),
-      "image": lambda: pl.BlockSpec((None, rows, block), next(part_maps)[0]),
+      "parts": [pl.BlockSpec((None, rows, block), index) for index, _, _ in part_blocks],
+      "image": [pl.BlockSpec((None, rows, block), lambda b, j: (b, 0, j))],
+      "per_example": [pl.BlockSpec((None, block), lambda b, j: (b, j))],
+      "per_channel": [pl.BlockSpec((block,), lambda b, j: (j,))],
   }
-  in_specs = [specs[kind]() for kind in in_kinds]
-  part_maps = iter(_part_index_maps(parts, block))
-  out_specs = [specs[kind]() for kind in out_kinds]
-  flat = lambda a: a.reshape(a.shape[0], rows, a.shape[-1]) if a.ndim == 4 else a
+  flat = lambda a: a.reshape(a.shape[0], rows, a.shape[-1]) if a.ndim == 4 else a  # noqa: E731
   return pl.pallas_call(
       functools.partial(kernel, num_parts=len(parts), rows=rows,
-                        part_ranges=[r[1:] for r in _part_index_maps(parts, block)], **kw),
-      grid=(batch, channels // block),
-      in_specs=in_specs, out_specs=out_specs, out_shape=out_shapes,
+                        part_ranges=[(lo, hi) for _, lo, hi in part_blocks], **kw),
+      grid=(batch, part_blocks[-1][2]),
+      in_specs=[spec for kind in in_kinds for spec in specs[kind]],
+      out_specs=[spec for kind in out_kinds for spec in specs[kind]], out_shape=out_shapes,
       compiler_params=plt.CompilerParams(num_warps=NUM_WARPS, num_stages=1),
       interpret=_interpret(), name=f"{KERNEL_NAME}_{name}",
-  )(*[flat(a) for a in in_arrays])
+  )(*[flat(a) for a in arrays])
 
 
 def _forward(groups, epsilon, dtype, parts, shift, scale, bias):
+  """(output [B, H, W, C] in ``dtype``, μ_g and r_g per channel [B, C] in fp32)."""
   per_group, block, chunk = _layout(parts, groups)
   batch, hgt, wid = parts[0].shape[:3]
   channels = sum(p.shape[-1] for p in parts)
   stats = jax.ShapeDtypeStruct((batch, channels), jnp.float32)
   has_shift = shift is not None
-  ins = [*parts, *([shift] if has_shift else []), scale, bias]
-  kinds = ["image"] * len(parts) + ["per_example"] * has_shift + ["per_channel"] * 2
   out, mean, rstd = _call(
       _forward_kernel, "forward", parts, block,
+      [*parts, *[shift] * has_shift, scale, bias],
+      ["parts", *["per_example"] * has_shift, "per_channel", "per_channel"],
       [jax.ShapeDtypeStruct((batch, hgt * wid, channels), dtype), stats, stats],
-      ["full", "per_example", "per_example"], ins, kinds,
+      ["image", "per_example", "per_example"],
       has_shift=has_shift, per_group=per_group, chunk=chunk, epsilon=epsilon)
   return out.reshape(batch, hgt, wid, channels), mean, rstd
 
@@ -230,23 +261,21 @@ def _vjp_forward(groups, epsilon, dtype, parts, shift, scale, bias):
 def _vjp_backward(groups, epsilon, dtype, residuals, ct):
   parts, shift, scale, bias, mean, rstd = residuals
   per_group, block, chunk = _layout(parts, groups)
-  batch = parts[0].shape[0]
-  channels = sum(p.shape[-1] for p in parts)
   has_shift = shift is not None
-  per_example = jax.ShapeDtypeStruct((batch, channels), jnp.float32)
-  ins = [*parts, *([shift] if has_shift else []), scale, bias, mean, rstd, ct]
-  kinds = (["image"] * len(parts) + ["per_example"] * has_shift + ["per_channel"] * 2
-           + ["per_example"] * 2 + ["full"])
+  per_example = jax.ShapeDtypeStruct(mean.shape, jnp.float32)
   outs = _call(
       _backward_kernel, "backward", parts, block,
-      [jax.ShapeDtypeStruct((batch, p.shape[1] * p.shape[2], p.shape[-1]), p.dtype) for p in parts]
-      + [per_example] * (2 + has_shift),
-      ["image"] * len(parts) + ["per_example"] * (2 + has_shift), ins, kinds,
+      [*parts, *[shift] * has_shift, scale, bias, mean, rstd, ct],
+      ["parts", *["per_example"] * has_shift, "per_channel", "per_channel", "per_example",
+       "per_example", "image"],
+      [jax.ShapeDtypeStruct((p.shape[0], p.shape[1] * p.shape[2], p.shape[3]), p.dtype)
+       for p in parts] + [per_example] * (2 + has_shift),
+      ["parts", *["per_example"] * (2 + has_shift)],
       has_shift=has_shift, per_group=per_group, chunk=chunk)
+  n = len(parts)
   dparts = tuple(d.reshape(p.shape) for d, p in zip(outs, parts))
-  dscale, dbias = outs[len(parts)].sum(0), outs[len(parts) + 1].sum(0)
-  dshift = outs[len(parts) + 2].astype(shift.dtype) if has_shift else None
-  return dparts, dshift, dscale.astype(scale.dtype), dbias.astype(bias.dtype)
+  dscale, dbias = outs[n].sum(0).astype(scale.dtype), outs[n + 1].sum(0).astype(bias.dtype)
+  return dparts, outs[n + 2].astype(shift.dtype) if has_shift else None, dscale, dbias
 
 
 group_norm_swish.defvjp(_vjp_forward, _vjp_backward)
