@@ -3,6 +3,11 @@
 input's gradient, run in Pallas's interpreter on the CPU; the Triton lowering of the CIFAR-10
 net's shapes; one-line errors for what the kernels cannot tile. Whether Triton compiles and how
 fast it runs only a GPU can tell (experiments/speed_sweep.py)."""
+import json
+import os
+import subprocess
+import sys
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -91,6 +96,44 @@ def test_lowers_to_triton_for_the_cifar10_net(monkeypatch):
                                   spec((128, 32, 32, channels), dtype)).lower(
                                       lowering_platforms=("cuda",))
     assert lowered.as_text().count("__gpu$xla.gpu.triton") == 2  # forward, backward
+
+
+TWO_DEVICES = r"""
+import json, sys
+import jax, jax.numpy as jnp, numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+sys.path.insert(0, ".")
+from vdm import pallas_norm
+
+keys = jax.random.split(jax.random.PRNGKey(0), 4)
+parts = (jax.random.normal(keys[0], (4, 8, 8, 32)), jax.random.normal(keys[1], (4, 8, 8, 32)))
+scale, bias = 1 + 0.1 * jax.random.normal(keys[2], (64,)), jnp.zeros(64)
+ct = jax.random.normal(keys[3], (4, 8, 8, 64))
+loss = lambda parts, scale, bias: jnp.sum(
+    ct * pallas_norm.group_norm_swish(32, 1e-6, jnp.float32, parts, None, scale, bias))
+grad = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))
+mesh = Mesh(np.asarray(jax.devices()), ("data",))
+sharded = jax.device_put(parts, NamedSharding(mesh, P("data")))
+one, two = grad(parts, scale, bias), grad(sharded, scale, bias)
+hlo = grad.lower(sharded, scale, bias).compile().as_text()
+print(json.dumps({
+    "max_diff": max(float(jnp.max(jnp.abs(a - b))) for a, b in zip(jax.tree.leaves(one), jax.tree.leaves(two))),
+    "all_gather": "all-gather" in hlo, "all_reduce": "all-reduce" in hlo,
+    "dparts_sharded": [tuple(g.sharding.spec)[:1] == ("data",) for g in two[1][0]]}))
+"""
+
+
+def test_data_parallel_runs_each_shard_on_its_device():
+  """Two CPU devices, the batch sharded: the same loss and gradients as on one, no all-gather of
+  the batch (the kernels' partitioning rule), one all-reduce (the scale and bias gradients)."""
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2")
+  r = subprocess.run([sys.executable, "-c", TWO_DEVICES], cwd=root, capture_output=True, text=True,
+                     timeout=600, env=env)
+  assert r.returncode == 0, r.stderr[-3000:]
+  out = json.loads(r.stdout.strip().splitlines()[-1])
+  assert out["max_diff"] < 1e-4 and not out["all_gather"] and out["all_reduce"], out
+  assert out["dparts_sharded"] == [True, True], out
 
 
 def test_what_the_kernels_cannot_tile_is_refused_in_one_line():

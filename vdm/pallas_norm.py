@@ -26,7 +26,10 @@ from typing import Callable, Optional, Sequence
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
+from jax.experimental.custom_partitioning import custom_partitioning
 from jax.experimental.pallas import triton as plt
+from jax.interpreters.mlir import ir
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 # The most channels one program owns, and the most elements of one input it holds in registers
 # at once (Triton keeps a loaded block in registers: 16,384 values are 64 per thread of 8 warps).
@@ -228,21 +231,89 @@ def _call(kernel, name, parts, block, arrays, in_kinds, out_shapes, out_kinds, *
   )(*[flat(a) for a in arrays])
 
 
-def _forward(groups, epsilon, dtype, parts, shift, scale, bias):
-  """(output [B, H, W, C] in ``dtype``, μ_g and r_g per channel [B, C] in fp32)."""
+def _batch_parallel(fn: Callable, num_static: int) -> Callable:
+  """fn(*static, *arrays) -> tuple of arrays, with a rule for XLA's partitioner: under data
+  parallelism each device runs fn on its shard of the leading (batch) axis of every array of rank
+  >= 2, taking the arrays of rank 1 and every other axis whole. (Without it the partitioner
+  cannot see into a kernel and would gather the whole batch onto every device.)"""
+  wrapped = custom_partitioning(fn, static_argnums=tuple(range(num_static)))
+  spec = lambda axis, ndim: P(axis, *[None] * (ndim - 1)) if ndim >= 2 else P()  # noqa: E731
+
+  def batch_axis(arg_shapes):
+    first = arg_shapes[0].sharding.spec
+    return first[0] if len(first) else None
+
+  def infer(*args):
+    *_, mesh, arg_shapes, result_shape = args
+    axis = batch_axis(arg_shapes)
+    return tuple(NamedSharding(mesh, spec(axis, len(r.shape))) for r in result_shape)
+
+  def partition(*args):
+    *static, mesh, arg_shapes, result_shape = args
+    axis = batch_axis(arg_shapes)
+    return (mesh, functools.partial(fn, *static),
+            tuple(NamedSharding(mesh, spec(axis, len(r.shape))) for r in result_shape),
+            tuple(NamedSharding(mesh, spec(axis, len(a.shape))) for a in arg_shapes))
+
+  def rule(*args):
+    *_, value_types, result_types = args
+    whole = []
+
+    def dims(value_type):
+      rank = len(ir.ShapedType(value_type).shape)
+      names = [f"w{len(whole) + i}" for i in range(rank - (rank >= 2))]
+      whole.extend(names)
+      return " ".join(["b"] * (rank >= 2) + names)
+    operands = ", ".join(dims(t) for t in value_types)
+    results = ", ".join(dims(t) for t in result_types)
+    return f"{operands} -> {results}", {"need_replication_factors": tuple(whole)}
+
+  wrapped.def_partition(partition=partition, infer_sharding_from_operands=infer,
+                        sharding_rule=rule)
+  return wrapped
+
+
+def _forward_arrays(groups, epsilon, dtype, num_parts, has_shift, *arrays):
+  """(output [B, H, W, C] in ``dtype``, μ_g and r_g per channel [B, C] in fp32) of the arrays
+  (parts..., [shift], scale, bias)."""
+  parts = arrays[:num_parts]
   per_group, block, chunk = _layout(parts, groups)
   batch, hgt, wid = parts[0].shape[:3]
   channels = sum(p.shape[-1] for p in parts)
   stats = jax.ShapeDtypeStruct((batch, channels), jnp.float32)
-  has_shift = shift is not None
   out, mean, rstd = _call(
-      _forward_kernel, "forward", parts, block,
-      [*parts, *[shift] * has_shift, scale, bias],
+      _forward_kernel, "forward", parts, block, arrays,
       ["parts", *["per_example"] * has_shift, "per_channel", "per_channel"],
       [jax.ShapeDtypeStruct((batch, hgt * wid, channels), dtype), stats, stats],
       ["image", "per_example", "per_example"],
       has_shift=has_shift, per_group=per_group, chunk=chunk, epsilon=epsilon)
   return out.reshape(batch, hgt, wid, channels), mean, rstd
+
+
+def _backward_arrays(groups, num_parts, has_shift, *arrays):
+  """(dparts..., per-example sums [B, C] for dscale and dbias, [dshift]) of the arrays (parts...,
+  [shift], scale, bias, μ, r, cotangent)."""
+  parts = arrays[:num_parts]
+  per_group, block, chunk = _layout(parts, groups)
+  per_example = jax.ShapeDtypeStruct(arrays[-2].shape, jnp.float32)
+  outs = _call(
+      _backward_kernel, "backward", parts, block, arrays,
+      ["parts", *["per_example"] * has_shift, "per_channel", "per_channel", "per_example",
+       "per_example", "image"],
+      [jax.ShapeDtypeStruct((p.shape[0], p.shape[1] * p.shape[2], p.shape[3]), p.dtype)
+       for p in parts] + [per_example] * (2 + has_shift),
+      ["parts", *["per_example"] * (2 + has_shift)],
+      has_shift=has_shift, per_group=per_group, chunk=chunk)
+  return (*(d.reshape(p.shape) for d, p in zip(outs, parts)), *outs[num_parts:])
+
+
+_forward_partitioned = _batch_parallel(_forward_arrays, 5)
+_backward_partitioned = _batch_parallel(_backward_arrays, 3)
+
+
+def _forward(groups, epsilon, dtype, parts, shift, scale, bias):
+  arrays = (*parts, *[shift] * (shift is not None), scale, bias)
+  return _forward_partitioned(groups, epsilon, dtype, len(parts), shift is not None, *arrays)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
@@ -260,22 +331,12 @@ def _vjp_forward(groups, epsilon, dtype, parts, shift, scale, bias):
 
 def _vjp_backward(groups, epsilon, dtype, residuals, ct):
   parts, shift, scale, bias, mean, rstd = residuals
-  per_group, block, chunk = _layout(parts, groups)
   has_shift = shift is not None
-  per_example = jax.ShapeDtypeStruct(mean.shape, jnp.float32)
-  outs = _call(
-      _backward_kernel, "backward", parts, block,
-      [*parts, *[shift] * has_shift, scale, bias, mean, rstd, ct],
-      ["parts", *["per_example"] * has_shift, "per_channel", "per_channel", "per_example",
-       "per_example", "image"],
-      [jax.ShapeDtypeStruct((p.shape[0], p.shape[1] * p.shape[2], p.shape[3]), p.dtype)
-       for p in parts] + [per_example] * (2 + has_shift),
-      ["parts", *["per_example"] * (2 + has_shift)],
-      has_shift=has_shift, per_group=per_group, chunk=chunk)
+  outs = _backward_partitioned(groups, len(parts), has_shift,
+                               *parts, *[shift] * has_shift, scale, bias, mean, rstd, ct)
   n = len(parts)
-  dparts = tuple(d.reshape(p.shape) for d, p in zip(outs, parts))
   dscale, dbias = outs[n].sum(0).astype(scale.dtype), outs[n + 1].sum(0).astype(bias.dtype)
-  return dparts, outs[n + 2].astype(shift.dtype) if has_shift else None, dscale, dbias
+  return outs[:n], outs[n + 2].astype(shift.dtype) if has_shift else None, dscale, dbias
 
 
 group_norm_swish.defvjp(_vjp_forward, _vjp_backward)
