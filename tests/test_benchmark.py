@@ -16,6 +16,7 @@ import pytest
 from configs import default
 from vdm import benchmark
 from vdm.model import make_model
+from vdm.nets import NORM_IMPL
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -203,6 +204,22 @@ def test_sweep_refuses_unknown_variants(tmp_path):
   r = _sweep(*SWEEP_TINY, "--variants=base,unroll0+fastest", f"--output={tmp_path / 's.json'}")
   assert r.returncode != 0 and "unknown variants ['unroll0+fastest']" in r.stderr
   assert not (tmp_path / "s.json").exists()
+
+
+def test_sweep_times_each_norm_alone_and_compares_them(tmp_path):
+  """--norms alone (no variants): every way of computing the net's norm, both cases, timed, and
+  the same function as autodiff up to bf16 rounding (the check a GPU run makes of Triton)."""
+  out = tmp_path / "norms.json"
+  r = _sweep("--config=configs/quickstart.py", "--batch_size=2", "--repeats=1", "--norms",
+             "--variants=", f"--output={out}")
+  assert r.returncode == 0, r.stderr[-2000:]
+  res = json.loads(out.read_text())
+  assert res["variants"] == {}
+  assert sorted(res["norms"]) == sorted(f"{case}_{impl}" for case in ("norm2", "up_norm1")
+                                        for impl in NORM_IMPL)
+  for name, f in res["norms"].items():
+    assert f["fwd_ms"] > 0 and f["fwd_bwd_gb_per_s"] > 0, name
+    assert f.get("max_rel_diff_from_autodiff", 0.0) < 0.02, (name, f)
 
 
 @pytest.mark.slow
