@@ -131,11 +131,14 @@ def _group_norm_swish_jvp(groups, epsilon, dtype, primals, tangents):
 
 class GroupNormSwish(nn.Module):
   """:func:`group_norm_swish` with the parameters (names, shapes, initialisation) of
-  ``nn.GroupNorm`` on the concatenation, so that checkpoints do not depend on the choice."""
+  ``nn.GroupNorm`` on the concatenation, so that checkpoints do not depend on the choice; with
+  ``pallas``, :func:`vdm.pallas_norm.group_norm_swish`, which also applies dropout at rate
+  ``dropout`` inside its kernels (one seed per example from the 'dropout' rng)."""
   num_groups: int = 32
   epsilon: float = 1e-6
   dtype: jnp.dtype = jnp.float32
   pallas: bool = False  # vdm.pallas_norm's fused kernels in place of the XLA rule
+  dropout: float = 0.0  # only with pallas
 
   @nn.compact
   def __call__(self, parts: Sequence[jax.Array], shift: Optional[jax.Array] = None) -> jax.Array:
@@ -145,20 +148,31 @@ class GroupNormSwish(nn.Module):
                        f"multiple of {self.num_groups} channels.")
     scale = self.param("scale", nn.initializers.ones_init(), (channels,))
     bias = self.param("bias", nn.initializers.zeros_init(), (channels,))
-    fn = pallas_norm.group_norm_swish if self.pallas else group_norm_swish
-    return fn(self.num_groups, self.epsilon, self.dtype, tuple(parts), shift, scale, bias)
+    args = (self.num_groups, self.epsilon, self.dtype, tuple(parts), shift, scale, bias)
+    if not self.pallas:
+      assert not self.dropout, "the XLA rule leaves dropout to nn.Dropout"
+      return group_norm_swish(*args)
+    seeds = (jax.random.bits(self.make_rng("dropout"), (parts[0].shape[0], 1), jnp.uint32)
+             if self.dropout else None)
+    return pallas_norm.group_norm_swish(*args, dropout=self.dropout, seeds=seeds)
 
 
 def norm_swish(parts: Sequence[jax.Array], shift: Optional[jax.Array], dtype: jnp.dtype,
-               impl: str, name: str) -> jax.Array:
-  """swish(GroupNorm(concat(parts) + shift)) as the submodule ``name`` of the calling module,
-  computed as ``impl`` says (:data:`NORM_IMPL`); the parameters are the same."""
-  if impl != "autodiff":
-    return GroupNormSwish(dtype=dtype, pallas=impl == "pallas", name=name)(parts, shift)
-  x = jnp.concatenate(parts, axis=-1) if len(parts) > 1 else parts[0]
-  if shift is not None:
-    x = x.astype(jnp.float32) + shift[:, None, None, :]
-  return nn.swish(nn.GroupNorm(dtype=dtype, name=name)(x))
+               impl: str, name: str, dropout: float = 0.0) -> jax.Array:
+  """Dropout(swish(GroupNorm(concat(parts) + shift))) at rate ``dropout``, the norm as the
+  submodule ``name`` of the calling module, computed as ``impl`` says (:data:`NORM_IMPL`); the
+  parameters are the same. The Pallas kernels draw their own dropout masks (from the 'dropout'
+  rng, as ``nn.Dropout``, but not the same masks); the others use ``nn.Dropout``."""
+  if impl == "pallas":
+    return GroupNormSwish(dtype=dtype, pallas=True, dropout=dropout, name=name)(parts, shift)
+  if impl == "recompute":
+    h = GroupNormSwish(dtype=dtype, name=name)(parts, shift)
+  else:
+    x = jnp.concatenate(parts, axis=-1) if len(parts) > 1 else parts[0]
+    if shift is not None:
+      x = x.astype(jnp.float32) + shift[:, None, None, :]
+    h = nn.swish(nn.GroupNorm(dtype=dtype, name=name)(x))
+  return nn.Dropout(dropout, deterministic=False)(h) if dropout else h
 
 
 class ResnetBlock(nn.Module):
@@ -194,8 +208,8 @@ class ResnetBlock(nn.Module):
     # makes it the conv's side input, a materialised [B, H, W, C] broadcast per block.
     shift = nn.Dense(self.out_ch, use_bias=False, name="cond_proj",
                      kernel_init=nn.initializers.zeros)(cond)
-    h = norm_swish((h,), shift, self.dtype, self.norm_impl, "norm2")
-    h = nn.Dropout(self.dropout, deterministic=self.deterministic)(h)
+    h = norm_swish((h,), shift, self.dtype, self.norm_impl, "norm2",
+                   dropout=0.0 if self.deterministic else self.dropout)
     h = checkpoint_name(conv("conv2", kernel_init=nn.initializers.zeros)(h), "conv")
     if sum(p.shape[-1] for p in parts) != self.out_ch:  # always with a skip
       x = SplitDense(self.out_ch, dtype=self.dtype, name="nin_shortcut")(parts)

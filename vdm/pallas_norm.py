@@ -7,11 +7,14 @@ of the ``groups`` groups: the function :func:`vdm.nets.group_norm_swish` compute
 XLA computes a GroupNorm as a reduction that reads v and an elementwise pass that reads it again;
 its derivative reads v and the cotangent in a reduction and again to apply them. Here one program
 owns one example's H·W rows of a block of channels (whole groups), and one kernel computes the
-statistics and the output. A block that fits in registers (the CIFAR-10 net's 32×32 images in
+statistics and the output. A block that fits in registers (the forward kernel's 32×32 images in
 blocks of 16 channels) is loaded once; a larger one is read twice in chunks of rows, the second
 time mostly from the GPU's L2 cache. The backward kernel recomputes x̂ from v and the statistics,
 reads the cotangent, and writes dv and its sums for the shift, the scale and the bias the same
-way. The concatenation of two parts is never formed: each part's channel blocks are read from it.
+way (in chunks, since it holds twice as much). Dropout, when asked for, happens inside both
+kernels, from a hash of each element's index and its example's seed, so its mask is neither
+drawn by a separate kernel nor stored. The concatenation of two parts is never formed: each
+part's channel blocks are read from it.
 
 On the CPU the kernels run in Pallas's interpreter (for tests: same arithmetic, slow); on a GPU
 Triton compiles them. They have no forward-mode derivative: the ODE likelihood's
@@ -32,22 +35,25 @@ from jax.interpreters.mlir import ir
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 # The most channels one program owns, and the most elements of one input it holds in registers
-# at once (Triton keeps a loaded block in registers: 16,384 values are 64 per thread of 8 warps).
-# A program whose whole block fits reads it once; a larger one reads it in chunks of rows twice,
-# the second time mostly from L2.
+# at once. A program whose whole block fits reads it once; a larger one reads it in chunks of rows
+# twice, the second time mostly from L2. The backward kernel holds two inputs and two fp32 values
+# derived from them: compiled offline for sm_90 (Triton 3.9, ptxas) at 16,384 elements it needed
+# 246 registers per thread (one 8-warp program per SM), at 4,096 128 (two); the forward kernel
+# needs 128 at 16,384.
 MAX_BLOCK_CHANNELS = 32
 MIN_BLOCK_CHANNELS = 16  # 32 bytes of bf16 per row: one memory sector
-MAX_HELD_ELEMENTS = 16384
+HELD_FORWARD = 16384
+HELD_BACKWARD = 4096
 NUM_WARPS = 8
 # The kernels' names start with this (profiles count their time apart: vdm.benchmark.KERNEL_KINDS).
 KERNEL_NAME = "vdm_norm_swish"
 
 
-def _layout(parts: Sequence[jax.Array], groups: int) -> tuple[int, int, int]:
+def _layout(parts: Sequence[jax.Array], groups: int, held: int) -> tuple[int, int, int]:
   """(channels per group, channels per program, rows per chunk) for ``parts``, or a one-line
   ValueError naming what the kernels cannot tile. The block of channels is a power of two that
   holds whole groups and divides each part, halved (not below MIN_BLOCK_CHANNELS) until one
-  example's H·W rows of it fit in MAX_HELD_ELEMENTS."""
+  example's H·W rows of it fit in ``held`` elements."""
   channels = sum(p.shape[-1] for p in parts)
   if channels % groups:
     raise ValueError(f"{channels} channels do not split into {groups} groups: use a multiple of "
@@ -63,11 +69,11 @@ def _layout(parts: Sequence[jax.Array], groups: int) -> tuple[int, int, int]:
                      f"{per_group}: each part needs a multiple of a power of two that holds whole "
                      "groups; use model.norm_impl='recompute'.")
   rows = parts[0].shape[1] * parts[0].shape[2]
-  while (rows * block > MAX_HELD_ELEMENTS and block // 2 >= max(per_group, MIN_BLOCK_CHANNELS)
+  while (rows * block > held and block // 2 >= max(per_group, MIN_BLOCK_CHANNELS)
          and fits(block // 2)):
     block //= 2
   chunk = 1
-  while chunk * 2 * block <= MAX_HELD_ELEMENTS and rows % (chunk * 2) == 0:
+  while chunk * 2 * block <= held and rows % (chunk * 2) == 0:
     chunk *= 2
   return per_group, block, chunk
 
@@ -89,35 +95,36 @@ def _group_sum(s: jax.Array, per_group: int) -> jax.Array:
 
 
 def _part_blocks(parts, block) -> list[tuple[Callable, int, int]]:
-  """For each part: the map (b, j) -> its block of the global channel block j (clamped into the
+  """For each part: the map (j, b) -> its block of the global channel block j (clamped into the
   part; only the programs of the part's own blocks read or write it), and the range [lo, hi) of
   the global channel blocks it holds."""
   out, start = [], 0
   for p in parts:
     n = p.shape[-1] // block
     out.append((functools.partial(
-        lambda b, j, start, n: (b, 0, jnp.clip(j - start, 0, n - 1)), start=start, n=n),
+        lambda j, b, start, n: (b, 0, jnp.clip(j - start, 0, n - 1)), start=start, n=n),
         start, start + n))
     start += n
   return out
 
 
 def _two_passes(rows: int, chunk: int, load, accumulate, between, write, init):
-  """Two passes over one program's block of rows, in chunks of ``chunk`` rows: totals =
-  Σ_chunks accumulate(load(rows)) (per element, summed over rows at the end); ctx =
-  between(totals); then carry = write(rows, load(rows), ctx, carry) from ``init`` for each chunk.
-  Returns (ctx, carry). When the chunk is the whole block it is loaded once for both passes."""
+  """Two passes over one program's block of rows, in chunks of ``chunk`` rows r: totals =
+  Σ_r accumulate(r, load(r)) (summed over each chunk's rows); ctx = between(totals);
+  then carry = write(r, load(r), ctx, carry) from ``init`` for each chunk. Returns (ctx, carry).
+  When the chunk is the whole block it is loaded once for both passes."""
   if chunk == rows:
     every = pl.ds(0, rows)
     values = load(every)
-    ctx = between(tuple(a.sum(0) for a in accumulate(values)))
+    ctx = between(tuple(a.sum(0) for a in accumulate(every, values)))
     return ctx, write(every, values, ctx, init)
 
   def first(i, totals):
-    return tuple(t + a for t, a in zip(totals, accumulate(load(pl.ds(i * chunk, chunk)))))
-  zeros = tuple(jnp.zeros_like(a) for a in accumulate(load(pl.ds(0, chunk))))
-  totals = jax.lax.fori_loop(0, rows // chunk, first, zeros)
-  ctx = between(tuple(t.sum(0) for t in totals))
+    r = pl.ds(i * chunk, chunk)
+    return tuple(t + a.sum(0) for t, a in zip(totals, accumulate(r, load(r))))
+  zeros = tuple(jnp.zeros(a.shape[1:], a.dtype)
+                for a in jax.eval_shape(lambda: accumulate(pl.ds(0, chunk), load(pl.ds(0, chunk)))))
+  ctx = between(jax.lax.fori_loop(0, rows // chunk, first, zeros))
 
   def second(i, carry):
     r = pl.ds(i * chunk, chunk)
@@ -125,17 +132,42 @@ def _two_passes(rows: int, chunk: int, load, accumulate, between, write, init):
   return ctx, jax.lax.fori_loop(0, rows // chunk, second, init)
 
 
-def _forward_kernel(*refs, num_parts, has_shift, per_group, rows, chunk, epsilon, part_ranges):
-  xs = refs[:num_parts]
-  shift_ref, scale_ref, bias_ref = (refs[num_parts] if has_shift else None,
-                                    *refs[num_parts + has_shift:num_parts + has_shift + 2])
-  out_ref, mean_ref, rstd_ref = refs[num_parts + has_shift + 2:]
-  j = pl.program_id(1)
-  shift = shift_ref[...].astype(jnp.float32) if has_shift else 0.0
-  scale, bias = scale_ref[...].astype(jnp.float32), bias_ref[...].astype(jnp.float32)
+def _keep(seed: jax.Array, row: jax.Array, channel: jax.Array, channels: int,
+          rate: float) -> jax.Array:
+  """Dropout's keep mask, P(keep) = 1 − rate: h ≥ rate · 2³², h = fmix32(i · 0x9E3779B1 ⊕ seed)
+  (MurmurHash3's finaliser) of the element's index i = row · channels + channel in its example
+  and the example's 32-bit seed. The backward kernel recomputes it from the same seed."""
+  h = (row * channels + channel).astype(jnp.uint32) * jnp.uint32(0x9E3779B1) ^ seed
+  h = (h ^ (h >> 16)) * jnp.uint32(0x85EBCA6B)
+  h = (h ^ (h >> 13)) * jnp.uint32(0xC2B2AE35)
+  return (h ^ (h >> 16)) >= jnp.uint32(min(round(rate * 2.0**32), 2**32 - 1))
+
+
+def dropout_keep_mask(seeds: jax.Array, shape: Sequence[int], rate: float) -> jax.Array:
+  """The keep mask [B, H, W, C] that the kernels draw with ``dropout=rate`` and ``seeds`` [B, 1]."""
+  batch, hgt, wid, channels = shape
+  row = jnp.arange(hgt * wid).reshape(1, hgt, wid, 1)
+  channel = jnp.arange(channels).reshape(1, 1, 1, channels)
+  return _keep(seeds.reshape(batch, 1, 1, 1), row, channel, channels, rate)
+
+
+def _chunk_keep(refs, r, j, block, channels, rate):
+  """The keep mask of the rows ``r`` of the program's channel block j."""
+  shape = (r.size, block)
+  row = jax.lax.broadcasted_iota(jnp.int32, shape, 0) + r.start
+  channel = jax.lax.broadcasted_iota(jnp.int32, shape, 1) + j * block
+  return _keep(refs["seeds"][...], row, channel, channels, rate)
+
+
+def _forward_kernel(refs, *, has_shift, dropout, per_group, rows, chunk, block, channels, epsilon,
+                    part_ranges):
+  """One program: the statistics and the output (with dropout) of its example's channel block."""
+  j = pl.program_id(0)
+  shift = refs["shift"][...].astype(jnp.float32) if has_shift else 0.0
+  scale, bias = refs["scale"][...].astype(jnp.float32), refs["bias"][...].astype(jnp.float32)
   count = rows * per_group
 
-  def accumulate(x):
+  def accumulate(r, x):
     v = x.astype(jnp.float32) + shift
     return v, v * v
 
@@ -147,43 +179,41 @@ def _forward_kernel(*refs, num_parts, has_shift, per_group, rows, chunk, epsilon
   def write(r, x, stats, carry):
     mean, rstd = stats
     y = (x.astype(jnp.float32) + shift - mean) * (rstd * scale) + bias
-    out_ref[r, :] = (y * jax.nn.sigmoid(y)).astype(out_ref.dtype)
+    out = y * jax.nn.sigmoid(y)
+    if dropout:
+      out = jnp.where(_chunk_keep(refs, r, j, block, channels, dropout), out / (1.0 - dropout), 0.0)
+    refs["out"][r, :] = out.astype(refs["out"].dtype)
     return carry
 
-  for x_ref, (lo, hi) in zip(xs, part_ranges):
+  for x_ref, (lo, hi) in zip(refs["parts"], part_ranges):
     @pl.when((j >= lo) & (j < hi))
     def _(x_ref=x_ref):
       (mean, rstd), _ = _two_passes(rows, chunk, lambda r: x_ref[r, :], accumulate, between,
                                     write, 0)
-      mean_ref[...], rstd_ref[...] = mean, rstd
+      refs["mean"][...], refs["rstd"][...] = mean, rstd
 
 
-def _backward_kernel(*refs, num_parts, has_shift, per_group, rows, chunk, part_ranges):
-  xs = refs[:num_parts]
-  k = num_parts + has_shift
-  shift_ref = refs[num_parts] if has_shift else None
-  scale_ref, bias_ref, mean_ref, rstd_ref, ct_ref = refs[k:k + 5]
-  douts = refs[k + 5:]
-  dxs, dscale_ref, dbias_ref = douts[:num_parts], douts[num_parts], douts[num_parts + 1]
-  dshift_ref = douts[num_parts + 2] if has_shift else None
-  j = pl.program_id(1)
-  shift = shift_ref[...].astype(jnp.float32) if has_shift else 0.0
-  scale, bias = scale_ref[...].astype(jnp.float32), bias_ref[...].astype(jnp.float32)
-  mean, rstd = mean_ref[...], rstd_ref[...]
+def _backward_kernel(refs, *, has_shift, dropout, per_group, rows, chunk, block, channels,
+                     part_ranges):
+  """One program: the gradients of its example's channel block, and its sums for the shift, the
+  scale and the bias."""
+  j = pl.program_id(0)
+  shift = refs["shift"][...].astype(jnp.float32) if has_shift else 0.0
+  scale, bias = refs["scale"][...].astype(jnp.float32), refs["bias"][...].astype(jnp.float32)
+  mean, rstd = refs["mean"][...], refs["rstd"][...]
   count = rows * per_group
 
-  def grads(loaded):
-    """(x̂, ∂L/∂y) of a chunk: ∂L/∂y = ct · (s + y s (1 − s)), y = x̂ · scale + bias,
-    s = sigmoid(y)."""
+  def grads(r, loaded):
+    """(x̂, ∂L/∂y) of a chunk: ∂L/∂y = ct' · (s + y s (1 − s)), y = x̂ · scale + bias,
+    s = sigmoid(y), ct' the cotangent through dropout (kept / (1 − rate), else 0)."""
     x, ct = loaded
     xhat = (x.astype(jnp.float32) + shift - mean) * rstd
     y = xhat * scale + bias
     s = jax.nn.sigmoid(y)
-    return xhat, ct.astype(jnp.float32) * (s + y * s * (1.0 - s))
-
-  def accumulate(loaded):
-    xhat, gy = grads(loaded)
-    return gy, gy * xhat
+    ct = ct.astype(jnp.float32)
+    if dropout:
+      ct = jnp.where(_chunk_keep(refs, r, j, block, channels, dropout), ct / (1.0 - dropout), 0.0)
+    return xhat, ct * (s + y * s * (1.0 - s))
 
   def between(totals):
     # ∂L/∂x̂ = ∂L/∂y · scale; dv = r_g (∂L/∂x̂ − mean_g(∂L/∂x̂) − x̂ mean_g(∂L/∂x̂ · x̂)).
@@ -191,41 +221,57 @@ def _backward_kernel(*refs, num_parts, has_shift, per_group, rows, chunk, part_r
     return (gy_sum, gy_xhat_sum, _group_sum(gy_sum * scale, per_group) / count,
             _group_sum(gy_xhat_sum * scale, per_group) / count)
 
-  for x_ref, dx_ref, (lo, hi) in zip(xs, dxs, part_ranges):
+  for x_ref, dx_ref, (lo, hi) in zip(refs["parts"], refs["dparts"], part_ranges):
     @pl.when((j >= lo) & (j < hi))
     def _(x_ref=x_ref, dx_ref=dx_ref):
+      def accumulate(r, loaded):
+        xhat, gy = grads(r, loaded)
+        return gy, gy * xhat
+
       def write(r, loaded, ctx, dshift):
-        xhat, gy = grads(loaded)
+        xhat, gy = grads(r, loaded)
         dv = rstd * (gy * scale - ctx[2] - xhat * ctx[3])
         dx_ref[r, :] = dv.astype(dx_ref.dtype)
         return dshift + dv.sum(0)
-      ctx, dshift = _two_passes(rows, chunk, lambda r: (x_ref[r, :], ct_ref[r, :]), accumulate,
-                                between, write, jnp.zeros(scale.shape, jnp.float32))
-      dbias_ref[...], dscale_ref[...] = ctx[0], ctx[1]
+      ctx, dshift = _two_passes(rows, chunk, lambda r: (x_ref[r, :], refs["ct"][r, :]),
+                                accumulate, between, write, jnp.zeros(scale.shape, jnp.float32))
+      refs["dbias"][...], refs["dscale"][...] = ctx[0], ctx[1]
       if has_shift:
-        dshift_ref[...] = dshift
+        refs["dshift"][...] = dshift
 
 
-def _call(kernel, name, parts, block, arrays, in_kinds, out_shapes, out_kinds, **kw):
-  """pallas_call of ``kernel`` over the grid (B, channel blocks) on ``arrays``. The kinds say how
-  each input and output is blocked: "parts" (one array [B, H·W, C_k] per part, each blocked as
-  :func:`_part_blocks` says), "image" ([B, H·W, C], all channels), "per_example" ([B, C]) or
-  "per_channel" ([C])."""
+def _call(kernel, name, parts, block, inputs, outputs, **kw):
+  """pallas_call of ``kernel(refs, **kw)`` over the grid (channel blocks, B), the channel blocks
+  fastest, so that programs launched together read neighbouring bytes of each row. ``inputs`` are
+  (name, kind, array) and ``outputs`` (name, kind, ShapeDtypeStruct); ``refs`` maps the names to
+  their refs. The kind says how an array is blocked: "parts" (a tuple of arrays [B, H·W, C_k],
+  one per part, each blocked as :func:`_part_blocks` says), "image" ([B, H·W, C], all channels),
+  "per_example" ([B, C]), "seed" ([B, 1]) or "per_channel" ([C])."""
   batch, rows = parts[0].shape[0], parts[0].shape[1] * parts[0].shape[2]
   part_blocks = _part_blocks(parts, block)
   specs = {
       "parts": [pl.BlockSpec((None, rows, block), index) for index, _, _ in part_blocks],
-      "image": [pl.BlockSpec((None, rows, block), lambda b, j: (b, 0, j))],
-      "per_example": [pl.BlockSpec((None, block), lambda b, j: (b, j))],
-      "per_channel": [pl.BlockSpec((block,), lambda b, j: (j,))],
+      "image": [pl.BlockSpec((None, rows, block), lambda j, b: (b, 0, j))],
+      "per_example": [pl.BlockSpec((None, block), lambda j, b: (b, j))],
+      "seed": [pl.BlockSpec((None, 1), lambda j, b: (b, 0))],
+      "per_channel": [pl.BlockSpec((block,), lambda j, b: (j,))],
   }
-  flat = lambda a: a.reshape(a.shape[0], rows, a.shape[-1]) if a.ndim == 4 else a  # noqa: E731
+  entries = [*inputs, *outputs]
+  arity = lambda kind: len(parts) if kind == "parts" else 1  # noqa: E731
+
+  def body(*refs):
+    it, named = iter(refs), {}
+    for ref_name, kind, _ in entries:
+      named[ref_name] = [next(it) for _ in range(arity(kind))] if kind == "parts" else next(it)
+    kernel(named, rows=rows, block=block, part_ranges=[(lo, hi) for _, lo, hi in part_blocks], **kw)
+
+  flat = lambda a: a.reshape(a.shape[0], rows, a.shape[-1]) if len(a.shape) == 4 else a  # noqa: E731
+  arrays = [a for _, kind, v in inputs for a in (v if kind == "parts" else (v,))]
+  out_shapes = [o for _, kind, v in outputs for o in (v if kind == "parts" else (v,))]
   return pl.pallas_call(
-      functools.partial(kernel, num_parts=len(parts), rows=rows,
-                        part_ranges=[(lo, hi) for _, lo, hi in part_blocks], **kw),
-      grid=(batch, part_blocks[-1][2]),
-      in_specs=[spec for kind in in_kinds for spec in specs[kind]],
-      out_specs=[spec for kind in out_kinds for spec in specs[kind]], out_shape=out_shapes,
+      body, grid=(part_blocks[-1][2], batch),
+      in_specs=[spec for _, kind, _ in inputs for spec in specs[kind]],
+      out_specs=[spec for _, kind, _ in outputs for spec in specs[kind]], out_shape=out_shapes,
       compiler_params=plt.CompilerParams(num_warps=NUM_WARPS, num_stages=1),
       interpret=_interpret(), name=f"{KERNEL_NAME}_{name}",
   )(*[flat(a) for a in arrays])
@@ -273,70 +319,100 @@ def _batch_parallel(fn: Callable, num_static: int) -> Callable:
   return wrapped
 
 
-def _forward_arrays(groups, epsilon, dtype, num_parts, has_shift, *arrays):
+def _inputs(parts, shift, seeds, scale, bias):
+  """The inputs both kernels read, as :func:`_call` takes them."""
+  return ([("parts", "parts", parts)] + [("shift", "per_example", shift)] * (shift is not None)
+          + [("seeds", "seed", seeds)] * (seeds is not None)
+          + [("scale", "per_channel", scale), ("bias", "per_channel", bias)])
+
+
+def _forward_arrays(groups, epsilon, dtype, dropout, num_parts, has_shift, *arrays):
   """(output [B, H, W, C] in ``dtype``, μ_g and r_g per channel [B, C] in fp32) of the arrays
-  (parts..., [shift], scale, bias)."""
-  parts = arrays[:num_parts]
-  per_group, block, chunk = _layout(parts, groups)
+  (parts..., [shift], [seeds], scale, bias)."""
+  parts, rest = arrays[:num_parts], list(arrays[num_parts:])
+  shift = rest.pop(0) if has_shift else None
+  seeds = rest.pop(0) if dropout else None
+  per_group, block, chunk = _layout(parts, groups, HELD_FORWARD)
   batch, hgt, wid = parts[0].shape[:3]
   channels = sum(p.shape[-1] for p in parts)
   stats = jax.ShapeDtypeStruct((batch, channels), jnp.float32)
   out, mean, rstd = _call(
-      _forward_kernel, "forward", parts, block, arrays,
-      ["parts", *["per_example"] * has_shift, "per_channel", "per_channel"],
-      [jax.ShapeDtypeStruct((batch, hgt * wid, channels), dtype), stats, stats],
-      ["image", "per_example", "per_example"],
-      has_shift=has_shift, per_group=per_group, chunk=chunk, epsilon=epsilon)
+      _forward_kernel, "forward", parts, block, _inputs(parts, shift, seeds, *rest),
+      [("out", "image", jax.ShapeDtypeStruct((batch, hgt * wid, channels), dtype)),
+       ("mean", "per_example", stats), ("rstd", "per_example", stats)],
+      has_shift=has_shift, dropout=dropout, per_group=per_group, chunk=chunk, channels=channels,
+      epsilon=epsilon)
   return out.reshape(batch, hgt, wid, channels), mean, rstd
 
 
-def _backward_arrays(groups, num_parts, has_shift, *arrays):
+def _backward_arrays(groups, dropout, num_parts, has_shift, *arrays):
   """(dparts..., per-example sums [B, C] for dscale and dbias, [dshift]) of the arrays (parts...,
-  [shift], scale, bias, μ, r, cotangent)."""
-  parts = arrays[:num_parts]
-  per_group, block, chunk = _layout(parts, groups)
-  per_example = jax.ShapeDtypeStruct(arrays[-2].shape, jnp.float32)
+  [shift], [seeds], scale, bias, μ, r, cotangent)."""
+  parts, rest = arrays[:num_parts], list(arrays[num_parts:])
+  shift = rest.pop(0) if has_shift else None
+  seeds = rest.pop(0) if dropout else None
+  scale, bias, mean, rstd, ct = rest
+  per_group, block, chunk = _layout(parts, groups, HELD_BACKWARD)
+  sums = jax.ShapeDtypeStruct(mean.shape, jnp.float32)
   outs = _call(
-      _backward_kernel, "backward", parts, block, arrays,
-      ["parts", *["per_example"] * has_shift, "per_channel", "per_channel", "per_example",
-       "per_example", "image"],
-      [jax.ShapeDtypeStruct((p.shape[0], p.shape[1] * p.shape[2], p.shape[3]), p.dtype)
-       for p in parts] + [per_example] * (2 + has_shift),
-      ["parts", *["per_example"] * (2 + has_shift)],
-      has_shift=has_shift, per_group=per_group, chunk=chunk)
+      _backward_kernel, "backward", parts, block,
+      _inputs(parts, shift, seeds, scale, bias)
+      + [("mean", "per_example", mean), ("rstd", "per_example", rstd), ("ct", "image", ct)],
+      [("dparts", "parts", [jax.ShapeDtypeStruct((p.shape[0], p.shape[1] * p.shape[2], p.shape[3]),
+                                                 p.dtype) for p in parts]),
+       ("dscale", "per_example", sums), ("dbias", "per_example", sums)]
+      + [("dshift", "per_example", sums)] * has_shift,
+      has_shift=has_shift, dropout=dropout, per_group=per_group, chunk=chunk,
+      channels=sum(p.shape[-1] for p in parts))
   return (*(d.reshape(p.shape) for d, p in zip(outs, parts)), *outs[num_parts:])
 
 
-_forward_partitioned = _batch_parallel(_forward_arrays, 5)
-_backward_partitioned = _batch_parallel(_backward_arrays, 3)
+_forward_partitioned = _batch_parallel(_forward_arrays, 6)
+_backward_partitioned = _batch_parallel(_backward_arrays, 4)
 
 
-def _forward(groups, epsilon, dtype, parts, shift, scale, bias):
-  arrays = (*parts, *[shift] * (shift is not None), scale, bias)
-  return _forward_partitioned(groups, epsilon, dtype, len(parts), shift is not None, *arrays)
+def _forward(groups, epsilon, dtype, dropout, parts, shift, seeds, scale, bias):
+  arrays = (*parts, *[shift] * (shift is not None), *[seeds] * bool(dropout), scale, bias)
+  return _forward_partitioned(groups, epsilon, dtype, dropout, len(parts), shift is not None,
+                              *arrays)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
 def group_norm_swish(groups: int, epsilon: float, dtype: jnp.dtype, parts: Sequence[jax.Array],
-                     shift: Optional[jax.Array], scale: jax.Array, bias: jax.Array) -> jax.Array:
+                     shift: Optional[jax.Array], scale: jax.Array, bias: jax.Array,
+                     dropout: float = 0.0, seeds: Optional[jax.Array] = None) -> jax.Array:
   """swish(x̂ · scale + bias) in ``dtype`` (the module docstring's equation), from the fused
-  forward kernel; its reverse-mode derivative is the fused backward kernel."""
-  return _forward(groups, epsilon, dtype, tuple(parts), shift, scale, bias)[0]
+  forward kernel, with dropout at rate ``dropout`` (the mask :func:`dropout_keep_mask` of the
+  examples' uint32 ``seeds`` [B, 1]); its reverse-mode derivative is the fused backward kernel."""
+  if not 0.0 <= dropout < 1.0:
+    raise ValueError(f"dropout={dropout} must be in [0, 1).")
+  if dropout and (seeds is None or seeds.shape != (parts[0].shape[0], 1)
+                  or seeds.dtype != jnp.uint32):
+    raise ValueError(f"dropout={dropout} needs seeds: uint32 [{parts[0].shape[0]}, 1], one per "
+                     "example (jax.random.bits).")
+  return _fused(groups, epsilon, dtype, float(dropout), tuple(parts), shift,
+                seeds if dropout else None, scale, bias)
 
 
-def _vjp_forward(groups, epsilon, dtype, parts, shift, scale, bias):
-  out, mean, rstd = _forward(groups, epsilon, dtype, tuple(parts), shift, scale, bias)
-  return out, (tuple(parts), shift, scale, bias, mean, rstd)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2, 3))
+def _fused(groups, epsilon, dtype, dropout, parts, shift, seeds, scale, bias):
+  return _forward(groups, epsilon, dtype, dropout, parts, shift, seeds, scale, bias)[0]
 
 
-def _vjp_backward(groups, epsilon, dtype, residuals, ct):
-  parts, shift, scale, bias, mean, rstd = residuals
+def _vjp_forward(groups, epsilon, dtype, dropout, parts, shift, seeds, scale, bias):
+  out, mean, rstd = _forward(groups, epsilon, dtype, dropout, parts, shift, seeds, scale, bias)
+  return out, (parts, shift, seeds, scale, bias, mean, rstd)
+
+
+def _vjp_backward(groups, epsilon, dtype, dropout, residuals, ct):
+  parts, shift, seeds, scale, bias, mean, rstd = residuals
   has_shift = shift is not None
-  outs = _backward_partitioned(groups, len(parts), has_shift,
-                               *parts, *[shift] * has_shift, scale, bias, mean, rstd, ct)
+  outs = _backward_partitioned(groups, dropout, len(parts), has_shift, *parts,
+                               *[shift] * has_shift, *[seeds] * bool(dropout), scale, bias, mean,
+                               rstd, ct)
   n = len(parts)
   dscale, dbias = outs[n].sum(0).astype(scale.dtype), outs[n + 1].sum(0).astype(bias.dtype)
-  return outs[:n], outs[n + 2].astype(shift.dtype) if has_shift else None, dscale, dbias
+  dshift = outs[n + 2].astype(shift.dtype) if has_shift else None
+  return outs[:n], dshift, None, dscale, dbias
 
 
-group_norm_swish.defvjp(_vjp_forward, _vjp_backward)
+_fused.defvjp(_vjp_forward, _vjp_backward)
