@@ -91,44 +91,53 @@ def floors(batch: int, width: int, size: int = 32) -> dict:
 
 
 class _NormSwish(nn.Module):
-  """One GroupNorm + swish of the net (``vdm.nets.norm_swish``) in bf16, computed as ``impl``."""
+  """One GroupNorm + swish of the net (``vdm.nets.norm_swish``) in bf16, computed as ``impl``,
+  then dropout at rate ``dropout``."""
   impl: str
+  dropout: float
 
   @nn.compact
   def __call__(self, parts, shift):
-    return nets.norm_swish(parts, shift, jnp.bfloat16, self.impl, "norm")
+    return nets.norm_swish(parts, shift, jnp.bfloat16, self.impl, "norm", dropout=self.dropout)
 
 
-def norms(batch: int, width: int, size: int = 32) -> dict:
+def norms(batch: int, width: int, size: int = 32, dropout: float = 0.1) -> dict:
   """Each way of computing the net's GroupNorm + swish (``vdm.nets.NORM_IMPL``) alone, for a
-  block's second norm (bf16 [batch, size, size, width] plus the fp32 γ shift) and an up block's
-  first (two bf16 parts of ``width`` channels): ms forward and forward + backward, the GB/s of the
-  least traffic they need (forward: read the input and write the output, 4 bytes per element;
-  with the backward also read the input and the cotangent and write the input's gradient, 10),
-  and the largest difference from autodiff of the output and of all gradients, relative to
-  each's largest magnitude (rounding to bf16 is 0.4 %): on a GPU, the check that Triton compiled
-  the Pallas kernels to the same function."""
+  block's second norm (bf16 [batch, size, size, width] plus the fp32 γ shift; without dropout,
+  and with it as in training) and an up block's first (two bf16 parts of ``width`` channels): ms
+  forward and forward + backward, the GB/s of the least traffic they need (forward: read the
+  input and write the output, 4 bytes per element; with the backward also read the input and
+  the cotangent and write the input's gradient, 10), and, without dropout (whose masks differ),
+  the largest difference from autodiff of the output and of all gradients, relative to each's
+  largest magnitude (rounding to bf16 is 0.4 %): on a GPU, the check that Triton compiled the
+  Pallas kernels to the same function."""
   rng = np.random.default_rng(0)
   image = lambda: jnp.asarray(rng.standard_normal((batch, size, size, width)), jnp.bfloat16)
-  cases = {"norm2": ((image(),), jnp.asarray(rng.standard_normal((batch, width)), jnp.float32)),
-           "up_norm1": ((image(), image()), None)}
+  shift = jnp.asarray(rng.standard_normal((batch, width)), jnp.float32)
+  norm2 = (image(),)
+  cases = {"norm2": (norm2, shift, 0.0), "norm2_dropout": (norm2, shift, dropout),
+           "up_norm1": ((image(), image()), None, 0.0)}
+  key = {"dropout": jax.random.PRNGKey(1)}
   out = {}
-  for case, (parts, shift) in cases.items():
+  for case, (parts, shift, rate) in cases.items():
     elements = sum(p.size for p in parts)
     ct = jnp.asarray(rng.standard_normal(parts[0].shape[:3] + (elements // batch // size ** 2,)),
                      jnp.bfloat16)
     results = {}
     for impl in nets.NORM_IMPL:
-      module = _NormSwish(impl)
+      module = _NormSwish(impl, rate)
       params = module.init(jax.random.PRNGKey(0), parts, shift)
-      fwd = jax.jit(lambda params, parts, shift, module=module: module.apply(params, parts, shift))
-      fwd_bwd = jax.jit(lambda params, parts, shift, ct, module=module: jax.vjp(
-          lambda *a: module.apply(*a), params, parts, shift)[1](ct))
+      apply = lambda *a, module=module: module.apply(*a, rngs=key)  # noqa: E731
+      fwd = jax.jit(apply)
+      fwd_bwd = jax.jit(lambda params, parts, shift, ct, apply=apply: jax.vjp(
+          apply, params, parts, shift)[1](ct))
       results[impl] = (fwd(params, parts, shift), fwd_bwd(params, parts, shift, ct))
       fwd_s, fwd_bwd_s = _time(fwd, params, parts, shift), _time(fwd_bwd, params, parts, shift, ct)
       out[f"{case}_{impl}"] = {"fwd_ms": 1e3 * fwd_s, "fwd_bwd_ms": 1e3 * fwd_bwd_s,
                                "fwd_gb_per_s": 4 * elements / fwd_s / 1e9,
                                "fwd_bwd_gb_per_s": 10 * elements / fwd_bwd_s / 1e9}
+    if rate:
+      continue
     want = [np.asarray(b, np.float32) for b in jax.tree_util.tree_leaves(results["autodiff"])]
     # Each array's error relative to its largest magnitude, floored at 1e-3 of the largest of all
     # (with one channel per group the shift's gradient is 0 up to rounding).

@@ -215,10 +215,12 @@ def test_sweep_times_each_norm_alone_and_compares_them(tmp_path):
   assert r.returncode == 0, r.stderr[-2000:]
   res = json.loads(out.read_text())
   assert res["variants"] == {}
-  assert sorted(res["norms"]) == sorted(f"{case}_{impl}" for case in ("norm2", "up_norm1")
-                                        for impl in NORM_IMPL)
+  cases = ("norm2", "norm2_dropout", "up_norm1")
+  assert sorted(res["norms"]) == sorted(f"{c}_{impl}" for c in cases for impl in NORM_IMPL)
   for name, f in res["norms"].items():
     assert f["fwd_ms"] > 0 and f["fwd_bwd_gb_per_s"] > 0, name
+    compared = "dropout" not in name and "autodiff" not in name
+    assert ("max_rel_diff_from_autodiff" in f) == compared, name
     assert f.get("max_rel_diff_from_autodiff", 0.0) < 0.02, (name, f)
 
 
