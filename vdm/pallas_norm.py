@@ -37,13 +37,14 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 # The most channels one program owns, and the most elements of one input it holds in registers
 # at once. A program whose whole block fits reads it once; a larger one reads it in chunks of rows
 # twice, the second time mostly from L2. The backward kernel holds two inputs and two fp32 values
-# derived from them: compiled offline for sm_90 (Triton 3.9, ptxas) at 16,384 elements it needed
-# 246 registers per thread (one 8-warp program per SM), at 4,096 128 (two); the forward kernel
-# needs 128 at 16,384.
+# derived from them. Compiled offline for sm_90 (Triton 3.9, ptxas; experiments/RESULTS.md), the
+# 8-warp backward kernel of the CIFAR-10 net needed 246 registers per thread holding 16,384
+# elements (one program per SM), 173 in chunks of 4,096 with dropout, and 128 (two programs per
+# SM) in chunks of 2,048; the forward kernel needs 128 holding 16,384.
 MAX_BLOCK_CHANNELS = 32
 MIN_BLOCK_CHANNELS = 16  # 32 bytes of bf16 per row: one memory sector
 HELD_FORWARD = 16384
-HELD_BACKWARD = 4096
+HELD_BACKWARD = 2048
 NUM_WARPS = 8
 # The kernels' names start with this (profiles count their time apart: vdm.benchmark.KERNEL_KINDS).
 KERNEL_NAME = "vdm_norm_swish"
