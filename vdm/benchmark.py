@@ -376,7 +376,7 @@ def format_report(figures: dict) -> str:
       f"device: {figures['num_devices']} x {figures['device']} ({figures['backend']}), jax {figures['jax_version']}",
       f"model: {figures['num_params'] / 1e6:.2f} M params, images {tuple(figures['image_shape'])}, "
       f"batch {figures['batch_size']}, dtype {figures['dtype']} (residual stream "
-      f"{figures['residual_dtype']}), remat {figures['remat']}, norm backward "
+      f"{figures['residual_dtype']}), remat {figures['remat']}, norms "
       f"{figures['norm_impl']}",
       f"train:  {num('train_images_per_s', '.1f')} images/s  ({num('train_step_s', '.4f')} s/step, "
       f"compile {num('train_compile_s', '.1f')} s, {num('train_tflops_per_s', '.2f')} TFLOP/s "
