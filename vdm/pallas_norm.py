@@ -257,13 +257,10 @@ def _call(kernel, name, parts, block, inputs, outputs, **kw):
       "seed": [pl.BlockSpec((None, 1), lambda j, b: (b, 0))],
       "per_channel": [pl.BlockSpec((block,), lambda j, b: (j,))],
   }
-  entries = [*inputs, *outputs]
-  arity = lambda kind: len(parts) if kind == "parts" else 1  # noqa: E731
-
   def body(*refs):
     it, named = iter(refs), {}
-    for ref_name, kind, _ in entries:
-      named[ref_name] = [next(it) for _ in range(arity(kind))] if kind == "parts" else next(it)
+    for ref_name, kind, _ in [*inputs, *outputs]:
+      named[ref_name] = [next(it) for _ in parts] if kind == "parts" else next(it)
     kernel(named, rows=rows, block=block, part_ranges=[(lo, hi) for _, lo, hi in part_blocks], **kw)
 
   flat = lambda a: a.reshape(a.shape[0], rows, a.shape[-1]) if len(a.shape) == 4 else a  # noqa: E731
@@ -320,6 +317,19 @@ def _batch_parallel(fn: Callable, num_static: int) -> Callable:
   return wrapped
 
 
+def _flat(parts, shift, seeds, *rest) -> tuple:
+  """(parts..., [shift], [seeds], rest...): the arrays the partitioned kernels take."""
+  return (*parts, *[shift] * (shift is not None), *[seeds] * (seeds is not None), *rest)
+
+
+def _unflat(arrays, num_parts, has_shift, dropout) -> tuple:
+  """(parts, shift or None, seeds or None, [rest...]) of :func:`_flat`'s arrays."""
+  parts, rest = arrays[:num_parts], list(arrays[num_parts:])
+  shift = rest.pop(0) if has_shift else None
+  seeds = rest.pop(0) if dropout else None
+  return parts, shift, seeds, rest
+
+
 def _inputs(parts, shift, seeds, scale, bias):
   """The inputs both kernels read, as :func:`_call` takes them."""
   return ([("parts", "parts", parts)] + [("shift", "per_example", shift)] * (shift is not None)
@@ -330,9 +340,7 @@ def _inputs(parts, shift, seeds, scale, bias):
 def _forward_arrays(groups, epsilon, dtype, dropout, num_parts, has_shift, *arrays):
   """(output [B, H, W, C] in ``dtype``, μ_g and r_g per channel [B, C] in fp32) of the arrays
   (parts..., [shift], [seeds], scale, bias)."""
-  parts, rest = arrays[:num_parts], list(arrays[num_parts:])
-  shift = rest.pop(0) if has_shift else None
-  seeds = rest.pop(0) if dropout else None
+  parts, shift, seeds, rest = _unflat(arrays, num_parts, has_shift, dropout)
   per_group, block, chunk = _layout(parts, groups, HELD_FORWARD)
   batch, hgt, wid = parts[0].shape[:3]
   channels = sum(p.shape[-1] for p in parts)
@@ -349,10 +357,8 @@ def _forward_arrays(groups, epsilon, dtype, dropout, num_parts, has_shift, *arra
 def _backward_arrays(groups, dropout, num_parts, has_shift, *arrays):
   """(dparts..., per-example sums [B, C] for dscale and dbias, [dshift]) of the arrays (parts...,
   [shift], [seeds], scale, bias, μ, r, cotangent)."""
-  parts, rest = arrays[:num_parts], list(arrays[num_parts:])
-  shift = rest.pop(0) if has_shift else None
-  seeds = rest.pop(0) if dropout else None
-  scale, bias, mean, rstd, ct = rest
+  parts, shift, seeds, (scale, bias, mean, rstd, ct) = _unflat(arrays, num_parts, has_shift,
+                                                                dropout)
   per_group, block, chunk = _layout(parts, groups, HELD_BACKWARD)
   sums = jax.ShapeDtypeStruct(mean.shape, jnp.float32)
   outs = _call(
@@ -373,9 +379,8 @@ _backward_partitioned = _batch_parallel(_backward_arrays, 4)
 
 
 def _forward(groups, epsilon, dtype, dropout, parts, shift, seeds, scale, bias):
-  arrays = (*parts, *[shift] * (shift is not None), *[seeds] * bool(dropout), scale, bias)
   return _forward_partitioned(groups, epsilon, dtype, dropout, len(parts), shift is not None,
-                              *arrays)
+                              *_flat(parts, shift, seeds, scale, bias))
 
 
 def group_norm_swish(groups: int, epsilon: float, dtype: jnp.dtype, parts: Sequence[jax.Array],
@@ -407,9 +412,8 @@ def _vjp_forward(groups, epsilon, dtype, dropout, parts, shift, seeds, scale, bi
 def _vjp_backward(groups, epsilon, dtype, dropout, residuals, ct):
   parts, shift, seeds, scale, bias, mean, rstd = residuals
   has_shift = shift is not None
-  outs = _backward_partitioned(groups, dropout, len(parts), has_shift, *parts,
-                               *[shift] * has_shift, *[seeds] * bool(dropout), scale, bias, mean,
-                               rstd, ct)
+  outs = _backward_partitioned(groups, dropout, len(parts), has_shift,
+                               *_flat(parts, shift, seeds, scale, bias, mean, rstd, ct))
   n = len(parts)
   dscale, dbias = outs[n].sum(0).astype(scale.dtype), outs[n + 1].sum(0).astype(bias.dtype)
   dshift = outs[n + 2].astype(shift.dtype) if has_shift else None
