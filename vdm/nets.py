@@ -85,12 +85,25 @@ def _ungrouped(v: jax.Array) -> jax.Array:
   return v.reshape(v.shape[:3] + (-1,))
 
 
-def _norm_swish_forward(groups, epsilon, dtype, parts, shift, scale, bias):
-  """(swish(x̂ · scale + bias) in ``dtype``, μ_g, r_g), x̂ = (v − μ_g) r_g,
-  r_g = 1/√(max(E[v²] − μ_g², 0) + ε) (the variance as flax's GroupNorm computes it)."""
-  v = _grouped(parts, shift, groups)
+def _statistics(v: jax.Array, epsilon: float) -> tuple[jax.Array, jax.Array]:
+  """(μ_g, r_g) [B, 1, 1, G, 1] of grouped v, r_g = 1/√(max(E[v²] − μ_g², 0) + ε) (the variance
+  as flax's GroupNorm computes it)."""
   mean = _group_mean(v)
-  rstd = jax.lax.rsqrt(jnp.maximum(_group_mean(v * v) - mean * mean, 0.0) + epsilon)
+  return mean, jax.lax.rsqrt(jnp.maximum(_group_mean(v * v) - mean * mean, 0.0) + epsilon)
+
+
+def group_statistics(parts: Sequence[jax.Array], shift: Optional[jax.Array], groups: int,
+                     epsilon: float) -> tuple[jax.Array, jax.Array]:
+  """(μ_g, r_g) of :func:`group_norm_swish`, per channel [B, C] (each channel's group's)."""
+  v = _grouped(parts, shift, groups)
+  per_channel = lambda s: _ungrouped(jnp.broadcast_to(s, v.shape))[:, 0, 0]  # noqa: E731
+  return tuple(per_channel(s) for s in _statistics(v, epsilon))
+
+
+def _norm_swish_forward(groups, epsilon, dtype, parts, shift, scale, bias):
+  """(swish(x̂ · scale + bias) in ``dtype``, μ_g, r_g), x̂ = (v − μ_g) r_g (:func:`_statistics`)."""
+  v = _grouped(parts, shift, groups)
+  mean, rstd = _statistics(v, epsilon)
   return nn.swish(_ungrouped((v - mean) * rstd) * scale + bias).astype(dtype), mean, rstd
 
 

@@ -1,0 +1,125 @@
+"""The Pallas convolution with the GroupNorm + swish in its input load (vdm.pallas_conv) against
+XLA: the net's own norm (vdm.nets.group_norm_swish) followed by lax's convolution, in fp32, with
+the γ shift, dropout's masks, the residual sum, two parts, and tiles that split image rows; its
+statistics of the output; the Triton lowering of the CIFAR-10 net's shapes; one-line errors for
+what it cannot tile. How fast Triton's code runs only a GPU can tell
+(experiments/speed_sweep.py --convs)."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from vdm import nets, pallas_conv, pallas_norm
+
+GROUPS, EPS = 8, 1e-6
+
+
+def _inputs(part_channels, with_shift, out_channels=16, size=(2, 8, 16), seed=0):
+  keys = jax.random.split(jax.random.PRNGKey(seed), 8)
+  batch = size[0]
+  parts = tuple(2.0 * jax.random.normal(keys[i], (*size, c)) + 0.5
+                for i, c in enumerate(part_channels))
+  channels = sum(part_channels)
+  shift = jax.random.normal(keys[2], (batch, channels)) if with_shift else None
+  scale = 1.0 + 0.1 * jax.random.normal(keys[3], (channels,))
+  bias = 0.1 * jax.random.normal(keys[4], (channels,))
+  kernel = jax.random.normal(keys[5], (3, 3, channels, out_channels)) / (3 * channels ** 0.5)
+  conv_bias = 0.1 * jax.random.normal(keys[6], (out_channels,))
+  residual = jax.random.normal(keys[7], (*size, out_channels))
+  return parts, shift, scale, bias, kernel, conv_bias, residual
+
+
+def _xla(parts, shift, scale, bias, kernel, conv_bias, residual, dropout=0.0, seeds=None):
+  """The net's arithmetic: nets.group_norm_swish, the kernels' dropout mask, lax's convolution."""
+  h = nets.group_norm_swish(GROUPS, EPS, jnp.float32, parts, shift, scale, bias)
+  if dropout:
+    h = jnp.where(pallas_norm.dropout_keep_mask(seeds, h.shape, dropout), h / (1 - dropout), 0.0)
+  out = jax.lax.conv_general_dilated(h, kernel, (1, 1), "SAME", precision="highest",
+                                     dimension_numbers=("NHWC", "HWIO", "NHWC")) + conv_bias
+  return out if residual is None else out + residual
+
+
+def _fused(parts, shift, scale, bias, kernel, conv_bias, residual, **kw):
+  a, c = pallas_conv.norm_affine(*nets.group_statistics(parts, shift, GROUPS, EPS), scale, bias,
+                                 shift)
+  return pallas_conv.norm_swish_conv(parts, a, c, kernel, conv_bias, residual, **kw)
+
+
+@pytest.mark.parametrize("part_channels,with_shift,with_residual,rows,block,dropout", [
+    ((32,), True, True, 32, 16, 0.0),      # a block's conv2: shift, residual, two image rows
+    ((32,), True, True, 16, 32, 0.3),      # dropout; a tile of one row
+    ((16, 32), False, False, 128, 16, 0.0),  # an up block's conv1 over its input and skip
+])
+def test_matches_the_nets_norm_and_xlas_convolution(part_channels, with_shift, with_residual,
+                                                    rows, block, dropout):
+  parts, shift, scale, bias, kernel, conv_bias, residual = _inputs(part_channels, with_shift)
+  residual = residual if with_residual else None
+  seeds = jax.random.bits(jax.random.PRNGKey(5), (2, 1), jnp.uint32) if dropout else None
+  got, total, total_sq = _fused(parts, shift, scale, bias, kernel, conv_bias, residual,
+                                dropout=dropout, seeds=seeds, sums=True, rows=rows, block=block)
+  want = _xla(parts, shift, scale, bias, kernel, conv_bias, residual, dropout, seeds)
+  np.testing.assert_allclose(got, want, rtol=0, atol=2e-5 * float(jnp.abs(want).max()))
+  np.testing.assert_allclose(total, got.sum((1, 2)), rtol=1e-5, atol=1e-3)
+  np.testing.assert_allclose(total_sq, (got * got).sum((1, 2)), rtol=1e-5)
+
+
+def test_bf16_output_is_the_fp32_result_rounded():
+  """bf16 inputs and kernel: the product accumulates in fp32 and the output is rounded once, so
+  it lies within bf16's rounding of the fp32 computation on the same (bf16) inputs and h."""
+  parts, shift, scale, bias, kernel, conv_bias, _ = _inputs((32,), True, size=(2, 8, 8))
+  parts = tuple(p.astype(jnp.bfloat16) for p in parts)
+  got = _fused(parts, shift, scale, bias, kernel, conv_bias, None, rows=64, block=32)
+  assert got.dtype == jnp.bfloat16
+  # the reference rounds h to bf16 as the kernel does, then convolves in fp32
+  h = nets.group_norm_swish(GROUPS, EPS, jnp.bfloat16, parts, shift, scale, bias)
+  want = jax.lax.conv_general_dilated(
+      h.astype(jnp.float32), kernel.astype(jnp.bfloat16).astype(jnp.float32), (1, 1), "SAME",
+      precision="highest", dimension_numbers=("NHWC", "HWIO", "NHWC")) + conv_bias
+  err = np.abs(np.asarray(got, np.float32) - np.asarray(want))
+  assert err.max() <= 2.0 ** -8 * float(jnp.abs(want).max()), err.max()
+  assert err.mean() > 0  # the rounding happened
+
+
+def test_lowers_to_one_triton_call_for_the_cifar10_net(monkeypatch):
+  """A conv2 (shift, dropout, residual, sums) and an up block's conv1 (128 + 128 channels) at
+  batch 128, 32×32, bf16 lower to one Triton call each for CUDA (Pallas's lowering; whether
+  Triton compiles them needs the GPU)."""
+  monkeypatch.setattr(pallas_norm, "_interpret", lambda: False)
+  spec = jax.ShapeDtypeStruct
+  for part_channels, rate, with_residual in (((128,), 0.1, True), ((128, 128), 0.0, False)):
+    channels = sum(part_channels)
+    parts = tuple(spec((128, 32, 32, c), jnp.bfloat16) for c in part_channels)
+
+    def fn(parts, a, c, kernel, bias, residual, seeds, rate=rate, with_residual=with_residual):
+      return pallas_conv.norm_swish_conv(parts, a, c, kernel, bias,
+                                         residual if with_residual else None, dropout=rate,
+                                         seeds=seeds if rate else None, sums=True)
+    traced = jax.jit(fn).trace(parts, spec((128, channels), jnp.float32),
+                               spec((128, channels), jnp.float32),
+                               spec((3, 3, channels, 128), jnp.float32),
+                               spec((128,), jnp.float32), spec((128, 32, 32, 128), jnp.bfloat16),
+                               spec((128, 1), jnp.uint32))
+    try:
+      text = traced.lower(lowering_platforms=("cuda",)).as_text()
+    except RuntimeError as e:  # jaxlib > 0.10.2 compiles Triton while lowering, with CUDA's plugin
+      if "Triton compilation handler" in str(e):
+        pytest.skip(f"this jaxlib lowers Pallas kernels only with CUDA present: {e}")
+      raise
+    assert text.count("__gpu$xla.gpu.triton") + text.count("triton_kernel_call") == 1
+
+
+def test_what_it_cannot_tile_is_refused_in_one_line():
+  parts, shift, scale, bias, kernel, conv_bias, _ = _inputs((32,), False)
+  a, c = jnp.ones((2, 32)), jnp.zeros((2, 32))
+  cases = [(dict(rows=24), "rows=24 must be a power of two"),
+           (dict(rows=256), "rows=256 must be a power of two >= 16 dividing H·W = 128"),
+           (dict(block=64), "block=64 must be a power of two >= 16 dividing each input"),
+           (dict(block=32, dropout=0.1), "dropout=0.1 needs seeds"),
+           (dict(block=32, dropout=1.0), r"dropout=1.0 must be in \[0, 1\)")]
+  for kw, message in cases:
+    with pytest.raises(ValueError, match=message):
+      pallas_conv.norm_swish_conv(parts, a, c, kernel, conv_bias, **kw)
+  with pytest.raises(ValueError, match="is not \\[3, 3, 32, C_out\\]"):
+    pallas_conv.norm_swish_conv(parts, a, c, kernel[:, :, :16], conv_bias, block=32)
+  with pytest.raises(ValueError, match="12 output channels"):
+    pallas_conv.norm_swish_conv(parts, a, c, kernel[..., :12], conv_bias[:12], block=32)
