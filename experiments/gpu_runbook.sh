@@ -119,10 +119,12 @@ case "${1:-}" in
   sweep)
     setup
     # --norms first times each way of computing one GroupNorm + swish alone and checks that the
-    # Pallas kernels compute the same function as autodiff on this GPU.
+    # Pallas kernels compute the same function as autodiff on this GPU; --convs times the norm
+    # and the convolution that reads it, cuDNN against the Pallas convolution that applies the
+    # norm as it loads (vdm.pallas_conv), and checks that it computes XLA's function.
     run sweep $((LIMIT - 10)) "$PY" experiments/speed_sweep.py --config="$CONFIG" "${EXTRA[@]}" \
       --variants="${VDM_VARIANTS:-unroll0+remat_none+residual_bf16,unroll0+remat_none+residual_bf16+norm_pallas,unroll0+remat_none+residual_bf16+norm_recompute}" \
-      --floors --norms --hlo_dir="$OUT/hlo" --output="$OUT/sweep.json"
+      --floors --norms --convs --hlo_dir="$OUT/hlo" --output="$OUT/sweep.json"
     ;;
   *)
     echo "usage: bash experiments/gpu_runbook.sh prepare|bench|curve|model|sweep" >&2

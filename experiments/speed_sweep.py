@@ -30,7 +30,7 @@ import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from vdm import benchmark, nets  # noqa: E402
+from vdm import benchmark, nets, pallas_conv, pallas_norm  # noqa: E402
 
 # name -> (config overrides, default PRNG implementation or None, programs timed after training)
 VARIANTS = {
@@ -61,6 +61,9 @@ flags.DEFINE_bool("profile", True, "Split each program's device time by kernel k
 flags.DEFINE_bool("floors", False, "First time a convolution of the net's shape and a copy.")
 flags.DEFINE_bool("norms", False, "First time each way of computing the net's GroupNorm + swish "
                   "alone, and compare their results.")
+flags.DEFINE_bool("convs", False, "First time a norm and the convolution that reads it, forward: "
+                  "cuDNN after the XLA or Pallas norm, and the Pallas convolution that applies "
+                  "the norm as it loads.")
 flags.DEFINE_bool("count_flops", True, "Count the first variant's FLOPs (lowering it unrolled).")
 flags.DEFINE_string("hlo_dir", None, "Write the first variant's optimised HLO here.")
 flags.DEFINE_string("output", None, "JSON file for all figures.")
@@ -155,6 +158,84 @@ def norms(batch: int, width: int, size: int = 32, dropout: float = 0.1) -> dict:
   return out
 
 
+# (rows, block, num_warps, num_stages) of vdm.pallas_conv.norm_swish_conv that --convs times.
+# Compiled offline for sm_90 (Triton 3.9, experiments/RESULTS.md), the 4-warp tiles of 128 rows
+# spilled registers; these did not.
+CONV_TILINGS = {"r128_b64_w8_s2": (128, 64, 8, 2), "r128_b64_w8_s3": (128, 64, 8, 3),
+                "r128_b32_w8_s3": (128, 32, 8, 3), "r64_b64_w8_s3": (64, 64, 8, 3)}
+
+
+def _conv(h, kernel, bias, residual):
+  """The net's bf16 3×3 convolution (``nn.Conv``: bias added in its dtype), plus a residual."""
+  y = jax.lax.conv_general_dilated(h, kernel.astype(h.dtype), (1, 1), "SAME",
+                                   dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  y = y + bias.astype(h.dtype)
+  return y if residual is None else y + residual
+
+
+def convs(batch: int, width: int, size: int = 32, groups: int = 32,
+          epsilon: float = 1e-6) -> dict:
+  """A ResNet block's GroupNorm + swish and the 3×3 convolution that reads it, forward only
+  (what a sampling step does 134 times), in bf16, for a block's conv2 (the γ shift and the
+  residual sum) and an up block's conv1 (two parts of ``width`` channels): ms, the TFLOP/s of
+  the convolution's FLOPs, and each output's largest difference from xla's, relative to xla's
+  largest magnitude, computed as
+    cudnn_alone: the convolution of a given norm output (the floor of the unfused ways);
+    xla: the net's XLA norm (``vdm.nets.group_norm_swish``), then the convolution;
+    pallas_norm: the Pallas norm kernel (``vdm.pallas_norm``), then the convolution;
+    fused_T: the statistics by an XLA reduction, then ``vdm.pallas_conv.norm_swish_conv``
+      tiled as T of :data:`CONV_TILINGS`;
+    fused_kernel_T: that kernel alone from given statistics, also returning its output's sums
+      (as inside a net where each convolution supplies the next norm's statistics).
+  A way that fails (a tiling Triton cannot compile) is recorded and the others still run."""
+  rng = np.random.default_rng(0)
+  normal = lambda *shape: jnp.asarray(rng.standard_normal(shape), jnp.float32)  # noqa: E731
+  image = lambda: normal(batch, size, size, width).astype(jnp.bfloat16)  # noqa: E731
+  cases = {"conv2": ((image(),), normal(batch, width), image()),
+           "up_conv1": ((image(), image()), None, None)}
+  out = {}
+  for case, (parts, shift, residual) in cases.items():
+    channels = sum(p.shape[-1] for p in parts)
+    norm = dict(parts=parts, shift=shift, scale=1.0 + 0.1 * normal(channels),
+                bias=0.1 * normal(channels))
+    conv = dict(kernel=normal(3, 3, channels, width) / (3 * channels ** 0.5),
+                bias=0.1 * normal(width), residual=residual)
+    xla_norm = lambda parts, shift, scale, bias: nets.group_norm_swish(  # noqa: E731
+        groups, epsilon, jnp.bfloat16, parts, shift, scale, bias)
+
+    def affine(parts, shift, scale, bias):
+      return pallas_conv.norm_affine(*nets.group_statistics(parts, shift, groups, epsilon),
+                                     scale, bias, shift)
+    ways = {"cudnn_alone": (lambda h, c: _conv(h, **c), (xla_norm(**norm), conv)),
+            "xla": (lambda n, c: _conv(xla_norm(**n), **c), (norm, conv)),
+            "pallas_norm": (lambda n, c: _conv(pallas_norm.group_norm_swish(
+                groups, epsilon, jnp.bfloat16, **n), **c), (norm, conv))}
+    for name, (rows, block, warps, stages) in CONV_TILINGS.items():
+      tiling = dict(rows=rows, block=block, num_warps=warps, num_stages=stages)
+      ways[f"fused_{name}"] = (lambda n, c, tiling=tiling: pallas_conv.norm_swish_conv(
+          n["parts"], *affine(**n), **c, **tiling), (norm, conv))
+      ways[f"fused_kernel_{name}"] = (lambda parts, ac, c, tiling=tiling: pallas_conv.norm_swish_conv(
+          parts, *ac, **c, sums=True, **tiling)[0], (parts, affine(**norm), conv))
+    flop = 2.0 * batch * size * size * 9 * channels * width
+    want = None
+    for way, (fn, args) in ways.items():
+      try:  # one failing way keeps the others
+        fn = jax.jit(fn)
+        got = np.asarray(fn(*args), np.float32)
+        seconds = _time(fn, *args)
+      except Exception as e:  # pylint: disable=broad-except
+        traceback.print_exc()
+        out[f"{case}_{way}"] = {"error": f"{type(e).__name__}: {e}"[:500]}
+        continue
+      out[f"{case}_{way}"] = {"ms": 1e3 * seconds, "tflops": flop / seconds / 1e12}
+      if way == "xla":
+        want = got
+      elif want is not None:
+        out[f"{case}_{way}"]["max_rel_diff_from_xla"] = float(
+            np.abs(got - want).max() / np.abs(want).max())
+  return out
+
+
 def combine(name: str) -> tuple[dict, str | None, tuple[str, ...]]:
   """(overrides, PRNG implementation, programs) of a variant, or of ``a+b+...``: the parts'
   overrides together (a later part wins), the last PRNG named, and the programs of all parts."""
@@ -230,6 +311,13 @@ def main(argv):
                              FLAGS.config.data.image_size)
     for name, f in results["norms"].items():
       print(f"norm {name:>22}: " + ", ".join(
+          f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in f.items()), flush=True)
+    save()
+  if FLAGS.convs:
+    results["convs"] = convs(FLAGS.batch_size, FLAGS.config.model.n_embd,
+                             FLAGS.config.data.image_size)
+    for name, f in results["convs"].items():
+      print(f"conv {name:>30}: " + ", ".join(
           f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in f.items()), flush=True)
     save()
   for name in FLAGS.variants:

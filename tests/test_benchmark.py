@@ -224,6 +224,29 @@ def test_sweep_times_each_norm_alone_and_compares_them(tmp_path):
     assert f.get("max_rel_diff_from_autodiff", 0.0) < 0.02, (name, f)
 
 
+def test_sweep_times_the_norm_in_the_convolutions_load_against_cudnn(tmp_path):
+  """--convs: every way and tiling, both cases, timed, and the fused Pallas convolution the same
+  function as XLA's norm and convolution up to bf16 rounding (the check a GPU run makes of
+  Triton's code)."""
+  out = tmp_path / "convs.json"
+  r = _sweep("--config=configs/quickstart.py", "--config.data.image_size=16",
+             "--config.model.n_embd=64", "--batch_size=2", "--repeats=1", "--convs",
+             "--variants=", f"--output={out}")
+  assert r.returncode == 0, r.stderr[-2000:]
+  res = json.loads(out.read_text())
+  tilings = [n[len("conv2_fused_kernel_"):] for n in res["convs"]
+             if n.startswith("conv2_fused_kernel_")]
+  assert len(tilings) >= 2, list(res["convs"])
+  ways = ["cudnn_alone", "xla", "pallas_norm"] + [
+      f"{kind}_{t}" for t in tilings for kind in ("fused", "fused_kernel")]
+  assert list(res["convs"]) == [f"{c}_{w}" for c in ("conv2", "up_conv1") for w in ways]
+  for name, f in res["convs"].items():
+    assert f["ms"] > 0 and f["tflops"] > 0, (name, f)
+    compared = not name.endswith(("cudnn_alone", "_xla"))
+    assert ("max_rel_diff_from_xla" in f) == compared, name
+    assert f.get("max_rel_diff_from_xla", 0.0) < 0.01, (name, f)
+
+
 @pytest.mark.slow
 def test_sweep_times_each_variant(tmp_path):
   out = tmp_path / "sweep.json"
