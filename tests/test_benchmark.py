@@ -216,7 +216,8 @@ def test_sweep_times_each_norm_alone_and_compares_them(tmp_path):
   res = json.loads(out.read_text())
   assert res["variants"] == {}
   cases = ("norm2", "norm2_dropout", "up_norm1")
-  assert sorted(res["norms"]) == sorted(f"{c}_{impl}" for c in cases for impl in NORM_IMPL)
+  impls = [i for i in NORM_IMPL if i != "pallas_conv"]  # a norm inside a convolution: --convs
+  assert sorted(res["norms"]) == sorted(f"{c}_{impl}" for c in cases for impl in impls)
   for name, f in res["norms"].items():
     assert f["fwd_ms"] > 0 and f["fwd_bwd_gb_per_s"] > 0, name
     compared = "dropout" not in name and "autodiff" not in name
@@ -250,17 +251,18 @@ def test_sweep_times_the_norm_in_the_convolutions_load_against_cudnn(tmp_path):
 @pytest.mark.slow
 def test_sweep_times_each_variant(tmp_path):
   out = tmp_path / "sweep.json"
-  r = _sweep(*SWEEP_TINY, "--variants=no_dropout,unroll2+remat_none,norm_recompute,norm_pallas",
-             f"--output={out}")
+  r = _sweep(*SWEEP_TINY, "--variants=no_dropout,unroll2+remat_none,norm_recompute,norm_pallas,"
+             "norm_pallas_conv", f"--output={out}")
   assert r.returncode == 0, r.stderr[-2000:]
   res = json.loads(out.read_text())
   v = res["variants"]
   both = "unroll2+remat_none"
-  assert list(v) == ["no_dropout", both, "norm_recompute", "norm_pallas"]
+  assert list(v) == ["no_dropout", both, "norm_recompute", "norm_pallas", "norm_pallas_conv"]
   assert res["batch_size"] == 2
   assert all("error" not in f for f in v.values()), v
   assert v["norm_recompute"]["norm_impl"] == "recompute" and v["norm_recompute"]["remat"] == "none"
-  assert v["norm_pallas"]["norm_impl"] == "pallas" and v["norm_pallas"]["sample_step_ms"] > 0
+  for impl in ("pallas", "pallas_conv"):
+    assert v[f"norm_{impl}"]["norm_impl"] == impl and v[f"norm_{impl}"]["sample_step_ms"] > 0
   # one process: its running peak is labelled as such, not as a variant's own
   assert all("peak_memory_gib" not in f and "process_peak_memory_gib" in f for f in v.values())
   assert v["no_dropout"]["dropout"] == 0.0 and v[both]["unroll"] == 2

@@ -236,9 +236,9 @@ def test_group_norm_swish_keeps_only_its_inputs_and_statistics():
 
 
 def test_norm_impl_changes_nothing_but_the_program():
-  """The same parameters under the three ways of computing the norms; the same loss and
-  gradients (fp32, dropout on); the same forward-mode derivative w.r.t. z where there is one (the
-  Pallas kernels have none, and say so); one-line errors for an unknown choice and for
+  """The same parameters under every way of computing the norms; the same loss and gradients
+  (fp32, dropout on); the same forward-mode derivative w.r.t. z where there is one (the Pallas
+  kernels have none, and say so); one-line errors for an unknown choice and for
   'recompute' inside a rematerialised block."""
   z, g = _inputs()
   kw = dict(n_embd=32, n_layer=2, dropout=0.1, attention=True)
@@ -255,15 +255,19 @@ def test_norm_impl_changes_nothing_but_the_program():
       _loss(ScoreUNet(**{**kw, **o}, norm_impl=nb), z, g, key)))(params)
   results = {nb: [grads(nb), jvp(ScoreUNet(**kw, norm_impl=nb))(z, dz)]
              for nb in ("autodiff", "recompute")}
-  with pytest.raises(TypeError, match="custom_vjp"):
-    jvp(ScoreUNet(**kw, norm_impl="pallas"))(z, dz)
+  for fused in ("pallas", "pallas_conv"):
+    with pytest.raises(TypeError, match="custom_vjp"):
+      jvp(ScoreUNet(**kw, norm_impl=fused))(z, dz)
+  without_dropout = grads("autodiff", dropout=0.0)
   for got, want in ((results["recompute"], results["autodiff"]),
-                    (grads("pallas", dropout=0.0), grads("autodiff", dropout=0.0))):
+                    (grads("pallas", dropout=0.0), without_dropout),
+                    (grads("pallas_conv", dropout=0.0), without_dropout)):
     want = jax.tree_util.tree_leaves(want)
     scale = max(float(jnp.max(jnp.abs(b))) for b in want)  # some gradients are rounding noise
     for a, b in zip(jax.tree_util.tree_leaves(got), want):
       np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6 * scale)
-  assert grads("pallas")[0] != grads("pallas", dropout=0.0)[0]  # its dropout is on
+  for fused in ("pallas", "pallas_conv"):  # their dropout is on
+    assert grads(fused)[0] != grads(fused, dropout=0.0)[0]
   with pytest.raises(ValueError, match="48 channels do not split into 32 groups"):
     GroupNormSwish().init(jax.random.PRNGKey(0), (jnp.zeros((1, 2, 2, 48)),))
   with pytest.raises(ValueError, match="norm_impl='fused'"):

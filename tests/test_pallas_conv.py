@@ -4,6 +4,11 @@ the γ shift, dropout's masks, the residual sum, two parts, and tiles that split
 statistics of the output; the Triton lowering of the CIFAR-10 net's shapes; one-line errors for
 what it cannot tile. How fast Triton's code runs only a GPU can tell
 (experiments/speed_sweep.py --convs)."""
+import json
+import os
+import subprocess
+import sys
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -63,14 +68,18 @@ def test_matches_the_nets_norm_and_xlas_convolution(part_channels, with_shift, w
   np.testing.assert_allclose(total_sq, (got * got).sum((1, 2)), rtol=1e-5)
 
 
-def test_bf16_output_is_the_fp32_result_rounded():
-  """bf16 inputs and kernel: the product accumulates in fp32 and the output is rounded once, so
-  it lies within bf16's rounding of the fp32 computation on the same (bf16) inputs and h."""
+@pytest.mark.parametrize("parts_dtype", [jnp.bfloat16, jnp.float32])
+def test_bf16_output_is_the_fp32_result_rounded(parts_dtype):
+  """Computing in bf16 (bf16 parts, or an fp32 residual stream read as it is): h and the kernel
+  are rounded to bf16, their product accumulates in fp32 and the output is rounded once, so it
+  lies within bf16's rounding of the fp32 convolution of the same rounded h and kernel."""
   parts, shift, scale, bias, kernel, conv_bias, _ = _inputs((32,), True, size=(2, 8, 8))
-  parts = tuple(p.astype(jnp.bfloat16) for p in parts)
-  got = _fused(parts, shift, scale, bias, kernel, conv_bias, None, rows=64, block=32)
+  parts = tuple(p.astype(parts_dtype) for p in parts)
+  a, c = pallas_conv.norm_affine(*nets.group_statistics(parts, shift, GROUPS, EPS), scale, bias,
+                                 shift)
+  got = pallas_conv.norm_swish_conv(parts, a, c, kernel, conv_bias, dtype=jnp.bfloat16, rows=64,
+                                    block=32)
   assert got.dtype == jnp.bfloat16
-  # the reference rounds h to bf16 as the kernel does, then convolves in fp32
   h = nets.group_norm_swish(GROUPS, EPS, jnp.bfloat16, parts, shift, scale, bias)
   want = jax.lax.conv_general_dilated(
       h.astype(jnp.float32), kernel.astype(jnp.bfloat16).astype(jnp.float32), (1, 1), "SAME",
@@ -81,19 +90,24 @@ def test_bf16_output_is_the_fp32_result_rounded():
 
 
 def test_lowers_to_one_triton_call_for_the_cifar10_net(monkeypatch):
-  """A conv2 (shift, dropout, residual, sums) and an up block's conv1 (128 + 128 channels) at
-  batch 128, 32×32, bf16 lower to one Triton call each for CUDA (Pallas's lowering; whether
+  """A conv2 (shift, dropout, residual, sums; into the bf16 or the fp32 residual stream) and an
+  up block's conv1 (128 + 128 channels) at batch 128, 32×32, bf16, lower to one Triton call each
+  for CUDA (Pallas's lowering; whether
   Triton compiles them needs the GPU)."""
   monkeypatch.setattr(pallas_norm, "_interpret", lambda: False)
   spec = jax.ShapeDtypeStruct
-  for part_channels, rate, with_residual in (((128,), 0.1, True), ((128, 128), 0.0, False)):
+  for part_channels, rate, with_residual, out_dtype in (((128,), 0.1, True, jnp.bfloat16),
+                                                        ((128,), 0.1, True, jnp.float32),
+                                                        ((128, 128), 0.0, False, jnp.bfloat16)):
     channels = sum(part_channels)
     parts = tuple(spec((128, 32, 32, c), jnp.bfloat16) for c in part_channels)
 
-    def fn(parts, a, c, kernel, bias, residual, seeds, rate=rate, with_residual=with_residual):
+    def fn(parts, a, c, kernel, bias, residual, seeds, rate=rate, with_residual=with_residual,
+           out_dtype=out_dtype):
       return pallas_conv.norm_swish_conv(parts, a, c, kernel, bias,
-                                         residual if with_residual else None, dropout=rate,
-                                         seeds=seeds if rate else None, sums=True)
+                                         residual.astype(out_dtype) if with_residual else None,
+                                         dropout=rate, seeds=seeds if rate else None, sums=True,
+                                         out_dtype=out_dtype)
     traced = jax.jit(fn).trace(parts, spec((128, channels), jnp.float32),
                                spec((128, channels), jnp.float32),
                                spec((3, 3, channels, 128), jnp.float32),
@@ -123,3 +137,45 @@ def test_what_it_cannot_tile_is_refused_in_one_line():
     pallas_conv.norm_swish_conv(parts, a, c, kernel[:, :, :16], conv_bias, block=32)
   with pytest.raises(ValueError, match="12 output channels"):
     pallas_conv.norm_swish_conv(parts, a, c, kernel[..., :12], conv_bias[:12], block=32)
+
+
+TWO_DEVICES = r"""
+import json, sys
+import jax, jax.numpy as jnp, numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+sys.path.insert(0, ".")
+from vdm import nets
+
+k = jax.random.split(jax.random.PRNGKey(0), 6)
+parts = (jax.random.normal(k[0], (4, 8, 8, 32)), jax.random.normal(k[1], (4, 8, 8, 32)))
+scale, bias = 1 + 0.1 * jax.random.normal(k[2], (64,)), jnp.zeros(64)
+kernel, conv_bias = jax.random.normal(k[3], (3, 3, 64, 16)) / 24, jnp.zeros(16)
+ct = jax.random.normal(k[4], (4, 8, 8, 16))
+fwd = jax.jit(lambda parts, scale, bias, kernel: nets.group_norm_swish_conv(
+    32, 1e-6, jnp.float32, jnp.float32, 0.0, None, parts, None, scale, bias, kernel, conv_bias,
+    None))
+grad = jax.jit(jax.grad(lambda *a: jnp.sum(ct * fwd(*a)), argnums=(0, 3)))
+mesh = Mesh(np.asarray(jax.devices()), ("data",))
+sharded = jax.device_put(parts, NamedSharding(mesh, P("data")))
+one, two = fwd(parts, scale, bias, kernel), fwd(sharded, scale, bias, kernel)
+g1, g2 = grad(parts, scale, bias, kernel), grad(sharded, scale, bias, kernel)
+hlo = fwd.lower(sharded, scale, bias, kernel).compile().as_text()
+print(json.dumps({
+    "max_diff": float(jnp.max(jnp.abs(one - two))),
+    "max_grad_diff": max(float(jnp.max(jnp.abs(a - b))) for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g2))),
+    "forward_collectives": [c for c in ("all-gather", "all-reduce", "all-to-all") if c in hlo],
+    "out_sharded": tuple(two.sharding.spec)[:1] == ("data",)}))
+"""
+
+
+def test_data_parallel_convolves_each_shard_on_its_device():
+  """Two CPU devices, the batch sharded: the same output and gradients as on one device, and a
+  forward pass without collectives (the kernel's partitioning rule; per-example statistics)."""
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2")
+  r = subprocess.run([sys.executable, "-c", TWO_DEVICES], cwd=root, capture_output=True, text=True,
+                     timeout=600, env=env)
+  assert r.returncode == 0, r.stderr[-3000:]
+  out = json.loads(r.stdout.strip().splitlines()[-1])
+  assert out["max_diff"] < 1e-5 and out["max_grad_diff"] < 1e-4, out
+  assert out["forward_collectives"] == [] and out["out_sharded"], out

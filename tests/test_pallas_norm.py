@@ -179,12 +179,13 @@ def test_what_the_kernels_cannot_tile_is_refused_in_one_line():
                                  jnp.ones(48), jnp.zeros(48))
 
 
-def test_the_ode_likelihood_gets_a_forward_differentiable_net_with_the_same_function():
-  """model.forward_differentiable swaps the Pallas norms for the XLA rule: the same outputs, and
-  a jvp where the Pallas net has none."""
+@pytest.mark.parametrize("impl", ["pallas", "pallas_conv"])
+def test_the_ode_likelihood_gets_a_forward_differentiable_net_with_the_same_function(impl):
+  """model.forward_differentiable swaps the Pallas norms (and convolutions) for the XLA rule: the
+  same outputs, and a jvp where the Pallas net has none."""
   z = jax.random.normal(jax.random.PRNGKey(0), (2, 8, 8, 3))
   g = jnp.array([-10.0, 3.0])
-  net = ScoreUNet(n_embd=32, n_layer=1, norm_impl="pallas", remat="convs")
+  net = ScoreUNet(n_embd=32, n_layer=1, norm_impl=impl, remat="convs")
   model = model_lib.Model(net, None, lambda t: t, (8, 8, 3))
   params = jax.jit(net.init, compiler_options=FAST_COMPILE)(jax.random.PRNGKey(1), z, g)
   swapped = model_lib.forward_differentiable(model)

@@ -85,10 +85,10 @@ def with_dtype(model: Model, dtype: str) -> Model:
 
 def forward_differentiable(model: Model) -> Model:
   """The model with a network that has forward-mode derivatives (the ODE likelihood's
-  ``jax.linearize``): Pallas norms, which have only reverse-mode ones, become the XLA rule
-  'recompute' of the same function (``remat`` is reset to 'none', which 'recompute' needs and
-  inference does not use)."""
-  if model.net.norm_impl != "pallas":
+  ``jax.linearize``): Pallas norms (and convolutions), which have only reverse-mode ones,
+  become the XLA rule 'recompute' of the same function (``remat`` is reset to 'none', which
+  'recompute' needs and inference does not use)."""
+  if model.net.norm_impl not in ("pallas", "pallas_conv"):
     return model
   return dataclasses.replace(model, net=model.net.clone(norm_impl="recompute", remat="none"))
 

@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
-from vdm import pallas_norm
+from vdm import pallas_conv, pallas_norm
 from vdm.schedules import GAMMA_MAX, GAMMA_MIN
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -41,8 +41,11 @@ REMAT = {"none": None, "convs": jax.checkpoint_policies.save_only_these_names("c
 # only the inputs and the group statistics are kept; for remat="none", since a rematerialised
 # block recomputes its norms anyway) or "pallas" (:func:`vdm.pallas_norm.group_norm_swish`: the
 # same arithmetic as fused Triton kernels that read each input once, forward and backward; no
-# forward-mode derivative). Which is fastest on a GPU is for `speed_sweep.py` to measure.
-NORM_IMPL = ("autodiff", "recompute", "pallas")
+# forward-mode derivative), or "pallas_conv" (a ResNet block's two norms applied inside the 3×3
+# convolutions that read them, :func:`group_norm_swish_conv`, so that their outputs are never
+# written; differentiated by recomputing the XLA rule; the other norms as "pallas"). Which is
+# fastest on a GPU is for `speed_sweep.py` to measure.
+NORM_IMPL = ("autodiff", "recompute", "pallas", "pallas_conv")
 
 
 def timestep_embedding(t: jax.Array, dim: int, scale: float = 1000.0) -> jax.Array:
@@ -142,6 +145,65 @@ def _group_norm_swish_jvp(groups, epsilon, dtype, primals, tangents):
   return out, tangent(*primals, mean, rstd, *tangents)
 
 
+def _norm_conv_rule(groups, epsilon, dtype, out_dtype, dropout, seeds, parts, shift, scale, bias,
+                    kernel, conv_bias, residual):
+  """conv3×3(dropout(group_norm_swish(...)), kernel) + conv_bias (+ residual) with XLA: the
+  function of :func:`group_norm_swish_conv`, h and the kernel in ``dtype``, summed in fp32."""
+  h = group_norm_swish(groups, epsilon, dtype, parts, shift, scale, bias)
+  if dropout:
+    keep = pallas_norm.dropout_keep_mask(seeds, h.shape, dropout)
+    h = jnp.where(keep, h / (1.0 - dropout), 0.0).astype(dtype)
+  out = jax.lax.conv_general_dilated(h, kernel.astype(dtype), (1, 1), "SAME",
+                                     dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                                     preferred_element_type=jnp.float32) + conv_bias
+  return (out if residual is None else out + residual).astype(out_dtype)
+
+
+def _norm_conv_fused(groups: int, epsilon: float, dtype: jnp.dtype, out_dtype: jnp.dtype,
+                          dropout: float, seeds: Optional[jax.Array], parts: Sequence[jax.Array],
+                          shift: Optional[jax.Array], scale: jax.Array, bias: jax.Array,
+                          kernel: jax.Array, conv_bias: jax.Array,
+                          residual: Optional[jax.Array]) -> jax.Array:
+  """conv3×3(dropout(h), kernel) + conv_bias (+ residual) in ``out_dtype``, h = the
+  :func:`group_norm_swish` of ``parts`` (in ``dtype``), dropout with the mask of
+  :func:`vdm.pallas_norm.dropout_keep_mask` (uint32 ``seeds`` [B, 1]): the statistics by an XLA
+  reduction, then :func:`vdm.pallas_conv.norm_swish_conv`, which applies the norm as it loads
+  the convolution's input. Its derivative is that of the same function computed by XLA
+  (:func:`_norm_conv_rule`), which recomputes h."""
+  a, c = pallas_conv.norm_affine(*group_statistics(parts, shift, groups, epsilon), scale, bias,
+                                 shift)
+  return pallas_conv.norm_swish_conv(parts, a, c, kernel, conv_bias, residual, dropout, seeds,
+                                     dtype=dtype, out_dtype=out_dtype)
+
+
+group_norm_swish_conv = jax.custom_vjp(_norm_conv_fused, nondiff_argnums=(0, 1, 2, 3, 4))
+
+
+def _norm_conv_forward(groups, epsilon, dtype, out_dtype, dropout, seeds, *args):
+  out = _norm_conv_fused(groups, epsilon, dtype, out_dtype, dropout, seeds, *args)
+  return out, (seeds, args)
+
+
+def _norm_conv_backward(groups, epsilon, dtype, out_dtype, dropout, saved, ct):
+  seeds, args = saved
+  _, vjp = jax.vjp(functools.partial(_norm_conv_rule, groups, epsilon, dtype, out_dtype, dropout,
+                                     seeds), *args)
+  return (None, *vjp(ct))
+
+
+group_norm_swish_conv.defvjp(_norm_conv_forward, _norm_conv_backward)
+
+
+class _Parameters(nn.Module):
+  """Declares parameters (name, initialiser, shape), in order, and returns them: the parameters of
+  a module whose work a fused kernel does, under that module's name."""
+  specs: Sequence[tuple]
+
+  @nn.compact
+  def __call__(self) -> tuple:
+    return tuple(self.param(name, init, shape) for name, init, shape in self.specs)
+
+
 class GroupNormSwish(nn.Module):
   """:func:`group_norm_swish` with the parameters (names, shapes, initialisation) of
   ``nn.GroupNorm`` on the concatenation, so that checkpoints do not depend on the choice; with
@@ -214,22 +276,46 @@ class ResnetBlock(nn.Module):
     # them apart, since a matrix product would need the concatenation written out (on the H100,
     # 3 ms of the 90 ms step).
     parts = (x,) if skip is None else (x.astype(self.dtype), skip.astype(self.dtype))
-    conv = lambda name, **kw: nn.Conv(self.out_ch, (3, 3), dtype=self.dtype, name=name, **kw)
-    h = norm_swish(parts, None, self.dtype, self.norm_impl, "norm1")
-    h = checkpoint_name(conv("conv1")(h), "conv")
+    dropout = 0.0 if self.deterministic else self.dropout
     # The γ conditioning is added in fp32 inside the norm that follows; in the conv's dtype XLA
     # makes it the conv's side input, a materialised [B, H, W, C] broadcast per block.
-    shift = nn.Dense(self.out_ch, use_bias=False, name="cond_proj",
-                     kernel_init=nn.initializers.zeros)(cond)
-    h = norm_swish((h,), shift, self.dtype, self.norm_impl, "norm2",
-                   dropout=0.0 if self.deterministic else self.dropout)
-    h = checkpoint_name(conv("conv2", kernel_init=nn.initializers.zeros)(h), "conv")
+    cond_proj = nn.Dense(self.out_ch, use_bias=False, name="cond_proj",
+                         kernel_init=nn.initializers.zeros)
     if sum(p.shape[-1] for p in parts) != self.out_ch:  # always with a skip
       x = SplitDense(self.out_ch, dtype=self.dtype, name="nin_shortcut")(parts)
-    h = (x + h).astype(self.residual_dtype)
+    if self.norm_impl == "pallas_conv":
+      h = self._norm_conv(parts, None, "norm1", "conv1", nn.initializers.lecun_normal(), 0.0,
+                          None, self.dtype)
+      h = self._norm_conv((h,), cond_proj(cond), "norm2", "conv2", nn.initializers.zeros,
+                          dropout, x, self.residual_dtype)
+    else:
+      conv = lambda name, **kw: nn.Conv(self.out_ch, (3, 3), dtype=self.dtype, name=name, **kw)
+      h = norm_swish(parts, None, self.dtype, self.norm_impl, "norm1")
+      h = checkpoint_name(conv("conv1")(h), "conv")
+      h = norm_swish((h,), cond_proj(cond), self.dtype, self.norm_impl, "norm2", dropout=dropout)
+      h = checkpoint_name(conv("conv2", kernel_init=nn.initializers.zeros)(h), "conv")
+      h = (x + h).astype(self.residual_dtype)
     if self.attention:
       h = AttnBlock(dtype=self.dtype, residual_dtype=self.residual_dtype, name="attn")(h)
     return h, h.astype(self.dtype)
+
+  def _norm_conv(self, parts, shift, norm_name, conv_name, kernel_init, dropout, residual,
+                 out_dtype):
+    """:func:`group_norm_swish_conv` with the parameters of ``GroupNormSwish(name=norm_name)``
+    and ``nn.Conv(name=conv_name)`` (names, shapes, initialisation), so that checkpoints do not
+    depend on ``norm_impl``."""
+    channels = sum(p.shape[-1] for p in parts)
+    scale, bias = _Parameters((("scale", nn.initializers.ones_init(), (channels,)),
+                               ("bias", nn.initializers.zeros_init(), (channels,))),
+                              name=norm_name)()
+    kernel, conv_bias = _Parameters((("kernel", kernel_init, (3, 3, channels, self.out_ch)),
+                                     ("bias", nn.initializers.zeros_init(), (self.out_ch,))),
+                                    name=conv_name)()
+    seeds = (jax.random.bits(self.make_rng("dropout"), (parts[0].shape[0], 1), jnp.uint32)
+             if dropout else None)
+    out = group_norm_swish_conv(32, 1e-6, self.dtype, out_dtype, dropout, seeds, parts, shift,
+                                scale, bias, kernel, conv_bias, residual)
+    return checkpoint_name(out, "conv")
 
 
 class SplitDense(nn.Module):
@@ -367,7 +453,8 @@ class ScoreUNet(nn.Module):
         h = nn.Conv(c, (3, 3), dtype=cdt, name=f"upsample_{i}")(h).astype(rdt)
     assert not segments
 
-    h = norm_swish((h,), None, jnp.float32, self.norm_impl, "norm_out")
+    h = norm_swish((h,), None, jnp.float32,
+                   "pallas" if self.norm_impl == "pallas_conv" else self.norm_impl, "norm_out")
     h = nn.Conv(z.shape[-1], (3, 3), kernel_init=nn.initializers.zeros, dtype=jnp.float32,
                 name="conv_out")(h)
     return z + h  # the base measure: ε̂ = z_t at initialisation

@@ -14,8 +14,10 @@ Why: a sampling step of the CIFAR-10 net spent 10.9 of its 25.3 ms in cuDNN's co
 the H100 and most of the rest in the norms around them, memory-bound passes that read each
 norm's input and write its output (experiments/RESULTS.md). Here the norm costs no pass of its
 own. Whether that pays depends on whether Triton's convolution is as fast as cuDNN's, which only
-a GPU can tell: ``experiments/speed_sweep.py --convs`` times it against both. The net does not
-use it yet: it has no derivative and no rule for XLA's partitioner.
+a GPU can tell: ``experiments/speed_sweep.py --convs`` times it against both, and its variant
+``norm_pallas_conv`` the net with ``model.norm_impl='pallas_conv'``, where
+:func:`vdm.nets.group_norm_swish_conv` gives it XLA's derivative. Under data parallelism each
+device convolves its own examples.
 
 Each program computes ``rows`` consecutive output positions (whole rows of the image when
 ``rows`` is a multiple of W) of one example, for all output channels, as an implicit matrix
@@ -72,7 +74,7 @@ def _kernel(refs, *, part_channels, width, height, rows, block, dropout, has_res
         channel = first + jax.lax.broadcasted_iota(jnp.int32, (rows, block), 1)
         keep = pallas_norm._keep(refs["seeds"][...], src[:, None], channel, channels, dropout)
         h = jnp.where(keep, h / (1.0 - dropout), 0.0)
-      h = jnp.where(inside[:, None], h, 0.0).astype(x_ref.dtype)
+      h = jnp.where(inside[:, None], h, 0.0).astype(refs["kernel"].dtype)
       return acc + jnp.dot(h, refs["kernel"][tap, pl.ds(first, block), :],
                            preferred_element_type=jnp.float32)
     acc = jax.lax.fori_loop(0, 9 * blocks, step, acc)
@@ -105,48 +107,78 @@ def _check(parts, kernel, rows, block):
                      f"({'+'.join(map(str, channels))}).")
 
 
+def _tiling(parts, rows, block) -> tuple[int, int]:
+  """(rows, block), the defaults filled in: 128 positions or the whole image if smaller, and
+  the largest of 64, 32 and 16 input channels that divides each part."""
+  channels = [p.shape[-1] for p in parts]
+  rows = rows or min(128, parts[0].shape[1] * parts[0].shape[2])
+  block = block or next((b for b in (64, 32) if not any(c % b for c in channels)), 16)
+  return rows, block
+
+
 def norm_swish_conv(parts: Sequence[jax.Array], a: jax.Array, c: jax.Array, kernel: jax.Array,
                     bias: jax.Array, residual: Optional[jax.Array] = None, dropout: float = 0.0,
-                    seeds: Optional[jax.Array] = None, sums: bool = False, rows: int = 128,
-                    block: int = 64, num_warps: int = 4, num_stages: int = 2):
+                    seeds: Optional[jax.Array] = None, sums: bool = False,
+                    dtype: Optional[jnp.dtype] = None, out_dtype: Optional[jnp.dtype] = None,
+                    rows: Optional[int] = None, block: Optional[int] = None, num_warps: int = 8,
+                    num_stages: int = 2):
   """conv3×3(dropout(swish(concat(parts) · a + c)), kernel) + bias (+ residual), the module
-  docstring's equation, in the parts' dtype, for parts [B, H, W, C_k], a and c [B, ΣC_k] (fp32;
-  :func:`norm_affine`), kernel [3, 3, ΣC_k, C_out], bias [C_out]; with ``sums`` also
+  docstring's equation, with h and the kernel rounded to ``dtype`` (the parts' by default) and
+  their product summed in fp32, in ``out_dtype`` (``dtype`` by default), for parts [B, H, W, C_k]
+  of any float dtype, a and c [B, ΣC_k] (fp32; :func:`norm_affine`), kernel
+  [3, 3, ΣC_k, C_out], bias [C_out]; with ``sums`` also
   (Σ out, Σ out²) [B, C_out] in fp32 over H and W. ``rows`` (output positions per program),
   ``block`` (input channels per step), ``num_warps`` and ``num_stages`` tile the kernel; they
-  change the speed, not the function."""
+  change the speed, not the function. Under data parallelism each device convolves its shard
+  of the batch."""
   parts = tuple(parts)
+  rows, block = _tiling(parts, rows, block)
   _check(parts, kernel, rows, block)
   if not 0.0 <= dropout < 1.0:
     raise ValueError(f"dropout={dropout} must be in [0, 1).")
-  batch, height, width = parts[0].shape[:3]
+  batch = parts[0].shape[0]
   if dropout and (seeds is None or seeds.shape != (batch, 1) or seeds.dtype != jnp.uint32):
     raise ValueError(f"dropout={dropout} needs seeds: uint32 [{batch}, 1], one per example "
                      "(jax.random.bits).")
+  dtype = jnp.dtype(dtype or parts[0].dtype)
+  arrays = (kernel.astype(dtype), *parts, a.astype(jnp.float32), c.astype(jnp.float32), bias,
+            *([residual] if residual is not None else []), *([seeds] if dropout else []))
+  results = _partitioned(len(parts), residual is not None, float(dropout), sums,
+                         jnp.dtype(out_dtype or dtype), rows, block, num_warps,
+                         num_stages, *arrays)
+  return results if sums else results[0]
+
+
+def _call(num_parts, has_residual, dropout, sums, out_dtype, rows, block, num_warps, num_stages,
+          kernel, *arrays):
+  """The pallas_call of :func:`norm_swish_conv` on the arrays (kernel, parts..., a, c, bias,
+  [residual], [seeds]): (out, [Σ out, Σ out²])."""
+  parts, (a, c, bias, *rest) = arrays[:num_parts], arrays[num_parts:]
+  residual = rest.pop(0) if has_residual else None
+  seeds = rest.pop(0) if dropout else None
+  batch, height, width = parts[0].shape[:3]
   positions, channels, features = height * width, kernel.shape[2], kernel.shape[3]
-  dtype = parts[0].dtype
   flat = lambda v: v.reshape(batch, positions, v.shape[-1])  # noqa: E731
   whole = lambda n: pl.BlockSpec((None, positions, n), lambda i, b: (b, 0, 0))  # noqa: E731
   tile = pl.BlockSpec((None, rows, features), lambda i, b: (b, i, 0))
   per_example = pl.BlockSpec((None, channels), lambda i, b: (b, 0))
   inputs = ([(f"part{k}", whole(p.shape[-1]), flat(p)) for k, p in enumerate(parts)]
-            + [("a", per_example, a.astype(jnp.float32)), ("c", per_example, c.astype(jnp.float32)),
+            + [("a", per_example, a), ("c", per_example, c),
                ("kernel", pl.BlockSpec((9, channels, features), lambda i, b: (0, 0, 0)),
-                kernel.reshape(9, channels, features).astype(dtype)),
+                kernel.reshape(9, channels, features)),
                ("bias", pl.BlockSpec((features,), lambda i, b: (0,)), bias)]
-            + ([("residual", tile, flat(residual))] if residual is not None else [])
+            + ([("residual", tile, flat(residual))] if has_residual else [])
             + [("seeds", pl.BlockSpec((None, 1), lambda i, b: (b, 0)), seeds)] * bool(dropout))
   stat = pl.BlockSpec((None, None, features), lambda i, b: (b, i, 0))
   stat_shape = jax.ShapeDtypeStruct((batch, positions // rows, features), jnp.float32)
-  outputs = ([("out", tile, jax.ShapeDtypeStruct((batch, positions, features), dtype))]
+  outputs = ([("out", tile, jax.ShapeDtypeStruct((batch, positions, features), out_dtype))]
              + [("sum", stat, stat_shape), ("sum_sq", stat, stat_shape)] * sums)
 
   def body(*refs):
     named = dict(zip([n for n, _, _ in inputs] + [n for n, _, _ in outputs], refs))
     named["parts"] = [named[f"part{k}"] for k in range(len(parts))]
     _kernel(named, part_channels=[p.shape[-1] for p in parts], width=width, height=height,
-            rows=rows, block=block, dropout=float(dropout), has_residual=residual is not None,
-            sums=sums)
+            rows=rows, block=block, dropout=dropout, has_residual=has_residual, sums=sums)
 
   results = pl.pallas_call(
       body, grid=(positions // rows, batch), in_specs=[s for _, s, _ in inputs],
@@ -155,6 +187,7 @@ def norm_swish_conv(parts: Sequence[jax.Array], a: jax.Array, c: jax.Array, kern
       interpret=pallas_norm._interpret(), name=KERNEL_NAME,
   )(*[v for _, _, v in inputs])
   out = results[0].reshape(batch, height, width, features)
-  if not sums:
-    return out
-  return out, results[1].sum(1), results[2].sum(1)
+  return (out, results[1].sum(1), results[2].sum(1)) if sums else (out,)
+
+
+_partitioned = pallas_norm._batch_parallel(_call, 9, whole=(0,))

@@ -275,42 +275,48 @@ def _call(kernel, name, parts, block, inputs, outputs, **kw):
   )(*[flat(a) for a in arrays])
 
 
-def _batch_parallel(fn: Callable, num_static: int) -> Callable:
+def _batch_parallel(fn: Callable, num_static: int, whole: Sequence[int] = ()) -> Callable:
   """fn(*static, *arrays) -> tuple of arrays, with a rule for XLA's partitioner: under data
   parallelism each device runs fn on its shard of the leading (batch) axis of every array of rank
-  >= 2, taking the arrays of rank 1 and every other axis whole. (Without it the partitioner
-  cannot see into a kernel and would gather the whole batch onto every device.)"""
+  >= 2, taking the arrays of rank 1, those at the positions ``whole`` among ``arrays``, and every
+  other axis whole. (Without it the partitioner cannot see into a kernel and would gather the
+  whole batch onto every device.)"""
   wrapped = custom_partitioning(fn, static_argnums=tuple(range(num_static)))
-  spec = lambda axis, ndim: P(axis, *[None] * (ndim - 1)) if ndim >= 2 else P()  # noqa: E731
+  batched = lambda k, ndim: ndim >= 2 and k not in whole  # noqa: E731
+  spec = lambda axis, k, ndim: (P(axis, *[None] * (ndim - 1)) if batched(k, ndim)  # noqa: E731
+                                else P(*[None] * ndim))
 
   def batch_axis(arg_shapes):
-    first = arg_shapes[0].sharding.spec
+    first = next(a.sharding.spec for k, a in enumerate(arg_shapes) if batched(k, len(a.shape)))
     return first[0] if len(first) else None
+
+  def shardings(mesh, axis, shapes, positions):
+    return tuple(NamedSharding(mesh, spec(axis, k, len(a.shape))) for k, a in zip(positions, shapes))
 
   def infer(*args):
     *_, mesh, arg_shapes, result_shape = args
-    axis = batch_axis(arg_shapes)
-    return tuple(NamedSharding(mesh, spec(axis, len(r.shape))) for r in result_shape)
+    return shardings(mesh, batch_axis(arg_shapes), result_shape, [-1] * len(result_shape))
 
   def partition(*args):
     *static, mesh, arg_shapes, result_shape = args
     axis = batch_axis(arg_shapes)
     return (mesh, functools.partial(fn, *static),
-            tuple(NamedSharding(mesh, spec(axis, len(r.shape))) for r in result_shape),
-            tuple(NamedSharding(mesh, spec(axis, len(a.shape))) for a in arg_shapes))
+            shardings(mesh, axis, result_shape, [-1] * len(result_shape)),
+            shardings(mesh, axis, arg_shapes, range(len(arg_shapes))))
 
   def rule(*args):
     *_, value_types, result_types = args
-    whole = []
+    names = []
 
-    def dims(value_type):
+    def dims(k, value_type):
       rank = len(ir.ShapedType(value_type).shape)
-      names = [f"w{len(whole) + i}" for i in range(rank - (rank >= 2))]
-      whole.extend(names)
-      return " ".join(["b"] * (rank >= 2) + names)
-    operands = ", ".join(dims(t) for t in value_types)
-    results = ", ".join(dims(t) for t in result_types)
-    return f"{operands} -> {results}", {"need_replication_factors": tuple(whole)}
+      lead = batched(k, rank)
+      new = [f"w{len(names) + i}" for i in range(rank - lead)]
+      names.extend(new)
+      return " ".join(["b"] * lead + new)
+    operands = ", ".join(dims(k, t) for k, t in enumerate(value_types))
+    results = ", ".join(dims(-1, t) for t in result_types)
+    return f"{operands} -> {results}", {"need_replication_factors": tuple(names)}
 
   wrapped.def_partition(partition=partition, infer_sharding_from_operands=infer,
                         sharding_rule=rule)
