@@ -45,8 +45,9 @@ def get_config() -> ml_collections.ConfigDict:
   # step of the CIFAR-10 model runs out of the 80 GB (experiments/RESULTS.md).
   m.remat = "convs"            # 'none' | 'convs' | 'full'
   # How GroupNorm + swish is computed (vdm.nets.NORM_IMPL): 'autodiff', 'recompute' (keeps only
-  # the norms' inputs and group statistics; for remat='none') or 'pallas' (fused Triton kernels,
-  # forward and backward). Neither of the last two is timed on a GPU yet.
+  # the norms' inputs and group statistics; for remat='none'), 'pallas' (fused Triton kernels,
+  # forward and backward) or 'pallas_conv' (a block's norms applied inside the Triton 3×3
+  # convolutions that read them; XLA's backward). None of the last three is timed on a GPU yet.
   m.norm_impl = "autodiff"
   # Evaluating in bf16, the least noisy share of each batch runs in fp32 (vdm.model.eps_fn_for):
   # on the H100 this took the bf16 − fp32 bound gap from 0.0095 to 0.0003 bits/dim.

@@ -123,7 +123,7 @@ case "${1:-}" in
     # and the convolution that reads it, cuDNN against the Pallas convolution that applies the
     # norm as it loads (vdm.pallas_conv), and checks that it computes XLA's function.
     run sweep $((LIMIT - 10)) "$PY" experiments/speed_sweep.py --config="$CONFIG" "${EXTRA[@]}" \
-      --variants="${VDM_VARIANTS:-unroll0+remat_none+residual_bf16,unroll0+remat_none+residual_bf16+norm_pallas,unroll0+remat_none+residual_bf16+norm_recompute}" \
+      --variants="${VDM_VARIANTS:-unroll0+remat_none+residual_bf16,unroll0+remat_none+residual_bf16+norm_pallas,unroll0+remat_none+residual_bf16+norm_pallas_conv,unroll0+remat_none+residual_bf16+norm_recompute}" \
       --floors --norms --convs --hlo_dir="$OUT/hlo" --output="$OUT/sweep.json"
     ;;
   *)

@@ -45,6 +45,7 @@ VARIANTS = {
     "remat_full": ({"model.remat": "full"}, None, ()),
     "norm_recompute": ({"model.norm_impl": "recompute", "model.remat": "none"}, None, ()),
     "norm_pallas": ({"model.norm_impl": "pallas"}, None, ("sample",)),
+    "norm_pallas_conv": ({"model.norm_impl": "pallas_conv"}, None, ("sample",)),
     "float32": ({"model.dtype": "float32"}, None, ("sample",)),
 }
 
@@ -93,6 +94,9 @@ def floors(batch: int, width: int, size: int = 32) -> dict:
           "copy_gb_per_s": 2 * big.nbytes / _time(copy, big) / 1e9}
 
 
+STANDALONE_NORMS = tuple(i for i in nets.NORM_IMPL if i != "pallas_conv")
+
+
 class _NormSwish(nn.Module):
   """One GroupNorm + swish of the net (``vdm.nets.norm_swish``) in bf16, computed as ``impl``,
   then dropout at rate ``dropout``."""
@@ -105,7 +109,8 @@ class _NormSwish(nn.Module):
 
 
 def norms(batch: int, width: int, size: int = 32, dropout: float = 0.1) -> dict:
-  """Each way of computing the net's GroupNorm + swish (``vdm.nets.NORM_IMPL``) alone, for a
+  """Each way of computing the net's GroupNorm + swish alone (``vdm.nets.NORM_IMPL`` but
+  'pallas_conv', which computes it inside a convolution: ``--convs``), for a
   block's second norm (bf16 [batch, size, size, width] plus the fp32 γ shift; without dropout,
   and with it as in training) and an up block's first (two bf16 parts of ``width`` channels): ms
   forward and forward + backward, the GB/s of the least traffic they need (forward: read the
@@ -127,7 +132,7 @@ def norms(batch: int, width: int, size: int = 32, dropout: float = 0.1) -> dict:
     ct = jnp.asarray(rng.standard_normal(parts[0].shape[:3] + (elements // batch // size ** 2,)),
                      jnp.bfloat16)
     results = {}
-    for impl in nets.NORM_IMPL:
+    for impl in STANDALONE_NORMS:
       module = _NormSwish(impl, rate)
       apply = lambda *a, module=module: module.apply(*a, rngs=key)  # noqa: E731
       fwd = jax.jit(apply)
@@ -151,7 +156,7 @@ def norms(batch: int, width: int, size: int = 32, dropout: float = 0.1) -> dict:
     # Each array's error relative to its largest magnitude, floored at 1e-3 of the largest of all
     # (with one channel per group the shift's gradient is 0 up to rounding).
     floor = 1e-3 * max(np.abs(b).max() for b in want)
-    for impl in (i for i in nets.NORM_IMPL[1:] if i in results):
+    for impl in (i for i in STANDALONE_NORMS[1:] if i in results):
       got = [np.asarray(a, np.float32) for a in jax.tree_util.tree_leaves(results[impl])]
       out[f"{case}_{impl}"]["max_rel_diff_from_autodiff"] = max(
           float(np.abs(a - b).max() / max(np.abs(b).max(), floor)) for a, b in zip(got, want))
