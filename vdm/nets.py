@@ -160,10 +160,10 @@ def _norm_conv_rule(groups, epsilon, dtype, out_dtype, dropout, seeds, parts, sh
 
 
 def _norm_conv_fused(groups: int, epsilon: float, dtype: jnp.dtype, out_dtype: jnp.dtype,
-                          dropout: float, seeds: Optional[jax.Array], parts: Sequence[jax.Array],
-                          shift: Optional[jax.Array], scale: jax.Array, bias: jax.Array,
-                          kernel: jax.Array, conv_bias: jax.Array,
-                          residual: Optional[jax.Array]) -> jax.Array:
+                     dropout: float, seeds: Optional[jax.Array], parts: Sequence[jax.Array],
+                     shift: Optional[jax.Array], scale: jax.Array, bias: jax.Array,
+                     kernel: jax.Array, conv_bias: jax.Array,
+                     residual: Optional[jax.Array]) -> jax.Array:
   """conv3×3(dropout(h), kernel) + conv_bias (+ residual) in ``out_dtype``, h = the
   :func:`group_norm_swish` of ``parts`` (in ``dtype``), dropout with the mask of
   :func:`vdm.pallas_norm.dropout_keep_mask` (uint32 ``seeds`` [B, 1]): the statistics by an XLA
@@ -194,6 +194,15 @@ def _norm_conv_backward(groups, epsilon, dtype, out_dtype, dropout, saved, ct):
 group_norm_swish_conv.defvjp(_norm_conv_forward, _norm_conv_backward)
 
 
+def _check_groups(parts: Sequence[jax.Array], groups: int) -> int:
+  """The channel count of ``parts``, or a one-line ValueError if it does not split into groups."""
+  channels = sum(p.shape[-1] for p in parts)
+  if channels % groups:
+    raise ValueError(f"{channels} channels do not split into {groups} groups: use a multiple of "
+                     f"{groups} channels.")
+  return channels
+
+
 class _Parameters(nn.Module):
   """Declares parameters (name, initialiser, shape), in order, and returns them: the parameters of
   a module whose work a fused kernel does, under that module's name."""
@@ -217,10 +226,7 @@ class GroupNormSwish(nn.Module):
 
   @nn.compact
   def __call__(self, parts: Sequence[jax.Array], shift: Optional[jax.Array] = None) -> jax.Array:
-    channels = sum(p.shape[-1] for p in parts)
-    if channels % self.num_groups:
-      raise ValueError(f"{channels} channels do not split into {self.num_groups} groups: use a "
-                       f"multiple of {self.num_groups} channels.")
+    channels = _check_groups(parts, self.num_groups)
     scale = self.param("scale", nn.initializers.ones_init(), (channels,))
     bias = self.param("bias", nn.initializers.zeros_init(), (channels,))
     args = (self.num_groups, self.epsilon, self.dtype, tuple(parts), shift, scale, bias)
@@ -304,7 +310,7 @@ class ResnetBlock(nn.Module):
     """:func:`group_norm_swish_conv` with the parameters of ``GroupNormSwish(name=norm_name)``
     and ``nn.Conv(name=conv_name)`` (names, shapes, initialisation), so that checkpoints do not
     depend on ``norm_impl``."""
-    channels = sum(p.shape[-1] for p in parts)
+    channels = _check_groups(parts, GroupNormSwish.num_groups)
     scale, bias = _Parameters((("scale", nn.initializers.ones_init(), (channels,)),
                                ("bias", nn.initializers.zeros_init(), (channels,))),
                               name=norm_name)()
@@ -313,8 +319,9 @@ class ResnetBlock(nn.Module):
                                     name=conv_name)()
     seeds = (jax.random.bits(self.make_rng("dropout"), (parts[0].shape[0], 1), jnp.uint32)
              if dropout else None)
-    out = group_norm_swish_conv(32, 1e-6, self.dtype, out_dtype, dropout, seeds, parts, shift,
-                                scale, bias, kernel, conv_bias, residual)
+    out = group_norm_swish_conv(GroupNormSwish.num_groups, GroupNormSwish.epsilon, self.dtype,
+                                out_dtype, dropout, seeds, parts, shift, scale, bias, kernel,
+                                conv_bias, residual)
     return checkpoint_name(out, "conv")
 
 

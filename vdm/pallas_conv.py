@@ -90,7 +90,8 @@ def _kernel(refs, *, part_channels, width, height, rows, block, dropout, has_res
 
 
 def _check(parts, kernel, rows, block):
-  """A one-line ValueError for what the kernel cannot tile."""
+  """A one-line ValueError for what the kernel cannot tile, naming the way out in a net."""
+  instead = "; or use model.norm_impl='pallas'"
   height, width = parts[0].shape[1:3]
   channels = [p.shape[-1] for p in parts]
   pow2 = lambda n: n > 0 and n & (n - 1) == 0  # noqa: E731
@@ -99,19 +100,21 @@ def _check(parts, kernel, rows, block):
                      f"{'+'.join(map(str, channels))} channels.")
   if not pow2(kernel.shape[3]) or kernel.shape[3] < 16:
     raise ValueError(f"{kernel.shape[3]} output channels: the Pallas convolution needs a power "
-                     "of two >= 16.")
+                     f"of two >= 16{instead}.")
   if not pow2(rows) or (height * width) % rows or rows < 16:
-    raise ValueError(f"rows={rows} must be a power of two >= 16 dividing H·W = {height * width}.")
+    raise ValueError(f"rows={rows} must be a power of two >= 16 dividing H·W = {height * width}"
+                     f"{instead}.")
   if not pow2(block) or block < 16 or any(c % block for c in channels):
     raise ValueError(f"block={block} must be a power of two >= 16 dividing each input's channels "
-                     f"({'+'.join(map(str, channels))}).")
+                     f"({'+'.join(map(str, channels))}){instead}.")
 
 
 def _tiling(parts, rows, block) -> tuple[int, int]:
-  """(rows, block), the defaults filled in: 128 positions or the whole image if smaller, and
-  the largest of 64, 32 and 16 input channels that divides each part."""
+  """(rows, block), the defaults filled in: the largest of 128, 64, 32 and 16 positions that
+  divides H·W, and the largest of 64, 32 and 16 input channels that divides each part."""
   channels = [p.shape[-1] for p in parts]
-  rows = rows or min(128, parts[0].shape[1] * parts[0].shape[2])
+  positions = parts[0].shape[1] * parts[0].shape[2]
+  rows = rows or next((r for r in (128, 64, 32) if positions % r == 0), 16)
   block = block or next((b for b in (64, 32) if not any(c % b for c in channels)), 16)
   return rows, block
 
