@@ -311,20 +311,15 @@ def main(argv):
                                FLAGS.config.data.image_size)
     print("floors:", results["floors"], flush=True)
     save()
-  if FLAGS.norms:
-    results["norms"] = norms(FLAGS.batch_size, FLAGS.config.model.n_embd,
+  for key, measure in (("norms", norms), ("convs", convs)):
+    if FLAGS[key].value:
+      results[key] = measure(FLAGS.batch_size, FLAGS.config.model.n_embd,
                              FLAGS.config.data.image_size)
-    for name, f in results["norms"].items():
-      print(f"norm {name:>22}: " + ", ".join(
-          f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in f.items()), flush=True)
-    save()
-  if FLAGS.convs:
-    results["convs"] = convs(FLAGS.batch_size, FLAGS.config.model.n_embd,
-                             FLAGS.config.data.image_size)
-    for name, f in results["convs"].items():
-      print(f"conv {name:>30}: " + ", ".join(
-          f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in f.items()), flush=True)
-    save()
+      for name, f in results[key].items():
+        print(f"{key} {name:>36}: " + ", ".join(
+            f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in f.items()),
+            flush=True)
+      save()
   for name in FLAGS.variants:
     t0 = time.perf_counter()
     try:

@@ -7,3 +7,41 @@ import os
 
 os.environ["XLA_FLAGS"] = " ".join(
     [os.environ.get("XLA_FLAGS", ""), "--xla_backend_optimization_level=0"]).strip()
+
+import json  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+
+import pytest  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture
+def cuda_triton_calls():
+  """count(traced): lowers a traced computation for CUDA and counts its Triton kernel calls (a
+  Triton call with jaxlib <= 0.10.2, a compiled kernel call later); skips where this jaxlib
+  compiles Triton while lowering and has no CUDA plugin to do it with."""
+  def count(traced) -> int:
+    try:
+      text = traced.lower(lowering_platforms=("cuda",)).as_text()
+    except RuntimeError as e:
+      if "Triton compilation handler" in str(e):
+        pytest.skip(f"this jaxlib lowers Pallas kernels only with CUDA present: {e}")
+      raise
+    return text.count("__gpu$xla.gpu.triton") + text.count("triton_kernel_call")
+  return count
+
+
+@pytest.fixture
+def on_two_cpu_devices():
+  """run(script): runs a Python script in the repo root with two CPU devices and returns the JSON
+  its last line prints."""
+  def run(script: str) -> dict:
+    env = dict(os.environ, XLA_FLAGS=os.environ["XLA_FLAGS"]
+               + " --xla_force_host_platform_device_count=2")
+    r = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True,
+                       timeout=600, env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return json.loads(r.stdout.strip().splitlines()[-1])
+  return run

@@ -4,11 +4,6 @@ the γ shift, dropout's masks, the residual sum, two parts, and tiles that split
 statistics of the output; the Triton lowering of the CIFAR-10 net's shapes; one-line errors for
 what it cannot tile. How fast Triton's code runs only a GPU can tell
 (experiments/speed_sweep.py --convs)."""
-import json
-import os
-import subprocess
-import sys
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -90,7 +85,7 @@ def test_bf16_output_is_the_fp32_result_rounded(parts_dtype):
   assert err.mean() > 0  # the rounding happened
 
 
-def test_lowers_to_one_triton_call_for_the_cifar10_net(monkeypatch):
+def test_lowers_to_one_triton_call_for_the_cifar10_net(monkeypatch, cuda_triton_calls):
   """A conv2 (shift, dropout, residual, sums; into the bf16 or the fp32 residual stream) and an
   up block's conv1 (128 + 128 channels) at batch 128, 32×32, bf16, lower to one Triton call each
   for CUDA (Pallas's lowering; whether
@@ -114,13 +109,7 @@ def test_lowers_to_one_triton_call_for_the_cifar10_net(monkeypatch):
                                spec((3, 3, channels, 128), jnp.float32),
                                spec((128,), jnp.float32), spec((128, 32, 32, 128), jnp.bfloat16),
                                spec((128, 1), jnp.uint32))
-    try:
-      text = traced.lower(lowering_platforms=("cuda",)).as_text()
-    except RuntimeError as e:  # jaxlib > 0.10.2 compiles Triton while lowering, with CUDA's plugin
-      if "Triton compilation handler" in str(e):
-        pytest.skip(f"this jaxlib lowers Pallas kernels only with CUDA present: {e}")
-      raise
-    assert text.count("__gpu$xla.gpu.triton") + text.count("triton_kernel_call") == 1
+    assert cuda_triton_calls(traced) == 1
 
 
 def test_what_it_cannot_tile_is_refused_in_one_line():
@@ -172,14 +161,9 @@ print(json.dumps({
 """
 
 
-def test_data_parallel_convolves_each_shard_on_its_device():
+def test_data_parallel_convolves_each_shard_on_its_device(on_two_cpu_devices):
   """Two CPU devices, the batch sharded: the same output and gradients as on one device, and a
   forward pass without collectives (the kernel's partitioning rule; per-example statistics)."""
-  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2")
-  r = subprocess.run([sys.executable, "-c", TWO_DEVICES], cwd=root, capture_output=True, text=True,
-                     timeout=600, env=env)
-  assert r.returncode == 0, r.stderr[-3000:]
-  out = json.loads(r.stdout.strip().splitlines()[-1])
+  out = on_two_cpu_devices(TWO_DEVICES)
   assert out["max_diff"] < 1e-5 and out["max_grad_diff"] < 1e-4, out
   assert out["forward_collectives"] == [] and out["out_sharded"], out

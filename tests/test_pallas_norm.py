@@ -3,10 +3,6 @@
 input's gradient, run in Pallas's interpreter on the CPU; the Triton lowering of the CIFAR-10
 net's shapes; one-line errors for what the kernels cannot tile. Whether Triton compiles and how
 fast it runs only a GPU can tell (experiments/speed_sweep.py)."""
-import json
-import os
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -99,7 +95,7 @@ def test_bf16_inputs_and_output_round_once():
     assert np.abs(a - b).max() <= 2e-2 * np.abs(b).max()
 
 
-def test_lowers_to_triton_for_the_cifar10_net(monkeypatch):
+def test_lowers_to_triton_for_the_cifar10_net(monkeypatch, cuda_triton_calls):
   """The forward and backward kernels at the CIFAR-10 net's shapes (batch 128, 32×32, 128 and
   128 + 128 channels in bf16, with dropout, the fp32 output norm), and at 64×64 (read in chunks),
   lower to Triton calls for CUDA; this checks Pallas's lowering, not Triton's compilation, which
@@ -122,14 +118,7 @@ def test_lowers_to_triton_for_the_cifar10_net(monkeypatch):
     traced = jax.jit(step).trace(parts, shift, seeds, spec((channels,), jnp.float32),
                                  spec((channels,), jnp.float32),
                                  spec((128, size, size, channels), dtype))
-    try:
-      text = traced.lower(lowering_platforms=("cuda",)).as_text()
-    except RuntimeError as e:  # jaxlib > 0.10.2 compiles Triton while lowering, with CUDA's plugin
-      if "Triton compilation handler" in str(e):
-        pytest.skip(f"this jaxlib lowers Pallas kernels only with CUDA present: {e}")
-      raise
-    # forward and backward: a Triton call (jaxlib <= 0.10.2) or a compiled kernel call (later)
-    assert text.count("__gpu$xla.gpu.triton") + text.count("triton_kernel_call") == 2
+    assert cuda_triton_calls(traced) == 2  # forward and backward
 
 
 TWO_DEVICES = r"""
@@ -157,15 +146,10 @@ print(json.dumps({
 """
 
 
-def test_data_parallel_runs_each_shard_on_its_device():
+def test_data_parallel_runs_each_shard_on_its_device(on_two_cpu_devices):
   """Two CPU devices, the batch sharded: the same loss and gradients as on one, no all-gather of
   the batch (the kernels' partitioning rule), one all-reduce (the scale and bias gradients)."""
-  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2")
-  r = subprocess.run([sys.executable, "-c", TWO_DEVICES], cwd=root, capture_output=True, text=True,
-                     timeout=600, env=env)
-  assert r.returncode == 0, r.stderr[-3000:]
-  out = json.loads(r.stdout.strip().splitlines()[-1])
+  out = on_two_cpu_devices(TWO_DEVICES)
   assert out["max_diff"] < 1e-4 and not out["all_gather"] and out["all_reduce"], out
   assert out["dparts_sharded"] == [True, True], out
 
