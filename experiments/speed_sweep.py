@@ -20,6 +20,7 @@ import os
 import sys
 import time
 import traceback
+from typing import Optional
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -71,9 +72,20 @@ flags.DEFINE_string("output", None, "JSON file for all figures.")
 flags.mark_flags_as_required(["config", "output"])
 
 
-def _time(fn, *args, repeats: int = 20) -> float:
-  """Median seconds of fn(*args) after two warm-up calls, each to block_until_ready."""
-  return benchmark.median_seconds(lambda: fn(*args), repeats, 2)
+def _time(fn, *args) -> float:
+  """Median seconds of fn(*args) over --repeats calls after two warm-up calls, each to
+  block_until_ready."""
+  return benchmark.median_seconds(lambda: fn(*args), FLAGS.repeats, 2)
+
+
+def _device_ms(fn, *args) -> Optional[float]:
+  """Device-kernel ms per call of fn(*args) from a profile of --repeats calls, without the launch
+  and synchronisation that the wall time of one short call includes; None without --profile
+  and on the CPU, whose trace has no device plane."""
+  if not FLAGS.profile:
+    return None
+  events = benchmark.device_kernel_events(lambda: fn(*args), FLAGS.repeats)
+  return benchmark.kernel_breakdown(events, FLAGS.repeats)["ms_per_call"] or None
 
 
 def floors(batch: int, width: int, size: int = 32) -> dict:
@@ -113,9 +125,10 @@ def norms(batch: int, width: int, size: int = 32, dropout: float = 0.1) -> dict:
   'pallas_conv', which computes it inside a convolution: ``--convs``), for a
   block's second norm (bf16 [batch, size, size, width] plus the fp32 γ shift; without dropout,
   and with it as in training) and an up block's first (two bf16 parts of ``width`` channels): ms
-  forward and forward + backward, the GB/s of the least traffic they need (forward: read the
-  input and write the output, 4 bytes per element; with the backward also read the input and
-  the cotangent and write the input's gradient, 10), and, without dropout (whose masks differ),
+  forward and forward + backward (wall time, and with --profile on a GPU device-kernel time),
+  the GB/s of the least traffic they need (forward: read the input and write the output, 4
+  bytes per element; with the backward also read the input and the cotangent and write the
+  input's gradient, 10), and, without dropout (whose masks differ),
   the largest difference from autodiff of the output and of all gradients, relative to each's
   largest magnitude (rounding to bf16 is 0.4 %): on a GPU, the check that Triton compiled the
   Pallas kernels to the same function."""
@@ -150,6 +163,12 @@ def norms(batch: int, width: int, size: int = 32, dropout: float = 0.1) -> dict:
       out[f"{case}_{impl}"] = {"fwd_ms": 1e3 * fwd_s, "fwd_bwd_ms": 1e3 * fwd_bwd_s,
                                "fwd_gb_per_s": 4 * elements / fwd_s / 1e9,
                                "fwd_bwd_gb_per_s": 10 * elements / fwd_bwd_s / 1e9}
+      for name, fn, args, least in (("fwd", fwd, (params, parts, shift), 4),
+                                    ("fwd_bwd", fwd_bwd, (params, parts, shift, ct), 10)):
+        device_ms = _device_ms(fn, *args)
+        if device_ms:
+          out[f"{case}_{impl}"].update({f"{name}_device_ms": device_ms,
+                                        f"{name}_device_gb_per_s": least * elements / device_ms / 1e6})
     if rate or "autodiff" not in results:
       continue
     want = [np.asarray(b, np.float32) for b in jax.tree_util.tree_leaves(results["autodiff"])]
@@ -183,8 +202,9 @@ def convs(batch: int, width: int, size: int = 32, groups: int = 32,
   """A ResNet block's GroupNorm + swish and the 3×3 convolution that reads it, forward only
   (what a sampling step does 134 times), in bf16, for a block's conv2 (the γ shift and the
   residual sum) and an up block's conv1 (two parts of ``width`` channels): ms, the TFLOP/s of
-  the convolution's FLOPs, and each output's largest difference from xla's, relative to xla's
-  largest magnitude, computed as
+  the convolution's FLOPs (of the wall time, and with --profile on a GPU of the device-kernel
+  time), and each output's largest difference from xla's, relative to xla's largest magnitude,
+  computed as
     cudnn_alone: the convolution of a given norm output (the floor of the unfused ways);
     xla: the net's XLA norm (``vdm.nets.group_norm_swish``), then the convolution;
     pallas_norm: the Pallas norm kernel (``vdm.pallas_norm``), then the convolution;
@@ -233,6 +253,9 @@ def convs(batch: int, width: int, size: int = 32, groups: int = 32,
         out[f"{case}_{way}"] = {"error": f"{type(e).__name__}: {e}"[:500]}
         continue
       out[f"{case}_{way}"] = {"ms": 1e3 * seconds, "tflops": flop / seconds / 1e12}
+      device_ms = _device_ms(fn, *args)
+      if device_ms:
+        out[f"{case}_{way}"].update(device_ms=device_ms, device_tflops=flop / device_ms / 1e9)
       if way == "xla":
         want = got
       elif want is not None:

@@ -46,16 +46,20 @@ def _fused(parts, shift, scale, bias, kernel, conv_bias, residual, **kw):
   return pallas_conv.norm_swish_conv(parts, a, c, kernel, conv_bias, residual, **kw)
 
 
-@pytest.mark.parametrize("part_channels,with_shift,with_residual,rows,block,dropout", [
-    ((32,), True, True, 32, 16, 0.0),      # a block's conv2: shift, residual, two image rows
-    ((32,), True, True, 16, 32, 0.3),      # dropout; a tile of one row
-    ((16, 32), False, False, 128, 16, 0.0),  # an up block's conv1 over its input and skip
+@pytest.mark.parametrize("part_channels,with_shift,with_residual,size,rows,block,dropout", [
+    ((32,), True, True, (2, 8, 16), 32, 16, 0.0),    # a block's conv2: shift, residual, 2 rows
+    ((32,), True, True, (2, 8, 16), 16, 32, 0.3),    # dropout; a tile of one row
+    ((32,), True, False, (2, 4, 32), 16, 16, 0.3),   # tiles of half a row
+    ((16, 32), False, True, (2, 4, 12), 16, 16, 0.0),  # an up block's input and skip; tiles
+                                                       # that start inside a row
+    ((16, 32), False, False, (2, 8, 16), 128, 16, 0.0),  # ... in one tile
 ])
 def test_matches_the_nets_norm_and_xlas_convolution(part_channels, with_shift, with_residual,
-                                                    rows, block, dropout):
-  parts, shift, scale, bias, kernel, conv_bias, residual = _inputs(part_channels, with_shift)
+                                                    size, rows, block, dropout):
+  parts, shift, scale, bias, kernel, conv_bias, residual = _inputs(part_channels, with_shift,
+                                                                   size=size)
   residual = residual if with_residual else None
-  seeds = jax.random.bits(jax.random.PRNGKey(5), (2, 1), jnp.uint32) if dropout else None
+  seeds = jax.random.bits(jax.random.PRNGKey(5), (size[0], 1), jnp.uint32) if dropout else None
   got, total, total_sq = _fused(parts, shift, scale, bias, kernel, conv_bias, residual,
                                 dropout=dropout, seeds=seeds, sums=True, rows=rows, block=block)
   want = _xla(parts, shift, scale, bias, kernel, conv_bias, residual, dropout, seeds)
@@ -167,3 +171,16 @@ def test_data_parallel_convolves_each_shard_on_its_device(on_two_cpu_devices):
   out = on_two_cpu_devices(TWO_DEVICES)
   assert out["max_diff"] < 1e-5 and out["max_grad_diff"] < 1e-4, out
   assert out["forward_collectives"] == [] and out["out_sharded"], out
+
+
+def test_the_backwards_xla_rule_is_the_kernels_function_in_bf16_with_dropout():
+  """nets.group_norm_swish_conv differentiates XLA's rule of the function its kernel computes:
+  in bf16 with dropout both round h once, after dropout, so they agree far inside the bf16
+  rounding of h (rounding h twice put them 4e-3 apart)."""
+  parts, shift, scale, bias, kernel, conv_bias, residual = _inputs((32,), True, size=(2, 8, 8))
+  parts = tuple(p.astype(jnp.bfloat16) for p in parts)
+  seeds = jax.random.bits(jax.random.PRNGKey(5), (2, 1), jnp.uint32)
+  args = (GROUPS, EPS, jnp.bfloat16, jnp.float32, 0.2, seeds, parts, shift, scale, bias, kernel,
+          conv_bias, residual)
+  fused, rule = nets.group_norm_swish_conv(*args), nets._norm_conv_rule(*args)
+  assert float(jnp.abs(fused - rule).max()) < 1e-3 * float(jnp.abs(rule).max())

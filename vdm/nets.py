@@ -148,12 +148,12 @@ def _group_norm_swish_jvp(groups, epsilon, dtype, primals, tangents):
 def _norm_conv_rule(groups, epsilon, dtype, out_dtype, dropout, seeds, parts, shift, scale, bias,
                     kernel, conv_bias, residual):
   """conv3×3(dropout(group_norm_swish(...)), kernel) + conv_bias (+ residual) with XLA: the
-  function of :func:`group_norm_swish_conv`, h and the kernel in ``dtype``, summed in fp32."""
-  h = group_norm_swish(groups, epsilon, dtype, parts, shift, scale, bias)
+  function of :func:`group_norm_swish_conv`, h (after dropout, rounded once) and the kernel in
+  ``dtype``, their product summed in fp32."""
+  h = group_norm_swish(groups, epsilon, jnp.float32, parts, shift, scale, bias)
   if dropout:
-    keep = pallas_norm.dropout_keep_mask(seeds, h.shape, dropout)
-    h = jnp.where(keep, h / (1.0 - dropout), 0.0).astype(dtype)
-  out = jax.lax.conv_general_dilated(h, kernel.astype(dtype), (1, 1), "SAME",
+    h = jnp.where(pallas_norm.dropout_keep_mask(seeds, h.shape, dropout), h / (1.0 - dropout), 0.0)
+  out = jax.lax.conv_general_dilated(h.astype(dtype), kernel.astype(dtype), (1, 1), "SAME",
                                      dimension_numbers=("NHWC", "HWIO", "NHWC"),
                                      preferred_element_type=jnp.float32) + conv_bias
   return (out if residual is None else out + residual).astype(out_dtype)
@@ -180,15 +180,17 @@ group_norm_swish_conv = jax.custom_vjp(_norm_conv_fused, nondiff_argnums=(0, 1, 
 
 
 def _norm_conv_forward(groups, epsilon, dtype, out_dtype, dropout, seeds, *args):
+  *inputs, residual = args
   out = _norm_conv_fused(groups, epsilon, dtype, out_dtype, dropout, seeds, *args)
-  return out, (seeds, args)
+  # The residual's cotangent is the output's: only its dtype is kept, as an empty array.
+  return out, (seeds, inputs, None if residual is None else jnp.zeros((0,), residual.dtype))
 
 
 def _norm_conv_backward(groups, epsilon, dtype, out_dtype, dropout, saved, ct):
-  seeds, args = saved
-  _, vjp = jax.vjp(functools.partial(_norm_conv_rule, groups, epsilon, dtype, out_dtype, dropout,
-                                     seeds), *args)
-  return (None, *vjp(ct))
+  seeds, inputs, residual = saved
+  _, vjp = jax.vjp(lambda *a: _norm_conv_rule(groups, epsilon, dtype, out_dtype, dropout, seeds,
+                                              *a, None), *inputs)
+  return (None, *vjp(ct), None if residual is None else ct.astype(residual.dtype))
 
 
 group_norm_swish_conv.defvjp(_norm_conv_forward, _norm_conv_backward)

@@ -133,7 +133,8 @@ def norm_swish_conv(parts: Sequence[jax.Array], a: jax.Array, c: jax.Array, kern
   (Σ out, Σ out²) [B, C_out] in fp32 over H and W. ``rows`` (output positions per program),
   ``block`` (input channels per step), ``num_warps`` and ``num_stages`` tile the kernel; they
   change the speed, not the function. Under data parallelism each device convolves its shard
-  of the batch."""
+  of the batch. With ``dtype`` fp32 a GPU multiplies in TF32, as XLA's convolutions do, unless
+  ``jax.default_matmul_precision("highest")`` asks for full fp32."""
   parts = tuple(parts)
   rows, block = _tiling(parts, rows, block)
   _check(parts, kernel, rows, block)
