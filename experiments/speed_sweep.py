@@ -1,7 +1,7 @@
 """Variants of the training step timed side by side in one process, with where their time goes.
 
     python experiments/speed_sweep.py --config=configs/cifar10.py --variants=base,no_dropout \
-        --output=/tmp/sweep.json [--hlo_dir=/tmp/hlo] [--floors]
+        --output=/tmp/sweep.json [--hlo_dir=/tmp/hlo] [--floors] [--norms] [--convs]
 
 Each variant is a set of config overrides (and optionally the default PRNG implementation) on
 top of ``--config`` with ``--dtype`` and ``--batch_size``; ``a+b`` applies the overrides of
@@ -9,7 +9,9 @@ variants a and b together (e.g. ``unroll0+remat_none``). :func:`vdm.benchmark.be
 its train step (and the programs the variant names) and, with ``--profile``, splits its device
 time by kernel kind. ``--floors`` first measures the two ceilings the step is held to on this
 device: a bf16 3×3 convolution of the net's shape (forward, and forward plus both gradients)
-and a large copy. The JSON is rewritten after every variant, so a time limit keeps what finished.
+and a large copy; ``--norms`` and ``--convs`` time the net's norms alone and each with the
+convolution that reads it (:func:`norms`, :func:`convs`). The JSON is rewritten after every
+variant, so a time limit keeps what finished.
 Peak device memory is the process's running maximum (``process_peak_memory_gib``); a
 variant's own memory is its train step's temporaries (``train_temp_gib``), or a bench run.
 """
