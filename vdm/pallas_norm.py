@@ -82,8 +82,9 @@ def _layout(parts: Sequence[jax.Array], groups: int, held: int) -> tuple[int, in
 def _interpret() -> bool:
   backend = jax.default_backend()
   if backend not in ("gpu", "cpu"):
-    raise ValueError(f"model.norm_impl='pallas' has Triton kernels for GPUs (and Pallas's "
-                     f"interpreter on the CPU), not for {backend}: use model.norm_impl='recompute'.")
+    raise ValueError(f"model.norm_impl='pallas' and 'pallas_conv' have Triton kernels for GPUs "
+                     f"(and Pallas's interpreter on the CPU), not for {backend}: use "
+                     "model.norm_impl='recompute'.")
   return backend == "cpu"
 
 
@@ -291,7 +292,8 @@ def _batch_parallel(fn: Callable, num_static: int, whole: Sequence[int] = ()) ->
     return first[0] if len(first) else None
 
   def shardings(mesh, axis, shapes, positions):
-    return tuple(NamedSharding(mesh, spec(axis, k, len(a.shape))) for k, a in zip(positions, shapes))
+    return tuple(NamedSharding(mesh, spec(axis, k, len(a.shape)))
+                 for k, a in zip(positions, shapes))
 
   def infer(*args):
     *_, mesh, arg_shapes, result_shape = args
