@@ -196,15 +196,6 @@ def _norm_conv_backward(groups, epsilon, dtype, out_dtype, dropout, saved, ct):
 group_norm_swish_conv.defvjp(_norm_conv_forward, _norm_conv_backward)
 
 
-def _check_groups(parts: Sequence[jax.Array], groups: int) -> int:
-  """The channel count of ``parts``, or a one-line ValueError if it does not split into groups."""
-  channels = sum(p.shape[-1] for p in parts)
-  if channels % groups:
-    raise ValueError(f"{channels} channels do not split into {groups} groups: use a multiple of "
-                     f"{groups} channels.")
-  return channels
-
-
 class _Parameters(nn.Module):
   """Declares parameters (name, initialiser, shape), in order, and returns them: the parameters of
   a module whose work a fused kernel does, under that module's name."""
@@ -228,16 +219,16 @@ class GroupNormSwish(nn.Module):
 
   @nn.compact
   def __call__(self, parts: Sequence[jax.Array], shift: Optional[jax.Array] = None) -> jax.Array:
-    channels = _check_groups(parts, self.num_groups)
+    channels = pallas_norm.group_channels(parts, self.num_groups)
     scale = self.param("scale", nn.initializers.ones_init(), (channels,))
     bias = self.param("bias", nn.initializers.zeros_init(), (channels,))
     args = (self.num_groups, self.epsilon, self.dtype, tuple(parts), shift, scale, bias)
     if not self.pallas:
       assert not self.dropout, "the XLA rule leaves dropout to nn.Dropout"
       return group_norm_swish(*args)
-    seeds = (jax.random.bits(self.make_rng("dropout"), (parts[0].shape[0], 1), jnp.uint32)
-             if self.dropout else None)
-    return pallas_norm.group_norm_swish(*args, dropout=self.dropout, seeds=seeds)
+    return pallas_norm.group_norm_swish(
+        *args, dropout=self.dropout,
+        seeds=pallas_norm.dropout_seeds(self, parts[0].shape[0], self.dropout))
 
 
 def norm_swish(parts: Sequence[jax.Array], shift: Optional[jax.Array], dtype: jnp.dtype,
@@ -312,15 +303,14 @@ class ResnetBlock(nn.Module):
     """:func:`group_norm_swish_conv` with the parameters of ``GroupNormSwish(name=norm_name)``
     and ``nn.Conv(name=conv_name)`` (names, shapes, initialisation), so that checkpoints do not
     depend on ``norm_impl``."""
-    channels = _check_groups(parts, GroupNormSwish.num_groups)
+    channels = pallas_norm.group_channels(parts, GroupNormSwish.num_groups)
     scale, bias = _Parameters((("scale", nn.initializers.ones_init(), (channels,)),
                                ("bias", nn.initializers.zeros_init(), (channels,))),
                               name=norm_name)()
     kernel, conv_bias = _Parameters((("kernel", kernel_init, (3, 3, channels, self.out_ch)),
                                      ("bias", nn.initializers.zeros_init(), (self.out_ch,))),
                                     name=conv_name)()
-    seeds = (jax.random.bits(self.make_rng("dropout"), (parts[0].shape[0], 1), jnp.uint32)
-             if dropout else None)
+    seeds = pallas_norm.dropout_seeds(self, parts[0].shape[0], dropout)
     out = group_norm_swish_conv(GroupNormSwish.num_groups, GroupNormSwish.epsilon, self.dtype,
                                 out_dtype, dropout, seeds, parts, shift, scale, bias, kernel,
                                 conv_bias, residual)

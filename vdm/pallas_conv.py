@@ -138,12 +138,7 @@ def norm_swish_conv(parts: Sequence[jax.Array], a: jax.Array, c: jax.Array, kern
   parts = tuple(parts)
   rows, block = _tiling(parts, rows, block)
   _check(parts, kernel, rows, block)
-  if not 0.0 <= dropout < 1.0:
-    raise ValueError(f"dropout={dropout} must be in [0, 1).")
-  batch = parts[0].shape[0]
-  if dropout and (seeds is None or seeds.shape != (batch, 1) or seeds.dtype != jnp.uint32):
-    raise ValueError(f"dropout={dropout} needs seeds: uint32 [{batch}, 1], one per example "
-                     "(jax.random.bits).")
+  pallas_norm.check_dropout(dropout, seeds, parts[0].shape[0])
   dtype = jnp.dtype(dtype or parts[0].dtype)
   arrays = (kernel.astype(dtype), *parts, a.astype(jnp.float32), c.astype(jnp.float32), bias,
             *([residual] if residual is not None else []), *([seeds] if dropout else []))

@@ -50,15 +50,39 @@ NUM_WARPS = 8
 KERNEL_NAME = "vdm_norm_swish"
 
 
+def group_channels(parts: Sequence[jax.Array], groups: int) -> int:
+  """The channel count of ``parts``, or a one-line ValueError if it does not split into
+  ``groups`` groups."""
+  channels = sum(p.shape[-1] for p in parts)
+  if channels % groups:
+    raise ValueError(f"{channels} channels do not split into {groups} groups: use a multiple of "
+                     f"{groups} channels.")
+  return channels
+
+
+def check_dropout(dropout: float, seeds: Optional[jax.Array], batch: int) -> None:
+  """A one-line ValueError unless 0 <= dropout < 1 and, with dropout, ``seeds`` are uint32
+  [batch, 1], one per example, as the kernels' masks (:func:`dropout_keep_mask`) take them."""
+  if not 0.0 <= dropout < 1.0:
+    raise ValueError(f"dropout={dropout} must be in [0, 1).")
+  if dropout and (seeds is None or seeds.shape != (batch, 1) or seeds.dtype != jnp.uint32):
+    raise ValueError(f"dropout={dropout} needs seeds: uint32 [{batch}, 1], one per example "
+                     "(jax.random.bits).")
+
+
+def dropout_seeds(module, batch: int, dropout: float) -> Optional[jax.Array]:
+  """One uint32 seed per example [batch, 1] from ``module``'s 'dropout' rng, or None without
+  dropout: what the kernels' masks take."""
+  return (jax.random.bits(module.make_rng("dropout"), (batch, 1), jnp.uint32) if dropout
+          else None)
+
+
 def _layout(parts: Sequence[jax.Array], groups: int, held: int) -> tuple[int, int, int]:
   """(channels per group, channels per program, rows per chunk) for ``parts``, or a one-line
   ValueError naming what the kernels cannot tile. The block of channels is a power of two that
   holds whole groups and divides each part, halved (not below MIN_BLOCK_CHANNELS) until one
   example's H·W rows of it fit in ``held`` elements."""
-  channels = sum(p.shape[-1] for p in parts)
-  if channels % groups:
-    raise ValueError(f"{channels} channels do not split into {groups} groups: use a multiple of "
-                     f"{groups} channels.")
+  channels = group_channels(parts, groups)
   per_group = channels // groups
   fits = lambda block: block % per_group == 0 and all(p.shape[-1] % block == 0 for p in parts)
   block = MAX_BLOCK_CHANNELS
@@ -397,12 +421,7 @@ def group_norm_swish(groups: int, epsilon: float, dtype: jnp.dtype, parts: Seque
   """swish(x̂ · scale + bias) in ``dtype`` (the module docstring's equation), from the fused
   forward kernel, with dropout at rate ``dropout`` (the mask :func:`dropout_keep_mask` of the
   examples' uint32 ``seeds`` [B, 1]); its reverse-mode derivative is the fused backward kernel."""
-  if not 0.0 <= dropout < 1.0:
-    raise ValueError(f"dropout={dropout} must be in [0, 1).")
-  if dropout and (seeds is None or seeds.shape != (parts[0].shape[0], 1)
-                  or seeds.dtype != jnp.uint32):
-    raise ValueError(f"dropout={dropout} needs seeds: uint32 [{parts[0].shape[0]}, 1], one per "
-                     "example (jax.random.bits).")
+  check_dropout(dropout, seeds, parts[0].shape[0])
   return _fused(groups, epsilon, dtype, float(dropout), tuple(parts), shift,
                 seeds if dropout else None, scale, bias)
 
