@@ -242,7 +242,7 @@ def test_norm_impl_changes_nothing_but_the_program():
   'recompute' inside a rematerialised block."""
   z, g = _inputs()
   kw = dict(n_embd=32, n_layer=2, dropout=0.1, attention=True)
-  init = {nb: ScoreUNet(**kw, norm_impl=nb).init(jax.random.PRNGKey(0), z, g)
+  init = {nb: _jit(ScoreUNet(**kw, norm_impl=nb).init)(jax.random.PRNGKey(0), z, g)
           for nb in NORM_IMPL}
   jax.tree_util.tree_map(np.testing.assert_array_equal, *init.values())
   rng = np.random.default_rng(14)
@@ -266,8 +266,13 @@ def test_norm_impl_changes_nothing_but_the_program():
     scale = max(float(jnp.max(jnp.abs(b))) for b in want)  # some gradients are rounding noise
     for a, b in zip(jax.tree_util.tree_leaves(got), want):
       np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6 * scale)
-  for nb, (loss_without_dropout, _) in fused.items():  # their dropout is on
-    assert _jit(_loss(ScoreUNet(**kw, norm_impl=nb), z, g, key))(params) != loss_without_dropout
+  for nb in fused:  # their dropout is on in training: a block's output changes with it
+    block = lambda det: ResnetBlock(out_ch=32, dropout=0.5, deterministic=det, norm_impl=nb)  # noqa: E731
+    x, cond = jax.random.normal(key, (2, 4, 4, 32)), jnp.ones((2, 8))
+    p = jax.tree_util.tree_map(lambda v: v + 0.1, _jit(block(True).init)(key, x, None, cond))
+    out = {det: _jit(lambda p: block(det).apply(p, x, None, cond, rngs={"dropout": key}))(p)[0]
+           for det in (True, False)}
+    assert not np.allclose(out[True], out[False]), nb
   with pytest.raises(ValueError, match="48 channels do not split into 32 groups"):
     GroupNormSwish().init(jax.random.PRNGKey(0), (jnp.zeros((1, 2, 2, 48)),))
   with pytest.raises(ValueError, match="norm_impl='fused'"):
