@@ -15,7 +15,9 @@
 # fails or overruns leaves the others' results.
 # Overrides for a smoke run on any machine: VDM_CONFIG, VDM_DATA_ARGS, VDM_SECONDS, VDM_STEPS,
 # VDM_ARGS (extra --config.* flags for every command), VDM_LIMIT (the seconds a phase may take),
-# VDM_SPECS (the bench's), VDM_VARIANTS (the sweep's, experiments/speed_sweep.py), PYTHON.
+# VDM_SPECS (the bench's), VDM_VARIANTS (the sweep's, experiments/speed_sweep.py), PYTHON, and
+# VDM_TMP (where the runs, the compile cache and the wheels go; /tmp by default; a warm device
+# machine keeps it between calls).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -25,7 +27,8 @@ DATA_ARGS=${VDM_DATA_ARGS---config.data.source=npz --config.data.path=.data/cifa
 TRAIN_SECONDS=${VDM_SECONDS:-330}
 STEPS=${VDM_STEPS:-400}
 LIMIT=${VDM_LIMIT:-570}
-OUT=${OUT:-/tmp/vdm_runbook}
+TMP=${VDM_TMP:-/tmp}
+OUT=${OUT:-$TMP/vdm_runbook}
 read -r -a EXTRA <<< "${VDM_ARGS:-}"
 read -r -a DATA <<< "$DATA_ARGS"
 
@@ -36,17 +39,17 @@ run() {  # run LOG LIMIT_S CMD...: CMD's output appended to $OUT/LOG.log and the
   echo "== exit ${PIPESTATUS[0]}" | tee -a "$log"
 }
 
-cache() {  # A warm machine keeps /tmp between calls: a program compiled by an earlier command
+cache() {  # A warm machine keeps $TMP between calls: a program compiled by an earlier command
   # loads from here. Not for bench and sweep, whose compile times would become cache loads.
-  export JAX_COMPILATION_CACHE_DIR=/tmp/jax_cache
+  export JAX_COMPILATION_CACHE_DIR="$TMP/jax_cache"
 }
 
 setup() {
   mkdir -p "$OUT"
   if compgen -G ".whl/*.whl" > /dev/null; then
     "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-      --target /tmp/site .whl/*.whl || exit 1
-    export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+      --target "$TMP/site" .whl/*.whl || exit 1
+    export PYTHONPATH="$TMP/site"${PYTHONPATH:+:$PYTHONPATH}
   fi
   export PYTHONUNBUFFERED=1
   { date -u +%FT%TZ; git rev-parse --short HEAD 2>/dev/null || echo "commit: see the session";
@@ -90,22 +93,22 @@ case "${1:-}" in
     run curve_bf16 $((LIMIT - 30)) "$PY" experiments/train_curve.py --config="$CONFIG" \
       "${DATA[@]}" "${EXTRA[@]}" --config.model.dtype=bfloat16 --seconds="$TRAIN_SECONDS" \
       --compare_dtype=float32 --compare_batch_size=113 --output="$OUT/curve_bf16.json" \
-      --workdir=/tmp/vdm_curve_run
+      --workdir="$TMP/vdm_curve_run"
     ;;
   model)
     setup; cache
-    rm -rf /tmp/vdm_main_run  # else vdm.main resumes an old run
+    rm -rf "$TMP/vdm_main_run"  # else vdm.main resumes an old run
     # A short run of the paper's config (fp32): EMA 0.99, since 0.9999 would still sit near
     # the initial parameters; a checkpoint half-way in case the time limit stops it.
     run main_train $((LIMIT * 3 / 8)) "$PY" -m vdm.main --config="$CONFIG" "${DATA[@]}" "${EXTRA[@]}" \
-      --workdir=/tmp/vdm_main_run --config.training.num_steps="$STEPS" --config.optimizer.ema_rate=0.99 \
+      --workdir="$TMP/vdm_main_run" --config.training.num_steps="$STEPS" --config.optimizer.ema_rate=0.99 \
       --config.training.eval_every="$STEPS" --config.training.sample_every="$STEPS" \
       --config.training.checkpoint_every=$((STEPS / 2)) --config.sampling.num_steps=100
-    cp /tmp/vdm_main_run/train_eval.json "$OUT/main_train_eval.json" 2>/dev/null
+    cp "$TMP/vdm_main_run/train_eval.json" "$OUT/main_train_eval.json" 2>/dev/null
     # The likelihood runs take the curve phase's model (330 s of training) where this machine
     # still holds it (its raw parameters, as the curve evaluates them), else this phase's short run.
-    RUN=/tmp/vdm_main_run EMA=--ema
-    [ -f /tmp/vdm_curve_run/config.json ] && RUN=/tmp/vdm_curve_run EMA=--noema
+    RUN="$TMP/vdm_main_run" EMA=--ema
+    [ -f "$TMP/vdm_curve_run/config.json" ] && RUN="$TMP/vdm_curve_run" EMA=--noema
     echo "likelihood model: $RUN" | tee -a "$OUT/machine.txt"
     # 1,017 test images = 9 batches of 113: no ragged last batch to compile again.
     run likelihood $((LIMIT * 3 / 8)) "$PY" experiments/likelihood.py --config="$CONFIG" \
