@@ -266,9 +266,9 @@ def test_norm_impl_changes_nothing_but_the_program():
     scale = max(float(jnp.max(jnp.abs(b))) for b in want)  # some gradients are rounding noise
     for a, b in zip(jax.tree_util.tree_leaves(got), want):
       np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6 * scale)
+  x, cond = jax.random.normal(key, (2, 4, 4, 32)), jnp.ones((2, 8))
   for nb in fused:  # their dropout is on in training: a block's output changes with it
     block = lambda det: ResnetBlock(out_ch=32, dropout=0.5, deterministic=det, norm_impl=nb)  # noqa: E731
-    x, cond = jax.random.normal(key, (2, 4, 4, 32)), jnp.ones((2, 8))
     p = jax.tree_util.tree_map(lambda v: v + 0.1, _jit(block(True).init)(key, x, None, cond))
     out = {det: _jit(lambda p: block(det).apply(p, x, None, cond, rngs={"dropout": key}))(p)[0]
            for det in (True, False)}
