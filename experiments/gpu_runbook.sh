@@ -15,7 +15,8 @@
 # fails or overruns leaves the others' results.
 # Overrides for a smoke run on any machine: VDM_CONFIG, VDM_DATA_ARGS, VDM_SECONDS, VDM_STEPS,
 # VDM_ARGS (extra --config.* flags for every command), VDM_LIMIT (the seconds a phase may take),
-# VDM_SPECS (the bench's), VDM_VARIANTS (the sweep's, experiments/speed_sweep.py), PYTHON, and
+# VDM_SPECS (the bench's), VDM_VARIANTS and VDM_BATCH (the sweep's variants and batch size,
+# experiments/speed_sweep.py), PYTHON, and
 # VDM_TMP (where the runs, the compile cache and the wheels go; /tmp by default; a warm device
 # machine keeps it between calls).
 set -uo pipefail
@@ -54,7 +55,7 @@ setup() {
   export PYTHONUNBUFFERED=1
   { date -u +%FT%TZ; git rev-parse --short HEAD 2>/dev/null || echo "commit: see the session";
     nvidia-smi -L 2>/dev/null; "$PY" -c "import jax; print('jax', jax.__version__, jax.devices())"
-  } | tee "$OUT/machine.txt"
+  } | tee -a "$OUT/machine.txt"  # appended: a phase that runs after another keeps its lines
 }
 
 case "${1:-}" in
@@ -127,7 +128,8 @@ case "${1:-}" in
     # norm as it loads (vdm.pallas_conv), and checks that it computes XLA's function.
     run sweep $((LIMIT - 10)) "$PY" experiments/speed_sweep.py --config="$CONFIG" "${EXTRA[@]}" \
       --variants="${VDM_VARIANTS:-unroll0+remat_none+residual_bf16,unroll0+remat_none+residual_bf16+norm_pallas,unroll0+remat_none+residual_bf16+norm_pallas_conv,unroll0+remat_none+residual_bf16+norm_recompute}" \
-      --floors --norms --convs --hlo_dir="$OUT/hlo" --output="$OUT/sweep.json"
+      --batch_size="${VDM_BATCH:-128}" --floors --norms --convs --hlo_dir="$OUT/hlo" \
+      --output="$OUT/sweep.json"
     ;;
   *)
     echo "usage: bash experiments/gpu_runbook.sh prepare|bench|curve|model|sweep" >&2
