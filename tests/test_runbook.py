@@ -1,0 +1,71 @@
+"""experiments/gpu_runbook.sh, every measuring phase, on the CPU with the quickstart net
+(8x8 images, 64 channels: the smallest that one of the sweep's convolution tilings fits).
+
+A device call is rare (about 30 minutes a lease, 10 a call): a phase that breaks on the GPU costs
+a third of a lease. This runs each phase the way a device call does (`sweep`, `curve`, `model`,
+then `bench` on the fused convolution, all into one $OUT) and checks that every command exits 0,
+writes what the runbook's readers look for, and leaves no more files than a call brings back.
+The interpreted Pallas kernels make it slow."""
+import json
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PHASES = ("sweep", "curve", "model", "bench")
+LOGS = ("sweep", "curve_bf16", "main_train", "likelihood", "schedule_variance", "bench")
+
+
+@pytest.mark.slow
+def test_runbook_phases_on_cpu(tmp_path):
+  out = tmp_path / "out"
+  env = dict(
+      os.environ, PYTHON=sys.executable, OUT=str(out), VDM_TMP=str(tmp_path),
+      VDM_CONFIG="configs/quickstart.py", VDM_DATA_ARGS="",  # synthetic images, no download
+      VDM_ARGS="--config.data.synthetic_num_test=226 --config.model.n_embd=64",
+      VDM_SECONDS="8", VDM_STEPS="10", VDM_LIMIT="800", VDM_BATCH="8",
+      VDM_SPECS="8 bfloat16 none bfloat16 0 pallas_conv")
+  files = lambda: {p for p in out.rglob("*") if p.is_file()}  # noqa: E731
+  for phase in PHASES:
+    before = files()
+    r = subprocess.run(["bash", "experiments/gpu_runbook.sh", phase], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, f"{phase}: {r.stdout[-3000:]}{r.stderr[-3000:]}"
+    # A device call brings back at most 8 files from $OUT, no deeper than $OUT/a/b/file.
+    written = files() - before | {out / "machine.txt"}
+    assert len(written) <= 8, (phase, sorted(map(str, written)))
+    assert all(len(p.relative_to(out).parts) <= 3 for p in written), written
+
+  for log in LOGS:
+    text = (out / f"{log}.log").read_text()
+    exits = re.findall(r"^== exit (\d+)$", text, re.M)
+    assert exits and set(exits) == {"0"}, f"{log}.log: exits {exits}\n{text[-3000:]}"
+
+  sweep = json.loads((out / "sweep.json").read_text())
+  assert sweep["batch_size"] == 8 and len(sweep["variants"]) == 4, sweep["variants"].keys()
+  for name, figures in sweep["variants"].items():
+    assert "error" not in figures and figures["train_images_per_s"] > 0, (name, figures)
+  assert "norm_pallas_conv" in next(n for n in sweep["variants"] if "pallas_conv" in n)
+  for name, figures in {**sweep["norms"], **sweep["convs"]}.items():
+    # Only tiles of 128 rows may fail: more than an 8x8 image's 64, so the kernel refuses them.
+    assert "error" not in figures or ("_r128_" in name and "rows=128 must be" in figures["error"]), (
+        name, figures)
+  diffs = {n: f["max_rel_diff_from_xla"] for n, f in sweep["convs"].items()
+           if "max_rel_diff_from_xla" in f}
+  assert {"conv2_fused_kernel_r64_b64_w8_s3", "up_conv1_fused_kernel_r64_b64_w8_s3"} <= set(diffs)
+  assert max(diffs.values()) < 0.01, diffs
+  assert sweep["floors"] and list((out / "hlo").iterdir())
+
+  curve = json.loads((out / "curve_bf16.json").read_text())
+  assert curve["points"] and curve["images_per_second"] > 0 and curve["dtype_comparison"], curve
+  # The model phase evaluates the curve phase's run, and its setup kept the earlier phases' lines.
+  machine = (out / "machine.txt").read_text()
+  assert f"likelihood model: {tmp_path}/vdm_curve_run" in machine, machine
+  assert machine.count("jax ") == len(PHASES), machine
+  for name in ("main_train_eval", "likelihood", "schedule_variance"):
+    assert json.loads((out / f"{name}.json").read_text()), name
+  bench = json.loads((out / "bench_bfloat16_8_none_bfloat16_unroll0_pallas_conv.json").read_text())
+  assert bench["train_images_per_s"] > 0 and bench["sample_step_ms"] > 0, bench
