@@ -34,6 +34,11 @@ def _run(cmd, timeout=600, **env):
   return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=_env(**env))
 
 
+def _json(workdir, name):
+  with open(os.path.join(workdir, name)) as f:
+    return json.load(f)
+
+
 def test_train_eval_sample_end_to_end_and_resume(tmp_path):
   workdir = str(tmp_path / "run")
   r = _run(_cmd(workdir, *TINY, "--config.training.num_steps=4"))
@@ -42,7 +47,7 @@ def test_train_eval_sample_end_to_end_and_resume(tmp_path):
   assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["2", "4"]
   assert os.path.isfile(os.path.join(workdir, "samples", "step_4.png"))
   assert any(f.startswith("events.out.tfevents") for f in os.listdir(os.path.join(workdir, "tensorboard")))
-  summary = json.load(open(os.path.join(workdir, "train_eval.json")))
+  summary = _json(workdir, "train_eval.json")
   assert summary["step"] == 4 and np.isfinite(summary["bpd"])
 
   # Resume to step 6 in the same workdir.
@@ -57,11 +62,11 @@ def test_train_eval_sample_end_to_end_and_resume(tmp_path):
     r = _run(_cmd(workdir, *TINY, *args))
     lines = [l for l in r.stderr.splitlines() if l.strip()]
     assert r.returncode == 2 and len(lines) == 1 and f"holds a run with {shown}" in lines[0], r.stderr
-  assert json.load(open(os.path.join(workdir, "config.json")))["seed"] == 0
+  assert _json(workdir, "config.json")["seed"] == 0
 
   r = _run(_cmd(workdir, *TINY, "--mode=eval"))
   assert r.returncode == 0, r.stderr[-3000:]
-  result = json.load(open(os.path.join(workdir, "eval_6.json")))
+  result = _json(workdir, "eval_6.json")
   assert result["num_examples"] == 16 and result["params"] == "ema"
   for key in ("bpd", "bpd_stderr", "prior", "diffusion", "reconstruction"):
     assert np.isfinite(result[key]), key
@@ -174,7 +179,7 @@ def test_full_quickstart_beats_uniform_bits(tmp_path):
   t0 = time.time()
   r = _run(_cmd(workdir), timeout=1800)
   assert r.returncode == 0, r.stderr[-3000:]
-  summary = json.load(open(os.path.join(workdir, "train_eval.json")))
+  summary = _json(workdir, "train_eval.json")
   print(f"quickstart: {time.time() - t0:.0f} s, test bound {summary['bpd']:.3f} bits/dim")
   assert summary["bpd"] < 6.5
 

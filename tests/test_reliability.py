@@ -131,7 +131,7 @@ def _preempted_run_is_bit_identical(tmp_path, env, args, num_steps, moments, see
     log = tmp_path / f"run{i}.log"
     proc = _start(workdir, args, env, log)
     next_resume = _interrupt(proc, workdir, log, moment, resume, rng)
-    _assert_resumed(open(log).read(), resume)
+    _assert_resumed(log.read_text(), resume)
     print(f"{moment}: resumed at {resume}, stopped; checkpoints {_steps(workdir)}")
     resume = next_resume
 
@@ -186,7 +186,7 @@ def test_eval_and_samples_due_at_a_sigterm_step_run_on_resuming(tmp_path, cache_
           "--config.sampling.num_steps=1", "--config.sampling.num_samples=1"]
   log = tmp_path / "a.log"
   proc = _start(workdir, [*args, "--config.training.num_steps=3"], cache_env, log)
-  _wait(proc, lambda: "Model: " in open(log).read())  # the notice's handler is installed
+  _wait(proc, lambda: "Model: " in log.read_text())  # the notice's handler is installed
   proc.send_signal(signal.SIGTERM)
   rc, err = _finish(proc, log, timeout=300)
   assert rc == 0 and "SIGTERM at step 1: checkpoint saved" in err, err[-3000:]
