@@ -122,6 +122,13 @@ INVALID_SETTINGS = {
     "eval_batch": ({"eval.batch_size": -8}, "eval.batch_size=-8 must be >= 1"),
     "uniform_mix": ({"loss.importance_uniform_mix": 0.0},
                     "loss.importance_uniform_mix=0.0 must be in (0, 1]"),
+    "learning_rate": ({"optimizer.learning_rate": -1e-4}, "optimizer.learning_rate=-0.0001 must be > 0"),
+    "adam_b2": ({"optimizer.b2": 1.0}, "optimizer.b2=1.0 must be in [0, 1)"),
+    "ema_rate": ({"optimizer.ema_rate": 1.0}, "optimizer.ema_rate=1.0 must be in [0, 1)"),
+    "adam_eps": ({"optimizer.eps": 0.0}, "optimizer.eps=0.0 must be > 0"),
+    "weight_decay": ({"optimizer.weight_decay": -0.01}, "optimizer.weight_decay=-0.01 must be >= 0"),
+    "grad_clip": ({"optimizer.grad_clip": -1.0}, "optimizer.grad_clip=-1.0 must be >= 0"),
+    "max_to_keep": ({"training.max_to_keep": 0}, "training.max_to_keep=0 must be >= 1"),
 }
 NPZ_IMAGES = {"shape": np.zeros((4, 5, 5), np.uint8), "dtype": np.zeros((4, 8, 8, 3), np.float32),
               "vocab": np.full((4, 8, 8, 3), 9, np.uint8)}

@@ -42,10 +42,12 @@ class Checkpointer:
   """``save(state)`` / ``restore_latest(target)`` under ``workdir/checkpoints/<step>``."""
 
   def __init__(self, workdir: str, max_to_keep: int = 3):
+    if max_to_keep < 1:
+      raise ValueError(f"max_to_keep={max_to_keep} must be >= 1 (the checkpoints kept on disk).")
     self.directory = os.path.abspath(os.path.join(workdir, CHECKPOINT_DIR))
     self._manager = ocp.CheckpointManager(
         self.directory,
-        options=ocp.CheckpointManagerOptions(max_to_keep=max(int(max_to_keep), 1), create=True))
+        options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True))
     self.last_good_step: Optional[int] = self._manager.latest_step()
     self._unrestorable: set[int] = set()
 

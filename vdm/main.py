@@ -139,16 +139,15 @@ def validate_config(config) -> None:
   for key in ("num_steps", "num_samples"):
     if config.sampling[key] < 1:
       raise ValueError(f"sampling.{key}={config.sampling[key]} must be >= 1.")
-  if not 0.0 <= config.optimizer.ema_rate < 1.0:
-    raise ValueError(f"optimizer.ema_rate={config.optimizer.ema_rate} must be in [0, 1).")
   if t.num_steps < 0 or t.max_nonfinite_steps < 1:
     raise ValueError("training.num_steps must be >= 0 and training.max_nonfinite_steps >= 1.")
-  for key in ("log_every", "eval_every", "sample_every", "checkpoint_every"):
+  for key in ("log_every", "eval_every", "sample_every", "checkpoint_every", "max_to_keep"):
     if t[key] < 1:
       raise ValueError(f"training.{key}={t[key]} must be >= 1.")
   input_pipeline.check_batch_size(t.batch_size, "training.batch_size")
   input_pipeline.check_batch_size(config.eval.batch_size, "eval.batch_size")
   train.check_loss_config(config)
+  train.check_optimizer_config(config.optimizer)
 
 
 def init_distributed(coordinator_address: str | None, num_processes: int | None,

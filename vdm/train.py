@@ -64,6 +64,23 @@ def learning_rate_fn(opt_config) -> optax.Schedule:
        optax.constant_schedule(opt_config.learning_rate)], [opt_config.warmup_steps])
 
 
+def check_optimizer_config(opt_config) -> None:
+  """Raise ValueError, naming the key and its range, for settings AdamW would run with silently
+  (a negative learning rate ascends the loss; b2 = 1 never forgets a gradient)."""
+  o = opt_config
+  if not o.learning_rate > 0:
+    raise ValueError(f"optimizer.learning_rate={o.learning_rate} must be > 0 (2e-4 in the paper).")
+  for key in ("b1", "b2", "ema_rate"):
+    if not 0.0 <= o[key] < 1.0:
+      raise ValueError(f"optimizer.{key}={o[key]} must be in [0, 1) (an exponential decay rate).")
+  if not o.eps > 0:
+    raise ValueError(f"optimizer.eps={o.eps} must be > 0 (it keeps Adam's division finite).")
+  for key, meaning in (("weight_decay", "0 = none"), ("warmup_steps", "0 = none"),
+                       ("grad_clip", "0 = no clipping")):
+    if o[key] < 0:
+      raise ValueError(f"optimizer.{key}={o[key]} must be >= 0 ({meaning}).")
+
+
 def make_optimizer(opt_config) -> optax.GradientTransformation:
   """Optional global-norm clipping, then AdamW with warm-up (no weight decay on the schedule)."""
   decay_mask = lambda params: {k: jax.tree.map(lambda _: k == "net", v) for k, v in params.items()}
