@@ -11,7 +11,7 @@ from ml_collections import config_flags
 import jax
 import numpy as np
 
-from vdm import checkpoint, input_pipeline, likelihood, logging_utils
+from vdm import checkpoint, config_checks, input_pipeline, likelihood, logging_utils
 from vdm.model import Model, eval_fp32_share, traced_fns, with_dtype
 
 FLAGS = flags.FLAGS
@@ -35,6 +35,7 @@ def load_trained() -> tuple[Model, dict, dict]:
   name (:func:`vdm.checkpoint.load_params`); :func:`vdm.model.traced_fns` gives its ε̂ and γ."""
   if FLAGS.config is None or FLAGS.workdir is None:
     raise ValueError("--config and --workdir are required: pass them, or use --toy.")
+  config_checks.validate(FLAGS.config)
   return checkpoint.load_params(FLAGS.config, FLAGS.checkpoint or FLAGS.workdir, FLAGS.ema)
 
 

@@ -41,7 +41,7 @@ from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 from experiments import common  # noqa: E402
-from vdm import checkpoint, input_pipeline, logging_utils, nets, train  # noqa: E402
+from vdm import checkpoint, config_checks, input_pipeline, logging_utils, nets, train  # noqa: E402
 from vdm.model import make_model  # noqa: E402
 
 FLAGS = flags.FLAGS
@@ -202,6 +202,7 @@ def main(argv):
   if FLAGS.config is None or FLAGS.output is None:
     raise app.UsageError("--config and --output are required (or --plot=PNG with JSON files).")
   config = FLAGS.config
+  config_checks.validate(config)
   marks = parse_marks(FLAGS.marks, FLAGS.seconds)
   os.makedirs(os.path.dirname(os.path.abspath(FLAGS.output)), exist_ok=True)
   save = lambda results: logging_utils.write_json(FLAGS.output, logging_utils.json_safe(results))

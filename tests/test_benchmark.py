@@ -94,15 +94,18 @@ def test_command_line_writes_json(tmp_path):
   assert all(figures[k] > 0 for k in TIMES)
 
 
-def test_command_line_bad_input_is_one_line():
-  """A setting the network refuses ends the command with one line (after JAX's start-up log) and
-  exit status 2, not a traceback."""
+@pytest.mark.parametrize("args, message", [
+    (["--config.model.norm_impl=recompute", "--remat=convs"],
+     "norm_impl='recompute' with remat='convs'"),
+    (["--config.model.dropout=1.5"], "model.dropout=1.5 must be in [0, 1)")])  # config_checks
+def test_command_line_bad_input_is_one_line(args, message):
+  """A setting the network or the config's checks refuse ends the command with one line (after
+  JAX's start-up log) and exit status 2, not a traceback or a benchmark of another network."""
   proc = subprocess.run([sys.executable, "-m", "vdm.benchmark", "--config=configs/quickstart.py",
-                         "--config.model.norm_impl=recompute", "--remat=convs"],
-                        capture_output=True, text=True, cwd=ROOT)
+                         *args], capture_output=True, text=True, cwd=ROOT)
   assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
   last = proc.stderr.strip().splitlines()[-1]
-  assert last.startswith("vdm: error: norm_impl='recompute' with remat='convs'"), last
+  assert last.startswith(f"vdm: error: {message}"), last
 
 
 def test_kernel_kinds_and_breakdown():

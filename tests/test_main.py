@@ -102,7 +102,7 @@ BAD_INPUTS = {
     "empty_test_split": (["--config.data.synthetic_num_test=0"], {}, "has no examples"),
     "sample_flag_in_train": (["--num_steps=10"], {}, "--num_steps has no effect with --mode=train"),
 }
-# Settings validate_config refuses before any work, naming the key and the fix (vdm.main ends each
+# Settings vdm.config_checks.validate refuses before any work, naming the key and the fix (vdm.main ends each
 # such ValueError in one line with exit status 2, as the gamma_order case above shows end to end).
 INVALID_SETTINGS = {
     "residual_dtype": ({"model.residual_dtype": "fp16"}, "unknown model.residual_dtype"),
@@ -170,12 +170,12 @@ def test_bad_input_exits_2_with_one_line(tmp_path):
 @pytest.mark.parametrize("name", list(INVALID_SETTINGS))
 def test_validate_config_names_the_key_and_the_fix(name):
   import importlib  # pylint: disable=g-import-not-at-top
-  from vdm import main  # pylint: disable=g-import-not-at-top
+  from vdm import config_checks  # pylint: disable=g-import-not-at-top
   config = importlib.import_module("configs.quickstart").get_config()
   overrides, message = INVALID_SETTINGS[name]
   config.update_from_flattened_dict(overrides)
   with pytest.raises(ValueError) as error:
-    main.validate_config(config)
+    config_checks.validate(config)
   assert message in str(error.value)
 
 
@@ -195,9 +195,9 @@ def test_full_quickstart_beats_uniform_bits(tmp_path):
                                   "quickstart"])
 def test_configs_load_and_validate(name):
   import importlib  # pylint: disable=g-import-not-at-top
-  from vdm import main  # pylint: disable=g-import-not-at-top
+  from vdm import config_checks  # pylint: disable=g-import-not-at-top
   config = importlib.import_module(f"configs.{name}").get_config()
-  main.validate_config(config)
+  config_checks.validate(config)
   if name.startswith("cifar10"):
     m, o = config.model, config.optimizer
     assert (m.n_embd, m.n_layer, m.dropout, m.fourier_features, m.attention) == (128, 32, 0.1, True, False)
@@ -224,7 +224,7 @@ def test_imagenet_configs_really_train(tmp_path, name):
   tfds = pytest.importorskip("tensorflow_datasets")
   import importlib  # pylint: disable=g-import-not-at-top
   sys.path.insert(0, ROOT)
-  from vdm import main  # pylint: disable=g-import-not-at-top
+  from vdm import config_checks, main  # pylint: disable=g-import-not-at-top
   config = importlib.import_module(f"configs.{name}").get_config()
   config.update_from_flattened_dict({
       "data.data_dir": str(tmp_path / "tfds"), "model.n_embd": 32, "model.n_layer": 1,
@@ -232,7 +232,7 @@ def test_imagenet_configs_really_train(tmp_path, name):
       "training.num_steps": 2, "training.log_every": 1, "training.eval_every": 2,
       "training.sample_every": 2, "training.checkpoint_every": 2, "eval.batch_size": 4,
       "eval.num_batches": 1, "sampling.num_steps": 2, "sampling.num_samples": 4})
-  main.validate_config(config)
+  config_checks.validate(config)
   workdir = str(tmp_path / "run")
   with tfds.testing.mock_data(num_examples=8, policy=tfds.testing.MockPolicy.USE_CODE):
     summary = main.run_train(config, workdir)

@@ -78,7 +78,8 @@ def test_curve_marks_checkpoint_plot_and_dtype_comparison(tmp_path):
 def test_bad_marks_and_missing_data_are_one_line_errors(tmp_path):
   out = str(tmp_path / "c.json")
   for args, words in ((["--marks=abc"], "must be numbers"), (["--seconds=0"], "must be > 0"),
-                      (["--config.data.source=npz", "--config.data.path=/nonexistent.npz"], "npz")):
+                      (["--config.data.source=npz", "--config.data.path=/nonexistent.npz"], "npz"),
+                      (["--config.optimizer.learning_rate=-2e-4"], "learning_rate=-0.0002 must be > 0")):
     proc = _script("train_curve.py", *TINY, f"--output={out}", *args, check=False)
     assert proc.returncode == 2
     line = proc.stderr.strip().splitlines()[-1]

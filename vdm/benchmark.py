@@ -37,7 +37,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vdm import logging_utils, nets, pallas_norm, samplers, train
+from vdm import config_checks, logging_utils, nets, pallas_norm, samplers, train
 from vdm.nets import REMAT
 from vdm.model import eps_fn_for, gamma_fn_for, make_model, with_dtype
 
@@ -244,6 +244,7 @@ def benchmark(config, *, batch_size: Optional[int] = None, dtype: Optional[str] 
   ``count_flops`` lowers the unrolled step for its FLOPs; with ``hlo_dir`` each compiled
   program's optimised HLO is written there (``<program>.hlo.txt.gz``) for reading its fusions.
   """
+  config_checks.validate(config)
   programs = tuple(programs)
   if set(programs) - set(PROGRAMS):
     raise ValueError(f"programs={programs}: use some of {PROGRAMS}.")

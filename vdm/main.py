@@ -46,8 +46,8 @@ from jax.experimental import multihost_utils
 from ml_collections import config_flags
 
 from vdm import checkpoint as ckpt_lib
-from vdm import elbo, input_pipeline, logging_utils, nets, schedules, train
-from vdm.model import SCHEDULES, gamma_fn_for, make_model
+from vdm import config_checks, input_pipeline, logging_utils, nets, schedules, train
+from vdm.model import gamma_fn_for, make_model
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/cifar10.py.",
@@ -77,78 +77,7 @@ class Diverged(RuntimeError):
   """Too many non-finite steps in a row: reported as one line, exit status 1."""
 
 
-# ---------------------------------------------------------------- validation ---------------------
-
-def validate_config(config) -> None:
-  """Raise ValueError with the fix for inconsistent settings, before any heavy work."""
-  d, m, t = config.data, config.model, config.training
-  if d.source not in input_pipeline.SOURCES:
-    raise ValueError(f"unknown data.source {d.source!r}: use one of {', '.join(input_pipeline.SOURCES)}.")
-  if d.source == "npz" and not d.path:
-    raise ValueError("data.source='npz' needs a file: set --config.data.path=/path/to/data.npz.")
-  if d.source == "npz" and not os.path.isfile(d.path):
-    raise ValueError(f"data.path={d.path!r} does not exist: point --config.data.path at an .npz "
-                     "file with train_images and test_images.")
-  if not 2 <= d.vocab_size <= 256:
-    raise ValueError(f"data.vocab_size={d.vocab_size} must be in [2, 256] for uint8 images.")
-  if d.image_size < 1 or d.channels < 1:
-    raise ValueError(f"data.image_size={d.image_size} and data.channels={d.channels} must be >= 1.")
-  if not m.gamma_min < m.gamma_max:
-    raise ValueError(f"model.gamma_min={m.gamma_min} must be < model.gamma_max={m.gamma_max}: "
-                     "γ(t) rises from data (t=0) to noise (t=1); fix or swap them.")
-  if m.schedule not in SCHEDULES:
-    raise ValueError(f"unknown model.schedule {m.schedule!r}: use one of {', '.join(SCHEDULES)}.")
-  if m.decoder not in elbo.DECODERS:
-    raise ValueError(f"unknown model.decoder {m.decoder!r}: use one of {', '.join(elbo.DECODERS)}.")
-  if m.num_timesteps < 0:
-    raise ValueError(f"model.num_timesteps={m.num_timesteps} must be >= 0 (0 = continuous time).")
-  for key in ("dtype", "residual_dtype"):
-    if m[key] not in nets.DTYPES:
-      raise ValueError(f"unknown model.{key} {m[key]!r}: use one of {', '.join(nets.DTYPES)}.")
-  if m.dtype == "float32" and m.residual_dtype != "float32":
-    raise ValueError(f"model.residual_dtype={m.residual_dtype!r} would round the residual stream "
-                     "of a float32 network: set model.residual_dtype=float32 or model.dtype="
-                     f"{m.residual_dtype}.")
-  if isinstance(m.unroll, bool) or m.unroll < 0:
-    raise ValueError(f"model.unroll={m.unroll!r} must be an integer >= 0 (blocks per loop "
-                     "iteration; 0 unrolls the loops entirely).")
-  if m.norm_impl not in nets.NORM_IMPL:
-    raise ValueError(f"unknown model.norm_impl {m.norm_impl!r}: use one of "
-                     f"{', '.join(nets.NORM_IMPL)} (see vdm.nets.NORM_IMPL).")
-  if m.norm_impl == "recompute" and m.remat != "none":
-    raise ValueError(f"model.norm_impl='recompute' with model.remat={m.remat!r}: a "
-                     "rematerialised block already recomputes its norms; set model.remat=none "
-                     "or model.norm_impl=autodiff.")
-  if m.remat not in nets.REMAT:
-    raise ValueError(f"unknown model.remat {m.remat!r}: use one of {', '.join(nets.REMAT)} (see "
-                     "vdm.nets.REMAT).")
-  if m.n_embd % 32:
-    raise ValueError(f"model.n_embd={m.n_embd} must be a multiple of 32 (GroupNorm's 32 groups).")
-  if config.loss.weighting not in elbo.WEIGHTINGS:
-    raise ValueError(f"unknown loss.weighting {config.loss.weighting!r}: use one of "
-                     f"{', '.join(elbo.WEIGHTINGS)}.")
-  if config.sampling.sampler not in train.SAMPLERS:
-    raise ValueError(f"unknown sampling.sampler {config.sampling.sampler!r}: use one of "
-                     f"{', '.join(train.SAMPLERS)}.")
-  if config.seed < 0:
-    raise ValueError(f"seed={config.seed} must be >= 0.")
-  if not 0.0 <= m.dropout < 1.0:
-    raise ValueError(f"model.dropout={m.dropout} must be in [0, 1) (the rate of zeroed activations).")
-  if config.eval.num_batches < 0:
-    raise ValueError(f"eval.num_batches={config.eval.num_batches} must be >= 0 (0 = the whole split).")
-  for key in ("num_steps", "num_samples"):
-    if config.sampling[key] < 1:
-      raise ValueError(f"sampling.{key}={config.sampling[key]} must be >= 1.")
-  if t.num_steps < 0 or t.max_nonfinite_steps < 1:
-    raise ValueError("training.num_steps must be >= 0 and training.max_nonfinite_steps >= 1.")
-  for key in ("log_every", "eval_every", "sample_every", "checkpoint_every", "max_to_keep"):
-    if t[key] < 1:
-      raise ValueError(f"training.{key}={t[key]} must be >= 1.")
-  input_pipeline.check_batch_size(t.batch_size, "training.batch_size")
-  input_pipeline.check_batch_size(config.eval.batch_size, "eval.batch_size")
-  train.check_loss_config(config)
-  train.check_optimizer_config(config.optimizer)
-
+# ---------------------------------------------------------------- distributed --------------------
 
 def init_distributed(coordinator_address: str | None, num_processes: int | None,
                      process_id: int | None, detect: bool = False) -> None:
@@ -432,7 +361,7 @@ def main(argv) -> None:
   try:
     init_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id,
                      FLAGS.distributed)
-    validate_config(config)
+    config_checks.validate(config)
     misplaced = [f"--{name}" for name in MODE_FLAGS if FLAGS[name].present
                  and FLAGS.mode not in MODE_FLAGS[name]]
     if misplaced:
