@@ -129,6 +129,7 @@ INVALID_SETTINGS = {
     "weight_decay": ({"optimizer.weight_decay": -0.01}, "optimizer.weight_decay=-0.01 must be >= 0"),
     "grad_clip": ({"optimizer.grad_clip": -1.0}, "optimizer.grad_clip=-1.0 must be >= 0"),
     "max_to_keep": ({"training.max_to_keep": 0}, "training.max_to_keep=0 must be >= 1"),
+    "prefetch": ({"data.prefetch": 0}, "data.prefetch=0 must be >= 1"),
 }
 NPZ_IMAGES = {"shape": np.zeros((4, 5, 5), np.uint8), "dtype": np.zeros((4, 8, 8, 3), np.float32),
               "vocab": np.full((4, 8, 8, 3), 9, np.uint8)}

@@ -24,6 +24,9 @@ def validate(config) -> None:
     raise ValueError(f"data.vocab_size={d.vocab_size} must be in [2, 256] for uint8 images.")
   if d.image_size < 1 or d.channels < 1:
     raise ValueError(f"data.image_size={d.image_size} and data.channels={d.channels} must be >= 1.")
+  if d.prefetch < 1:
+    raise ValueError(f"data.prefetch={d.prefetch} must be >= 1 (batches staged on the devices "
+                     "ahead of the step).")
   if not m.gamma_min < m.gamma_max:
     raise ValueError(f"model.gamma_min={m.gamma_min} must be < model.gamma_max={m.gamma_max}: "
                      "γ(t) rises from data (t=0) to noise (t=1); fix or swap them.")

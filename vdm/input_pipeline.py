@@ -267,7 +267,9 @@ def prefetch(iterator: Iterator, sharding, size: int = 2) -> Iterator:
   arrays) on the devices with ``to_global``; up to ``size`` items wait ready. Errors in the
   thread are raised in the consumer. Closing the generator stops and joins the thread: one left
   inside a JAX call when the interpreter exits can abort the process."""
-  q: queue.Queue = queue.Queue(maxsize=max(size, 1))
+  if size < 1:  # a Queue of maxsize 0 is unbounded: it would stage the whole run on the devices
+    raise ValueError(f"prefetch size={size} must be >= 1 (set data.prefetch).")
+  q: queue.Queue = queue.Queue(maxsize=size)
   done = object()
   stop = threading.Event()
 
