@@ -96,7 +96,7 @@ def test_command_line_writes_json(tmp_path):
 
 @pytest.mark.parametrize("args, message", [
     (["--config.model.norm_impl=recompute", "--remat=convs"],
-     "norm_impl='recompute' with remat='convs'"),
+     "model.norm_impl='recompute' with model.remat='convs'"),
     (["--config.model.dropout=1.5"], "model.dropout=1.5 must be in [0, 1)")])  # config_checks
 def test_command_line_bad_input_is_one_line(args, message):
   """A setting the network or the config's checks refuse ends the command with one line (after
@@ -187,6 +187,27 @@ def test_chosen_programs_no_flops_and_hlo(tmp_path):
   assert not (tmp_path / "eval.hlo.txt.gz").exists()
   with pytest.raises(ValueError, match="programs="):
     benchmark.benchmark(tiny_config(), programs=("train",))
+
+
+@pytest.mark.parametrize("overrides, dtype, remat, residual", [
+    # the runbook's bench specs: the config's float32 network, measured in bf16 with a bf16 stream
+    ({"model.residual_dtype": "bfloat16"}, "bfloat16", None, "bfloat16"),
+    # a bf16 config measured in float32 is entirely fp32 (vdm.model.with_dtype)
+    ({"model.dtype": "bfloat16", "model.residual_dtype": "bfloat16"}, "float32", None, "float32"),
+    # 'recompute' needs remat='none', which the argument supplies
+    ({"model.norm_impl": "recompute"}, None, "none", "float32")])
+def test_config_is_checked_as_measured(overrides, dtype, remat, residual):
+  """The config checks see dtype and remat as the benchmark applies them: a config that the
+  arguments make consistent runs, and the same config without them is refused."""
+  config = tiny_config()
+  config.update_from_flattened_dict(overrides)
+  figures = benchmark.benchmark(config, dtype=dtype, remat=remat, repeats=1, warmup=0,
+                                programs=(), count_flops=False,
+                                compiler_options={"xla_backend_optimization_level": 0})
+  assert figures["residual_dtype"] == residual and figures["train_images_per_s"] > 0
+  if dtype != "float32":
+    with pytest.raises(ValueError, match="residual stream|norm_impl='recompute'"):
+      benchmark.benchmark(config, programs=())
 
 
 SWEEP_TINY = ["--config=configs/quickstart.py", "--config.model.n_layer=2",

@@ -244,7 +244,6 @@ def benchmark(config, *, batch_size: Optional[int] = None, dtype: Optional[str] 
   ``count_flops`` lowers the unrolled step for its FLOPs; with ``hlo_dir`` each compiled
   program's optimised HLO is written there (``<program>.hlo.txt.gz``) for reading its fusions.
   """
-  config_checks.validate(config)
   programs = tuple(programs)
   if set(programs) - set(PROGRAMS):
     raise ValueError(f"programs={programs}: use some of {PROGRAMS}.")
@@ -252,8 +251,17 @@ def benchmark(config, *, batch_size: Optional[int] = None, dtype: Optional[str] 
     raise ValueError(f"repeats={repeats} must be >= 1, warmup={warmup} >= 0, "
                      f"sample_steps={sample_steps} >= 1.")
   batch_size = int(batch_size or config.training.batch_size)
-  dtype = dtype or config.model.dtype
-  remat = remat or config.model.remat
+  # The config is checked as measured: with the dtype and remat given, a float32 network entirely
+  # in fp32, as with_dtype builds it.
+  measured = config.copy_and_resolve_references()
+  if dtype:
+    measured.model.dtype = dtype
+    if dtype == "float32":
+      measured.model.residual_dtype = dtype
+  if remat:
+    measured.model.remat = remat
+  config_checks.validate(measured)
+  dtype, remat = measured.model.dtype, measured.model.remat
   mesh = train.make_mesh()
   n_dev = mesh.devices.size
   if batch_size % n_dev:
