@@ -251,8 +251,8 @@ def benchmark(config, *, batch_size: Optional[int] = None, dtype: Optional[str] 
     raise ValueError(f"repeats={repeats} must be >= 1, warmup={warmup} >= 0, "
                      f"sample_steps={sample_steps} >= 1.")
   batch_size = int(batch_size or config.training.batch_size)
-  # The config is checked as measured: with the dtype and remat given, a float32 network entirely
-  # in fp32, as with_dtype builds it.
+  # The config as measured, checked and then built: with the dtype and remat given, a float32
+  # network entirely in fp32 (with_dtype).
   measured = config.copy_and_resolve_references()
   if dtype:
     measured.model.dtype = dtype
@@ -267,9 +267,7 @@ def benchmark(config, *, batch_size: Optional[int] = None, dtype: Optional[str] 
   if batch_size % n_dev:
     raise ValueError(f"batch_size={batch_size} must be a multiple of the {n_dev} devices.")
 
-  model = make_model(config)
-  model = with_dtype(model, dtype)
-  model = dataclasses.replace(model, net=model.net.clone(remat=remat))
+  model = with_dtype(make_model(measured), dtype)
   vocab = config.data.vocab_size
   rng = np.random.default_rng(0)
   batch = jax.device_put(rng.integers(0, vocab, (batch_size,) + model.image_shape, dtype=np.int32),
