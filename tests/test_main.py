@@ -102,8 +102,9 @@ BAD_INPUTS = {
     "empty_test_split": (["--config.data.synthetic_num_test=0"], {}, "has no examples"),
     "sample_flag_in_train": (["--num_steps=10"], {}, "--num_steps has no effect with --mode=train"),
 }
-# Settings vdm.config_checks.validate refuses before any work, naming the key and the fix (vdm.main ends each
-# such ValueError in one line with exit status 2, as the gamma_order case above shows end to end).
+# Settings vdm.config_checks.validate refuses before any work, naming the key and the fix (vdm.main
+# ends each such ValueError in one line with exit status 2, as the gamma_order case above shows end
+# to end).
 INVALID_SETTINGS = {
     "residual_dtype": ({"model.residual_dtype": "fp16"}, "unknown model.residual_dtype"),
     "narrow_residual": ({"model.residual_dtype": "bfloat16"},

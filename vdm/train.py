@@ -65,8 +65,9 @@ def learning_rate_fn(opt_config) -> optax.Schedule:
 
 
 def check_optimizer_config(opt_config) -> None:
-  """Raise ValueError, naming the key and its range, for settings AdamW would run with silently
-  (a negative learning rate ascends the loss; b2 = 1 never forgets a gradient)."""
+  """Raise ValueError, naming the key and its range, for optimizer settings that would otherwise
+  run silently (a negative learning rate ascends the loss; b2 = 1 never forgets a gradient;
+  ema_rate = 1 freezes the EMA parameters)."""
   o = opt_config
   if not o.learning_rate > 0:
     raise ValueError(f"optimizer.learning_rate={o.learning_rate} must be > 0 (2e-4 in the paper).")
