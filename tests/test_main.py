@@ -83,7 +83,8 @@ def test_train_eval_sample_end_to_end_and_resume(tmp_path):
 BAD_INPUTS = {
     "unknown_key": (["--config.model.bogus=1"], {}, "unknown config key"),
     "wrong_type": (["--config.training.batch_size=abc"], {}, "batch_size"),
-    "gamma_order": (["--config.model.gamma_min=6.0"], {}, "gamma_min"),
+    "gamma_order": (["--config.model.gamma_min=6.0"], {},
+                    "model.gamma_min=6.0 must be < model.gamma_max=5.0"),
     "fp32_fraction": (["--config.model.eval_fp32_fraction=1.5"], {},
                       "model.eval_fp32_fraction=1.5 must be in [0, 1]"),
     "indivisible_batch": (["--config.training.batch_size=3"],

@@ -77,9 +77,9 @@ def test_ddpm_schedule_matches_beta_definition_at_grid(kind):
 
 
 def test_bad_schedules_raise():
-  with pytest.raises(ValueError, match="gamma_min"):
+  with pytest.raises(ValueError, match="^gamma_min=5.0 must be < gamma_max=-13.3"):
     schedules.fixed_linear(5.0, -13.3)
-  with pytest.raises(ValueError, match="gamma_min"):
+  with pytest.raises(ValueError, match="^gamma_min=1.0 must be < gamma_max=1.0"):
     schedules.LearnedLinear(gamma_min=1.0, gamma_max=1.0).init(jax.random.PRNGKey(0), jnp.zeros(1))
   with pytest.raises(ValueError, match="not increasing"):
     schedules.check_increasing(lambda t: 5.0 - 18.3 * t)

@@ -67,7 +67,7 @@ def test_model_glue():
   fixed = model_lib.make_model(config)
   assert model_lib.init_params(fixed, jax.random.PRNGKey(0))["schedule"] == {}
   config.model.gamma_min = 6.0
-  with pytest.raises(ValueError, match="gamma_min"):
+  with pytest.raises(ValueError, match="model.gamma_min=6.0 must be < model.gamma_max=5.0"):
     model_lib.make_model(config)
   config.model.gamma_min, config.model.schedule = -13.3, "cubic"
   with pytest.raises(ValueError, match="unknown model.schedule"):

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import os
 
-from vdm import elbo, input_pipeline, nets, train
+from vdm import elbo, input_pipeline, nets, schedules, train
 from vdm.model import SCHEDULES
 
 
@@ -27,9 +27,7 @@ def validate(config) -> None:
   if d.prefetch < 1:
     raise ValueError(f"data.prefetch={d.prefetch} must be >= 1 (batches staged on the devices "
                      "ahead of the step).")
-  if not m.gamma_min < m.gamma_max:
-    raise ValueError(f"model.gamma_min={m.gamma_min} must be < model.gamma_max={m.gamma_max}: "
-                     "γ(t) rises from data (t=0) to noise (t=1); fix or swap them.")
+  schedules.check_endpoints(m.gamma_min, m.gamma_max, "model.")
   if m.schedule not in SCHEDULES:
     raise ValueError(f"unknown model.schedule {m.schedule!r}: use one of {', '.join(SCHEDULES)}.")
   if m.decoder not in elbo.DECODERS:

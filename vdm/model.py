@@ -36,9 +36,7 @@ class Model:
 def make_model(config) -> Model:
   """The model described by ``config.model`` for images of ``config.data``'s shape."""
   m, d = config.model, config.data
-  if not m.gamma_min < m.gamma_max:
-    raise ValueError(f"model.gamma_min={m.gamma_min} must be < model.gamma_max={m.gamma_max}: "
-                     "γ(t) rises from data (t=0) to noise (t=1); fix or swap them.")
+  schedules.check_endpoints(m.gamma_min, m.gamma_max, "model.")
   if not 0.0 <= m.eval_fp32_fraction <= 1.0:
     raise ValueError(f"model.eval_fp32_fraction={m.eval_fp32_fraction} must be in [0, 1] (the "
                      "share of each evaluated batch, least noisy first, computed in fp32).")

@@ -22,10 +22,11 @@ GAMMA_MIN = -13.3
 GAMMA_MAX = 5.0
 
 
-def _check_endpoints(gamma_min: float, gamma_max: float) -> None:
+def check_endpoints(gamma_min: float, gamma_max: float, prefix: str = "") -> None:
+  """Refuse γ_min ≥ γ_max, naming the keys as ``prefix`` + ``gamma_min`` (e.g. ``"model."``)."""
   if not gamma_min < gamma_max:
     raise ValueError(
-        f"gamma_min={gamma_min} must be < gamma_max={gamma_max}: γ(t) is the log "
+        f"{prefix}gamma_min={gamma_min} must be < {prefix}gamma_max={gamma_max}: γ(t) is the log "
         "noise-to-signal ratio and must increase from t=0 to t=1; swap or fix them.")
 
 
@@ -46,7 +47,7 @@ def alpha_sigma(gamma: jax.Array) -> tuple[jax.Array, jax.Array]:
 
 def fixed_linear(gamma_min: float = GAMMA_MIN, gamma_max: float = GAMMA_MAX) -> GammaFn:
   """γ(t) = γ_min + (γ_max − γ_min) t."""
-  _check_endpoints(gamma_min, gamma_max)
+  check_endpoints(gamma_min, gamma_max)
 
   def gamma_fn(t: jax.Array) -> jax.Array:
     return gamma_min + (gamma_max - gamma_min) * jnp.asarray(t, jnp.float32)
@@ -60,7 +61,7 @@ class LearnedLinear(nn.Module):
   gamma_max: float = GAMMA_MAX
 
   def __post_init__(self):
-    _check_endpoints(self.gamma_min, self.gamma_max)
+    check_endpoints(self.gamma_min, self.gamma_max)
     super().__post_init__()
 
   @nn.compact
@@ -100,7 +101,7 @@ class LearnedMonotone(nn.Module):
   n_features: int = 1024
 
   def __post_init__(self):
-    _check_endpoints(self.gamma_min, self.gamma_max)
+    check_endpoints(self.gamma_min, self.gamma_max)
     super().__post_init__()
 
   def setup(self):
