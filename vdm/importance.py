@@ -79,6 +79,7 @@ def loss_moments(eps_fn: EpsFn, gamma_fn: GammaFn, batches: Iterable[jax.Array],
   batch-sized denoiser call per bin, as a ``lax.scan``). Returns {"mean", "second_moment": [num_bins],
   "num_images"}; the bin-average of "mean" estimates the continuous-time diffusion term.
   """
+  schedules.check_increasing(gamma_fn)
   s1 = s2 = 0.0
   n = 0
   for i, x in enumerate(batches):

@@ -50,7 +50,8 @@ def elbo_samples(eps_fn: EpsFn, gamma_fn: GammaFn, x: jax.Array, rng: jax.Array,
   Returns {"prior", "diffusion", "reconstruction", "total"}: each [B], the mean over the K
   draws, and "total_var": [B], the sample variance over the K draws of the one-sample total
   (nan for K = 1), i.e. the Monte-Carlo noise of a single draw. The K draws run as a
-  ``lax.scan`` over keys (one batch-sized denoiser call each), so memory does not grow with K;
+  ``lax.scan`` over keys (one batch-sized denoiser call each), so the denoiser's memory does not
+  grow with K (the scan keeps only the K × 4 per-image terms);
   with ``antithetic`` each draw stratifies t across the batch. x, K, T and γ are checked here,
   before compiling, where their values are known.
   """
@@ -67,25 +68,23 @@ def elbo_samples(eps_fn: EpsFn, gamma_fn: GammaFn, x: jax.Array, rng: jax.Array,
 @eqx.filter_jit
 def _elbo_samples(eps_fn, gamma_fn, x, rng, *, vocab_size, num_timesteps, num_samples, antithetic,
                   decoder, time_proposal):
-  def draw(acc, key):
+  def draw(_, key):
     terms = elbo.elbo_terms(eps_fn, gamma_fn, x, key, vocab_size=vocab_size,
                             num_timesteps=num_timesteps, antithetic=antithetic, decoder=decoder,
                             time_proposal=time_proposal)
-    values = jnp.stack([terms["prior"], terms["diffusion"], terms["reconstruction"],
-                        elbo.total_nats(terms)])
-    return (acc[0] + values, acc[1] + values[-1] ** 2), None
+    return None, jnp.stack([terms["prior"], terms["diffusion"], terms["reconstruction"],
+                            elbo.total_nats(terms)])
 
-  zeros = jnp.zeros((len(TERMS), x.shape[0]), jnp.float32)
-  (s1, s2), _ = jax.lax.scan(draw, (zeros, zeros[-1]), jax.random.split(rng, num_samples))
-  mean = s1 / num_samples
-  var = (s2 - num_samples * mean[-1] ** 2) / (num_samples - 1) if num_samples > 1 else \
-      jnp.full_like(s2, jnp.nan)
-  out = dict(zip(TERMS, mean))
-  out["total_var"] = jnp.maximum(var, 0.0)
+  _, values = jax.lax.scan(draw, None, jax.random.split(rng, num_samples))  # [K, 4, B]
+  out = dict(zip(TERMS, values.mean(axis=0)))
+  # Two-pass variance (jnp.var centres first): Σv² − K·mean² cancels in fp32 when the totals
+  # (thousands of nats) dwarf their spread (tens of nats).
+  out["total_var"] = values[:, -1].var(axis=0, ddof=1) if num_samples > 1 else \
+      jnp.full(x.shape[:1], jnp.nan, jnp.float32)
   return out
 
 
-def _over_batches(batches: Iterable[jax.Array], rng: jax.Array, vocab_size: int,
+def over_batches(batches: Iterable[jax.Array], rng: jax.Array, vocab_size: int,
                   fn: Callable[[jax.Array, jax.Array], Any]) -> tuple[list, int]:
   """[fn(x, fold_in(rng, i)) for each batch x, i = 0, 1, ...] and D, after checking each batch's
   data; the same keys for every fn, so evaluations of the same batches share their draws."""
@@ -93,6 +92,10 @@ def _over_batches(batches: Iterable[jax.Array], rng: jax.Array, vocab_size: int,
   for i, x in enumerate(batches):
     x = jnp.asarray(x)
     elbo.check_data(x, vocab_size)
+    if dims is not None and elbo.data_dims(x) != dims:
+      raise ValueError(f"batch {i} has {elbo.data_dims(x)} values per image (shape {x.shape}) but "
+                       f"batch 0 has {dims}: bits/dim needs one image shape; evaluate each shape "
+                       "separately.")
     dims = elbo.data_dims(x)
     results.append(fn(x, jax.random.fold_in(rng, i)))
   if dims is None:
@@ -111,7 +114,7 @@ def _per_image(settings: Mapping[str, tuple[EpsFn, dict]], gamma_fn: GammaFn,
                    for k, v in elbo_samples(eps_fn, gamma_fn, x, key, **kwargs).items()}
             for name, (eps_fn, kwargs) in settings.items()}
 
-  per_batch, dims = _over_batches(batches, rng, vocab_size, one_batch)
+  per_batch, dims = over_batches(batches, rng, vocab_size, one_batch)
   return {name: {k: np.concatenate([b[name][k] for b in per_batch]) for k in per_batch[0][name]}
           for name in settings}, dims
 
@@ -224,7 +227,8 @@ def difference_by_time(eps_fn_a: EpsFn, eps_fn_b: EpsFn, gamma_fn: GammaFn,
   """
   if num_bins < 1:
     raise ValueError(f"num_bins={num_bins} must be >= 1.")
-  per_image, dims = _over_batches(batches, rng, vocab_size, lambda x, key: np.asarray(
+  schedules.check_increasing(gamma_fn)
+  per_image, dims = over_batches(batches, rng, vocab_size, lambda x, key: np.asarray(
       _loss_differences(eps_fn_a, eps_fn_b, gamma_fn, x, key, num_bins, vocab_size)))
   d = elbo.nats_to_bpd(np.concatenate(per_image, axis=1).astype(np.float64), dims)  # [bins, N]
   bins = [mean_and_se(row) for row in d]
