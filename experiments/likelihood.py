@@ -149,6 +149,10 @@ def main(argv):
       r = results["ode"][deq]
       logging.info("ODE (%s) %.4f ± %.4f bits/dim, NFE %.0f, converged %s", deq, r["bpd"], r["bpd_se"],
                    r["nfe_mean"], r["all_converged"])
+      if not r["all_converged"]:
+        logging.warning("ODE (%s): %d of %d solves ran out of --max_steps=%d before t=1, so the "
+                        "bound is nan; raise --max_steps or loosen --rtol/--atol.", deq,
+                        r["num_unconverged"], r["num_solves"], FLAGS.max_steps)
   logging.info("wrote %s", save())
 
 if __name__ == "__main__":

@@ -144,6 +144,18 @@ def test_evaluate_ode_likelihood_aggregates_draws():
   assert abs(res["bpd"] - data.entropy_bits_per_dim()) < 5 * res["bpd_se"] + 0.05
 
 
+def test_a_solve_that_runs_out_of_steps_gives_nan_not_a_finite_bound():
+  data = toy.FactorizedDiscrete.random(1, dims=2, vocab_size=4)
+  x = np.asarray(data.sample(jax.random.PRNGKey(0), 16))
+  out = ode_likelihood.ode_log_density(data.eps_fn(), GAMMA, _z0(toy.Gaussian.random(0, 2), 4, 0),
+                                       divergence="exact", max_steps=3)
+  assert not bool(out["converged"]) and np.all(np.isnan(out["log_prob"]))
+  res = ode_likelihood.evaluate_ode_likelihood(data.eps_fn(), GAMMA, [x[:8], x[8:]], jax.random.PRNGKey(0),
+                                               vocab_size=4, max_steps=3)
+  assert res["num_unconverged"] == res["num_solves"] == 2 and not res["all_converged"]
+  assert math.isnan(res["bpd"]) and math.isnan(res["bpd_se"])
+
+
 def test_rejects_bad_arguments():
   z = jnp.zeros((2, 3))
   eps_fn = toy.Gaussian.random(0, 3).eps_fn()

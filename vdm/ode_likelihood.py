@@ -29,7 +29,7 @@ import numpy as np
 
 from vdm import elbo, schedules
 from vdm.elbo import EpsFn
-from vdm.likelihood import mean_and_se
+from vdm.likelihood import mean_and_se, over_batches
 from vdm.samplers import vp_drift
 from vdm.schedules import GammaFn
 
@@ -77,7 +77,8 @@ def ode_log_density(eps_fn: EpsFn, gamma_fn: GammaFn, z_0: jax.Array, rng: Optio
   "delta_log_prob": ∫ div f dt [B], "num_steps": attempted steps (accepted + rejected),
   "nfe": vector-field evaluations = evals_per_step · num_steps + 1 (6 new stages per attempted step
   for Tsit5/Dopri5, FSAL, plus the first; checked by counting denoiser calls in the tests),
-  "converged": False if max_steps ran out}.
+  "converged": False if max_steps ran out}. A solve that ran out stopped short of t = 1, so its
+  "log_prob" is nan (its "z_1" and "delta_log_prob" are where it stopped), never a finite wrong value.
   Each vector-field evaluation costs one denoiser forward pass plus D (exact) or num_probes
   (Hutchinson) Jacobian-vector products through it.
   """
@@ -110,9 +111,10 @@ def ode_log_density(eps_fn: EpsFn, gamma_fn: GammaFn, z_0: jax.Array, rng: Optio
   z_1, delta = sol.ys[0][-1], sol.ys[1][-1]
   prior = standard_normal_log_prob if prior_log_prob is None else prior_log_prob
   num_steps = sol.stats["num_steps"]
-  return {"log_prob": prior(z_1) + delta, "z_1": z_1, "delta_log_prob": delta,
-          "num_steps": num_steps, "nfe": _EVALS_PER_STEP[solver] * num_steps + 1,
-          "converged": sol.result == diffrax.RESULTS.successful}
+  converged = sol.result == diffrax.RESULTS.successful
+  return {"log_prob": jnp.where(converged, prior(z_1) + delta, jnp.nan), "z_1": z_1,
+          "delta_log_prob": delta, "num_steps": num_steps,
+          "nfe": _EVALS_PER_STEP[solver] * num_steps + 1, "converged": converged}
 
 
 def ode_nll_bound(eps_fn: EpsFn, gamma_fn: GammaFn, x: jax.Array, rng: jax.Array, *,
@@ -192,27 +194,24 @@ def evaluate_ode_likelihood(eps_fn: EpsFn, gamma_fn: GammaFn, batches: Iterable[
   of its batch; the per-image mean over draws is averaged over images, and the standard error
   is across images of those per-image means (see ``likelihood.evaluate_elbo`` for why).
   Returns {"bpd", "bpd_se", "nfe_mean" (per solve), "nfe_max", "num_steps_mean", "num_images",
-  "num_draws", "num_solves", "all_converged"}.
+  "num_draws", "num_solves", "num_unconverged" (solves that ran out of max_steps), "all_converged"}.
+  An unconverged solve's images have no bound (nan), so then "bpd" and "bpd_se" are nan: raise
+  max_steps or loosen rtol/atol.
   """
   if not isinstance(num_draws, (int, np.integer)) or num_draws < 1:
     raise ValueError(f"num_draws={num_draws!r} must be an integer >= 1.")
-  per_image, nfe, steps, converged = [], [], [], True
-  dims = None
-  for i, x in enumerate(batches):
-    x = jnp.asarray(x)
-    dims = elbo.data_dims(x)
-    draws = []
-    for k in range(num_draws):
-      out = ode_nll_bound(eps_fn, gamma_fn, x, jax.random.fold_in(jax.random.fold_in(rng, i), k),
-                          vocab_size=vocab_size, **kwargs)
-      draws.append(np.asarray(out["nats"]))
-      nfe.append(int(out["nfe"]))
-      steps.append(int(out["num_steps"]))
-      converged = converged and bool(out["converged"])
-    per_image.append(np.mean(draws, axis=0))
-  if dims is None:
-    raise ValueError("batches yielded no data.")
+
+  def solves(x, key):
+    return [ode_nll_bound(eps_fn, gamma_fn, x, jax.random.fold_in(key, k), vocab_size=vocab_size,
+                          **kwargs) for k in range(num_draws)]
+
+  per_batch, dims = over_batches(batches, rng, vocab_size, solves)
+  per_image = [np.mean([np.asarray(out["nats"]) for out in draws], axis=0) for draws in per_batch]
+  outs = [out for draws in per_batch for out in draws]
+  nfe, steps = [int(o["nfe"]) for o in outs], [int(o["num_steps"]) for o in outs]
+  unconverged = sum(not bool(o["converged"]) for o in outs)
   bpd, se = mean_and_se(elbo.nats_to_bpd(np.concatenate(per_image), dims))
   return {"bpd": bpd, "bpd_se": se, "nfe_mean": float(np.mean(nfe)), "nfe_max": int(np.max(nfe)),
           "num_steps_mean": float(np.mean(steps)), "num_images": int(sum(p.size for p in per_image)),
-          "num_draws": int(num_draws), "num_solves": len(nfe), "all_converged": converged}
+          "num_draws": int(num_draws), "num_solves": len(nfe), "num_unconverged": unconverged,
+          "all_converged": unconverged == 0}
