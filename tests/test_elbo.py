@@ -45,6 +45,17 @@ def test_decoders_are_normalised(decoder):
   np.testing.assert_allclose(jax.scipy.special.logsumexp(logp), 0.0, atol=1e-5)
 
 
+def test_gamma_min_floor_is_where_the_vdm_decoder_stops_being_finite():
+  """schedules.check_endpoints refuses γ_min below the floor: there e^{−γ_0} overflows float32."""
+  x = jnp.arange(256)[:, None]
+  for gamma_0, finite in ((schedules.GAMMA_MIN_FLOOR, True), (schedules.GAMMA_MIN_FLOOR - 10, False)):
+    z_0 = jnp.sqrt(schedules.alpha2(jnp.float32(gamma_0))) * elbo.scale_data(x, 256)
+    loss = np.asarray(elbo.reconstruction_loss(x, z_0, jnp.float32(gamma_0)))
+    assert np.all(np.isfinite(loss)) == finite
+    if finite:  # noiseless z_0 at a bin centre decodes exactly
+      np.testing.assert_allclose(loss, 0.0, atol=1e-6)
+
+
 @pytest.mark.parametrize("decoder", elbo.DECODERS)
 def test_reconstruction_term_equals_numerical_integration(decoder):
   """E_{z_0 ~ q(z_0|x)}[−log p(x|z_0)] by quadrature over ε vs. the mean of the one-sample term."""

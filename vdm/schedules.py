@@ -22,12 +22,19 @@ GAMMA_MIN = -13.3
 GAMMA_MAX = 5.0
 
 
+GAMMA_MIN_FLOOR = -80.0  # e^{−γ_0}, the decoder's precision, overflows float32 below ≈ −88.7
+
+
 def check_endpoints(gamma_min: float, gamma_max: float, prefix: str = "") -> None:
-  """Refuse γ_min ≥ γ_max, naming the keys as ``prefix`` + ``gamma_min`` (e.g. ``"model."``)."""
+  """Refuse γ_min ≥ γ_max or γ_min < −80, naming the keys as ``prefix`` + ``gamma_min``."""
   if not gamma_min < gamma_max:
     raise ValueError(
         f"{prefix}gamma_min={gamma_min} must be < {prefix}gamma_max={gamma_max}: γ(t) is the log "
         "noise-to-signal ratio and must increase from t=0 to t=1; swap or fix them.")
+  if gamma_min < GAMMA_MIN_FLOOR:
+    raise ValueError(
+        f"{prefix}gamma_min={gamma_min} is below {GAMMA_MIN_FLOOR:g}: the decoder's precision "
+        "e^{-γ_0} overflows float32 there and the loss turns nan; raise it (the paper uses -13.3).")
 
 
 def sigma2(gamma: jax.Array) -> jax.Array:
