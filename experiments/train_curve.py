@@ -214,8 +214,7 @@ def main(argv):
     saver = checkpoint.Checkpointer(FLAGS.workdir)
     saver.save(state, force=True)
     saver.close()
-    with open(os.path.join(FLAGS.workdir, "config.json"), "w") as f:
-      f.write(FLAGS.config.to_json_best_effort(indent=2) + "\n")
+    checkpoint.record_run_config(FLAGS.config, FLAGS.workdir)
 
   if FLAGS.compare_dtype:
     res = results["dtype_comparison"] = common.compare_dtype(

@@ -99,6 +99,9 @@ BAD_INPUTS = {
     "npz_vocab": (["NPZ=vocab", "--config.data.vocab_size=8"], {}, "not below data.vocab_size=8"),
     "workdir_in_proc": (["WORKDIR=/proc/vdm_workdir"], {}, "not a writable directory"),
     "corrupt_checkpoint": (["CORRUPT_CHECKPOINT"], {}, "could not be restored"),
+    "unreadable_record": (["TRUNCATED_CONFIG_JSON"], {},
+                          "config.json (JSONDecodeError), the config of the run whose checkpoints "
+                          "are there: restore it, or use a fresh"),
     "no_coordinator": (["--process_id=1"], {}, "jax.distributed.initialize failed"),
     "empty_test_split": (["--config.data.synthetic_num_test=0"], {}, "has no examples"),
     "sample_flag_in_train": (["--num_steps=10"], {}, "--num_steps has no effect with --mode=train"),
@@ -158,6 +161,11 @@ def test_bad_input_exits_2_with_one_line(tmp_path):
       workdir, args = args[0][len("WORKDIR="):], []
     elif args == ["CORRUPT_CHECKPOINT"]:
       args = ["--mode=eval", f"--checkpoint={corrupt}"]
+    elif args == ["TRUNCATED_CONFIG_JSON"]:
+      os.makedirs(os.path.join(workdir, "checkpoints", "2"))
+      with open(os.path.join(workdir, "config.json"), "w") as f:
+        f.write('{"data": {')
+      args = []
     procs[name] = subprocess.Popen(_cmd(workdir, *args, config=config), cwd=ROOT, env=_env(**env),
                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
   deadline = time.time() + 600

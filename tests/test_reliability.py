@@ -135,7 +135,8 @@ def _preempted_run_is_bit_identical(tmp_path, env, args, num_steps, moments, see
     print(f"{moment}: resumed at {resume}, stopped; checkpoints {_steps(workdir)}")
     resume = next_resume
 
-  # The newest checkpoint is corrupt: reported, the previous one is used, and it is rewritten.
+  # The newest checkpoint is corrupt: reported, moved aside, the previous one used, and the step
+  # written again.
   steps = _steps(workdir)
   assert len(steps) >= 2, steps
   _corrupt(workdir, steps[-1])
@@ -143,7 +144,8 @@ def _preempted_run_is_bit_identical(tmp_path, env, args, num_steps, moments, see
   rc, err = _finish(_start(workdir, args, env, log), log)
   assert rc == 0, err[-3000:]
   assert f"checkpoints/{steps[-1]} could not be restored" in err, err[-3000:]
-  assert f"Replacing the unrestorable checkpoint {workdir}/checkpoints/{steps[-1]}." in err
+  assert (f"Moved the unrestorable checkpoint {workdir}/checkpoints/{steps[-1]} to "
+          f"{workdir}/checkpoints_unrestorable/{steps[-1]}") in err, err[-3000:]
   _assert_resumed(err, steps[-2])
   print(f"straight run {t_straight:.0f} s; all {time.time() - t0:.0f} s")
 
@@ -161,21 +163,21 @@ def test_sigkill_in_checkpoint_write_and_sigterm_resume_bit_identically(tmp_path
       ["checkpoint_write", "sigterm"])
 
 
-def test_unrestorable_checkpoint_off_the_interval_is_rewritten(tmp_path, cache_env):
-  """A checkpoint at a step off checkpoint_every (as a SIGTERM or the last step writes) that no
-  longer restores is written again when training passes that step, not left on disk."""
+def test_steps_below_an_unrestorable_checkpoint_are_written(tmp_path, cache_env):
+  """A corrupt checkpoint newer than the one resumed from is moved aside, so that the steps before
+  it are written (orbax writes no step at or below its newest): here the last step, 3, below the
+  corrupt 4; before, it was skipped in silence and the next run resumed at 2 again."""
   workdir, args = str(tmp_path / "run"), [*TINY, *QUIET, "--config.training.checkpoint_every=2"]
-  rc, err = _finish(_start(workdir, [*args, "--config.training.num_steps=3"], cache_env,
-                           tmp_path / "a.log"), tmp_path / "a.log")
-  assert rc == 0 and _steps(workdir) == [2, 3], err[-3000:]
-  _corrupt(workdir, 3)
   rc, err = _finish(_start(workdir, [*args, "--config.training.num_steps=4"], cache_env,
+                           tmp_path / "a.log"), tmp_path / "a.log")
+  assert rc == 0 and _steps(workdir) == [2, 4], err[-3000:]
+  _corrupt(workdir, 4)
+  rc, err = _finish(_start(workdir, [*args, "--config.training.num_steps=3"], cache_env,
                            tmp_path / "b.log"), tmp_path / "b.log")
   assert rc == 0, err[-3000:]
   _assert_resumed(err, 2)
-  assert f"Replacing the unrestorable checkpoint {workdir}/checkpoints/3." in err, err[-3000:]
-  assert _steps(workdir) == [2, 3, 4]
-  assert int(restore(workdir, 3)["step"]) == 3
+  assert _steps(workdir) == [2, 3] and int(restore(workdir, 3)["step"]) == 3
+  assert os.listdir(os.path.join(workdir, "checkpoints_unrestorable")) == ["4"]
 
 
 def test_eval_and_samples_due_at_a_sigterm_step_run_on_resuming(tmp_path, cache_env):

@@ -138,21 +138,26 @@ def test_corrupt_latest_checkpoint_falls_back_and_nan_is_not_saved(setup, tmp_pa
   ckpt = ckpt_lib.Checkpointer(str(tmp_path), max_to_keep=3)
   state, _ = _run(step_fn, state, data, mesh, 0, 1)
   ckpt.save(state)
-  state, _ = _run(step_fn, state, data, mesh, 1, 1)
+  state, _ = _run(step_fn, state, data, mesh, 1, 2)
   ckpt.save(state)
-  assert ckpt.all_steps() == [1, 2]
-  for path in glob.glob(os.path.join(ckpt.directory, "2", "**", "*"), recursive=True):
+  assert ckpt.all_steps() == [1, 3]
+  for path in glob.glob(os.path.join(ckpt.directory, "3", "**", "*"), recursive=True):
     if os.path.isfile(path) and "_CHECKPOINT_METADATA" not in path:
       with open(path, "r+b") as f:
         f.truncate(max(os.path.getsize(path) // 3, 1))
   target = train.create_train_state(config, model, mesh)
-  restored = ckpt_lib.Checkpointer(str(tmp_path)).restore_latest(target, train.replicated(mesh))
+  resumed = ckpt_lib.Checkpointer(str(tmp_path), max_to_keep=3)
+  restored = resumed.restore_latest(target, train.replicated(mesh))
   assert restored is not None and int(restored.step) == 1
+  # The corrupt step is moved aside (orbax would refuse to write any step up to it) and kept.
+  assert os.listdir(ckpt.directory + "_unrestorable") == ["3"]
+  state, _ = _run(step_fn, restored, data, mesh, 1, 1)
+  assert resumed.save(state) and resumed.all_steps() == [1, 2] and resumed.last_good_step == 2
 
   bad = state.replace(step=state.step + 5,
                       params=jax.tree.map(lambda p: p * jnp.nan, state.params))
-  assert not ckpt.save(bad)
-  assert 7 not in ckpt.all_steps()
+  assert not resumed.save(bad)
+  assert 7 not in resumed.all_steps()
 
 
 @pytest.mark.parametrize("sampler", train.SAMPLERS)

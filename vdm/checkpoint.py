@@ -4,8 +4,10 @@ A checkpoint holds the TrainState: step, params, ema_params, opt_state, rng, the
 counter and the importance sampler's per-t second moments; the data position is the step (see
 vdm.input_pipeline). Checkpoints with non-finite parameters are never written. If the newest
 checkpoint cannot be restored (truncated, corrupt), the failure is logged and the next older one
-is tried; the bad one is replaced when training reaches its step again. A run's config.json
-(written by training) guards its workdir against another run's config (:func:`check_run_config`).
+is tried; once one restores, the newer unrestorable ones are moved to ``checkpoints_unrestorable/``
+(kept for inspection, out of orbax's way: it writes no step at or below its newest). A run's
+config.json (:func:`record_run_config`) guards its workdir against another run's config
+(:func:`check_run_config`).
 """
 from __future__ import annotations
 
@@ -19,7 +21,9 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
+from jax.experimental import multihost_utils
 
+from vdm import logging_utils
 from vdm.model import Model, make_model
 from vdm.train import TrainState, abstract_train_state
 
@@ -49,49 +53,64 @@ class Checkpointer:
         self.directory,
         options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True))
     self.last_good_step: Optional[int] = self._manager.latest_step()
-    self._unrestorable: set[int] = set()
 
   def all_steps(self) -> list[int]:
     return sorted(self._manager.all_steps())
 
-  def needs_rewrite(self, step: int) -> bool:
-    """Whether ``step`` holds a checkpoint that failed to restore: training saves again when it
-    reaches that step, whatever its checkpoint interval (a SIGTERM save may sit off it)."""
-    return step in self._unrestorable
-
   def save(self, state: TrainState, force: bool = False) -> bool:
-    """Write ``state`` at its step (collective: call on every process). Returns whether it did."""
+    """Write ``state`` at its step (collective: call on every process). Returns whether it did:
+    False if that step is already on disk or the parameters are not finite."""
     step = int(jax.device_get(state.step))
     if step in self._manager.all_steps():
-      if step not in self._unrestorable:
-        return False
-      logging.warning("Replacing the unrestorable checkpoint %s/%d.", self.directory, step)
-      self._manager.delete(step)
-      self._unrestorable.discard(step)
+      return False
     if not _all_finite((state.params, state.ema_params)):
       logging.error("Not saving the checkpoint at step %d: its parameters are not finite "
                     "(last good checkpoint: %s).", step, self.last_good_step)
       return False
     # The state is replicated: saving host copies makes orbax write from process 0 alone (its
     # jax.Array handler would write replica slices from every process in parallel).
-    self._manager.save(step, args=ocp.args.StandardSave(jax.device_get(state)), force=force)
+    if not self._manager.save(step, args=ocp.args.StandardSave(jax.device_get(state)), force=force):
+      raise RuntimeError(f"orbax did not write step {step} in {self.directory} (its newest step "
+                         f"is {self._manager.latest_step()}): move the newer steps out of that "
+                         "directory and resume.")
     self._manager.wait_until_finished()
     self.last_good_step = step
     return True
 
   def restore_latest(self, target: TrainState, sharding=None) -> Optional[TrainState]:
-    """The newest checkpoint that restores, shaped like ``target``; None if there is none."""
+    """The newest checkpoint that restores, shaped like ``target``; None if there is none. Newer
+    ones that failed are then moved aside (see the module docstring)."""
+    failed = []
     for step in sorted(self._manager.all_steps(), reverse=True):
       try:
         state = self._manager.restore(step, args=ocp.args.StandardRestore(_abstract(target, sharding)))
       except Exception as e:  # pylint: disable=broad-except
         logging.warning("Checkpoint %s/%d could not be restored (%s: %s); trying the previous one.",
                         self.directory, step, type(e).__name__, str(e).splitlines()[0][:200] if str(e) else "")
-        self._unrestorable.add(step)
+        failed.append(step)
         continue
+      self._set_aside(failed)
       self.last_good_step = step
       return state
     return None
+
+  def _set_aside(self, steps: list[int]) -> None:
+    """Move the step directories ``steps`` to ``checkpoints_unrestorable/`` (collective)."""
+    if not steps:
+      return
+    aside = self.directory + "_unrestorable"
+    if jax.process_index() == 0:
+      os.makedirs(aside, exist_ok=True)
+      for step in steps:
+        dest, n = os.path.join(aside, str(step)), 1
+        while os.path.exists(dest):
+          dest, n = os.path.join(aside, f"{step}.{n}"), n + 1
+        os.replace(os.path.join(self.directory, str(step)), dest)
+        logging.warning("Moved the unrestorable checkpoint %s/%d to %s; training writes its steps "
+                        "again.", self.directory, step, dest)
+    if jax.process_count() > 1:
+      multihost_utils.sync_global_devices("vdm: unrestorable checkpoints set aside")
+    self._manager.reload()
 
   def close(self) -> None:
     self._manager.close()
@@ -180,6 +199,13 @@ def run_dir(path: str) -> str:
   return os.path.dirname(path) if os.path.basename(path) == CHECKPOINT_DIR else path
 
 
+def record_run_config(config, workdir: str) -> None:
+  """Write ``workdir/config.json`` (process 0; atomically, so a kill never leaves half a record)."""
+  if logging_utils.is_main_process():
+    logging_utils.write_json(os.path.join(workdir, "config.json"),
+                             json.loads(config.to_json_best_effort()))
+
+
 def check_run_config(config, path: str, mode: str = "eval") -> None:
   """Refuse a config that differs from the one training recorded in the run's config.json in what
   defines the run (``mode`` 'train') or its trained function ('eval', 'sample'), when the run at
@@ -194,8 +220,8 @@ def check_run_config(config, path: str, mode: str = "eval") -> None:
     with open(recorded) as f:
       saved = _flat(json.load(f))
   except (OSError, ValueError) as e:
-    logging.warning("Cannot read %s (%s): the config is not compared with the run's.", recorded, e)
-    return
+    raise ValueError(f"cannot read {recorded} ({type(e).__name__}), the config of the run whose "
+                     "checkpoints are there: restore it, or use a fresh --workdir.") from None
   current = _flat(json.loads(config.to_json_best_effort()))
   if mode == "train":
     defining = lambda k: not k.startswith(FREE_KEYS)

@@ -189,9 +189,7 @@ def run_train(config, workdir: str) -> dict:
                nets.num_params(state.params), train_split.name, len(train_split), len(eval_split),
                jax.device_count())
 
-  if logging_utils.is_main_process():
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-      f.write(config.to_json_best_effort(indent=2) + "\n")
+  ckpt_lib.record_run_config(config, workdir)
   writer = logging_utils.Writer(os.path.join(workdir, "tensorboard"))
   train_step = train.make_train_step(config, model, mesh)
   eval_step = train.make_eval_step(config, model, mesh)
@@ -258,7 +256,7 @@ def run_train(config, workdir: str) -> dict:
         writer.scalars(done, {**values, **rates}, prefix="train/")
         if logging_utils.is_main_process():
           logging.info(logging_utils.console_line(done, t_cfg.num_steps, values, rates))
-      if done % t_cfg.checkpoint_every == 0 or last or checkpointer.needs_rewrite(done):
+      if done % t_cfg.checkpoint_every == 0 or last:
         check_finite()
         checkpointer.save(state)
       due = {"evaluate": done % t_cfg.eval_every == 0 or last,
