@@ -56,8 +56,8 @@ def test_train_eval_sample_end_to_end_and_resume(tmp_path):
   assert "Resumed from" in r.stderr and "step 6/6" in r.stderr
 
   # Another run's config in this workdir is refused, in one line, and the record is kept.
-  for args, shown in [(["--config.seed=7", "--config.optimizer.learning_rate=0.5"],
-                       "optimizer.learning_rate=0.002 (now 0.5), seed=0 (now 7)"),
+  for args, shown in [(["--config.seed=7", "--config.optimizer.b1=0.5"],
+                       "optimizer.b1=0.9 (now 0.5), seed=0 (now 7)"),
                       (["--mode=eval", "--config.data.vocab_size=16"], "data.vocab_size=256 (now 16)")]:
     r = _run(_cmd(workdir, *TINY, *args))
     lines = [l for l in r.stderr.splitlines() if l.strip()]
@@ -78,6 +78,16 @@ def test_train_eval_sample_end_to_end_and_resume(tmp_path):
   npz = np.load(os.path.join(workdir, "samples", "ddim_3steps_step4.npz"))["samples"]
   assert npz.shape == (5, 4, 4, 1) and npz.dtype == np.uint8
   assert os.path.isfile(os.path.join(workdir, "samples", "ddim_3steps_step4.png"))
+
+  # The remedy Diverged names: resume with a lower learning rate and clipping (the optimizer's
+  # state does not depend on either); the change is logged and recorded.
+  r = _run(_cmd(workdir, *TINY, "--config.training.num_steps=7", "--config.optimizer.grad_clip=1.0",
+                "--config.optimizer.learning_rate=0.001"))
+  assert r.returncode == 0, r.stderr[-3000:]
+  assert "Resumed from" in r.stderr and "step 7/7" in r.stderr
+  assert ("with optimizer.grad_clip=1.0 (was 0.0), optimizer.learning_rate=0.001 (was 0.002)"
+          in r.stderr), r.stderr[-3000:]
+  assert _json(workdir, "config.json")["optimizer"]["learning_rate"] == 0.001
 
 
 BAD_INPUTS = {

@@ -168,14 +168,15 @@ def restore_path(path: str, target: TrainState, sharding=None) -> TrainState:
 
 
 # What may differ between the invocations on one run: how the same function is computed, how
-# long and how often, how it is evaluated and sampled, and where the data lie.
+# long and how often, how it is evaluated and sampled, where the data lie, and the step size
+# (lowering it, or clipping, is the remedy for a diverged run: resume from the last good step).
 COMPUTE_KEYS = ("model.dtype", "model.residual_dtype", "model.unroll", "model.remat",
                 "model.norm_impl", "model.eval_fp32_fraction")
 FREE_KEYS = COMPUTE_KEYS + (
     "training.num_steps", "training.log_every", "training.eval_every", "training.sample_every",
     "training.checkpoint_every", "training.max_to_keep", "training.max_nonfinite_steps", "eval.",
     "sampling.", "data.data_dir", "data.download", "data.path", "data.prefetch", "data.eval_split",
-    "data.synthetic_num_test")
+    "data.synthetic_num_test", "optimizer.learning_rate", "optimizer.grad_clip")
 # Evaluating or sampling a trained run, only what defines its function and parameters must match.
 INFERENCE_KEYS = ("model.", "data.image_size", "data.channels", "data.vocab_size")
 
@@ -227,8 +228,11 @@ def check_run_config(config, path: str, mode: str = "eval") -> None:
     defining = lambda k: not k.startswith(FREE_KEYS)
   else:
     defining = lambda k: k.startswith(INFERENCE_KEYS) and not k.startswith(COMPUTE_KEYS)
-  changed = [k for k in sorted(saved.keys() & current.keys())
-             if defining(k) and saved[k] != current[k]]
+  differ = [k for k in sorted(saved.keys() & current.keys()) if saved[k] != current[k]]
+  changed = [k for k in differ if defining(k)]
+  if mode == "train" and not changed and any(k.startswith("optimizer.") for k in differ):
+    logging.warning("Resuming %s with %s.", workdir, ", ".join(
+        f"{k}={current[k]!r} (was {saved[k]!r})" for k in differ if k.startswith("optimizer.")))
   if changed:
     shown = ", ".join(f"{k}={saved[k]!r} (now {current[k]!r})" for k in changed[:3])
     more = f" and {len(changed) - 3} more" if len(changed) > 3 else ""

@@ -214,7 +214,8 @@ def run_train(config, workdir: str) -> dict:
       where = (os.path.join(checkpointer.directory, str(last)) if last is not None else "none")
       raise Diverged(f"training stopped at step {step}: {count} non-finite steps in a row (loss or "
                      f"gradient NaN/inf); last good checkpoint: {where}. Lower "
-                     "optimizer.learning_rate or set optimizer.grad_clip, then resume.")
+                     "optimizer.learning_rate or set optimizer.grad_clip > 0, and rerun to resume "
+                     "from it.")
 
   def evaluate_and_sample(done: int, evaluate: bool, sample: bool) -> None:
     nonlocal summary, sample_fn

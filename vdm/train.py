@@ -83,13 +83,23 @@ def check_optimizer_config(opt_config) -> None:
 
 
 def make_optimizer(opt_config) -> optax.GradientTransformation:
-  """Optional global-norm clipping, then AdamW with warm-up (no weight decay on the schedule)."""
+  """AdamW with warm-up (no weight decay on the schedule).
+
+  Its state does not depend on ``learning_rate`` or ``grad_clip`` (clipping is :func:`clip`,
+  outside it), so a diverged run can resume from its last checkpoint with either changed.
+  """
   decay_mask = lambda params: {k: jax.tree.map(lambda _: k == "net", v) for k, v in params.items()}
-  adamw = optax.adamw(learning_rate_fn(opt_config), b1=opt_config.b1, b2=opt_config.b2,
-                      eps=opt_config.eps, weight_decay=opt_config.weight_decay, mask=decay_mask)
-  if opt_config.grad_clip and opt_config.grad_clip > 0:
-    return optax.chain(optax.clip_by_global_norm(opt_config.grad_clip), adamw)
-  return adamw
+  return optax.adamw(learning_rate_fn(opt_config), b1=opt_config.b1, b2=opt_config.b2,
+                     eps=opt_config.eps, weight_decay=opt_config.weight_decay, mask=decay_mask)
+
+
+def clip(grads, max_norm: float):
+  """g · min(1, max_norm / ‖g‖) for max_norm > 0 (optax's global-norm clipping, stateless); g
+  for max_norm = 0."""
+  if max_norm <= 0:
+    return grads
+  clipper = optax.clip_by_global_norm(max_norm)
+  return clipper.update(grads, clipper.init(grads))[0]
 
 
 def create_train_state(config, model: Model, mesh: Mesh | None = None) -> TrainState:
@@ -216,7 +226,8 @@ def make_train_step(config, model: Model, mesh: Mesh) -> Callable[[TrainState, j
         state.time_second_moment, terms["t"], terms["diffusion"] * density(terms["t"]),
         loss_cfg.importance_decay)
     grad_norm = optax.tree.norm(grads)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    updates, opt_state = tx.update(clip(grads, config.optimizer.grad_clip),
+                                   state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     finite = (jnp.isfinite(loss) & jnp.isfinite(grad_norm)
               & jnp.isfinite(optax.tree.norm(params)))
