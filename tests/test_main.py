@@ -143,6 +143,12 @@ INVALID_SETTINGS = {
     "adam_eps": ({"optimizer.eps": 0.0}, "optimizer.eps=0.0 must be > 0"),
     "weight_decay": ({"optimizer.weight_decay": -0.01}, "optimizer.weight_decay=-0.01 must be >= 0"),
     "grad_clip": ({"optimizer.grad_clip": -1.0}, "optimizer.grad_clip=-1.0 must be >= 0"),
+    "grad_clip_nan": ({"optimizer.grad_clip": float("nan")},
+                      "optimizer.grad_clip=nan must be >= 0"),
+    "n_embd_zero": ({"model.n_embd": 0}, "model.n_embd=0 must be a positive multiple of 32"),
+    "synthetic_size": ({"data.image_size": 2},
+                       "data.source='synthetic' needs data.image_size >= 3"),
+    "synthetic_num": ({"data.synthetic_num_train": -5}, "synthetic_num_test >= 0 (now -5, 512)"),
     "max_to_keep": ({"training.max_to_keep": 0}, "training.max_to_keep=0 must be >= 1"),
     "prefetch": ({"data.prefetch": 0}, "data.prefetch=0 must be >= 1"),
 }

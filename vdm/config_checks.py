@@ -24,6 +24,11 @@ def validate(config) -> None:
     raise ValueError(f"data.vocab_size={d.vocab_size} must be in [2, 256] for uint8 images.")
   if d.image_size < 1 or d.channels < 1:
     raise ValueError(f"data.image_size={d.image_size} and data.channels={d.channels} must be >= 1.")
+  if d.source == "synthetic" and (d.image_size < 3 or min(d.synthetic_num_train,
+                                                          d.synthetic_num_test) < 0):
+    raise ValueError(f"data.source='synthetic' needs data.image_size >= 3 (now {d.image_size}) and "
+                     f"data.synthetic_num_train, data.synthetic_num_test >= 0 (now "
+                     f"{d.synthetic_num_train}, {d.synthetic_num_test}).")
   if d.prefetch < 1:
     raise ValueError(f"data.prefetch={d.prefetch} must be >= 1 (batches staged on the devices "
                      "ahead of the step).")
@@ -54,8 +59,9 @@ def validate(config) -> None:
   if m.remat not in nets.REMAT:
     raise ValueError(f"unknown model.remat {m.remat!r}: use one of {', '.join(nets.REMAT)} (see "
                      "vdm.nets.REMAT).")
-  if m.n_embd % 32:
-    raise ValueError(f"model.n_embd={m.n_embd} must be a multiple of 32 (GroupNorm's 32 groups).")
+  if m.n_embd < 32 or m.n_embd % 32:
+    raise ValueError(f"model.n_embd={m.n_embd} must be a positive multiple of 32 (GroupNorm's 32 "
+                     "groups).")
   if config.loss.weighting not in elbo.WEIGHTINGS:
     raise ValueError(f"unknown loss.weighting {config.loss.weighting!r}: use one of "
                      f"{', '.join(elbo.WEIGHTINGS)}.")

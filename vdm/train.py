@@ -78,7 +78,7 @@ def check_optimizer_config(opt_config) -> None:
     raise ValueError(f"optimizer.eps={o.eps} must be > 0 (it keeps Adam's division finite).")
   for key, meaning in (("weight_decay", "0 = none"), ("warmup_steps", "0 = none"),
                        ("grad_clip", "0 = no clipping")):
-    if o[key] < 0:
+    if not o[key] >= 0:  # also refuses nan
       raise ValueError(f"optimizer.{key}={o[key]} must be >= 0 ({meaning}).")
 
 
