@@ -4,8 +4,9 @@ on sys.path."""
 from __future__ import annotations
 
 import os
+import time
 
-from absl import flags
+from absl import flags, logging
 from ml_collections import config_flags
 
 import jax
@@ -71,9 +72,28 @@ def compare_dtype(model: Model, params: dict, dtype: str, images: np.ndarray, rn
           "b_eval_fp32_fraction": eval_fp32_share(model_b), **res, "by_time": by_time}
 
 
+def output_path(name: str) -> str:
+  """--output, or WORKDIR/<name>.json."""
+  return FLAGS.output or os.path.join(FLAGS.workdir or ".", f"{name}.json")
+
+
+def keep_previous(path: str) -> None:
+  """Rename an existing ``path`` to <path without .json>.<its mtime, UTC>.json, so that a rerun
+  (which writes ``path`` as it goes) never overwrites the results of an earlier one."""
+  if not os.path.exists(path):
+    return
+  root, ext = os.path.splitext(path)
+  stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(os.path.getmtime(path)))
+  dest, n = f"{root}.{stamp}{ext}", 1
+  while os.path.exists(dest):
+    dest, n = f"{root}.{stamp}.{n}{ext}", n + 1
+  os.replace(path, dest)
+  logging.warning("%s exists: kept it as %s.", path, dest)
+
+
 def write_results(results: dict, name: str) -> str:
-  """Write ``results`` (NaN → null) to --output or WORKDIR/<name>.json; returns the path."""
-  out = FLAGS.output or os.path.join(FLAGS.workdir or ".", f"{name}.json")
+  """Write ``results`` (NaN → null) to :func:`output_path`; returns the path."""
+  out = output_path(name)
   os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
   logging_utils.write_json(out, logging_utils.json_safe(results))
   return out

@@ -91,6 +91,7 @@ case "${1:-}" in
     ;;
   curve)
     setup; cache
+    rm -rf "$TMP/vdm_curve_run"  # train_curve.py refuses a workdir that holds checkpoints
     run curve_bf16 $((LIMIT - 30)) "$PY" experiments/train_curve.py --config="$CONFIG" \
       "${DATA[@]}" "${EXTRA[@]}" --config.model.dtype=bfloat16 --seconds="$TRAIN_SECONDS" \
       --compare_dtype=float32 --compare_batch_size=113 --output="$OUT/curve_bf16.json" \

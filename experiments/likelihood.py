@@ -64,12 +64,22 @@ def main(argv):
   del argv
   if FLAGS.toy and FLAGS.compare_dtype:
     raise app.UsageError("--compare_dtype needs a trained model: drop --toy.")
+  if FLAGS.toy and FLAGS.num_images < 1:
+    raise app.UsageError(f"--num_images={FLAGS.num_images}: --toy draws that many images; 0 (the "
+                         "whole split) needs a trained model's data.")
+  for name in ("batch_size", "ode_batch_size", "num_time_samples"):
+    if FLAGS[name].value < 1:
+      raise app.UsageError(f"--{name}={FLAGS[name].value} must be >= 1.")
+  if FLAGS.importance and FLAGS.is_fit_batches < 1:
+    raise app.UsageError(f"--is_fit_batches={FLAGS.is_fit_batches} must be >= 1 (or "
+                         "--noimportance).")
+  common.keep_previous(common.output_path("likelihood"))
   rng = jax.random.PRNGKey(FLAGS.seed)
   timings = {}
   if FLAGS.toy:
     data = toy.FactorizedDiscrete.random(0, dims=4, vocab_size=4)
     eps_fn, gamma_fn, vocab_size = data.eps_fn(), schedules.fixed_linear(), data.vocab_size
-    test = np.asarray(data.sample(jax.random.PRNGKey(1), max(FLAGS.num_images, 1)))
+    test = np.asarray(data.sample(jax.random.PRNGKey(1), FLAGS.num_images))
     fit = np.asarray(data.sample(jax.random.PRNGKey(2), FLAGS.is_fit_batches * FLAGS.batch_size))
     info = {"toy": "FactorizedDiscrete(seed 0, D=4, V=4)", "entropy_bpd": data.entropy_bits_per_dim()}
     decoder = "vdm"

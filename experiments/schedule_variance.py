@@ -78,8 +78,9 @@ def _trained_setup():
   return eps_fn, gamma_0, gamma_1, train.batch, test, config.data.vocab_size, info
 
 
-def run() -> dict:
-  """Fit and compare as the flags say; returns the results written to the JSON."""
+def run(save) -> dict:
+  """Fit and compare as the flags say; returns the results, handed to ``save`` after the fit and
+  again at the end (a run stopped in the comparison keeps its fit)."""
   variance.check_settings(steps=FLAGS.fit_steps, learning_rate=FLAGS.learning_rate, draws=FLAGS.draws)
   for name in ("fit_batch_size", "test_batch_size"):
     if FLAGS[name].value < 1:
@@ -97,40 +98,42 @@ def run() -> dict:
                                               steps=FLAGS.fit_steps, learning_rate=FLAGS.learning_rate,
                                               vocab_size=vocab_size)
   fit_s = time.time() - t0
-  t0 = time.time()
-  comparison = variance.compare_shapes(eps_fn, module, linear, fitted, test, rng_measure,
-                                       draws=FLAGS.draws, vocab_size=vocab_size)
-  measure_s = time.time() - t0
-
   t_grid = jnp.linspace(0.0, 1.0, 101)
   fitted_gamma = np.asarray(jax.jit(module.apply)(fitted, t_grid))
-  return {
+  results = {
       "info": info,
       "flags": {k: FLAGS[k].value for k in ("seed", "fit_steps", "fit_batch_size", "learning_rate",
                                             "n_features", "test_batch_size", "draws")},
       "endpoints": {"gamma_0": gamma_0, "gamma_1": gamma_1,
                     "fitted_gamma_0": fitted_gamma[0], "fitted_gamma_1": fitted_gamma[-1]},
-      "variance_ratio": comparison["variance_ratio"],
-      "comparison": comparison,
       "fit_second_moment": second_moments,
       "gamma_grid": {"t": np.asarray(t_grid), "fitted": fitted_gamma},
-      "timings": {"fit_s": fit_s, "measure_s": measure_s},
+      "timings": {"fit_s": fit_s},
       "device": str(jax.devices()[0].device_kind),
       "jax": jax.__version__,
   }
+  save(results)
+  t0 = time.time()
+  comparison = variance.compare_shapes(eps_fn, module, linear, fitted, test, rng_measure,
+                                       draws=FLAGS.draws, vocab_size=vocab_size)
+  results["timings"]["measure_s"] = time.time() - t0
+  results.update(variance_ratio=comparison["variance_ratio"], comparison=comparison)
+  save(results)
+  return results
 
 
 @logging_utils.one_line_errors
 def main(argv):
   del argv
-  results = run()
+  common.keep_previous(common.output_path("schedule_variance"))
+  results = run(lambda r: common.write_results(r, "schedule_variance"))
   c = results["comparison"]
   logging.info("variance ratio fitted/linear %.3f; diffusion loss %.4f ± %.4f (fitted) vs "
                "%.4f ± %.4f (linear) bits/dim, difference %.4f ± %.4f; fit %d steps in %.1f s",
                c["variance_ratio"], c["fitted"]["mean"], c["fitted"]["mean_se"], c["linear"]["mean"],
                c["linear"]["mean_se"], c["mean_difference"], c["mean_difference_se"], FLAGS.fit_steps,
                results["timings"]["fit_s"])
-  logging.info("wrote %s", common.write_results(results, "schedule_variance"))
+  logging.info("wrote %s", common.output_path("schedule_variance"))
 
 
 if __name__ == "__main__":

@@ -17,7 +17,6 @@ variant's own memory is its train step's temporaries (``train_temp_gib``), or a 
 """
 from __future__ import annotations
 
-import json
 import os
 import sys
 import time
@@ -33,7 +32,8 @@ import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from vdm import benchmark, nets, pallas_conv, pallas_norm  # noqa: E402
+from experiments import common  # noqa: E402
+from vdm import benchmark, logging_utils, nets, pallas_conv, pallas_norm  # noqa: E402
 
 # name -> (config overrides, default PRNG implementation or None, programs timed after training)
 VARIANTS = {
@@ -323,13 +323,18 @@ def main(argv):
   unknown = [v for v in FLAGS.variants if any(p not in VARIANTS for p in v.split("+"))]
   if unknown:
     raise app.UsageError(f"unknown variants {unknown}: use some of {', '.join(VARIANTS)}.")
+  for key, flag in (("model.dtype", "dtype"), ("training.batch_size", "batch_size")):
+    if any(a.startswith(f"--config.{key}") for a in sys.argv):
+      raise app.UsageError(f"--config.{key} has no effect here: every variant runs at --{flag}.")
+  if FLAGS.output:
+    common.keep_previous(FLAGS.output)
   results: dict = {"date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                    "device": jax.devices()[0].device_kind, "jax_version": jax.__version__,
                    "batch_size": FLAGS.batch_size, "dtype": FLAGS.dtype, "variants": {}}
 
   def save():
-    with open(FLAGS.output, "w") as f:
-      json.dump(results, f, indent=2)
+    if FLAGS.output:
+      logging_utils.write_json(FLAGS.output, results, sort_keys=False)  # in the order measured
 
   if FLAGS.floors:
     results["floors"] = floors(FLAGS.batch_size, FLAGS.config.model.n_embd,

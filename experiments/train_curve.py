@@ -204,7 +204,15 @@ def main(argv):
   config = FLAGS.config
   config_checks.validate(config)
   marks = parse_marks(FLAGS.marks, FLAGS.seconds)
+  if FLAGS.eval_batches < 0:
+    raise ValueError(f"--eval_batches={FLAGS.eval_batches} must be >= 0 (0 = the whole test "
+                     "split).")
+  held = os.path.join(FLAGS.workdir or "", checkpoint.CHECKPOINT_DIR)
+  if FLAGS.workdir and os.path.isdir(held) and os.listdir(held):
+    raise ValueError(f"--workdir={FLAGS.workdir} already holds checkpoints, which the likelihood "
+                     "scripts would take for this run's: use a fresh --workdir.")
   os.makedirs(os.path.dirname(os.path.abspath(FLAGS.output)), exist_ok=True)
+  common.keep_previous(FLAGS.output)
   save = lambda results: logging_utils.write_json(FLAGS.output, logging_utils.json_safe(results))
   results, state = run_curve(config, FLAGS.seconds, marks, FLAGS.params == "ema",
                              FLAGS.eval_batches, save)

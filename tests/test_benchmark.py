@@ -223,6 +223,8 @@ def _sweep(*args):
 def test_sweep_refuses_unknown_variants(tmp_path):
   r = _sweep(*SWEEP_TINY, "--variants=base,unroll0+fastest", f"--output={tmp_path / 's.json'}")
   assert r.returncode != 0 and "unknown variants ['unroll0+fastest']" in r.stderr
+  r = _sweep(*SWEEP_TINY, "--config.model.dtype=float32", f"--output={tmp_path / 's.json'}")
+  assert r.returncode != 0 and "--config.model.dtype has no effect here" in r.stderr
   assert not (tmp_path / "s.json").exists()
 
 

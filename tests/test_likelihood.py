@@ -153,6 +153,21 @@ def test_batches_of_another_image_shape_and_decreasing_gamma_are_refused():
     importance.loss_moments(DATA.eps_fn(), decreasing, [x], jax.random.PRNGKey(0), vocab_size=4)
 
 
+def test_experiment_script_refuses_flags_it_would_misread(tmp_path):
+  import os
+  import subprocess
+  import sys
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  out = tmp_path / "likelihood.json"
+  for args, words in ((["--num_images=0"], "--toy draws that many images"),
+                      (["--batch_size=0"], "--batch_size=0 must be >= 1"),
+                      (["--is_fit_batches=0"], "--is_fit_batches=0 must be >= 1")):
+    r = subprocess.run([sys.executable, os.path.join(root, "experiments", "likelihood.py"), "--toy",
+                        f"--output={out}", *args], capture_output=True, text=True, cwd=root)
+    assert r.returncode != 0 and words in r.stderr, r.stderr[-2000:]
+  assert not out.exists()
+
+
 @pytest.mark.slow
 def test_experiment_script_runs_on_the_toy_distribution(tmp_path):
   import json

@@ -77,11 +77,31 @@ def test_curve_marks_checkpoint_plot_and_dtype_comparison(tmp_path):
 
 def test_bad_marks_and_missing_data_are_one_line_errors(tmp_path):
   out = str(tmp_path / "c.json")
+  used = tmp_path / "used"  # another run's checkpoints, which the likelihood scripts would load
+  os.makedirs(used / "checkpoints" / "5")
   for args, words in ((["--marks=abc"], "must be numbers"), (["--seconds=0"], "must be > 0"),
                       (["--config.data.source=npz", "--config.data.path=/nonexistent.npz"], "npz"),
-                      (["--config.optimizer.learning_rate=-2e-4"], "learning_rate=-0.0002 must be > 0")):
+                      (["--config.optimizer.learning_rate=-2e-4"],
+                       "learning_rate=-0.0002 must be > 0"),
+                      (["--eval_batches=-1"], "--eval_batches=-1 must be >= 0"),
+                      ([f"--workdir={used}"], "already holds checkpoints")):
     proc = _script("train_curve.py", *TINY, f"--output={out}", *args, check=False)
     assert proc.returncode == 2
     line = proc.stderr.strip().splitlines()[-1]
     assert line.startswith("vdm: error:") and words in line, proc.stderr[-2000:]
   assert not os.path.exists(out)
+
+
+def test_a_rerun_keeps_the_previous_results(tmp_path):
+  sys.path.insert(0, ROOT)
+  from experiments import common
+  out = tmp_path / "r.json"
+  out.write_text("first")
+  os.utime(out, (0, 0))
+  common.keep_previous(str(out))
+  out.write_text("second")
+  os.utime(out, (0, 0))  # the same second: numbered
+  common.keep_previous(str(out))
+  assert not out.exists()
+  kept = {p.name: p.read_text() for p in tmp_path.iterdir()}
+  assert kept == {"r.19700101T000000Z.json": "first", "r.19700101T000000Z.1.json": "second"}

@@ -65,10 +65,11 @@ def json_safe(o):
   return o
 
 
-def write_json(path: str, obj) -> None:
+def write_json(path: str, obj, sort_keys: bool = True) -> None:
+  """Write ``obj`` as JSON to ``path`` atomically (a temporary file, then a rename)."""
   tmp = path + ".tmp"
   with open(tmp, "w") as f:
-    json.dump(obj, f, indent=2, sort_keys=True)
+    json.dump(obj, f, indent=2, sort_keys=sort_keys)
     f.write("\n")
   os.replace(tmp, path)
 

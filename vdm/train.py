@@ -294,6 +294,8 @@ def summarize_eval(totals: dict) -> dict:
 
 def evaluate(eval_step, params, split, config, mesh, num_batches: int = 0, desc: str = "eval") -> dict:
   """The bound on ``split`` (its first ``num_batches`` batches; 0 = all) with ``params``."""
+  if num_batches < 0:
+    raise ValueError(f"num_batches={num_batches} must be >= 0 (0 = the whole split).")
   total = input_pipeline.num_eval_batches(split, config.eval.batch_size)
   if num_batches:
     total = min(total, num_batches)
