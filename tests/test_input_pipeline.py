@@ -27,6 +27,10 @@ def test_synthetic_is_deterministic_structured_and_split_specific():
   assert a.shape == (100, 8, 8, 3) and a.dtype == np.uint8
   np.testing.assert_array_equal(a, b)
   assert not np.array_equal(a[:30], test) and not np.array_equal(a, other_seed)
+  # Splits of any other names differ too (they all drew the same images before).
+  parts = [ip.load_split(data_config(train_split="train[:90%]"), s, seed=0).get(np.arange(30))
+           for s in ("train[90%:]", "holdout")]
+  assert not np.array_equal(*parts) and not np.array_equal(parts[0], test)
   # Structured: neighbouring pixels are close far more often than for uniform noise.
   assert np.mean(np.abs(np.diff(a.astype(int), axis=2)) <= 4) > 0.5
 
@@ -131,6 +135,9 @@ def test_npz_source_loads_both_splits(tmp_path):
     ("vocab", "vocab_size"),
     ("no_key", "has no array 'test_images'"),
     ("not_npz", "not a readable .npz"),
+    ("truncated", r"not a readable \.npz file \(BadZipFile"),
+    ("bad_crc", r"not a readable \.npz file \(BadZipFile: Bad CRC-32"),
+    ("objects", r"not a readable \.npz file \(ValueError: Object arrays"),
 ])
 def test_npz_errors_are_one_line_value_errors(tmp_path, case, match):
   path = str(tmp_path / "d.npz")
@@ -151,6 +158,17 @@ def test_npz_errors_are_one_line_value_errors(tmp_path, case, match):
   elif case == "not_npz":
     with open(path, "wb") as f:
       f.write(b"this is not a zip file")
+  elif case in ("truncated", "bad_crc"):  # half a copy; one flipped byte in test_images' data
+    whole = bytearray(open(_write_npz(path), "rb").read())
+    if case == "truncated":
+      whole = whole[:len(whole) // 2]
+    else:
+      whole[whole.rfind(b"\x93NUMPY") + 200] ^= 0xFF
+    with open(path, "wb") as f:
+      f.write(whole)
+  elif case == "objects":
+    np.savez(path, train_images=np.zeros((2, 8, 8, 3), np.uint8),
+             test_images=np.array([None, 1], dtype=object))
   with pytest.raises(ValueError, match=match) as e:
     ip.load_split(data_config(source="npz", path=path, **overrides), "test")
   assert "\n" not in str(e.value)

@@ -19,13 +19,15 @@ from __future__ import annotations
 import os
 import queue
 import threading
+import zipfile
+import zlib
 from typing import Callable, Iterator, Optional
 
 import jax
 import numpy as np
 
 SOURCES = ("tfds", "npz", "synthetic")
-_SYNTHETIC_SPLIT_SEED = {"train": 0, "test": 1}
+_SYNTHETIC_SPLIT_SEED = {"train": 0, "test": 1, "validation": 2}  # any other name: its CRC-32
 
 
 class Split:
@@ -105,7 +107,7 @@ def _load_split(data_config, split: str, seed: int) -> Split:
   source = data_config.source
   if source == "synthetic":
     num = data_config.synthetic_num_train if split == data_config.train_split else data_config.synthetic_num_test
-    split_seed = _SYNTHETIC_SPLIT_SEED.get(split, 2)
+    split_seed = _SYNTHETIC_SPLIT_SEED.get(split, zlib.crc32(split.encode()))
     images = synthetic_images(1_000_003 * seed + split_seed, num, data_config.image_size,
                               data_config.channels)
     if data_config.vocab_size < 256:  # keep the same pictures, on fewer levels
@@ -126,18 +128,22 @@ def _load_npz(data_config, split: str) -> Split:
     raise ValueError(f"data.path={path!r} does not exist: point --config.data.path at an .npz file "
                      "with train_images and test_images.")
   key = f"{split}_images"
+  unreadable = (OSError, EOFError, ValueError, zipfile.BadZipFile)  # truncated, bad CRC, pickled
   try:
     f = np.load(path)
     if not isinstance(f, np.lib.npyio.NpzFile):
       raise ValueError("not an .npz archive")
-  except (OSError, EOFError, ValueError) as e:  # not an npz / zip file, or truncated
-    raise ValueError(f"data.path={path!r} is not a readable .npz file ({e}): re-create it with "
-                     "np.savez(path, train_images=..., test_images=...).") from None
-  with f:
-    if key not in f.files:
-      raise ValueError(f"{path} has no array {key!r} (it has {', '.join(f.files) or 'none'}): "
-                       f"save the {split} split as {key}, uint8 [N, H, W, C].")
-    images = f[key]
+    with f:
+      if key not in f.files:
+        raise KeyError(key)
+      images = f[key]
+  except KeyError:
+    raise ValueError(f"{path} has no array {key!r} (it has {', '.join(f.files) or 'none'}): "
+                     f"save the {split} split as {key}, uint8 [N, H, W, C].") from None
+  except unreadable as e:
+    raise ValueError(f"data.path={path!r} is not a readable .npz file ({type(e).__name__}: {e}): "
+                     "re-create it with np.savez(path, train_images=..., test_images=...)."
+                     ) from None
   _check_images(images, f"{path}:{key}", data_config)
   return _array_split(f"npz/{split}", images)
 
