@@ -196,9 +196,14 @@ def train_step_flops(config, model, batch_size: int) -> Optional[float]:
   XLA counts a loop body once, so this lowers the same step with the block scans unrolled
   (same parameters and arithmetic); remat's recomputation is included when the net has it. It
   lowers for the host CPU, whose compiler gives a cost analysis before compiling; on the H100
-  (jax 0.11.2) the lowered step's cost analysis came back empty.
+  (jax 0.11.2) the lowered step's cost analysis came back empty. Pallas norms are counted as the
+  same function by autodiff: a GPU process cannot lower them for the CPU (only interpret mode
+  runs there), and in interpret mode XLA would count their grid loop once.
   """
-  twin = dataclasses.replace(model, net=model.net.clone(unroll=0))
+  net = model.net.clone(unroll=0)
+  if net.norm_impl in ("pallas", "pallas_conv"):
+    net = net.clone(norm_impl="autodiff")
+  twin = dataclasses.replace(model, net=net)
   state = train.abstract_train_state(config, twin)
   batch = jax.ShapeDtypeStruct((batch_size,) + model.image_shape, jnp.int32)
   cpu_mesh = train.make_mesh(jax.devices("cpu")[:1])
