@@ -43,6 +43,12 @@ def test_decoders_are_normalised(decoder):
   z_0 = jnp.full((vocab, 1), 0.37)
   logp = -elbo.reconstruction_loss(xs, z_0, jnp.float32(-3.0), vocab_size=vocab, decoder=decoder)
   np.testing.assert_allclose(jax.scipy.special.logsumexp(logp), 0.0, atol=1e-5)
+  # The whole distribution (sampling reads it) is the same decoder, here centred on x̂_0 = 0.05.
+  x_hat = jnp.full((vocab, 1), 0.05)
+  logp = -elbo.reconstruction_loss(xs, z_0, jnp.float32(-3.0), vocab_size=vocab, decoder=decoder,
+                                   x_hat=x_hat)
+  every = elbo.decoder_log_probs(z_0[:1], jnp.float32(-3.0), vocab, decoder, x_hat[:1])
+  np.testing.assert_allclose(every[0, 0], logp, rtol=1e-6, atol=1e-6)
 
 
 def test_gamma_min_floor_is_where_the_vdm_decoder_stops_being_finite():

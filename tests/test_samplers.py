@@ -1,4 +1,6 @@
 """Samplers: with the Bayes-optimal denoiser each one reproduces a known discrete distribution."""
+import math
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -86,6 +88,26 @@ def test_decode_modes():
   x_sample = samplers.decode(a, GAMMA(0.0), vocab_size=4, rng=jax.random.PRNGKey(3))
   assert x_argmax.dtype == jnp.int32 and x_argmax.shape == a.shape
   np.testing.assert_array_equal(x_argmax, x_sample)  # σ_0/α_0 ≈ 1e-3 ≪ the bin width 0.5
+
+
+def test_discretized_gaussian_decode_is_centred_on_x_hat_not_z_0():
+  """DDPM's decoder N(x̂_0, e^{γ_0}) per bin: its argmax is x̂_0's bin whatever z_0 is, and its
+  samples follow the bins' masses (here a scale of half a bin, so neighbours get some)."""
+  vocab, gamma_0 = 16, jnp.float32(2 * math.log(1 / 16))  # e^{γ_0/2} = 1/16, half a bin
+  x = jnp.arange(vocab)
+  x_hat = elbo.scale_data(x, vocab) + 0.3 / vocab  # inside each bin, off centre
+  z_0 = jnp.zeros(vocab)  # the VDM decoder would read every pixel as the middle of the range
+  np.testing.assert_array_equal(samplers.decode(z_0, gamma_0, vocab_size=vocab,
+                                                decoder="discretized_gaussian", x_hat=x_hat), x)
+  many = (2000, vocab)
+  draws = np.asarray(samplers.decode(jnp.zeros(many), gamma_0, vocab_size=vocab,
+                                     decoder="discretized_gaussian",
+                                     x_hat=jnp.broadcast_to(x_hat, many),
+                                     rng=jax.random.PRNGKey(3)))
+  probs = np.exp(np.asarray(elbo.decoder_log_probs(z_0, gamma_0, vocab, "discretized_gaussian",
+                                                   x_hat)))
+  freq = np.stack([np.bincount(draws[:, i], minlength=vocab) for i in range(vocab)]) / many[0]
+  assert np.abs(freq - probs).sum(axis=1).max() < 0.08  # total variation; always the argmax: 0.48
 
 
 def test_bad_sampler_arguments_raise():

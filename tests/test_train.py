@@ -172,6 +172,33 @@ def test_samplers_give_integer_images(setup, sampler):
     train.make_sample_fn(config, model, "leapfrog", 2, 3)
 
 
+def test_sampling_decodes_with_the_models_decoder(setup):
+  """With decoder='discretized_gaussian' the samples are the argmax of N(x̂_0, e^{γ_0}) over the
+  bins, x̂_0 = (z_0 − σ_0 ε̂)/α_0 (tests/test_samplers.py checks that decoder); the VDM decoder
+  reads z_0/α_0, and before, every config sampled that way."""
+  config = setup[0].copy_and_resolve_references()
+  # γ_0 = −5: σ_0/α_0 ≈ 10 bins, so reading z_0 instead of x̂_0 changes most pixels.
+  config.model.decoder, config.model.gamma_min = "discretized_gaussian", -5.0
+  model = model_lib.make_model(config)
+  params = model_lib.init_params(model, jax.random.PRNGKey(0))
+  noise = lambda p: 0.05 * jax.random.normal(jax.random.PRNGKey(1), p.shape)
+  params = jax.tree.map(lambda p: p + noise(p), params)
+  sample = train.make_sample_fn(config, model, "ddim", 2, 64)
+  images = np.asarray(sample(params, jax.random.PRNGKey(2)))
+
+  from vdm import elbo, samplers  # pylint: disable=g-import-not-at-top
+  eps_fn, gamma_fn = model_lib.eps_fn_for(model, params), model_lib.gamma_fn_for(model, params)
+  z_1 = jax.random.normal(jax.random.split(jax.random.PRNGKey(2))[0], (64,) + model.image_shape)
+  z_0 = samplers.ddim(eps_fn, gamma_fn, z_1, 2)
+  gamma_0 = gamma_fn(jnp.zeros(()))
+  x_hat = elbo.predict_x0(z_0, gamma_0, eps_fn(z_0, jnp.full((64,), gamma_0)))
+  expected = samplers.decode(z_0, gamma_0, vocab_size=256, decoder="discretized_gaussian",
+                             x_hat=x_hat)
+  read_z_0 = np.asarray(samplers.decode(z_0, gamma_0, vocab_size=256))
+  np.testing.assert_array_equal(images, expected)
+  assert np.mean(images != read_z_0) > 0.2  # many pixels sit at 0 or 255 either way
+
+
 def _learned_monotone_config(**loss):
   config = tiny_config()
   config.model.schedule = "learned_monotone"

@@ -132,15 +132,39 @@ def reconstruction_loss(x: jax.Array, z_0: jax.Array, gamma_0: jax.Array, *, voc
   x̂_0 = (z_0 − σ_0 ε̂)/α_0 is the denoiser's mean (z_0/α_0 when x_hat is None).
   """
   if decoder == "vdm":
-    logp = jax.nn.log_softmax(vdm_decoder_logits(z_0, gamma_0, vocab_size), axis=-1)
+    logp = decoder_log_probs(z_0, gamma_0, vocab_size)
     logp = jnp.take_along_axis(logp, jnp.asarray(x, jnp.int32)[..., None], axis=-1)[..., 0]
   elif decoder == "discretized_gaussian":
-    g = _bcast(jnp.asarray(gamma_0, jnp.float32), z_0)
-    mean = z_0 / jnp.sqrt(schedules.alpha2(g)) if x_hat is None else x_hat
-    logp = _bin_log_prob(x, mean, 0.5 * jnp.broadcast_to(g, z_0.shape), vocab_size)
+    logp = _bin_log_prob(x, *_gaussian_decoder(z_0, gamma_0, x_hat), vocab_size)
   else:
     raise ValueError(f"unknown decoder {decoder!r}: use one of {DECODERS}.")
   return -sum_per_example(logp)
+
+
+def _gaussian_decoder(z_0: jax.Array, gamma_0: jax.Array, x_hat: Optional[jax.Array]
+                      ) -> tuple[jax.Array, jax.Array]:
+  """(mean, log scale) of the discretized Gaussian decoder N(x̂_0, e^{γ_0}); the mean is z_0/α_0
+  when x̂_0 is None."""
+  g = jnp.broadcast_to(_bcast(jnp.asarray(gamma_0, jnp.float32), z_0), z_0.shape)
+  return (z_0 / jnp.sqrt(schedules.alpha2(g)) if x_hat is None else x_hat), 0.5 * g
+
+
+def decoder_log_probs(z_0: jax.Array, gamma_0: jax.Array, vocab_size: int, decoder: str = "vdm",
+                      x_hat: Optional[jax.Array] = None) -> jax.Array:
+  """log p(x_i = v | z_0) for every value v, shape [..., V]: the decoder of
+  :func:`reconstruction_loss` (same ``decoder`` and ``x_hat``) as a whole distribution."""
+  if decoder == "vdm":
+    return jax.nn.log_softmax(vdm_decoder_logits(z_0, gamma_0, vocab_size), axis=-1)
+  if decoder == "discretized_gaussian":
+    mean, log_scale = _gaussian_decoder(z_0, gamma_0, x_hat)
+    return _bin_log_prob(jnp.arange(vocab_size), mean[..., None], log_scale[..., None], vocab_size)
+  raise ValueError(f"unknown decoder {decoder!r}: use one of {DECODERS}.")
+
+
+def predict_x0(z_0: jax.Array, gamma_0: jax.Array, eps_hat_0: jax.Array) -> jax.Array:
+  """x̂_0 = (z_0 − σ_0 ε̂)/α_0: the denoiser's mean of x at t = 0, the discretized Gaussian's."""
+  alpha_0, sigma_0 = schedules.alpha_sigma(gamma_0)
+  return (z_0 - sigma_0 * eps_hat_0) / alpha_0
 
 
 def sample_times(rng: jax.Array, batch: int, antithetic: bool = True) -> jax.Array:
@@ -224,9 +248,7 @@ def elbo_terms_from(eps_fn: EpsFn, x: jax.Array, rng: jax.Array, t: jax.Array, g
   if decoder == "discretized_gaussian":  # the denoiser's mean at t = 0: one call for z_t and z_0
     eps_hat_both = denoise(eps_fn, jnp.concatenate([z_t, z_0]),
                            jnp.concatenate([gamma_t, jnp.full((batch,), gamma_0)]))
-    eps_hat, eps_hat_0 = eps_hat_both[:batch], eps_hat_both[batch:]
-    alpha_0, sigma_0 = schedules.alpha_sigma(gamma_0)
-    x_hat_0 = (z_0 - sigma_0 * eps_hat_0) / alpha_0
+    eps_hat, x_hat_0 = eps_hat_both[:batch], predict_x0(z_0, gamma_0, eps_hat_both[batch:])
   else:
     eps_hat, x_hat_0 = denoise(eps_fn, z_t, gamma_t), None
 

@@ -176,7 +176,8 @@ def _ode_nll_bound(eps_fn, gamma_fn, x, rng, *, vocab_size, dequantization, deco
   else:
     x_hat = None
     if decoder == "discretized_gaussian":
-      x_hat = (z_0 - sigma_0 * elbo.denoise(eps_fn, z_0, jnp.full((x.shape[0],), gamma_0))) / alpha_0
+      eps_hat_0 = elbo.denoise(eps_fn, z_0, jnp.full((x.shape[0],), gamma_0))
+      x_hat = elbo.predict_x0(z_0, gamma_0, eps_hat_0)
     recon = elbo.reconstruction_loss(x, z_0, gamma_0, vocab_size=vocab_size, decoder=decoder,
                                      x_hat=x_hat)
     log_q = standard_normal_log_prob(eps) - dims * jnp.log(sigma_0)

@@ -2,7 +2,7 @@
 
 Each runs N steps on the uniform grid t_i = i/N, from t = 1 down to t = 0, as one
 ``lax.fori_loop`` (so a jitted sampler compiles one step, whatever N). ``decode`` maps z_0
-to integer data with the VDM decoder.
+to integer data with the model's decoder.
 """
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from vdm import schedules
-from vdm.elbo import EpsFn, denoise, vdm_decoder_logits
+from vdm.elbo import EpsFn, decoder_log_probs, denoise
 from vdm.schedules import GammaFn
 
 # step(z_t, t, s, rng) -> z_s for s = t − 1/N.
@@ -114,9 +114,11 @@ def probability_flow(eps_fn: EpsFn, gamma_fn: GammaFn, z_1: jax.Array, num_steps
 
 
 def decode(z_0: jax.Array, gamma_0: jax.Array, *, vocab_size: int = 256,
-           rng: Optional[jax.Array] = None) -> jax.Array:
-  """Integers x ~ p(x|z_0) of the VDM decoder: its argmax, or a sample when rng is given."""
-  logits = vdm_decoder_logits(z_0, gamma_0, vocab_size)
+           rng: Optional[jax.Array] = None, decoder: str = "vdm",
+           x_hat: Optional[jax.Array] = None) -> jax.Array:
+  """Integers x ~ p(x|z_0) of the decoder (:func:`vdm.elbo.decoder_log_probs`; the discretized
+  Gaussian's mean is ``x_hat``, :func:`vdm.elbo.predict_x0`): its argmax, or a sample with rng."""
+  logits = decoder_log_probs(z_0, gamma_0, vocab_size, decoder, x_hat)
   if rng is None:
     return jnp.argmax(logits, axis=-1).astype(jnp.int32)
   return jax.random.categorical(rng, logits, axis=-1).astype(jnp.int32)
