@@ -207,8 +207,7 @@ def main(argv):
   if FLAGS.eval_batches < 0:
     raise ValueError(f"--eval_batches={FLAGS.eval_batches} must be >= 0 (0 = the whole test "
                      "split).")
-  held = os.path.join(FLAGS.workdir or "", checkpoint.CHECKPOINT_DIR)
-  if FLAGS.workdir and os.path.isdir(held) and os.listdir(held):
+  if FLAGS.workdir and checkpoint.has_checkpoints(FLAGS.workdir):
     raise ValueError(f"--workdir={FLAGS.workdir} already holds checkpoints, which the likelihood "
                      "scripts would take for this run's: use a fresh --workdir.")
   os.makedirs(os.path.dirname(os.path.abspath(FLAGS.output)), exist_ok=True)

@@ -200,6 +200,12 @@ def run_dir(path: str) -> str:
   return os.path.dirname(path) if os.path.basename(path) == CHECKPOINT_DIR else path
 
 
+def has_checkpoints(workdir: str) -> bool:
+  """Whether ``workdir/checkpoints`` holds anything (a step, or one being written)."""
+  checkpoints = os.path.join(workdir, CHECKPOINT_DIR)
+  return os.path.isdir(checkpoints) and bool(os.listdir(checkpoints))
+
+
 def record_run_config(config, workdir: str) -> None:
   """Write ``workdir/config.json`` (process 0; atomically, so a kill never leaves half a record)."""
   if logging_utils.is_main_process():
@@ -214,8 +220,7 @@ def check_run_config(config, path: str, mode: str = "eval") -> None:
   optimizer, data or model would silently mix two runs."""
   workdir = run_dir(path)
   recorded = os.path.join(workdir, "config.json")
-  checkpoints = os.path.join(workdir, CHECKPOINT_DIR)
-  if not (os.path.isfile(recorded) and os.path.isdir(checkpoints) and os.listdir(checkpoints)):
+  if not (os.path.isfile(recorded) and has_checkpoints(workdir)):
     return
   try:
     with open(recorded) as f:

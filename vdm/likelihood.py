@@ -85,7 +85,7 @@ def _elbo_samples(eps_fn, gamma_fn, x, rng, *, vocab_size, num_timesteps, num_sa
 
 
 def over_batches(batches: Iterable[jax.Array], rng: jax.Array, vocab_size: int,
-                  fn: Callable[[jax.Array, jax.Array], Any]) -> tuple[list, int]:
+                 fn: Callable[[jax.Array, jax.Array], Any]) -> tuple[list, int]:
   """[fn(x, fold_in(rng, i)) for each batch x, i = 0, 1, ...] and D, after checking each batch's
   data; the same keys for every fn, so evaluations of the same batches share their draws."""
   results, dims = [], None

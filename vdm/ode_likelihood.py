@@ -78,7 +78,8 @@ def ode_log_density(eps_fn: EpsFn, gamma_fn: GammaFn, z_0: jax.Array, rng: Optio
   "nfe": vector-field evaluations = evals_per_step · num_steps + 1 (6 new stages per attempted step
   for Tsit5/Dopri5, FSAL, plus the first; checked by counting denoiser calls in the tests),
   "converged": False if max_steps ran out}. A solve that ran out stopped short of t = 1, so its
-  "log_prob" is nan (its "z_1" and "delta_log_prob" are where it stopped), never a finite wrong value.
+  "log_prob" is nan (its "z_1" and "delta_log_prob" are where it stopped), never a finite wrong
+  value.
   Each vector-field evaluation costs one denoiser forward pass plus D (exact) or num_probes
   (Hutchinson) Jacobian-vector products through it.
   """
