@@ -95,5 +95,5 @@ def write_results(results: dict, name: str) -> str:
   """Write ``results`` (NaN → null) to :func:`output_path`; returns the path."""
   out = output_path(name)
   os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-  logging_utils.write_json(out, logging_utils.json_safe(results))
+  logging_utils.write_json(out, results)
   return out

@@ -212,7 +212,7 @@ def main(argv):
                      "scripts would take for this run's: use a fresh --workdir.")
   os.makedirs(os.path.dirname(os.path.abspath(FLAGS.output)), exist_ok=True)
   common.keep_previous(FLAGS.output)
-  save = lambda results: logging_utils.write_json(FLAGS.output, logging_utils.json_safe(results))
+  save = lambda results: logging_utils.write_json(FLAGS.output, results)
   results, state = run_curve(config, FLAGS.seconds, marks, FLAGS.params == "ema",
                              FLAGS.eval_batches, save)
   logging.info("wrote %s: %.0f images/s; reached %s", FLAGS.output, results["images_per_second"],

@@ -122,6 +122,11 @@ def test_checkpoint_resume_continues_identically(setup, tmp_path):
   state, _ = _run(step_fn, state, data, mesh, 0, 3)
   ckpt = ckpt_lib.Checkpointer(str(tmp_path), max_to_keep=2)
   assert ckpt.save(state)
+  # A workdir named by a number (runs/1) is a workdir, not a step directory, for inference too.
+  numbered = str(tmp_path / "runs" / "1")
+  ckpt_lib.Checkpointer(numbered).save(state)
+  target = train.abstract_train_state(config, model)
+  assert int(ckpt_lib.restore_path(numbered, target).step) == 3
   straight, _ = _run(step_fn, state, data, mesh, 3, 3)
   straight = jax.device_get(straight)
 
@@ -158,6 +163,43 @@ def test_corrupt_latest_checkpoint_falls_back_and_nan_is_not_saved(setup, tmp_pa
                       params=jax.tree.map(lambda p: p * jnp.nan, state.params))
   assert not resumed.save(bad)
   assert 7 not in resumed.all_steps()
+
+
+def test_inference_refuses_a_config_that_shapes_the_checkpoint_differently(tmp_path):
+  """Evaluating a run restores its whole state: a different importance_num_bins (the sampler's
+  per-t moments) is named before the restore, not reported as no restorable checkpoint."""
+  config = tiny_config()
+  os.makedirs(tmp_path / "checkpoints" / "2")
+  ckpt_lib.record_run_config(config, str(tmp_path))
+  config.loss.importance_num_bins = 32
+  with pytest.raises(ValueError, match=r"loss.importance_num_bins=64 \(now 32\)"):
+    ckpt_lib.check_run_config(config, str(tmp_path), mode="eval")
+
+
+def test_throughput_counts_training_time_only(monkeypatch):
+  from vdm import logging_utils  # pylint: disable=g-import-not-at-top
+  clock = [0.0]
+  monkeypatch.setattr(logging_utils.time, "time", lambda: clock[0])
+  rate = logging_utils.Throughput(0, 100, 8)
+  clock[0] = 60.0  # compiling the first step
+  rate.restart(0)
+  clock[0] = 61.0
+  assert rate.update(10) == {"steps_per_sec": 10.0, "images_per_sec": 80.0, "eta_sec": 9.0}
+  clock[0] = 90.0  # an evaluation
+  rate.restart(10)
+  clock[0] = 92.0
+  assert rate.update(20)["steps_per_sec"] == 5.0
+
+
+def test_json_is_strict(tmp_path):
+  from vdm import logging_utils  # pylint: disable=g-import-not-at-top
+  import json  # pylint: disable=g-import-not-at-top
+  path = str(tmp_path / "r.json")
+  logging_utils.write_json(path, {"nan": float("nan"), "inf": -np.inf, "array": jnp.array([1.5]),
+                                  "scalar": np.float32(2.0)})
+  with open(path) as f:  # parse_constant: refuse NaN / Infinity, as strict parsers do
+    got = json.load(f, parse_constant=lambda c: pytest.fail(f"non-standard constant {c}"))
+  assert got == {"nan": None, "inf": None, "array": [1.5], "scalar": 2.0}
 
 
 @pytest.mark.parametrize("sampler", train.SAMPLERS)

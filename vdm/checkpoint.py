@@ -143,7 +143,8 @@ def restore_path(path: str, target: TrainState, sharding=None) -> TrainState:
     raise ValueError(f"--checkpoint={path} does not exist: give a step directory such as "
                      f"WORKDIR/{CHECKPOINT_DIR}/1000, or a workdir.")
   base = os.path.basename(path.rstrip("/"))
-  if base.isdigit():
+  held = os.path.join(path, CHECKPOINT_DIR)  # a workdir's (whose name may be a number: runs/1)
+  if base.isdigit() and not os.path.isdir(held):
     manager = _reader(os.path.dirname(path))
     try:
       return manager.restore(int(base), args=ocp.args.StandardRestore(_abstract(target, sharding)))
@@ -152,7 +153,7 @@ def restore_path(path: str, target: TrainState, sharding=None) -> TrainState:
                        "truncated, corrupt or from a different config; pass another step.") from None
     finally:
       manager.close()
-  directory = os.path.join(path, CHECKPOINT_DIR) if os.path.isdir(os.path.join(path, CHECKPOINT_DIR)) else path
+  directory = held if os.path.isdir(held) else path
   manager = _reader(directory)
   try:
     for step in sorted(manager.all_steps(), reverse=True):
@@ -177,8 +178,10 @@ FREE_KEYS = COMPUTE_KEYS + (
     "training.checkpoint_every", "training.max_to_keep", "training.max_nonfinite_steps", "eval.",
     "sampling.", "data.data_dir", "data.download", "data.path", "data.prefetch", "data.eval_split",
     "data.synthetic_num_test", "optimizer.learning_rate", "optimizer.grad_clip")
-# Evaluating or sampling a trained run, only what defines its function and parameters must match.
-INFERENCE_KEYS = ("model.", "data.image_size", "data.channels", "data.vocab_size")
+# Evaluating or sampling a trained run, only what defines its function and parameters must match,
+# and what shapes the checkpointed state (the importance sampler's bins).
+INFERENCE_KEYS = ("model.", "data.image_size", "data.channels", "data.vocab_size",
+                  "loss.importance_num_bins")
 
 
 def _flat(tree: dict, prefix: str = "") -> dict:

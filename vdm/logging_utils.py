@@ -51,25 +51,27 @@ def save_png(path: str, grid: np.ndarray, upscale: int = 1) -> None:
 
 
 def json_safe(o):
-  """``o`` with NaN → None (JSON has no NaN) and NumPy scalars and arrays → Python, recursively."""
+  """``o`` with NaN and ±inf → None (JSON has neither) and NumPy and JAX scalars and arrays →
+  Python, recursively."""
   if isinstance(o, dict):
     return {k: json_safe(v) for k, v in o.items()}
-  if isinstance(o, np.ndarray):
-    return json_safe(o.tolist())
+  if isinstance(o, (np.ndarray, jax.Array)):
+    return json_safe(np.asarray(o).tolist())
   if isinstance(o, (list, tuple)):
     return [json_safe(v) for v in o]
   if isinstance(o, (np.floating, float)):
-    return None if math.isnan(float(o)) else float(o)
+    return float(o) if math.isfinite(float(o)) else None
   if isinstance(o, (np.integer, np.bool_)):
     return o.item()
   return o
 
 
 def write_json(path: str, obj, sort_keys: bool = True) -> None:
-  """Write ``obj`` as JSON to ``path`` atomically (a temporary file, then a rename)."""
+  """Write :func:`json_safe` of ``obj`` as strict JSON to ``path`` atomically (a temporary file,
+  then a rename)."""
   tmp = path + ".tmp"
   with open(tmp, "w") as f:
-    json.dump(obj, f, indent=2, sort_keys=sort_keys)
+    json.dump(json_safe(obj), f, indent=2, sort_keys=sort_keys, allow_nan=False)
     f.write("\n")
   os.replace(tmp, path)
 
@@ -104,11 +106,16 @@ class Writer:
 
 
 class Throughput:
-  """Steps/s, images/s and the ETA between two console lines."""
+  """Steps/s, images/s and the ETA between two console lines, over training time alone: the
+  caller restarts the clock after what is not training (compiling, evaluating, checkpointing)."""
 
   def __init__(self, start_step: int, num_steps: int, batch_size: int):
     self.num_steps, self.batch_size = num_steps, batch_size
-    self._t, self._step = time.time(), start_step
+    self.restart(start_step)
+
+  def restart(self, step: int) -> None:
+    """Count from ``step``, now."""
+    self._t, self._step = time.time(), step
 
   def update(self, step: int) -> dict:
     now = time.time()

@@ -246,6 +246,8 @@ def run_train(config, workdir: str) -> dict:
   try:
     for step in range(start, t_cfg.num_steps):
       state, metrics = train_step(state, next(batches))
+      if step == start:  # the call compiled the step: not training time
+        throughput.restart(start)
       check_finite()  # the previous step, while this one runs
       pending = (step, metrics)
       done = step + 1
@@ -260,6 +262,7 @@ def run_train(config, workdir: str) -> dict:
       if done % t_cfg.checkpoint_every == 0 or last:
         check_finite()
         checkpointer.save(state)
+        throughput.restart(done)  # the save waited for this step
       due = {"evaluate": done % t_cfg.eval_every == 0 or last,
              "sample": done % t_cfg.sample_every == 0 or last}
       # Several processes agree on a notice by a collective, a host sync: only at log boundaries.
@@ -272,6 +275,8 @@ def run_train(config, workdir: str) -> dict:
                         "resume.", done, checkpointer.directory)
         break
       evaluate_and_sample(done, **due)
+      if any(due.values()):
+        throughput.restart(done)
   finally:
     batches.close()  # stop and join the prefetch thread before the interpreter exits
 
