@@ -236,25 +236,27 @@ def test_configs_load_and_validate(name):
     assert (m.dtype, m.residual_dtype, m.unroll, m.remat, m.eval_fp32_fraction) == (
         ("bfloat16", "bfloat16", 0, "none", 0.3) if name == "cifar10_bf16"
         else ("float32", "float32", 4, "convs", 0.3))
-  if name.startswith("imagenet"):
+  if name.startswith("imagenet"):  # the published VDM code's ImageNet models
     assert config.data.name == f"imagenet_resized/{name[-2:]}x{name[-2:]}"
     assert config.data.eval_split == "validation"
-  if name == "imagenet64":
-    assert len(config.model.channel_mult) > 1
+    m = config.model
+    assert (m.n_embd, m.n_layer, tuple(m.channel_mult), m.dropout, config.training.batch_size) == (
+        256, 32 if name == "imagenet32" else 64, (1,), 0.1, 128)
 
 
 @pytest.mark.parametrize("name", ["imagenet32", "imagenet64"])
 def test_imagenet_configs_really_train(tmp_path, name):
-  """Each ImageNet config, with its own data set name, splits, image size and (64×64) down-sampling
-  levels, trains, evaluates and samples through vdm.main on tfds's mocked data (offline); only the
-  model's width and depth and the run's length are shrunk."""
+  """Each ImageNet config, with its own data set name, splits and image size (64×64 also with a
+  down-sampling level), trains, evaluates and samples through vdm.main on tfds's mocked data
+  (offline); only the model's width and depth and the run's length are shrunk."""
   tfds = pytest.importorskip("tensorflow_datasets")
   import importlib  # pylint: disable=g-import-not-at-top
   sys.path.insert(0, ROOT)
   from vdm import config_checks, main  # pylint: disable=g-import-not-at-top
   config = importlib.import_module(f"configs.{name}").get_config()
   config.update_from_flattened_dict({
-      "data.data_dir": str(tmp_path / "tfds"), "model.n_embd": 32, "model.n_layer": 1,
+      "data.data_dir": str(tmp_path / "tfds"), "model.n_embd": 64, "model.n_layer": 1,
+      "model.channel_mult": (1, 2) if name == "imagenet64" else (1,),
       "model.unroll": 0, "model.remat": "none", "training.batch_size": 4,
       "training.num_steps": 2, "training.log_every": 1, "training.eval_every": 2,
       "training.sample_every": 2, "training.checkpoint_every": 2, "eval.batch_size": 4,
