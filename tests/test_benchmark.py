@@ -27,7 +27,7 @@ TIMES = ("train_compile_s", "train_step_s", "train_images_per_s", "eval_compile_
 def tiny_config():
   config = default.get_config()
   config.data.image_size = 8
-  config.model.n_embd = 32
+  config.model.n_embd = 64
   config.model.n_layer = 1
   config.training.batch_size = 4
   return config
@@ -87,7 +87,7 @@ def test_command_line_writes_json(tmp_path):
       "from configs import default\n\n"
       "def get_config():\n"
       "  c = default.get_config()\n"
-      "  c.data.image_size, c.model.n_embd, c.model.n_layer = 8, 32, 1\n"
+      "  c.data.image_size, c.model.n_embd, c.model.n_layer = 8, 64, 1\n"
       "  return c\n")
   out = tmp_path / "bench.json"
   subprocess.run([sys.executable, "-m", "vdm.benchmark", f"--config={config}", "--batch_size=2",

@@ -146,6 +146,7 @@ INVALID_SETTINGS = {
     "grad_clip_nan": ({"optimizer.grad_clip": float("nan")},
                       "optimizer.grad_clip=nan must be >= 0"),
     "n_embd_zero": ({"model.n_embd": 0}, "model.n_embd=0 must be a positive multiple of 32"),
+    "n_embd_32": ({"model.n_embd": 32}, "leaves one channel in each of GroupNorm's 32 groups"),
     "synthetic_size": ({"data.image_size": 2},
                        "data.source='synthetic' needs data.image_size >= 3"),
     "synthetic_num": ({"data.synthetic_num_train": -5}, "synthetic_num_test >= 0 (now -5, 512)"),

@@ -49,6 +49,22 @@ def perturbed(init_params):
       lambda p: np.asarray(p) + 0.05 * rng.standard_normal(p.shape, np.float32), init_params)
 
 
+@pytest.mark.parametrize("n_embd, conditioned", [(32, False), (64, True)])
+def test_gamma_conditioning_needs_two_channels_per_group(n_embd, conditioned):
+  """The γ embedding enters each block as a per-channel shift before a 32-group GroupNorm: with
+  one channel per group the norm removes it, and ε̂ does not depend on γ (config_checks refuses
+  such an n_embd)."""
+  net = ScoreUNet(n_embd=n_embd, n_layer=1)
+  z, g = _inputs()
+  params = net.init(jax.random.PRNGKey(0), z, g)
+  leaves, tree = jax.tree_util.tree_flatten(params)  # away from the zero-initialised layers
+  keys = jax.random.split(jax.random.PRNGKey(1), len(leaves))
+  params = tree.unflatten([p + 0.1 * jax.random.normal(k, p.shape) for p, k in zip(leaves, keys)])
+  apply, key = _apply(net, True), jax.random.PRNGKey(2)
+  change = jnp.abs(apply(params, z, g + 3.0, key) - apply(params, z, g, key)).max()
+  assert (change > 1e-2) if conditioned else (change < 1e-4), change
+
+
 @pytest.mark.parametrize("kwargs", [
     dict(n_layer=1),
     dict(n_layer=2, channel_mult=(1, 2, 2), attention=True),

@@ -62,6 +62,11 @@ def validate(config) -> None:
   if m.n_embd < 32 or m.n_embd % 32:
     raise ValueError(f"model.n_embd={m.n_embd} must be a positive multiple of 32 (GroupNorm's 32 "
                      "groups).")
+  if m.n_embd * min(m.channel_mult) < 64:
+    raise ValueError(f"model.n_embd={m.n_embd} (× channel_mult {min(m.channel_mult)}) leaves one "
+                     "channel in each of GroupNorm's 32 groups, and normalising a lone channel "
+                     "removes the γ conditioning (a per-channel shift) before the block uses it: "
+                     "set model.n_embd >= 64.")
   if config.loss.weighting not in elbo.WEIGHTINGS:
     raise ValueError(f"unknown loss.weighting {config.loss.weighting!r}: use one of "
                      f"{', '.join(elbo.WEIGHTINGS)}.")
