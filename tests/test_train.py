@@ -176,6 +176,19 @@ def test_inference_refuses_a_config_that_shapes_the_checkpoint_differently(tmp_p
     ckpt_lib.check_run_config(config, str(tmp_path), mode="eval")
 
 
+def test_weight_decay_spares_biases_and_the_schedule(setup):
+  """As the published VDM code: kernels and norm scales decay, biases do not; nor does γ."""
+  _, model, _, _, _ = setup
+  params = model_lib.init_params(model, jax.random.PRNGKey(0))
+  mask = train.decay_mask(params)
+  flat = {"/".join(str(getattr(p, "key", p)) for p in path): m
+          for path, m in jax.tree_util.tree_leaves_with_path(mask)}
+  assert flat and not any(m for name, m in flat.items() if name.startswith("schedule/"))
+  assert all(m == (not name.endswith("/bias")) for name, m in flat.items() if name.startswith("net/"))
+  assert any(name.endswith("/scale") and m for name, m in flat.items())  # GroupNorm scales
+  assert any(name.endswith("/kernel") and m for name, m in flat.items())
+
+
 def test_throughput_counts_training_time_only(monkeypatch):
   from vdm import logging_utils  # pylint: disable=g-import-not-at-top
   clock = [0.0]

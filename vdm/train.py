@@ -20,7 +20,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from vdm import elbo, importance, input_pipeline, logging_utils, samplers, schedules, variance
 from vdm.elbo import TimeProposal
-from vdm.model import Model, eps_fn_for, gamma_fn_for, init_params
+from vdm.model import Model, Params, eps_fn_for, gamma_fn_for, init_params
 
 SAMPLERS = ("ancestral", "ddim", "euler_maruyama", "probability_flow")
 TERMS = ("prior", "diffusion", "reconstruction")
@@ -82,13 +82,22 @@ def check_optimizer_config(opt_config) -> None:
       raise ValueError(f"optimizer.{key}={o[key]} must be >= 0 ({meaning}).")
 
 
+def decay_mask(params: Params) -> Params:
+  """True for the weights AdamW decays: the network's, except its biases (as the published VDM
+  code: kernels and norm scales are decayed); never the noise schedule's (that code decays its
+  endpoints towards γ = 0)."""
+  def decayed(group, path):
+    return group == "net" and getattr(path[-1], "key", None) != "bias"
+  return {k: jax.tree_util.tree_map_with_path(lambda path, _, k=k: decayed(k, path), v)
+          for k, v in params.items()}
+
+
 def make_optimizer(opt_config) -> optax.GradientTransformation:
-  """AdamW with warm-up (no weight decay on the schedule).
+  """AdamW with warm-up, decaying the weights of :func:`decay_mask`.
 
   Its state does not depend on ``learning_rate`` or ``grad_clip`` (clipping is :func:`clip`,
   outside it), so a diverged run can resume from its last checkpoint with either changed.
   """
-  decay_mask = lambda params: {k: jax.tree.map(lambda _: k == "net", v) for k, v in params.items()}
   return optax.adamw(learning_rate_fn(opt_config), b1=opt_config.b1, b2=opt_config.b2,
                      eps=opt_config.eps, weight_decay=opt_config.weight_decay, mask=decay_mask)
 
