@@ -41,8 +41,9 @@ def get_config() -> ml_collections.ConfigDict:
   # than 1 on the H100 at batch 128, compiled in 31 s (experiments/RESULTS.md).
   m.unroll = 4
   # What ResNet blocks recompute in the backward pass (vdm.nets.REMAT): 'convs' keeps only the
-  # convolutions' outputs. On the H100 it is the fastest at batch 128, and without it the fp32
-  # step of the CIFAR-10 model runs out of the 80 GB (experiments/RESULTS.md).
+  # convolutions' outputs. On the H100 it is the fastest with the blocks in a scan (unroll >= 1)
+  # at batch 128, and without it the fp32 step of the CIFAR-10 model runs out of the 80 GB;
+  # unrolled (unroll = 0) without remat trained faster still, in bf16 (experiments/RESULTS.md).
   m.remat = "convs"            # 'none' | 'convs' | 'full'
   # How GroupNorm + swish is computed (vdm.nets.NORM_IMPL): 'autodiff', 'recompute' (keeps only
   # the norms' inputs and group statistics; for remat='none'), 'pallas' (fused Triton kernels,
