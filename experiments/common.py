@@ -4,9 +4,8 @@ on sys.path."""
 from __future__ import annotations
 
 import os
-import time
 
-from absl import flags, logging
+from absl import flags
 from ml_collections import config_flags
 
 import jax
@@ -75,20 +74,6 @@ def compare_dtype(model: Model, params: dict, dtype: str, images: np.ndarray, rn
 def output_path(name: str) -> str:
   """--output, or WORKDIR/<name>.json."""
   return FLAGS.output or os.path.join(FLAGS.workdir or ".", f"{name}.json")
-
-
-def keep_previous(path: str) -> None:
-  """Rename an existing ``path`` to <path without .json>.<its mtime, UTC>.json, so that a rerun
-  (which writes ``path`` as it goes) never overwrites the results of an earlier one."""
-  if not os.path.exists(path):
-    return
-  root, ext = os.path.splitext(path)
-  stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(os.path.getmtime(path)))
-  dest, n = f"{root}.{stamp}{ext}", 1
-  while os.path.exists(dest):
-    dest, n = f"{root}.{stamp}.{n}{ext}", n + 1
-  os.replace(path, dest)
-  logging.warning("%s exists: kept it as %s.", path, dest)
 
 
 def write_results(results: dict, name: str) -> str:

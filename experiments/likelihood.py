@@ -73,7 +73,7 @@ def main(argv):
   if FLAGS.importance and FLAGS.is_fit_batches < 1:
     raise app.UsageError(f"--is_fit_batches={FLAGS.is_fit_batches} must be >= 1 (or "
                          "--noimportance).")
-  common.keep_previous(common.output_path("likelihood"))
+  logging_utils.keep_previous(common.output_path("likelihood"))
   rng = jax.random.PRNGKey(FLAGS.seed)
   timings = {}
   if FLAGS.toy:

@@ -125,7 +125,7 @@ def run(save) -> dict:
 @logging_utils.one_line_errors
 def main(argv):
   del argv
-  common.keep_previous(common.output_path("schedule_variance"))
+  logging_utils.keep_previous(common.output_path("schedule_variance"))
   results = run(lambda r: common.write_results(r, "schedule_variance"))
   c = results["comparison"]
   logging.info("variance ratio fitted/linear %.3f; diffusion loss %.4f ± %.4f (fitted) vs "

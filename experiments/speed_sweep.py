@@ -32,7 +32,6 @@ import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from experiments import common  # noqa: E402
 from vdm import benchmark, logging_utils, nets, pallas_conv, pallas_norm  # noqa: E402
 
 # name -> (config overrides, default PRNG implementation or None, programs timed after training)
@@ -327,7 +326,7 @@ def main(argv):
     if any(a.startswith(f"--config.{key}") for a in sys.argv):
       raise app.UsageError(f"--config.{key} has no effect here: every variant runs at --{flag}.")
   if FLAGS.output:
-    common.keep_previous(FLAGS.output)
+    logging_utils.keep_previous(FLAGS.output)
   results: dict = {"date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                    "device": jax.devices()[0].device_kind, "jax_version": jax.__version__,
                    "batch_size": FLAGS.batch_size, "dtype": FLAGS.dtype, "variants": {}}

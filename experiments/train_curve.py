@@ -211,7 +211,7 @@ def main(argv):
     raise ValueError(f"--workdir={FLAGS.workdir} already holds checkpoints, which the likelihood "
                      "scripts would take for this run's: use a fresh --workdir.")
   os.makedirs(os.path.dirname(os.path.abspath(FLAGS.output)), exist_ok=True)
-  common.keep_previous(FLAGS.output)
+  logging_utils.keep_previous(FLAGS.output)
   save = lambda results: logging_utils.write_json(FLAGS.output, results)
   results, state = run_curve(config, FLAGS.seconds, marks, FLAGS.params == "ema",
                              FLAGS.eval_batches, save)

@@ -68,6 +68,7 @@ def test_train_eval_sample_end_to_end_and_resume(tmp_path):
   assert r.returncode == 0, r.stderr[-3000:]
   result = _json(workdir, "eval_6.json")
   assert result["num_examples"] == 16 and result["params"] == "ema"
+  assert result["checkpoint"] == os.path.abspath(workdir)
   for key in ("bpd", "bpd_stderr", "prior", "diffusion", "reconstruction"):
     assert np.isfinite(result[key]), key
   assert abs(result["prior"] + result["diffusion"] + result["reconstruction"] - result["bpd"]) < 1e-3
@@ -75,9 +76,9 @@ def test_train_eval_sample_end_to_end_and_resume(tmp_path):
   r = _run(_cmd(workdir, *TINY, "--mode=sample", "--sampler=ddim", "--num_steps=3", "--num_samples=5",
                 f"--checkpoint={os.path.join(workdir, 'checkpoints', '4')}"))
   assert r.returncode == 0, r.stderr[-3000:]
-  npz = np.load(os.path.join(workdir, "samples", "ddim_3steps_step4.npz"))["samples"]
+  npz = np.load(os.path.join(workdir, "samples", "ddim_3steps_step4_seed0.npz"))["samples"]
   assert npz.shape == (5, 4, 4, 1) and npz.dtype == np.uint8
-  assert os.path.isfile(os.path.join(workdir, "samples", "ddim_3steps_step4.png"))
+  assert os.path.isfile(os.path.join(workdir, "samples", "ddim_3steps_step4_seed0.png"))
 
   # The remedy Diverged names: resume with a lower learning rate and clipping (the optimizer's
   # state does not depend on either); the change is logged and recorded.

@@ -204,6 +204,20 @@ def test_throughput_counts_training_time_only(monkeypatch):
   assert rate.update(20)["steps_per_sec"] == 5.0
 
 
+def test_a_rerun_keeps_the_previous_results(tmp_path):
+  from vdm import logging_utils  # pylint: disable=g-import-not-at-top
+  out = tmp_path / "r.json"
+  out.write_text("first")
+  os.utime(out, (0, 0))
+  logging_utils.keep_previous(str(out))
+  out.write_text("second")
+  os.utime(out, (0, 0))  # the same second: numbered
+  logging_utils.keep_previous(str(out))
+  assert not out.exists()
+  kept = {p.name: p.read_text() for p in tmp_path.iterdir()}
+  assert kept == {"r.19700101T000000Z.json": "first", "r.19700101T000000Z.1.json": "second"}
+
+
 def test_json_is_strict(tmp_path):
   from vdm import logging_utils  # pylint: disable=g-import-not-at-top
   import json  # pylint: disable=g-import-not-at-top

@@ -91,17 +91,3 @@ def test_bad_marks_and_missing_data_are_one_line_errors(tmp_path):
     assert line.startswith("vdm: error:") and words in line, proc.stderr[-2000:]
   assert not os.path.exists(out)
 
-
-def test_a_rerun_keeps_the_previous_results(tmp_path):
-  sys.path.insert(0, ROOT)
-  from experiments import common
-  out = tmp_path / "r.json"
-  out.write_text("first")
-  os.utime(out, (0, 0))
-  common.keep_previous(str(out))
-  out.write_text("second")
-  os.utime(out, (0, 0))  # the same second: numbered
-  common.keep_previous(str(out))
-  assert not out.exists()
-  kept = {p.name: p.read_text() for p in tmp_path.iterdir()}
-  assert kept == {"r.19700101T000000Z.json": "first", "r.19700101T000000Z.1.json": "second"}

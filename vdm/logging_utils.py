@@ -76,6 +76,20 @@ def write_json(path: str, obj, sort_keys: bool = True) -> None:
   os.replace(tmp, path)
 
 
+def keep_previous(path: str) -> None:
+  """Rename an existing ``path`` to <path without .json>.<its mtime, UTC>.json, so that a rerun
+  (which writes ``path`` as it goes) never overwrites the results of an earlier one."""
+  if not os.path.exists(path):
+    return
+  root, ext = os.path.splitext(path)
+  stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(os.path.getmtime(path)))
+  dest, n = f"{root}.{stamp}{ext}", 1
+  while os.path.exists(dest):
+    dest, n = f"{root}.{stamp}.{n}{ext}", n + 1
+  os.replace(path, dest)
+  logging.warning("%s exists: kept it as %s.", path, dest)
+
+
 class Writer:
   """Scalars and images to TensorBoard under ``logdir`` (process 0 only)."""
 

@@ -302,9 +302,11 @@ def run_eval(config, workdir: str, checkpoint: str | None) -> dict:
   summary = train.evaluate(eval_step, state.ema_params, split, config, mesh, 0, desc="eval")
   gamma = np.asarray(gamma_fn_for(model, state.ema_params)(np.array([0.0, 1.0], np.float32)))
   summary.update(step=step, split=split.name, params="ema", seconds=time.time() - t0,
-                 sigma2_0=float(schedules.sigma2(gamma[0])), sigma2_1=float(schedules.sigma2(gamma[1])))
+                 sigma2_0=float(schedules.sigma2(gamma[0])), sigma2_1=float(schedules.sigma2(gamma[1])),
+                 checkpoint=os.path.abspath(checkpoint or workdir))
   if logging_utils.is_main_process():
     path = os.path.join(workdir, f"eval_{step}.json")
+    logging_utils.keep_previous(path)  # another eval of this step (another dtype, checkpoint)
     logging_utils.write_json(path, summary)
     print(f"step {step}: {summary['bpd']:.4f} ± {summary['bpd_stderr']:.4f} bits/dim on "
           f"{summary['num_examples']} examples of {split.name} (prior {summary['prior']:.4f}, "
@@ -325,8 +327,8 @@ def run_sample(config, workdir: str, checkpoint: str | None, sampler: str, num_s
   step = int(jax.device_get(state.step))
   sample_fn = train.make_sample_fn(config, model, sampler, num_steps, num_samples)
   png = _sample_and_save(sample_fn, state.ema_params, jax.random.PRNGKey(seed),
-                         os.path.join(workdir, "samples"), f"{sampler}_{num_steps}steps_step{step}",
-                         config)
+                         os.path.join(workdir, "samples"),
+                         f"{sampler}_{num_steps}steps_step{step}_seed{seed}", config)
   if png:
     print(f"{num_samples} samples ({sampler}, {num_steps} steps, checkpoint step {step}) -> {png}",
           flush=True)
