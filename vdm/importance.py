@@ -176,9 +176,9 @@ def estimator_variance(eps_fn: EpsFn, gamma_fn: GammaFn, x: jax.Array, rng: jax.
   """Variance of the batch-mean continuous-time diffusion term on one fixed batch x, over
   ``repeats`` draws of (t, ε), for uniform, antithetic, importance and importance+antithetic times.
 
-  Returns {method: {"mean", "mean_se", "variance"}} in bits/dim, plus "ratio_<method>" entries
-  (variance of each method / variance of importance+antithetic) under "ratios". All methods use
-  the same keys.
+  Returns {method: {"mean", "mean_se", "variance"}} in bits/dim, plus under "ratios" the entries
+  "<method>/importance+antithetic" (variance of each method / variance of importance+antithetic).
+  All methods use the same keys.
   """
   x = np.asarray(x)  # checked on the host: inside the jitted draws its values are unknown
   elbo.check_data(x, vocab_size)

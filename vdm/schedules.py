@@ -95,7 +95,7 @@ class _DenseMonotone(nn.Module):
 class LearnedMonotone(nn.Module):
   """The paper's monotone network, with explicit endpoints.
 
-  f(t) = l1(t) + l3(φ(l2(t))) / n_features, φ(h) = 2 sigmoid(h) − 1, all weights |W| ≥ 0;
+  f(t) = l1(t) + l3(φ(l2(2t − 1))) / n_features, φ(h) = 2 sigmoid(h) − 1, all weights |W| ≥ 0;
   γ(t) = γ_min + (γ_max − γ_min) (f(t) − f(0)) / (f(1) − f(0)).
 
   γ(0) = γ_min and γ(1) = γ_max exactly, as trainable parameters, while the network
