@@ -91,8 +91,8 @@ def test_decode_modes():
 
 
 def test_discretized_gaussian_decode_is_centred_on_x_hat_not_z_0():
-  """DDPM's decoder N(x̂_0, e^{γ_0}) per bin: its argmax is x̂_0's bin whatever z_0 is, and its
-  samples follow the bins' masses (here a scale of half a bin, so neighbours get some)."""
+  """DDPM's decoder N(x̂_0, e^{γ_0}) per bin: without rng decode gives x̂_0's bin whatever z_0 is,
+  and its samples follow the bins' masses (here a scale of half a bin, so neighbours get some)."""
   vocab, gamma_0 = 16, jnp.float32(2 * math.log(1 / 16))  # e^{γ_0/2} = 1/16, half a bin
   x = jnp.arange(vocab)
   x_hat = elbo.scale_data(x, vocab) + 0.3 / vocab  # inside each bin, off centre
@@ -108,6 +108,30 @@ def test_discretized_gaussian_decode_is_centred_on_x_hat_not_z_0():
                                                    x_hat)))
   freq = np.stack([np.bincount(draws[:, i], minlength=vocab) for i in range(vocab)]) / many[0]
   assert np.abs(freq - probs).sum(axis=1).max() < 0.08  # total variation; always the argmax: 0.48
+
+
+def test_discretized_gaussian_decode_keeps_every_value_at_ddpm_noise_level():
+  """At DDPM's γ_0 (β_1 = 1e-4) the decoder's scale is 1.28 bins, so the open-ended edge bins
+  outweigh bins 1 and V − 2 even when x̂_0 sits at their centre: an argmax would map 1 → 0 and
+  254 → 255. decode without rng returns x̂_0's bin, DDPM's noiseless output."""
+  vocab, gamma_0 = 256, schedules.ddpm("linear")(0.0)
+  assert float(jnp.exp(gamma_0 / 2)) / (2 / vocab) > 1.2  # the regime where the argmax is wrong
+  x = jnp.arange(vocab)[None]
+  x_hat = elbo.scale_data(x, vocab)
+  logp = elbo.decoder_log_probs(x_hat, gamma_0, vocab, "discretized_gaussian", x_hat)
+  assert np.asarray(jnp.argmax(logp, -1))[0, [1, 254]].tolist() == [0, 255]
+  np.testing.assert_array_equal(samplers.decode(jnp.zeros(x.shape), gamma_0, vocab_size=vocab,
+                                                decoder="discretized_gaussian", x_hat=x_hat), x)
+
+
+def test_decode_refuses_a_decoder_without_its_mean():
+  z = jnp.zeros((2, 3))
+  with pytest.raises(ValueError, match="needs x_hat"):
+    samplers.decode(z, GAMMA(0.0), decoder="discretized_gaussian")
+  with pytest.raises(ValueError, match="reads z_0 alone"):
+    samplers.decode(z, GAMMA(0.0), x_hat=z)
+  with pytest.raises(ValueError, match="unknown decoder"):
+    samplers.decode(z, GAMMA(0.0), decoder="logistic")
 
 
 def test_bad_sampler_arguments_raise():

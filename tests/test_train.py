@@ -242,9 +242,9 @@ def test_samplers_give_integer_images(setup, sampler):
 
 
 def test_sampling_decodes_with_the_models_decoder(setup):
-  """With decoder='discretized_gaussian' the samples are the argmax of N(x̂_0, e^{γ_0}) over the
-  bins, x̂_0 = (z_0 − σ_0 ε̂)/α_0 (tests/test_samplers.py checks that decoder); the VDM decoder
-  reads z_0/α_0, and before, every config sampled that way."""
+  """With decoder='discretized_gaussian' the samples are the bins of x̂_0, the mean of
+  N(x̂_0, e^{γ_0}), x̂_0 = (z_0 − σ_0 ε̂)/α_0 (tests/test_samplers.py checks that decoder); the
+  VDM decoder reads z_0/α_0, and before, every config sampled that way."""
   config = setup[0].copy_and_resolve_references()
   # γ_0 = −5: σ_0/α_0 ≈ 10 bins, so reading z_0 instead of x̂_0 changes most pixels.
   config.model.decoder, config.model.gamma_min = "discretized_gaussian", -5.0

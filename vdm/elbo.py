@@ -49,6 +49,12 @@ def check_data(x: jax.Array, vocab_size: int) -> None:
                      "set vocab_size to the number of distinct levels or fix the data.")
 
 
+def check_decoder(decoder: str) -> None:
+  """Raise ValueError unless ``decoder`` is one of :data:`DECODERS`."""
+  if decoder not in DECODERS:
+    raise ValueError(f"unknown decoder {decoder!r}: use one of {DECODERS}.")
+
+
 def check_num_timesteps(num_timesteps: int) -> None:
   """Raise ValueError unless T is an integer >= 0 (0 = continuous time)."""
   if not isinstance(num_timesteps, (int, np.integer)) or num_timesteps < 0:
@@ -118,9 +124,8 @@ def _bin_log_prob(x: jax.Array, mean: jax.Array, log_scale: jax.Array, vocab_siz
 def vdm_decoder_logits(z_0: jax.Array, gamma_0: jax.Array, vocab_size: int) -> jax.Array:
   """Logits of the paper's factorised decoder: −½ e^{−γ_0} (z_0/α_0 − x_v)², shape [..., V]."""
   g = _bcast(jnp.asarray(gamma_0, jnp.float32), z_0)
-  z_rescaled = z_0 / jnp.sqrt(schedules.alpha2(g))
   x_v = scale_data(jnp.arange(vocab_size), vocab_size)
-  return -0.5 * jnp.exp(-g)[..., None] * (z_rescaled[..., None] - x_v) ** 2
+  return -0.5 * jnp.exp(-g)[..., None] * (decoder_centre(z_0, gamma_0)[..., None] - x_v) ** 2
 
 
 def reconstruction_loss(x: jax.Array, z_0: jax.Array, gamma_0: jax.Array, *, vocab_size: int = 256,
@@ -131,40 +136,51 @@ def reconstruction_loss(x: jax.Array, z_0: jax.Array, gamma_0: jax.Array, *, voc
   decoder="discretized_gaussian": N(x̂_0, e^{γ_0}) integrated over the bin of x_i (DDPM), where
   x̂_0 = (z_0 − σ_0 ε̂)/α_0 is the denoiser's mean (z_0/α_0 when x_hat is None).
   """
+  check_decoder(decoder)
   if decoder == "vdm":
     logp = decoder_log_probs(z_0, gamma_0, vocab_size)
     logp = jnp.take_along_axis(logp, jnp.asarray(x, jnp.int32)[..., None], axis=-1)[..., 0]
-  elif decoder == "discretized_gaussian":
-    logp = _bin_log_prob(x, *_gaussian_decoder(z_0, gamma_0, x_hat), vocab_size)
   else:
-    raise ValueError(f"unknown decoder {decoder!r}: use one of {DECODERS}.")
+    logp = _bin_log_prob(x, *_gaussian_decoder(z_0, gamma_0, x_hat), vocab_size)
   return -sum_per_example(logp)
+
+
+def decoder_centre(z_0: jax.Array, gamma_0: jax.Array, x_hat: Optional[jax.Array] = None
+                   ) -> jax.Array:
+  """Where the decoder centres x: x̂_0 when given (the discretized Gaussian's mean), else z_0/α_0
+  (the VDM decoder's, and the discretized Gaussian's without a denoiser)."""
+  if x_hat is not None:
+    return x_hat
+  return z_0 / jnp.sqrt(schedules.alpha2(_bcast(jnp.asarray(gamma_0, jnp.float32), z_0)))
 
 
 def _gaussian_decoder(z_0: jax.Array, gamma_0: jax.Array, x_hat: Optional[jax.Array]
                       ) -> tuple[jax.Array, jax.Array]:
-  """(mean, log scale) of the discretized Gaussian decoder N(x̂_0, e^{γ_0}); the mean is z_0/α_0
-  when x̂_0 is None."""
+  """(mean, log scale) of the discretized Gaussian decoder N(:func:`decoder_centre`, e^{γ_0})."""
   g = jnp.broadcast_to(_bcast(jnp.asarray(gamma_0, jnp.float32), z_0), z_0.shape)
-  return (z_0 / jnp.sqrt(schedules.alpha2(g)) if x_hat is None else x_hat), 0.5 * g
+  return decoder_centre(z_0, gamma_0, x_hat), 0.5 * g
 
 
 def decoder_log_probs(z_0: jax.Array, gamma_0: jax.Array, vocab_size: int, decoder: str = "vdm",
                       x_hat: Optional[jax.Array] = None) -> jax.Array:
   """log p(x_i = v | z_0) for every value v, shape [..., V]: the decoder of
   :func:`reconstruction_loss` (same ``decoder`` and ``x_hat``) as a whole distribution."""
+  check_decoder(decoder)
   if decoder == "vdm":
     return jax.nn.log_softmax(vdm_decoder_logits(z_0, gamma_0, vocab_size), axis=-1)
-  if decoder == "discretized_gaussian":
-    mean, log_scale = _gaussian_decoder(z_0, gamma_0, x_hat)
-    return _bin_log_prob(jnp.arange(vocab_size), mean[..., None], log_scale[..., None], vocab_size)
-  raise ValueError(f"unknown decoder {decoder!r}: use one of {DECODERS}.")
+  mean, log_scale = _gaussian_decoder(z_0, gamma_0, x_hat)
+  return _bin_log_prob(jnp.arange(vocab_size), mean[..., None], log_scale[..., None], vocab_size)
 
 
 def predict_x0(z_0: jax.Array, gamma_0: jax.Array, eps_hat_0: jax.Array) -> jax.Array:
   """x̂_0 = (z_0 − σ_0 ε̂)/α_0: the denoiser's mean of x at t = 0, the discretized Gaussian's."""
   alpha_0, sigma_0 = schedules.alpha_sigma(gamma_0)
   return (z_0 - sigma_0 * eps_hat_0) / alpha_0
+
+
+def denoised_x0(eps_fn: EpsFn, z_0: jax.Array, gamma_0: jax.Array) -> jax.Array:
+  """x̂_0 = (z_0 − σ_0 ε̂(z_0; γ_0))/α_0 for a batch z_0: :func:`predict_x0` with one denoiser call."""
+  return predict_x0(z_0, gamma_0, denoise(eps_fn, z_0, jnp.full((z_0.shape[0],), gamma_0)))
 
 
 def sample_times(rng: jax.Array, batch: int, antithetic: bool = True) -> jax.Array:
@@ -203,8 +219,7 @@ def elbo_terms(eps_fn: EpsFn, gamma_fn: GammaFn, x: jax.Array, rng: jax.Array, *
   """
   check_data(x, vocab_size)
   check_num_timesteps(num_timesteps)
-  if decoder not in DECODERS:
-    raise ValueError(f"unknown decoder {decoder!r}: use one of {DECODERS}.")
+  check_decoder(decoder)
   if time_proposal is not None and num_timesteps:
     raise ValueError("time_proposal is for continuous time: set num_timesteps=0 or drop the proposal.")
   schedules.check_increasing(gamma_fn)
@@ -234,8 +249,7 @@ def elbo_terms_from(eps_fn: EpsFn, x: jax.Array, rng: jax.Array, t: jax.Array, g
   gradients w.r.t. γ_t and w_t per-example quantities (used by :mod:`vdm.variance`).
   """
   check_data(x, vocab_size)
-  if decoder not in DECODERS:
-    raise ValueError(f"unknown decoder {decoder!r}: use one of {DECODERS}.")
+  check_decoder(decoder)
   batch = x.shape[0]
   _, rng_eps, rng_0 = jax.random.split(rng, 3)
   x_scaled = scale_data(x, vocab_size)

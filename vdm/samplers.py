@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from vdm import schedules
-from vdm.elbo import EpsFn, decoder_log_probs, denoise
+from vdm.elbo import EpsFn, check_decoder, decoder_centre, decoder_log_probs, denoise
 from vdm.schedules import GammaFn
 
 # step(z_t, t, s, rng) -> z_s for s = t − 1/N.
@@ -116,9 +116,18 @@ def probability_flow(eps_fn: EpsFn, gamma_fn: GammaFn, z_1: jax.Array, num_steps
 def decode(z_0: jax.Array, gamma_0: jax.Array, *, vocab_size: int = 256,
            rng: Optional[jax.Array] = None, decoder: str = "vdm",
            x_hat: Optional[jax.Array] = None) -> jax.Array:
-  """Integers x ~ p(x|z_0) of the decoder (:func:`vdm.elbo.decoder_log_probs`; the discretized
-  Gaussian's mean is ``x_hat``, :func:`vdm.elbo.predict_x0`): its argmax, or a sample with rng."""
-  logits = decoder_log_probs(z_0, gamma_0, vocab_size, decoder, x_hat)
-  if rng is None:
-    return jnp.argmax(logits, axis=-1).astype(jnp.int32)
-  return jax.random.categorical(rng, logits, axis=-1).astype(jnp.int32)
+  """Integers x from the decoder p(x|z_0) (:func:`vdm.elbo.decoder_log_probs`): a sample with rng;
+  without, the value whose bin holds the decoder's centre, ⌊(c + 1) V/2⌋ clipped to [0, V) with
+  c = z_0/α_0 ("vdm": the decoder's argmax) or c = ``x_hat`` = x̂_0 ("discretized_gaussian",
+  from :func:`vdm.elbo.predict_x0`: DDPM's noiseless output; that decoder's argmax would be an
+  open-ended edge bin instead of values 1 and V − 2 once e^{γ_0/2} exceeds ≈ 1.2 bins)."""
+  check_decoder(decoder)
+  if (decoder == "discretized_gaussian") != (x_hat is not None):
+    raise ValueError(f"decoder={decoder!r} with x_hat {'missing' if x_hat is None else 'given'}: the "
+                     "discretized Gaussian decoder needs x_hat = vdm.elbo.predict_x0(z_0, γ_0, ε̂), "
+                     "and the VDM decoder reads z_0 alone.")
+  if rng is not None:
+    logits = decoder_log_probs(z_0, gamma_0, vocab_size, decoder, x_hat)
+    return jax.random.categorical(rng, logits, axis=-1).astype(jnp.int32)
+  centre = decoder_centre(z_0, gamma_0, x_hat)
+  return jnp.clip(jnp.floor((centre + 1.0) * vocab_size / 2), 0, vocab_size - 1).astype(jnp.int32)

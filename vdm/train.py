@@ -321,8 +321,9 @@ def evaluate(eval_step, params, split, config, mesh, num_batches: int = 0, desc:
 
 def make_sample_fn(config, model: Model, sampler: str, num_steps: int, num_samples: int) -> Callable:
   """The jitted ``sample(params, rng) -> int32 [num_samples, H, W, C]``: z_1 ~ N(0, I), the
-  reverse process with ``sampler`` in ``num_steps`` steps, then the argmax of the model's decoder
-  (the discretized Gaussian's is centred on x̂_0: one more denoiser call, at γ_0)."""
+  reverse process with ``sampler`` in ``num_steps`` steps, then :func:`vdm.samplers.decode` with the
+  model's decoder and no rng (the discretized Gaussian's is centred on x̂_0: one more denoiser
+  call, at γ_0)."""
   if sampler not in SAMPLERS:
     raise ValueError(f"unknown sampler {sampler!r}: use one of {', '.join(SAMPLERS)}.")
   if not isinstance(num_steps, int) or num_steps < 1:
@@ -341,10 +342,8 @@ def make_sample_fn(config, model: Model, sampler: str, num_steps: int, num_sampl
       z = samplers.euler_maruyama(eps_fn, gamma_fn, z, rng_s, num_steps)
     else:
       z = samplers.probability_flow(eps_fn, gamma_fn, z, num_steps)
-    gamma_0, x_hat = gamma_fn(jnp.zeros(())), None
-    if decoder == "discretized_gaussian":
-      eps_hat_0 = elbo.denoise(eps_fn, z, jnp.full((num_samples,), gamma_0))
-      x_hat = elbo.predict_x0(z, gamma_0, eps_hat_0)
+    gamma_0 = gamma_fn(jnp.zeros(()))
+    x_hat = elbo.denoised_x0(eps_fn, z, gamma_0) if decoder == "discretized_gaussian" else None
     return samplers.decode(z, gamma_0, vocab_size=vocab, decoder=decoder, x_hat=x_hat)
 
   return jax.jit(sample)
