@@ -25,7 +25,7 @@ DECODERS = ("vdm", "discretized_gaussian")
 WEIGHTINGS = ("elbo", "simple")
 
 
-def _concrete(a) -> Optional[np.ndarray]:
+def concrete_value(a) -> Optional[np.ndarray]:
   """The value of `a` as a NumPy array, or None when it is traced inside a transformation."""
   try:
     return np.asarray(a)
@@ -43,7 +43,7 @@ def check_data(x: jax.Array, vocab_size: int) -> None:
   if not jnp.issubdtype(jnp.result_type(x), jnp.integer):
     raise ValueError(f"x has dtype {jnp.result_type(x)}: expected integers in [0, {vocab_size}) "
                      "(e.g. uint8 pixels), not values already scaled to [-1, 1].")
-  value = _concrete(x)
+  value = concrete_value(x)
   if value is not None and value.size and (value.min() < 0 or value.max() >= vocab_size):
     raise ValueError(f"x holds values in [{value.min()}, {value.max()}], outside [0, {vocab_size}): "
                      "set vocab_size to the number of distinct levels or fix the data.")

@@ -100,13 +100,22 @@ def proposal_from_second_moment(second_moment, uniform_mix: float = 0.1, spread:
   ``spread`` = k replaces r_b by its maximum over bins b−k..b+k first. ℓ(t) is heavy-tailed where
   the denoiser starts to confuse data points (rare draws with huge loss), so a bin's m₂ from a few
   batches can come out far too low; under-weighting a bin is what inflates the variance (through
-  1/q), while over-weighting its neighbours costs little, so we err upwards.
+  1/q), while over-weighting its neighbours costs little, so we err upwards. A known non-finite
+  m₂ is refused (inside ``jit`` the train step's finiteness guard keeps it out).
   """
   if not 0.0 < uniform_mix <= 1.0:
     raise ValueError(f"uniform_mix={uniform_mix} must be in (0, 1]: it floors q(t) so that the "
                      "importance weights 1/q stay bounded.")
   if not isinstance(spread, (int, np.integer)) or spread < 0:
     raise ValueError(f"spread={spread!r} must be an integer >= 0.")
+  if jnp.ndim(second_moment) != 1 or not jnp.shape(second_moment)[0]:
+    raise ValueError(f"second_moment has shape {jnp.shape(second_moment)}: expected one value per "
+                     "bin, shape [num_bins] with num_bins >= 1.")
+  value = elbo.concrete_value(second_moment)
+  if value is not None and not np.all(np.isfinite(value)):
+    bins = np.flatnonzero(~np.isfinite(value))[:8].tolist()
+    raise ValueError(f"second_moment is not finite in bins {bins}: the denoiser's loss is nan or "
+                     "inf at those t; check the model or the data.")
   root = jnp.sqrt(jnp.maximum(jnp.asarray(second_moment, jnp.float32), 0.0))
   num_bins = root.shape[0]
   if spread:
@@ -131,11 +140,16 @@ def update_second_moment(second_moment: jax.Array, t: jax.Array, loss: jax.Array
   """EMA per bin of ℓ(t)² from training samples (t [B], the unweighted loss ℓ [B]); bins that
   received no sample this step keep their value. Jit-friendly."""
   num_bins = second_moment.shape[0]
-  idx = jnp.clip(jnp.floor(t * num_bins).astype(jnp.int32), 0, num_bins - 1)
+  idx = _bin_index(t, num_bins)
   count = jnp.zeros(num_bins).at[idx].add(1.0)
   total = jnp.zeros(num_bins).at[idx].add(loss**2)
   batch_mean = total / jnp.maximum(count, 1.0)
   return jnp.where(count > 0, decay * second_moment + (1.0 - decay) * batch_mean, second_moment)
+
+
+def _bin_index(t: jax.Array, num_bins: int) -> jax.Array:
+  """b = ⌊t·n⌋ clipped to [0, n): the bin of t, as the density, the draws and the EMA all read it."""
+  return jnp.clip(jnp.floor(jnp.asarray(t) * num_bins).astype(jnp.int32), 0, num_bins - 1)
 
 
 def _inverse_cdf(params: ProposalParams, u: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -144,7 +158,13 @@ def _inverse_cdf(params: ProposalParams, u: jax.Array) -> tuple[jax.Array, jax.A
   cdf = jnp.concatenate([jnp.zeros((1,)), jnp.cumsum(probs)])
   b = jnp.clip(jnp.searchsorted(cdf, u, side="right") - 1, 0, num_bins - 1)
   frac = jnp.clip((u - cdf[b]) / probs[b], 0.0, 1.0)
-  return (b + frac) / num_bins, probs[b] * num_bins
+  t = (b + frac) / num_bins
+  # fp32 rounding can carry t onto the next bin's edge (⌊t·n⌋ = b + 1); a few ulps back (two at
+  # most for n < 600 and 1,000 to 10,000 bins, checked exhaustively) keep it in bin b, so that q(t) = density(t) and the second-moment EMA files ℓ(t) under its own q.
+  for _ in range(4):
+    off = _bin_index(t, num_bins) - b
+    t = jnp.where(off > 0, jnp.nextafter(t, 0.0), jnp.where(off < 0, jnp.nextafter(t, 1.0), t))
+  return t, probs[b] * num_bins
 
 
 def time_proposal(params: ProposalParams) -> TimeProposal:
@@ -157,8 +177,7 @@ def time_proposal(params: ProposalParams) -> TimeProposal:
 def density(params: ProposalParams, t: jax.Array) -> jax.Array:
   """q(t) for t in [0, 1]."""
   probs = params["probs"] / jnp.sum(params["probs"])
-  b = jnp.clip(jnp.floor(jnp.asarray(t) * probs.shape[0]).astype(jnp.int32), 0, probs.shape[0] - 1)
-  return probs[b] * probs.shape[0]
+  return probs[_bin_index(t, probs.shape[0])] * probs.shape[0]
 
 
 @eqx.filter_jit
