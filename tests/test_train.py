@@ -116,6 +116,26 @@ def test_non_finite_steps_are_skipped_and_counted(setup):
                jax.device_get(state.opt_state))
 
 
+def test_logged_learning_rate_is_the_one_applied_after_skipped_steps(setup):
+  """Warm-up counts applied updates; two skipped steps leave the optimizer at its first, whose
+  learning rate is 0. The log read lr_fn(state.step) and showed 1/10 and 2/10 of the rate."""
+  config, model, mesh, _, data = setup
+  config = config.copy_and_resolve_references()
+  config.optimizer.warmup_steps = 10
+  step_fn = train.make_train_step(config, model, mesh)
+  state = train.create_train_state(config, model, mesh)
+  good = jax.device_get(state.params)  # host copies: the step donates its input state
+  poisoned = jax.tree.map(np.copy, good)
+  poisoned["net"]["params"]["conv_out"]["bias"][:] = np.nan
+  on_devices = lambda params: jax.device_put(params, train.replicated(mesh))
+  state, metrics = _run(step_fn, state.replace(params=on_devices(poisoned)), data, mesh, 0, 2)
+  state, more = _run(step_fn, state.replace(params=on_devices(good)), data, mesh, 2, 2)
+  assert [int(m["nonfinite"]) for m in metrics + more] == [1, 2, 0, 0]
+  rate = config.optimizer.learning_rate
+  np.testing.assert_allclose([m["lr"] for m in metrics + more], [0, 0, 0, rate / 10], rtol=1e-6)
+  assert int(train.applied_updates(state.opt_state)) == 2 and int(state.step) == 4
+
+
 def test_checkpoint_resume_continues_identically(setup, tmp_path):
   config, model, mesh, step_fn, data = setup
   state = train.create_train_state(config, model, mesh)

@@ -82,6 +82,14 @@ def check_optimizer_config(opt_config) -> None:
       raise ValueError(f"optimizer.{key}={o[key]} must be >= 0 ({meaning}).")
 
 
+def applied_updates(opt_state) -> jax.Array:
+  """The updates the optimizer has applied, the step its learning-rate schedule reads: behind
+  ``state.step`` by the non-finite steps skipped (they keep the optimizer state)."""
+  return optax.tree_utils.tree_get(
+      opt_state, "count",
+      filtering=lambda path, _: getattr(path[-1], "tuple_name", None) == "ScaleByScheduleState")
+
+
 def decay_mask(params: Params) -> Params:
   """True for the weights AdamW decays: the network's, except its biases (as the published VDM
   code: kernels and norm scales are decayed); never the noise schedule's (that code decays its
@@ -260,7 +268,7 @@ def make_train_step(config, model: Model, mesh: Mesh) -> Callable[[TrainState, j
         "sigma2_1": schedules.sigma2(gamma_1),
         "gamma_0": gamma_0,
         "gamma_1": gamma_1,
-        "lr": lr_fn(state.step),
+        "lr": lr_fn(applied_updates(state.opt_state)),
         "grad_norm": grad_norm,
         "nonfinite": new_state.nonfinite,
     }
