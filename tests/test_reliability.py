@@ -202,6 +202,37 @@ def test_eval_and_samples_due_at_a_sigterm_step_run_on_resuming(tmp_path, cache_
       "step_1.npz", "step_1.png", "step_2.npz", "step_2.png"]
 
 
+def test_eval_and_samples_killed_at_the_final_checkpoint_run_on_rerunning(tmp_path, monkeypatch):
+  """The last step's checkpoint is written before its eval and samples; a kill between them
+  left a finished run that a rerun ("Already trained") never evaluated or sampled."""
+  import sys  # pylint: disable=g-import-not-at-top
+  sys.path.insert(0, ROOT)
+  from configs import quickstart  # pylint: disable=g-import-not-at-top
+  from vdm import main, train  # pylint: disable=g-import-not-at-top
+  config = quickstart.get_config()
+  config.update_from_flattened_dict({
+      "data.image_size": 4, "data.channels": 1, "data.synthetic_num_train": 64,
+      "data.synthetic_num_test": 16, "model.n_layer": 1, "training.batch_size": 8,
+      "eval.batch_size": 8, "training.num_steps": 2, "training.checkpoint_every": 2,
+      "training.eval_every": 2, "training.sample_every": 2, "sampling.num_steps": 2,
+      "sampling.num_samples": 2})
+  workdir = str(tmp_path / "run")
+
+  def killed(*args, **kwargs):
+    raise KeyboardInterrupt("killed during the final eval")
+
+  monkeypatch.setattr(train, "evaluate", killed)
+  with pytest.raises(KeyboardInterrupt):
+    main.run_train(config, workdir)
+  assert _steps(workdir) == [2] and not os.path.exists(os.path.join(workdir, "train_eval.json"))
+  monkeypatch.undo()
+  summary = main.run_train(config, workdir)
+  assert summary["step"] == 2 and np.isfinite(summary["bpd"])
+  assert os.path.isfile(os.path.join(workdir, "train_eval.json"))
+  assert sorted(os.listdir(os.path.join(workdir, "samples"))) == ["step_2.npz", "step_2.png"]
+  assert not os.path.exists(os.path.join(workdir, "due_at_checkpoint.json"))  # done: no rerun
+
+
 @pytest.mark.slow
 def test_quickstart_model_survives_repeated_kills(tmp_path, cache_env):
   _preempted_run_is_bit_identical(
@@ -220,11 +251,12 @@ def test_divergence_stops_with_the_step_and_last_good_checkpoint(tmp_path, cache
                                      "--config.training.max_nonfinite_steps=3",
                                      "--config.training.num_steps=20"], cache_env, log), log)
   assert rc == 1, err[-3000:]
+  # Steps are counted as taken, as on the console and in TensorBoard: the first is step 1.
   for k in (1, 2, 3):
-    assert f"Step {k}: non-finite loss or gradient; update skipped ({k} in a row)." in err
+    assert f"Step {k + 1}: non-finite loss or gradient; update skipped ({k} in a row)." in err
   lines = [l for l in err.splitlines() if l.strip()]
   ckpt = os.path.join(workdir, "checkpoints", "3")
-  assert lines[-1].startswith("vdm: error: training stopped at step 3: 3 non-finite steps in a row")
+  assert lines[-1].startswith("vdm: error: training stopped at step 4: 3 non-finite steps in a row")
   assert f"last good checkpoint: {ckpt}." in lines[-1]
   assert "Traceback" not in err
   assert _steps(workdir) == [1, 2, 3]

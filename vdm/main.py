@@ -198,7 +198,7 @@ def run_train(config, workdir: str) -> dict:
   batches = input_pipeline.train_iterator(data, start, train.batch_sharding(mesh),
                                           config.data.prefetch, t_cfg.num_steps)
   summary: dict = {}
-  pending = None  # (step, metrics) of the previous step: its non-finite count is read one step late
+  pending = None  # (done, metrics) of the previous step: its non-finite count is read one step late
 
   def check_finite():
     """Check the last dispatched step once: fetching its counter waits for that step only."""
@@ -218,6 +218,7 @@ def run_train(config, workdir: str) -> dict:
                      "from it.")
 
   def evaluate_and_sample(done: int, evaluate: bool, sample: bool) -> None:
+    """The eval and samples at step ``done``; then the record that they were due is removed."""
     nonlocal summary, sample_fn
     if evaluate:
       summary = train.evaluate(eval_step, state.ema_params, eval_split, config, mesh,
@@ -234,9 +235,13 @@ def run_train(config, workdir: str) -> dict:
         sample_fn = train.make_sample_fn(config, model, s.sampler, s.num_steps, s.num_samples)
       _sample_and_save(sample_fn, state.ema_params, jax.random.PRNGKey(done),
                        os.path.join(workdir, "samples"), f"step_{done}", config, writer, done)
+    if logging_utils.is_main_process() and os.path.isfile(due_path):
+      os.remove(due_path)
 
-  # A notice at an eval or sample step stopped before them: they are done on resuming there.
-  due_path = os.path.join(workdir, "due_at_preemption.json")
+  # The eval and samples due at a checkpointed step are recorded before its checkpoint and the
+  # record removed once they are written: a run stopped (notice, kill) in between does them on
+  # resuming there, the final step's included.
+  due_path = os.path.join(workdir, "due_at_checkpoint.json")
   if os.path.isfile(due_path):
     with open(due_path) as f:
       record = json.load(f)
@@ -249,8 +254,8 @@ def run_train(config, workdir: str) -> dict:
       if step == start:  # the call compiled the step: not training time
         throughput.restart(start)
       check_finite()  # the previous step, while this one runs
-      pending = (step, metrics)
-      done = step + 1
+      done = step + 1  # steps taken: the number the console, TensorBoard and checkpoints use
+      pending = (done, metrics)
       last = done == t_cfg.num_steps
       if done % t_cfg.log_every == 0 or last:
         check_finite()
@@ -259,23 +264,23 @@ def run_train(config, workdir: str) -> dict:
         writer.scalars(done, {**values, **rates}, prefix="train/")
         if logging_utils.is_main_process():
           logging.info(logging_utils.console_line(done, t_cfg.num_steps, values, rates))
-      if done % t_cfg.checkpoint_every == 0 or last:
-        check_finite()
-        checkpointer.save(state)
-        throughput.restart(done)  # the save waited for this step
       due = {"evaluate": done % t_cfg.eval_every == 0 or last,
              "sample": done % t_cfg.sample_every == 0 or last}
       # Several processes agree on a notice by a collective, a host sync: only at log boundaries.
-      if not last and (jax.process_count() == 1 or done % t_cfg.log_every == 0) and notice.agreed():
+      stop = (not last and (jax.process_count() == 1 or done % t_cfg.log_every == 0)
+              and notice.agreed())
+      if done % t_cfg.checkpoint_every == 0 or last or stop:
         check_finite()
-        checkpointer.save(state)
         if any(due.values()) and logging_utils.is_main_process():
-          logging_utils.write_json(due_path, {"step": done, **due})
+          logging_utils.write_json(due_path, {"step": done, **due})  # until they are done
+        checkpointer.save(state)
+        throughput.restart(done)  # the save waited for this step
+      if stop:
         logging.warning("SIGTERM at step %d: checkpoint saved in %s; rerun the same command to "
                         "resume.", done, checkpointer.directory)
         break
-      evaluate_and_sample(done, **due)
       if any(due.values()):
+        evaluate_and_sample(done, **due)
         throughput.restart(done)
   finally:
     batches.close()  # stop and join the prefetch thread before the interpreter exits
