@@ -159,8 +159,9 @@ def _inverse_cdf(params: ProposalParams, u: jax.Array) -> tuple[jax.Array, jax.A
   b = jnp.clip(jnp.searchsorted(cdf, u, side="right") - 1, 0, num_bins - 1)
   frac = jnp.clip((u - cdf[b]) / probs[b], 0.0, 1.0)
   t = (b + frac) / num_bins
-  # fp32 rounding can carry t onto the next bin's edge (⌊t·n⌋ = b + 1); a few ulps back (two at
-  # most for n < 600 and 1,000 to 10,000 bins, checked exhaustively) keep it in bin b, so that q(t) = density(t) and the second-moment EMA files ℓ(t) under its own q.
+  # fp32 rounding can carry t onto the next bin's edge (⌊t·n⌋ = b + 1). A few ulps back keep it in
+  # bin b (two at most, checked for every n < 600 and for 1,000 to 10,000 bins), so that
+  # q(t) = density(t) and the second-moment EMA files ℓ(t) under its own q.
   for _ in range(4):
     off = _bin_index(t, num_bins) - b
     t = jnp.where(off > 0, jnp.nextafter(t, 0.0), jnp.where(off < 0, jnp.nextafter(t, 1.0), t))

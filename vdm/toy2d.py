@@ -60,8 +60,8 @@ def train(rng: jax.Array, data_rng: jax.Array, *, steps: int, batch: int = 256, 
   γ(0) starts at gamma_min = −10, where σ_0 = e^{−5} is about a fifth (0.22) of a grid cell of 64
   levels, so the decoder, not the denoiser, resolves the grid. variance_minimizing=True: the
   schedule's shape follows the estimator's second moment (:mod:`vdm.variance`), its endpoints and
-  the denoiser the ELBO. Returns the modules, the
-  parameters and the bits/dim of each training batch.
+  the denoiser the ELBO. Returns the modules, the parameters and the bits/dim of each training
+  batch.
   """
   denoiser = MLPDenoiser(hidden=hidden, gamma_min=gamma_min, gamma_max=gamma_max)
   schedule = schedules.LearnedMonotone(gamma_min=gamma_min, gamma_max=gamma_max, n_features=n_features)
