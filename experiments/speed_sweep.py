@@ -349,14 +349,18 @@ def main(argv):
             f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in f.items()),
             flush=True)
       save()
+  # XLA keeps what it autotuned (convolution algorithms) for the process: a variant compiled after
+  # anything else here compiled is not a cold compile; vdm.benchmark in a fresh process is.
+  warm = bool(FLAGS.floors or FLAGS.norms or FLAGS.convs)
   for name in FLAGS.variants:
     t0 = time.perf_counter()
     try:
-      results["variants"][name] = run_variant(name)
+      results["variants"][name] = {**run_variant(name), "compiled_in_warm_process": warm}
     except Exception as e:  # pylint: disable=broad-except  (one failing variant keeps the others)
       traceback.print_exc()
       results["variants"][name] = {"error": f"{type(e).__name__}: {e}"[:500]}
     results["variants"][name]["wall_s"] = time.perf_counter() - t0
+    warm = True
     print(summary(name, results["variants"][name]), flush=True)
     save()
   print("\n".join(summary(n, f) for n, f in results["variants"].items()))

@@ -90,12 +90,15 @@ def test_command_line_writes_json(tmp_path):
       "  c.data.image_size, c.model.n_embd, c.model.n_layer = 8, 64, 1\n"
       "  return c\n")
   out = tmp_path / "bench.json"
+  out.write_text('{"an earlier run": 1}\n')
   subprocess.run([sys.executable, "-m", "vdm.benchmark", f"--config={config}", "--batch_size=2",
                   "--dtype=bfloat16", "--remat=convs", "--repeats=1", "--warmup=0", "--sample_steps=1",
                   f"--json_out={out}"], check=True, capture_output=True, text=True, cwd=ROOT)
   figures = json.loads(out.read_text())
   assert figures["dtype"] == "bfloat16" and figures["remat"] == "convs" and figures["batch_size"] == 2
   assert all(figures[k] > 0 for k in TIMES)
+  kept = list(tmp_path.glob("bench.*.json"))  # the earlier file, renamed, not overwritten
+  assert len(kept) == 1 and json.loads(kept[0].read_text()) == {"an earlier run": 1}
 
 
 @pytest.mark.parametrize("args, message", [
@@ -295,4 +298,6 @@ def test_sweep_times_each_variant(tmp_path):
   assert v[both]["overrides"] == {"model.unroll": 2, "model.remat": "none"}
   assert v[both]["remat"] == "none"
   assert all(f["train_images_per_s"] > 0 for f in v.values())
+  # The first variant compiled in a fresh process; the others after it, with XLA's autotuning kept.
+  assert [f["compiled_in_warm_process"] for f in v.values()] == [False] + [True] * 4
   assert "sample_step_ms" in v[both] and "sample_step_ms" not in v["no_dropout"]
