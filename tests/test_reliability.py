@@ -205,17 +205,10 @@ def test_eval_and_samples_due_at_a_sigterm_step_run_on_resuming(tmp_path, cache_
 def test_eval_and_samples_killed_at_the_final_checkpoint_run_on_rerunning(tmp_path, monkeypatch):
   """The last step's checkpoint is written before its eval and samples; a kill between them
   left a finished run that a rerun ("Already trained") never evaluated or sampled."""
-  import sys  # pylint: disable=g-import-not-at-top
-  sys.path.insert(0, ROOT)
-  from configs import quickstart  # pylint: disable=g-import-not-at-top
+  from test_train import tiny_config  # pylint: disable=g-import-not-at-top
   from vdm import main, train  # pylint: disable=g-import-not-at-top
-  config = quickstart.get_config()
-  config.update_from_flattened_dict({
-      "data.image_size": 4, "data.channels": 1, "data.synthetic_num_train": 64,
-      "data.synthetic_num_test": 16, "model.n_layer": 1, "training.batch_size": 8,
-      "eval.batch_size": 8, "training.num_steps": 2, "training.checkpoint_every": 2,
-      "training.eval_every": 2, "training.sample_every": 2, "sampling.num_steps": 2,
-      "sampling.num_samples": 2})
+  config = tiny_config(num_steps=2, checkpoint_every=2, eval_every=2, sample_every=2)
+  config.sampling.num_steps, config.sampling.num_samples = 2, 2
   workdir = str(tmp_path / "run")
 
   def killed(*args, **kwargs):

@@ -98,13 +98,21 @@ def test_train_steps_reduce_the_bound(setup):
   assert not np.array_equal(leaf(state.ema_params), leaf(state.params))
 
 
+def _on_devices(params, mesh):
+  return jax.device_put(params, train.replicated(mesh))
+
+
+def _poisoned(params):
+  """Host copies of ``params`` with a nan output bias: every step's loss is nan."""
+  poisoned = jax.tree.map(np.copy, jax.device_get(params))
+  poisoned["net"]["params"]["conv_out"]["bias"][:] = np.nan
+  return poisoned
+
+
 def test_non_finite_steps_are_skipped_and_counted(setup):
   config, model, mesh, step_fn, data = setup
   state = train.create_train_state(config, model, mesh)
-  poisoned = jax.tree.map(lambda p: p, state.params)
-  poisoned["net"]["params"]["conv_out"]["bias"] = jnp.full_like(
-      poisoned["net"]["params"]["conv_out"]["bias"], jnp.nan)
-  state = state.replace(params=poisoned)
+  state = state.replace(params=_on_devices(_poisoned(state.params), mesh))
   before = jax.device_get(state.params)
   before_opt = jax.device_get(state.opt_state)
   for k in range(2):
@@ -125,11 +133,9 @@ def test_logged_learning_rate_is_the_one_applied_after_skipped_steps(setup):
   step_fn = train.make_train_step(config, model, mesh)
   state = train.create_train_state(config, model, mesh)
   good = jax.device_get(state.params)  # host copies: the step donates its input state
-  poisoned = jax.tree.map(np.copy, good)
-  poisoned["net"]["params"]["conv_out"]["bias"][:] = np.nan
-  on_devices = lambda params: jax.device_put(params, train.replicated(mesh))
-  state, metrics = _run(step_fn, state.replace(params=on_devices(poisoned)), data, mesh, 0, 2)
-  state, more = _run(step_fn, state.replace(params=on_devices(good)), data, mesh, 2, 2)
+  poisoned = _on_devices(_poisoned(good), mesh)
+  state, metrics = _run(step_fn, state.replace(params=poisoned), data, mesh, 0, 2)
+  state, more = _run(step_fn, state.replace(params=_on_devices(good, mesh)), data, mesh, 2, 2)
   assert [int(m["nonfinite"]) for m in metrics + more] == [1, 2, 0, 0]
   rate = config.optimizer.learning_rate
   np.testing.assert_allclose([m["lr"] for m in metrics + more], [0, 0, 0, rate / 10], rtol=1e-6)
