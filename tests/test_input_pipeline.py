@@ -1,6 +1,8 @@
 """Input pipeline: determinism as a function of (seed, step), sharding, sources and their errors."""
+import gc
 import os
 import sys
+import warnings
 
 import jax
 import numpy as np
@@ -159,7 +161,8 @@ def test_npz_errors_are_one_line_value_errors(tmp_path, case, match):
     with open(path, "wb") as f:
       f.write(b"this is not a zip file")
   elif case in ("truncated", "bad_crc"):  # half a copy; one flipped byte in test_images' data
-    whole = bytearray(open(_write_npz(path), "rb").read())
+    with open(_write_npz(path), "rb") as f:
+      whole = bytearray(f.read())
     if case == "truncated":
       whole = whole[:len(whole) // 2]
     else:
@@ -169,9 +172,14 @@ def test_npz_errors_are_one_line_value_errors(tmp_path, case, match):
   elif case == "objects":
     np.savez(path, train_images=np.zeros((2, 8, 8, 3), np.uint8),
              test_images=np.array([None, 1], dtype=object))
-  with pytest.raises(ValueError, match=match) as e:
-    ip.load_split(data_config(source="npz", path=path, **overrides), "test")
-  assert "\n" not in str(e.value)
+  with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always", ResourceWarning)
+    with pytest.raises(ValueError, match=match) as e:
+      ip.load_split(data_config(source="npz", path=path, **overrides), "test")
+    assert "\n" not in str(e.value)
+    del e  # its traceback holds the loader's frames
+    gc.collect()
+  assert not [w for w in caught if issubclass(w.category, ResourceWarning)], "file left open"
 
 
 def test_unknown_source_and_indivisible_batch(monkeypatch):

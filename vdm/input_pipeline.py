@@ -129,11 +129,11 @@ def _load_npz(data_config, split: str) -> Split:
                      "with train_images and test_images.")
   key = f"{split}_images"
   unreadable = (OSError, EOFError, ValueError, zipfile.BadZipFile)  # truncated, bad CRC, pickled
-  try:
-    f = np.load(path)
-    if not isinstance(f, np.lib.npyio.NpzFile):
-      raise ValueError("not an .npz archive")
-    with f:
+  try:  # our own handle: np.load leaks its file when the zip directory is unreadable
+    with open(path, "rb") as handle:
+      f = np.load(handle)
+      if not isinstance(f, np.lib.npyio.NpzFile):
+        raise ValueError("not an .npz archive")
       if key not in f.files:
         raise KeyError(key)
       images = f[key]
