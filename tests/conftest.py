@@ -17,14 +17,34 @@ import pytest  # noqa: E402
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def _as_if_on_an_h100():
+  """jax >= 0.12 asks which GPU it lowers Pallas kernels for; with none here, an abstract mesh
+  names the H100. Older jax has no abstract devices and does not ask."""
+  import contextlib
+  import jax
+  if not hasattr(jax.sharding, "AbstractDevice"):
+    return contextlib.nullcontext()
+  h100 = jax.sharding.AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", num_cores=132,
+                                     platform="gpu")
+  return jax.sharding.use_abstract_mesh(
+      jax.sharding.AbstractMesh((1,), ("data",), abstract_device=h100))
+
+
 @pytest.fixture
 def cuda_triton_calls():
-  """count(traced): lowers a traced computation for CUDA and counts its Triton kernel calls (a
-  Triton call with jaxlib <= 0.10.2, a compiled kernel call later); skips where this jaxlib
-  compiles Triton while lowering and has no CUDA plugin to do it with."""
-  def count(traced) -> int:
+  """count(fn, *specs): traces jit(fn) at the given shapes, lowers it for CUDA and counts its
+  Triton kernel calls (a Triton call with jaxlib <= 0.10.2, a compiled kernel call in some later
+  ones); skips where this jaxlib compiles Triton while lowering and has no CUDA plugin to do it
+  with. The arguments sit on this machine's device: the kernels' data-parallel partitioning rule
+  needs devices to lower, which an abstract mesh alone does not give."""
+  import jax
+
+  def count(fn, *specs) -> int:
+    here = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     try:
-      text = traced.lower(lowering_platforms=("cuda",)).as_text()
+      with _as_if_on_an_h100():
+        traced = jax.jit(fn, in_shardings=here).trace(*specs)
+        text = traced.lower(lowering_platforms=("cuda",)).as_text()
     except RuntimeError as e:
       if "Triton compilation handler" in str(e):
         pytest.skip(f"this jaxlib lowers Pallas kernels only with CUDA present: {e}")

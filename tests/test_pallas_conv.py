@@ -94,7 +94,7 @@ def test_lowers_to_one_triton_call_for_the_cifar10_net(monkeypatch, cuda_triton_
   up block's conv1 (128 + 128 channels) at batch 128, 32×32, bf16, lower to one Triton call each
   for CUDA (Pallas's lowering; whether
   Triton compiles them needs the GPU)."""
-  monkeypatch.setattr(pallas_norm, "_interpret", lambda: False)
+  monkeypatch.setattr(pallas_norm, "use_interpreter", lambda: False)
   spec = jax.ShapeDtypeStruct
   for part_channels, rate, with_residual, out_dtype in (((128,), 0.1, True, jnp.bfloat16),
                                                         ((128,), 0.1, True, jnp.float32),
@@ -108,12 +108,11 @@ def test_lowers_to_one_triton_call_for_the_cifar10_net(monkeypatch, cuda_triton_
                                          residual.astype(out_dtype) if with_residual else None,
                                          dropout=rate, seeds=seeds if rate else None, sums=True,
                                          out_dtype=out_dtype)
-    traced = jax.jit(fn).trace(parts, spec((128, channels), jnp.float32),
-                               spec((128, channels), jnp.float32),
-                               spec((3, 3, channels, 128), jnp.float32),
-                               spec((128,), jnp.float32), spec((128, 32, 32, 128), jnp.bfloat16),
-                               spec((128, 1), jnp.uint32))
-    assert cuda_triton_calls(traced) == 1
+    assert cuda_triton_calls(fn, parts, spec((128, channels), jnp.float32),
+                             spec((128, channels), jnp.float32),
+                             spec((3, 3, channels, 128), jnp.float32),
+                             spec((128,), jnp.float32), spec((128, 32, 32, 128), jnp.bfloat16),
+                             spec((128, 1), jnp.uint32)) == 1
 
 
 def test_what_it_cannot_tile_is_refused_in_one_line():

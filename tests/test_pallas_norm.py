@@ -100,7 +100,7 @@ def test_lowers_to_triton_for_the_cifar10_net(monkeypatch, cuda_triton_calls):
   128 + 128 channels in bf16, with dropout, the fp32 output norm), and at 64×64 (read in chunks),
   lower to Triton calls for CUDA; this checks Pallas's lowering, not Triton's compilation, which
   needs the GPU."""
-  monkeypatch.setattr(pallas_norm, "_interpret", lambda: False)
+  monkeypatch.setattr(pallas_norm, "use_interpreter", lambda: False)
   spec = jax.ShapeDtypeStruct
   seeds = spec((128, 1), jnp.uint32)
   for dtype, part_channels, with_shift, size, rate in ((jnp.bfloat16, (128,), True, 32, 0.1),
@@ -115,10 +115,9 @@ def test_lowers_to_triton_for_the_cifar10_net(monkeypatch, cuda_triton_calls):
       out, vjp = jax.vjp(lambda *a: pallas_norm.group_norm_swish(
           32, 1e-6, dtype, *a, dropout=rate, seeds=seeds), parts, shift, scale, bias)
       return out, vjp(ct)
-    traced = jax.jit(step).trace(parts, shift, seeds, spec((channels,), jnp.float32),
-                                 spec((channels,), jnp.float32),
-                                 spec((128, size, size, channels), dtype))
-    assert cuda_triton_calls(traced) == 2  # forward and backward
+    assert cuda_triton_calls(step, parts, shift, seeds, spec((channels,), jnp.float32),
+                             spec((channels,), jnp.float32),
+                             spec((128, size, size, channels), dtype)) == 2  # forward, backward
 
 
 TWO_DEVICES = r"""
@@ -161,6 +160,43 @@ def test_what_the_kernels_cannot_tile_is_refused_in_one_line():
   with pytest.raises(ValueError, match="48 channels do not split into 32 groups"):
     pallas_norm.group_norm_swish(32, 1e-6, jnp.float32, (jnp.zeros((1, 2, 2, 48)),), None,
                                  jnp.ones(48), jnp.zeros(48))
+
+
+WITHOUT_TRITON = r"""
+import json, sys
+sys.modules["jax.experimental.pallas.triton"] = None  # as in a jax that has dropped it
+sys.path.insert(0, ".")
+import jax, jax.numpy as jnp
+from configs import quickstart
+from vdm import config_checks, nets
+z, g = jnp.zeros((1, 8, 8, 3)), jnp.zeros((1,))
+nets.ScoreUNet(n_embd=64, n_layer=1).init(jax.random.PRNGKey(0), z, g)  # the XLA norms still run
+errors = []
+for impl in ("pallas", "pallas_conv"):
+  config = quickstart.get_config()
+  config.model.norm_impl = impl
+  for check in (lambda: config_checks.validate(config),
+                lambda: nets.ScoreUNet(n_embd=64, n_layer=1, norm_impl=impl).init(
+                    jax.random.PRNGKey(0), z, g)):
+    try:
+      check()
+      errors.append(None)
+    except ValueError as e:
+      errors.append(str(e))
+print(json.dumps(errors))
+"""
+
+
+def test_without_pallas_triton_backend_vdm_imports_and_refuses_only_the_pallas_norms(
+    on_two_cpu_devices):
+  """jax 0.12 deprecates Pallas's Triton backend: once a jax drops it, vdm still imports and
+  trains with the XLA norms, and the Pallas ones are refused in one line, by the config checks
+  and by the net itself."""
+  errors = on_two_cpu_devices(WITHOUT_TRITON)
+  assert len(errors) == 4
+  for e in errors:
+    assert e and "need Pallas's Triton backend" in e and "norm_impl='recompute'" in e, e
+    assert "\n" not in e
 
 
 @pytest.mark.parametrize("impl", ["pallas", "pallas_conv"])

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import os
 
-from vdm import elbo, input_pipeline, nets, schedules, train
+from vdm import elbo, input_pipeline, nets, pallas_norm, schedules, train
 from vdm.model import SCHEDULES
 
 
@@ -52,6 +52,8 @@ def validate(config) -> None:
   if m.norm_impl not in nets.NORM_IMPL:
     raise ValueError(f"unknown model.norm_impl {m.norm_impl!r}: use one of "
                      f"{', '.join(nets.NORM_IMPL)} (see vdm.nets.NORM_IMPL).")
+  if m.norm_impl in ("pallas", "pallas_conv"):
+    pallas_norm.use_interpreter()  # refuses a backend or a jax without the kernels
   if m.norm_impl == "recompute" and m.remat != "none":
     raise ValueError(f"model.norm_impl='recompute' with model.remat={m.remat!r}: a "
                      "rematerialised block already recomputes its norms; set model.remat=none "

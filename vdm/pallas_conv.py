@@ -31,7 +31,6 @@ from typing import Optional, Sequence
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
-from jax.experimental.pallas import triton as plt
 
 from vdm import pallas_norm
 
@@ -182,8 +181,7 @@ def _call(num_parts, has_residual, dropout, sums, out_dtype, rows, block, num_wa
   results = pl.pallas_call(
       body, grid=(positions // rows, batch), in_specs=[s for _, s, _ in inputs],
       out_specs=[s for _, s, _ in outputs], out_shape=[o for _, _, o in outputs],
-      compiler_params=plt.CompilerParams(num_warps=num_warps, num_stages=num_stages),
-      interpret=pallas_norm._interpret(), name=KERNEL_NAME,
+      name=KERNEL_NAME, **pallas_norm.call_options(num_warps, num_stages),
   )(*[v for _, _, v in inputs])
   out = results[0].reshape(batch, height, width, features)
   return (out, results[1].sum(1), results[2].sum(1)) if sums else (out,)

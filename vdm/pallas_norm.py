@@ -30,9 +30,13 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.custom_partitioning import custom_partitioning
-from jax.experimental.pallas import triton as plt
 from jax.interpreters.mlir import ir
 from jax.sharding import NamedSharding, PartitionSpec as P
+
+try:  # deprecated since jax 0.12, to be removed: the rest of vdm must import without it
+  from jax.experimental.pallas import triton as plt
+except ImportError:
+  plt = None
 
 # The most channels one program owns, and the most elements of one input it holds in registers
 # at once. A program whose whole block fits reads it once; a larger one reads it in chunks of rows
@@ -103,13 +107,24 @@ def _layout(parts: Sequence[jax.Array], groups: int, held: int) -> tuple[int, in
   return per_group, block, chunk
 
 
-def _interpret() -> bool:
+def use_interpreter() -> bool:
+  """Whether the kernels run in Pallas's interpreter (the CPU) or compiled by Triton (a GPU);
+  refuses other backends, and a jax that has dropped Pallas's Triton backend."""
+  impls = "model.norm_impl='pallas' and 'pallas_conv'"
+  if plt is None:
+    raise ValueError(f"{impls} need Pallas's Triton backend, which jax {jax.__version__} no "
+                     "longer has: use model.norm_impl='recompute', or jax <= 0.12.")
   backend = jax.default_backend()
   if backend not in ("gpu", "cpu"):
-    raise ValueError(f"model.norm_impl='pallas' and 'pallas_conv' have Triton kernels for GPUs "
-                     f"(and Pallas's interpreter on the CPU), not for {backend}: use "
-                     "model.norm_impl='recompute'.")
+    raise ValueError(f"{impls} have Triton kernels for GPUs (and Pallas's interpreter on the "
+                     f"CPU), not for {backend}: use model.norm_impl='recompute'.")
   return backend == "cpu"
+
+
+def call_options(num_warps: int, num_stages: int) -> dict:
+  """pallas_call's keywords for this module's kernels and vdm.pallas_conv's."""
+  return dict(interpret=use_interpreter(),
+              compiler_params=plt.CompilerParams(num_warps=num_warps, num_stages=num_stages))
 
 
 def _group_sum(s: jax.Array, per_group: int) -> jax.Array:
@@ -295,8 +310,7 @@ def _call(kernel, name, parts, block, inputs, outputs, **kw):
       body, grid=(part_blocks[-1][2], batch),
       in_specs=[spec for _, kind, _ in inputs for spec in specs[kind]],
       out_specs=[spec for _, kind, _ in outputs for spec in specs[kind]], out_shape=out_shapes,
-      compiler_params=plt.CompilerParams(num_warps=NUM_WARPS, num_stages=1),
-      interpret=_interpret(), name=f"{KERNEL_NAME}_{name}",
+      name=f"{KERNEL_NAME}_{name}", **call_options(NUM_WARPS, num_stages=1),
   )(*[flat(a) for a in arrays])
 
 
