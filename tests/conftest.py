@@ -18,12 +18,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _as_if_on_an_h100():
-  """jax >= 0.12 asks which GPU it lowers Pallas kernels for; with none here, an abstract mesh
-  names the H100. Older jax has no abstract devices and does not ask."""
-  import contextlib
+  """jax 0.11.2 and later ask which GPU they lower Pallas kernels for; with none here, an
+  abstract mesh names the H100 (0.10.2 assumes sm_90 when no GPU is present)."""
   import jax
-  if not hasattr(jax.sharding, "AbstractDevice"):
-    return contextlib.nullcontext()
   h100 = jax.sharding.AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", num_cores=132,
                                      platform="gpu")
   return jax.sharding.use_abstract_mesh(

@@ -33,7 +33,7 @@ from jax.experimental.custom_partitioning import custom_partitioning
 from jax.interpreters.mlir import ir
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-try:  # deprecated since jax 0.12, to be removed: the rest of vdm must import without it
+try:  # deprecated (jax 0.11.2 and 0.12 warn), to be removed: vdm must import without it
   from jax.experimental.pallas import triton as plt
 except ImportError:
   plt = None
