@@ -189,9 +189,9 @@ print(json.dumps(errors))
 
 def test_without_pallas_triton_backend_vdm_imports_and_refuses_only_the_pallas_norms(
     on_two_cpu_devices):
-  """jax deprecates Pallas's Triton backend (0.11.2 and 0.12 warn): once a jax drops it, vdm still imports and
-  trains with the XLA norms, and the Pallas ones are refused in one line, by the config checks
-  and by the net itself."""
+  """jax deprecates Pallas's Triton backend (0.11.2 and 0.12 warn): once a jax drops it, vdm
+  still imports and trains with the XLA norms, and the Pallas ones are refused in one line, by
+  the config checks and by the net itself. (The script needs one device; the fixture gives two.)"""
   errors = on_two_cpu_devices(WITHOUT_TRITON)
   assert len(errors) == 4
   for e in errors:
