@@ -64,7 +64,7 @@ def test_runbook_phases_on_cpu(tmp_path):
   # The model phase evaluates the curve phase's run, and its setup kept the earlier phases' lines.
   machine = (out / "machine.txt").read_text()
   assert f"likelihood model: {tmp_path}/vdm_curve_run" in machine, machine
-  assert machine.count("jax ") == len(PHASES), machine
+  assert machine.count("jax ") == len(PHASES) and machine.count(" flax==") == len(PHASES), machine
   for name in ("main_train_eval", "likelihood", "schedule_variance"):
     assert json.loads((out / f"{name}.json").read_text()), name
   bench = json.loads((out / "bench_bfloat16_8_none_bfloat16_unroll0_pallas_conv.json").read_text())
