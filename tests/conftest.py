@@ -31,8 +31,9 @@ def _as_if_on_an_h100():
 def cuda_triton_calls():
   """count(fn, *specs): traces jit(fn) at the given shapes, lowers it for CUDA and counts its
   Triton kernel calls (by either name jaxlib has given them); skips where a jaxlib compiles
-  Triton while lowering and has no CUDA plugin to do it with. The arguments sit on this machine's device: the kernels' data-parallel partitioning rule
-  needs devices to lower, which an abstract mesh alone does not give."""
+  Triton while lowering and has no CUDA plugin to do it with. The arguments sit on this machine's
+  device: the kernels' data-parallel partitioning rule needs devices to lower, which an abstract
+  mesh alone does not give."""
   import jax
 
   def count(fn, *specs) -> int:
