@@ -54,8 +54,8 @@ setup() {
   fi
   export PYTHONUNBUFFERED=1
   { date -u +%FT%TZ; git rev-parse --short HEAD 2>/dev/null || echo "commit: see the session";
-    nvidia-smi -L 2>/dev/null; "$PY" -c "import jax; print('jax', jax.__version__, jax.devices())"
-    "$PY" -c "from importlib import metadata as m
+    nvidia-smi -L 2>/dev/null; "$PY" -c "import jax; from importlib import metadata as m
+print('jax', jax.__version__, jax.devices())
 print(*(f'{p}=={m.version(p)}' for p in ('jaxlib', 'flax', 'optax', 'orbax-checkpoint',
       'equinox', 'ml-collections')), '(installed versions)')"
   } | tee -a "$OUT/machine.txt"  # appended: a phase that runs after another keeps its lines
