@@ -5,13 +5,16 @@
 
 Each variant is a set of config overrides (and optionally the default PRNG implementation) on
 top of ``--config`` with ``--dtype`` and ``--batch_size``; ``a+b`` applies the overrides of
-variants a and b together (e.g. ``unroll0+remat_none``). :func:`vdm.benchmark.benchmark` times
-its train step (and the programs the variant names) and, with ``--profile``, splits its device
-time by kernel kind. ``--floors`` first measures the two ceilings the step is held to on this
-device: a bf16 3×3 convolution of the net's shape (forward, and forward plus both gradients)
-and a large copy; ``--norms`` and ``--convs`` time the net's norms alone and each with the
-convolution that reads it (:func:`norms`, :func:`convs`). The JSON is rewritten after every
-variant, so a time limit keeps what finished.
+variants a and b together (e.g. ``unroll0+remat_none``). A part ``xla:NAME=VALUE`` compiles the
+variant's programs with that option of XLA's (a field of its DebugOptions, e.g.
+``unroll0+xla:xla_gpu_enable_pdl=true``; every option is checked against this jaxlib before
+anything runs), so compiler options are timed side by side like the network's.
+:func:`vdm.benchmark.benchmark` times its train step (and the programs the variant names) and,
+with ``--profile``, splits its device time by kernel kind. ``--floors`` first measures the two
+ceilings the step is held to on this device: a bf16 3×3 convolution of the net's shape
+(forward, and forward plus both gradients) and a large copy; ``--norms`` and ``--convs`` time
+the net's norms alone and each with the convolution that reads it (:func:`norms`,
+:func:`convs`). The JSON is rewritten after every variant, so a time limit keeps what finished.
 Peak device memory is the process's running maximum (``process_peak_memory_gib``); a
 variant's own memory is its train step's temporaries (``train_temp_gib``), or a bench run.
 """
@@ -21,7 +24,7 @@ import os
 import sys
 import time
 import traceback
-from typing import Optional
+from typing import Any, NamedTuple, Optional
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -34,28 +37,71 @@ from ml_collections import config_flags  # noqa: E402
 
 from vdm import benchmark, logging_utils, nets, pallas_conv, pallas_norm  # noqa: E402
 
-# name -> (config overrides, default PRNG implementation or None, programs timed after training)
+XLA_PREFIX = "xla:"
+
+
+class Variant(NamedTuple):
+  """Config overrides, the default PRNG implementation (None: the process's), the programs timed
+  after training (of ``vdm.benchmark.PROGRAMS``) and, for a combined variant, the XLA options
+  its ``xla:`` parts set for compiling each of them."""
+  overrides: dict
+  prng_impl: Optional[str] = None
+  programs: tuple[str, ...] = ()
+  xla: Optional[dict] = None
+
+
 VARIANTS = {
-    "base": ({}, None, benchmark.PROGRAMS),
-    "residual_bf16": ({"model.residual_dtype": "bfloat16"}, None, ("sample",)),
-    "no_dropout": ({"model.dropout": 0.0}, None, ()),
-    "rbg": ({}, "rbg", ()),
-    "unroll0": ({"model.unroll": 0}, None, ("sample",)),
-    "unroll1": ({"model.unroll": 1}, None, ("sample",)),
-    "unroll2": ({"model.unroll": 2}, None, ("sample",)),
-    "remat_none": ({"model.remat": "none"}, None, ()),
-    "remat_full": ({"model.remat": "full"}, None, ()),
-    "norm_recompute": ({"model.norm_impl": "recompute", "model.remat": "none"}, None, ()),
-    "norm_pallas": ({"model.norm_impl": "pallas"}, None, ("sample",)),
-    "norm_pallas_conv": ({"model.norm_impl": "pallas_conv"}, None, ("sample",)),
-    "float32": ({"model.dtype": "float32"}, None, ("sample",)),
+    "base": Variant({}, programs=benchmark.PROGRAMS),
+    "residual_bf16": Variant({"model.residual_dtype": "bfloat16"}, programs=("sample",)),
+    "no_dropout": Variant({"model.dropout": 0.0}),
+    "rbg": Variant({}, prng_impl="rbg"),
+    "unroll0": Variant({"model.unroll": 0}, programs=("sample",)),
+    "unroll1": Variant({"model.unroll": 1}, programs=("sample",)),
+    "unroll2": Variant({"model.unroll": 2}, programs=("sample",)),
+    "remat_none": Variant({"model.remat": "none"}),
+    "remat_full": Variant({"model.remat": "full"}),
+    "norm_recompute": Variant({"model.norm_impl": "recompute", "model.remat": "none"}),
+    "norm_pallas": Variant({"model.norm_impl": "pallas"}, programs=("sample",)),
+    "norm_pallas_conv": Variant({"model.norm_impl": "pallas_conv"}, programs=("sample",)),
+    "float32": Variant({"model.dtype": "float32"}, programs=("sample",)),
 }
+
+
+def xla_part(part: str) -> tuple[str, Any]:
+  """(name, value) of a variant part ``xla:NAME=VALUE``; VALUE as a bool ('true' / 'false'),
+  an int or a float where it reads as one, else as a string."""
+  name, sep, text = part[len(XLA_PREFIX):].partition("=")
+  if not name or not sep:
+    raise app.UsageError(f"variant part {part!r}: write xla:NAME=VALUE, e.g. "
+                         "xla:xla_gpu_enable_pdl=true.")
+  if text.lower() in ("true", "false"):
+    return name, text.lower() == "true"
+  for kind in (int, float):
+    try:
+      return name, kind(text)
+    except ValueError:
+      pass
+  return name, text
+
+
+def check_xla_options(options: dict) -> None:
+  """Refuses an option this jaxlib's XLA does not know, or a value of the wrong type, by
+  compiling a one-line program with it (every backend's compiler reads all of XLA's options, the
+  CPU's those of the GPU too)."""
+  for name, value in options.items():
+    try:
+      jax.jit(lambda x: x + 1).lower(np.float32(0)).compile({name: value})
+    except Exception as e:  # pylint: disable=broad-except  (XLA reports it as a runtime error)
+      first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+      raise app.UsageError(f"XLA option {name}={value!r} refused by jax {jax.__version__}'s XLA "
+                           f"({first}): check the name and type against its DebugOptions.")
+
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Configuration file (configs/*.py).",
                                 lock_config=False)
 flags.DEFINE_list("variants", ["base"], f"Variants to time, in order: {', '.join(VARIANTS)}, "
-                  "or several joined by '+'.")
+                  f"or several joined by '+'; a part {XLA_PREFIX}NAME=VALUE sets an XLA option.")
 flags.DEFINE_integer("batch_size", 128, "Global batch size.")
 flags.DEFINE_enum("dtype", "bfloat16", ["float32", "bfloat16"], "Compute dtype of every variant "
                   "(a variant's model.dtype override wins).")
@@ -265,20 +311,23 @@ def convs(batch: int, width: int, size: int = 32, groups: int = 32,
   return out
 
 
-def combine(name: str) -> tuple[dict, str | None, tuple[str, ...]]:
-  """(overrides, PRNG implementation, programs) of a variant, or of ``a+b+...``: the parts'
-  overrides together (a later part wins), the last PRNG named, and the programs of all parts."""
-  overrides, prng_impl, programs = {}, None, ()
+def combine(name: str) -> Variant:
+  """The variant ``a+b+...``: the named parts' overrides and the ``xla:`` parts' options together
+  (a later part wins), the last PRNG named, and the programs of all parts."""
+  overrides, prng_impl, programs, xla = {}, None, (), {}
   for part in name.split("+"):
-    o, p, progs = VARIANTS[part]
-    overrides.update(o)
-    prng_impl = p or prng_impl
-    programs += tuple(q for q in progs if q not in programs)
-  return overrides, prng_impl, programs
+    if part.startswith(XLA_PREFIX):
+      xla.update([xla_part(part)])
+      continue
+    v = VARIANTS[part]
+    overrides.update(v.overrides)
+    prng_impl = v.prng_impl or prng_impl
+    programs += tuple(q for q in v.programs if q not in programs)
+  return Variant(overrides, prng_impl, programs, xla or None)
 
 
 def run_variant(name: str) -> dict:
-  overrides, prng_impl, programs = combine(name)
+  overrides, prng_impl, programs, xla = combine(name)
   config = FLAGS.config.copy_and_resolve_references()
   config.model.dtype = FLAGS.dtype
   config.update_from_flattened_dict(overrides)
@@ -287,13 +336,13 @@ def run_variant(name: str) -> dict:
     jax.config.update("jax_default_prng_impl", prng_impl)
   try:
     figures = benchmark.benchmark(config, batch_size=FLAGS.batch_size, repeats=FLAGS.repeats,
-                                  profile=FLAGS.profile, programs=programs,
+                                  profile=FLAGS.profile, programs=programs, compiler_options=xla,
                                   count_flops=FLAGS.count_flops and name == FLAGS.variants[0],
                                   hlo_dir=FLAGS.hlo_dir if name == FLAGS.variants[0] else None)
   finally:
     jax.config.update("jax_default_prng_impl", previous)
   figures.update(variant=name, overrides=overrides, prng_impl=prng_impl or previous,
-                 unroll=config.model.unroll, dropout=config.model.dropout)
+                 xla_options=xla or {}, unroll=config.model.unroll, dropout=config.model.dropout)
   # The device's peak is the process's running maximum, which includes the variants before
   # this one: only the train step's temporaries are this variant's own.
   figures["process_peak_memory_gib"] = figures.pop("peak_memory_gib")
@@ -319,9 +368,13 @@ def summary(name: str, f: dict) -> str:
 
 def main(argv):
   del argv
-  unknown = [v for v in FLAGS.variants if any(p not in VARIANTS for p in v.split("+"))]
+  unknown = [v for v in FLAGS.variants if any(
+      p not in VARIANTS and not p.startswith(XLA_PREFIX) for p in v.split("+"))]
   if unknown:
-    raise app.UsageError(f"unknown variants {unknown}: use some of {', '.join(VARIANTS)}.")
+    raise app.UsageError(f"unknown variants {unknown}: use some of {', '.join(VARIANTS)}, "
+                         f"or {XLA_PREFIX}NAME=VALUE.")
+  for name in FLAGS.variants:
+    check_xla_options(combine(name).xla or {})
   for key, flag in (("model.dtype", "dtype"), ("training.batch_size", "batch_size")):
     if any(a.startswith(f"--config.{key}") for a in sys.argv):
       raise app.UsageError(f"--config.{key} has no effect here: every variant runs at --{flag}.")

@@ -228,10 +228,19 @@ def _sweep(*args):
 
 
 def test_sweep_refuses_unknown_variants(tmp_path):
+  """Unknown variants, an XLA option this jaxlib does not know and an XLA part without a value
+  are refused before anything is compiled or written."""
   r = _sweep(*SWEEP_TINY, "--variants=base,unroll0+fastest", f"--output={tmp_path / 's.json'}")
   assert r.returncode != 0 and "unknown variants ['unroll0+fastest']" in r.stderr
   r = _sweep(*SWEEP_TINY, "--config.model.dtype=float32", f"--output={tmp_path / 's.json'}")
   assert r.returncode != 0 and "--config.model.dtype has no effect here" in r.stderr
+  r = _sweep(*SWEEP_TINY, "--variants=base,base+xla:xla_gpu_enable_pfl=true",
+             f"--output={tmp_path / 's.json'}")
+  assert r.returncode != 0 and "XLA option xla_gpu_enable_pfl=True refused" in r.stderr
+  assert "No such compile option" in r.stderr
+  r = _sweep(*SWEEP_TINY, "--variants=base+xla:xla_gpu_enable_pdl",
+             f"--output={tmp_path / 's.json'}")
+  assert r.returncode != 0 and "write xla:NAME=VALUE" in r.stderr
   assert not (tmp_path / "s.json").exists()
 
 
@@ -280,13 +289,19 @@ def test_sweep_times_the_norm_in_the_convolutions_load_against_cudnn(tmp_path):
 @pytest.mark.slow
 def test_sweep_times_each_variant(tmp_path):
   out = tmp_path / "sweep.json"
+  unfused = "no_dropout+xla:xla_disable_hlo_passes=fusion"
   r = _sweep(*SWEEP_TINY, "--variants=no_dropout,unroll2+remat_none,norm_recompute,norm_pallas,"
-             "norm_pallas_conv", f"--output={out}")
+             f"norm_pallas_conv,{unfused}", f"--output={out}")
   assert r.returncode == 0, r.stderr[-2000:]
   res = json.loads(out.read_text())
   v = res["variants"]
   both = "unroll2+remat_none"
-  assert list(v) == ["no_dropout", both, "norm_recompute", "norm_pallas", "norm_pallas_conv"]
+  assert list(v) == ["no_dropout", both, "norm_recompute", "norm_pallas", "norm_pallas_conv",
+                     unfused]
+  # The XLA option reached the compile: without XLA's fusion pass the step keeps more buffers.
+  assert v[unfused]["xla_options"] == {"xla_disable_hlo_passes": "fusion"}
+  assert v[unfused]["overrides"] == v["no_dropout"]["overrides"] and v[both]["xla_options"] == {}
+  assert v[unfused]["train_temp_bytes"] > 2 * v["no_dropout"]["train_temp_bytes"]
   assert res["batch_size"] == 2
   assert all("error" not in f for f in v.values()), v
   assert v["norm_recompute"]["norm_impl"] == "recompute" and v["norm_recompute"]["remat"] == "none"
@@ -299,5 +314,5 @@ def test_sweep_times_each_variant(tmp_path):
   assert v[both]["remat"] == "none"
   assert all(f["train_images_per_s"] > 0 for f in v.values())
   # The first variant compiled in a fresh process; the others after it, with XLA's autotuning kept.
-  assert [f["compiled_in_warm_process"] for f in v.values()] == [False] + [True] * 4
+  assert [f["compiled_in_warm_process"] for f in v.values()] == [False] + [True] * 5
   assert "sample_step_ms" in v[both] and "sample_step_ms" not in v["no_dropout"]
