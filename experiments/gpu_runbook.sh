@@ -15,8 +15,8 @@
 # fails or overruns leaves the others' results.
 # Overrides for a smoke run on any machine: VDM_CONFIG, VDM_DATA_ARGS, VDM_SECONDS, VDM_STEPS,
 # VDM_ARGS (extra --config.* flags for every command), VDM_LIMIT (the seconds a phase may take),
-# VDM_SPECS (the bench's), VDM_VARIANTS and VDM_BATCH (the sweep's variants and batch size,
-# experiments/speed_sweep.py), PYTHON, and
+# VDM_SPECS (the bench's), VDM_VARIANTS, VDM_BATCH and VDM_SWEEP_ARGS (the sweep's variants,
+# batch size and measurements before them, experiments/speed_sweep.py), PYTHON, and
 # VDM_TMP (where the runs, the compile cache and the wheels go; /tmp by default; a warm device
 # machine keeps it between calls).
 set -uo pipefail
@@ -130,9 +130,11 @@ case "${1:-}" in
     # Pallas kernels compute the same function as autodiff on this GPU; --convs times the norm
     # and the convolution that reads it, cuDNN against the Pallas convolution that applies the
     # norm as it loads (vdm.pallas_conv), and checks that it computes XLA's function.
+    # VDM_SWEEP_ARGS= leaves these three out, for a call that times only variants.
+    read -r -a FIRST <<< "${VDM_SWEEP_ARGS---floors --norms --convs}"
     run sweep $((LIMIT - 10)) "$PY" experiments/speed_sweep.py --config="$CONFIG" "${EXTRA[@]}" \
       --variants="${VDM_VARIANTS:-unroll0+remat_none+residual_bf16,unroll0+remat_none+residual_bf16+norm_pallas,unroll0+remat_none+residual_bf16+norm_pallas_conv,unroll0+remat_none+residual_bf16+norm_recompute}" \
-      --batch_size="${VDM_BATCH:-128}" --floors --norms --convs --hlo_dir="$OUT/hlo" \
+      --batch_size="${VDM_BATCH:-128}" "${FIRST[@]}" --hlo_dir="$OUT/hlo" \
       --output="$OUT/sweep.json"
     ;;
   *)

@@ -69,3 +69,15 @@ def test_runbook_phases_on_cpu(tmp_path):
     assert json.loads((out / f"{name}.json").read_text()), name
   bench = json.loads((out / "bench_bfloat16_8_none_bfloat16_unroll0_pallas_conv.json").read_text())
   assert bench["train_images_per_s"] > 0 and bench["sample_step_ms"] > 0, bench
+
+  # A sweep call that times only variants, one of them with an XLA option: no floors, norms or
+  # convolutions first (a rerun keeps the first sweep.json beside it).
+  variants = "unroll0+remat_none,unroll0+remat_none+xla:xla_gpu_enable_pdl=true"
+  r = subprocess.run(["bash", "experiments/gpu_runbook.sh", "sweep"], cwd=ROOT, timeout=900,
+                     env=dict(env, VDM_SWEEP_ARGS="", VDM_VARIANTS=variants),
+                     capture_output=True, text=True)
+  assert r.returncode == 0 and "== exit 0" in r.stdout, r.stdout[-3000:] + r.stderr[-3000:]
+  again = json.loads((out / "sweep.json").read_text())
+  assert not {"floors", "norms", "convs"} & set(again), list(again)
+  options = [f["xla_options"] for f in again["variants"].values()]
+  assert options == [{}, {"xla_gpu_enable_pdl": True}], options
