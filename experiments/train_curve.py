@@ -127,8 +127,8 @@ def run_curve(config, seconds: float, marks: list[float], use_ema: bool = False,
       "num_devices": jax.device_count(), "jax": jax.__version__,
       "config": json.loads(config.to_json_best_effort()),
       "params": "ema" if use_ema else "raw", "compile_seconds": compile_s,
-      # A persistent compilation cache (the runbook sets one) makes compile_seconds a cache load.
-      "compilation_cache_dir": jax.config.jax_compilation_cache_dir or None,
+      # The runbook sets a compilation cache, which makes compile_seconds a cache load.
+      **logging_utils.compile_settings(),
       "points": points, "reference": REFERENCE,
   }
   for mark in marks:

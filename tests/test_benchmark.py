@@ -5,6 +5,7 @@ Compile time dominates on the CPU, so the timed programs are compiled without LL
 import gzip
 import json
 import math
+import os
 import pathlib
 import subprocess
 import sys
@@ -47,6 +48,10 @@ def test_benchmark_figures():
   # peak_bytes_in_use is not reported on the CPU.
   assert figures["peak_memory_bytes"] is None or figures["peak_memory_bytes"] > 0
   assert figures["norm_impl"] == "autodiff" and figures["net_saved_gib"] > 0
+  # what changed the compiles: no persistent cache; the tests' XLA_FLAGS (conftest)
+  assert figures["compilation_cache_dir"] is None
+  assert figures["xla_flags"] == os.environ["XLA_FLAGS"]
+  assert "--xla_backend_optimization_level=0" in figures["xla_flags"]
   assert "profile_error" not in figures, figures.get("profile_error")
   assert set(figures["profile"]) == {"train", "eval", "sample"}
   assert all(p["ms_per_call"] == 0 and p["top"] == [] for p in figures["profile"].values())

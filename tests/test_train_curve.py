@@ -43,6 +43,7 @@ def test_curve_marks_checkpoint_plot_and_dtype_comparison(tmp_path):
     np.testing.assert_allclose(terms, p["test_bpd"], rtol=1e-5)
   assert res["steps"] == pts[-1]["step"] and res["compile_seconds"] > 0
   assert "compilation_cache_dir" in res  # a cached compile is a load, not a compile
+  assert "--xla_backend_optimization_level=0" in res["xla_flags"]  # the tests' (conftest)
   np.testing.assert_allclose(res["images_per_second"], res["steps"] * 16 / res["train_seconds"])
   assert set(res["first_seconds_reaching"]) == {"3.575", "3.4"}
 

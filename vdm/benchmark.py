@@ -289,9 +289,7 @@ def benchmark(config, *, batch_size: Optional[int] = None, dtype: Optional[str] 
       "net_saved_gib": saved_for_backward_bytes(model.net, model.image_shape,
                                                 batch_size // n_dev) / 2**30,
       "repeats": repeats, "warmup": warmup,
-      "jax_version": jax.__version__,
-      # A persistent compilation cache turns the compile times into cache loads.
-      "compilation_cache_dir": jax.config.jax_compilation_cache_dir or None,
+      "jax_version": jax.__version__, **logging_utils.compile_settings(),
       "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
   }
 

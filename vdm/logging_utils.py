@@ -90,6 +90,13 @@ def keep_previous(path: str) -> None:
   logging.warning("%s exists: kept it as %s.", path, dest)
 
 
+def compile_settings() -> dict:
+  """What changes how XLA compiles in this process, for a measurement's record: the persistent
+  compilation cache, which turns compile times into cache loads, and ``XLA_FLAGS``."""
+  return {"compilation_cache_dir": jax.config.jax_compilation_cache_dir or None,
+          "xla_flags": os.environ.get("XLA_FLAGS") or None}
+
+
 class Writer:
   """Scalars and images to TensorBoard under ``logdir`` (process 0 only)."""
 
