@@ -7,8 +7,9 @@ Each variant is a set of config overrides (and optionally the default PRNG imple
 top of ``--config`` with ``--dtype`` and ``--batch_size``; ``a+b`` applies the overrides of
 variants a and b together (e.g. ``unroll0+remat_none``). A part ``xla:NAME=VALUE`` compiles the
 variant's programs with that option of XLA's (a field of its DebugOptions, e.g.
-``unroll0+xla:xla_gpu_enable_pdl=true``; every option is checked against this jaxlib before
-anything runs), so compiler options are timed side by side like the network's.
+``unroll0+xla:xla_gpu_enable_pdl=true``; VALUE holds no comma, on which ``--variants`` splits;
+every option is checked against this jaxlib before anything runs), so compiler options are timed
+side by side like the network's.
 :func:`vdm.benchmark.benchmark` times its train step (and the programs the variant names) and,
 with ``--profile``, splits its device time by kernel kind. ``--floors`` first measures the two
 ceilings the step is held to on this device: a bf16 3×3 convolution of the net's shape
