@@ -177,6 +177,18 @@ def test_jit_gradients_are_finite_with_learned_schedule(decoder, num_timesteps):
   assert float(jnp.abs(grads["gamma"]["params"]["w"])) > 0
 
 
+def test_decoder_x_hat_is_the_closed_form_denoised_mean():
+  """With ε̂(z; γ) = c·z, x̂_0 = (z_0 − σ_0 c z_0)/α_0 = z_0 (1 − c σ_0)/α_0; "vdm" reads z_0 alone."""
+  c, gamma_0 = 0.3, jnp.float32(-5.0)
+  z_0 = jax.random.normal(jax.random.PRNGKey(0), (4, 3))
+  alpha_0, sigma_0 = math.sqrt(1 / (1 + math.exp(-5.0))), math.sqrt(1 / (1 + math.exp(5.0)))
+  x_hat = elbo.decoder_x_hat(lambda z, g: c * z, z_0, gamma_0, "discretized_gaussian")
+  np.testing.assert_allclose(x_hat, z_0 * (1 - c * sigma_0) / alpha_0, rtol=1e-6)
+  assert elbo.decoder_x_hat(lambda z, g: c * z, z_0, gamma_0, "vdm") is None
+  with pytest.raises(ValueError, match="unknown decoder 'logistic'"):
+    elbo.decoder_x_hat(lambda z, g: c * z, z_0, gamma_0, "logistic")
+
+
 def test_bad_arguments_raise_clear_errors():
   eps_fn = lambda z, g: z
   x = jnp.zeros((2, 3), jnp.int32)

@@ -178,8 +178,13 @@ def predict_x0(z_0: jax.Array, gamma_0: jax.Array, eps_hat_0: jax.Array) -> jax.
   return (z_0 - sigma_0 * eps_hat_0) / alpha_0
 
 
-def denoised_x0(eps_fn: EpsFn, z_0: jax.Array, gamma_0: jax.Array) -> jax.Array:
-  """x̂_0 = (z_0 − σ_0 ε̂(z_0; γ_0))/α_0 for a batch z_0: :func:`predict_x0` with one denoiser call."""
+def decoder_x_hat(eps_fn: EpsFn, z_0: jax.Array, gamma_0: jax.Array, decoder: str
+                  ) -> Optional[jax.Array]:
+  """The ``x_hat`` the decoder reads for a batch z_0: x̂_0 = (z_0 − σ_0 ε̂(z_0; γ_0))/α_0 (one
+  denoiser call, :func:`predict_x0`) for "discretized_gaussian"; None for "vdm", which reads z_0."""
+  check_decoder(decoder)
+  if decoder != "discretized_gaussian":
+    return None
   return predict_x0(z_0, gamma_0, denoise(eps_fn, z_0, jnp.full((z_0.shape[0],), gamma_0)))
 
 

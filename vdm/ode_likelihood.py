@@ -175,7 +175,7 @@ def _ode_nll_bound(eps_fn, gamma_fn, x, rng, *, vocab_size, dequantization, deco
   if dequantization == "uniform":
     nats = -(ode["log_prob"] + dims * jnp.log(alpha_0)) + dims * math.log(vocab_size / 2.0)
   else:
-    x_hat = elbo.denoised_x0(eps_fn, z_0, gamma_0) if decoder == "discretized_gaussian" else None
+    x_hat = elbo.decoder_x_hat(eps_fn, z_0, gamma_0, decoder)
     recon = elbo.reconstruction_loss(x, z_0, gamma_0, vocab_size=vocab_size, decoder=decoder,
                                      x_hat=x_hat)
     log_q = standard_normal_log_prob(eps) - dims * jnp.log(sigma_0)

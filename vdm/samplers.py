@@ -119,13 +119,13 @@ def decode(z_0: jax.Array, gamma_0: jax.Array, *, vocab_size: int = 256,
   """Integers x from the decoder p(x|z_0) (:func:`vdm.elbo.decoder_log_probs`): a sample with rng;
   without, the value whose bin holds the decoder's centre, ⌊(c + 1) V/2⌋ clipped to [0, V) with
   c = z_0/α_0 ("vdm": the decoder's argmax) or c = ``x_hat`` = x̂_0 ("discretized_gaussian",
-  from :func:`vdm.elbo.denoised_x0`: DDPM's noiseless output; that decoder's argmax would be an
+  from :func:`vdm.elbo.decoder_x_hat`: DDPM's noiseless output; that decoder's argmax would be an
   open-ended edge bin instead of values 1 and V − 2 once e^{γ_0/2} exceeds ≈ 1.2 bins)."""
   check_decoder(decoder)
   if (decoder == "discretized_gaussian") != (x_hat is not None):
     raise ValueError(f"decoder={decoder!r} with x_hat {'missing' if x_hat is None else 'given'}: the "
-                     "discretized Gaussian decoder needs x_hat = vdm.elbo.denoised_x0(eps_fn, z_0, γ_0), "
-                     "and the VDM decoder reads z_0 alone.")
+                     "discretized Gaussian decoder needs x_hat = "
+                     "vdm.elbo.decoder_x_hat(eps_fn, z_0, γ_0, decoder), and the VDM decoder reads z_0 alone.")
   if rng is not None:
     logits = decoder_log_probs(z_0, gamma_0, vocab_size, decoder, x_hat)
     return jax.random.categorical(rng, logits, axis=-1).astype(jnp.int32)

@@ -351,7 +351,7 @@ def make_sample_fn(config, model: Model, sampler: str, num_steps: int, num_sampl
     else:
       z = samplers.probability_flow(eps_fn, gamma_fn, z, num_steps)
     gamma_0 = gamma_fn(jnp.zeros(()))
-    x_hat = elbo.denoised_x0(eps_fn, z, gamma_0) if decoder == "discretized_gaussian" else None
+    x_hat = elbo.decoder_x_hat(eps_fn, z, gamma_0, decoder)
     return samplers.decode(z, gamma_0, vocab_size=vocab, decoder=decoder, x_hat=x_hat)
 
   return jax.jit(sample)
