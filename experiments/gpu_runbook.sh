@@ -47,6 +47,7 @@ cache() {  # A warm machine keeps $TMP between calls: a program compiled by an e
 
 setup() {
   mkdir -p "$OUT"
+  unset JAX_COMPILATION_CACHE_DIR  # a caller's cache too: only cache() sets one
   if compgen -G ".whl/*.whl" > /dev/null; then
     "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
       --target "$TMP/site" .whl/*.whl || exit 1

@@ -1,12 +1,23 @@
 """Suite-wide settings, applied before any test module imports jax.
 
 The tests compile many small programs and run each briefly, so XLA's CPU backend skips its
-slow optimisation passes (2-3x faster here); subprocesses started by tests inherit it.
+slow optimisation passes (2-3x faster here). Many tests compile the same programs, in-process
+and in the `vdm.main` runs they start, so the run keeps one persistent compilation cache, where
+a second compile of a program is a load. The xdist workers and the subprocesses that tests start
+inherit both through the environment.
 """
 import os
+import shutil
+import tempfile
 
 os.environ["XLA_FLAGS"] = " ".join(
     [os.environ.get("XLA_FLAGS", ""), "--xla_backend_optimization_level=0"]).strip()
+_OWN_CACHE = None  # the cache this process made (none in xdist workers, or under a caller's cache)
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+  _OWN_CACHE = tempfile.mkdtemp(prefix="vdm-tests-xla-cache-")
+  os.environ.update(JAX_COMPILATION_CACHE_DIR=_OWN_CACHE,
+                    JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+                    JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="-1")
 
 import json  # noqa: E402
 import subprocess  # noqa: E402
@@ -62,3 +73,8 @@ def on_two_cpu_devices():
     assert r.returncode == 0, r.stderr[-3000:]
     return json.loads(r.stdout.strip().splitlines()[-1])
   return run
+
+
+def pytest_sessionfinish():
+  if _OWN_CACHE:
+    shutil.rmtree(_OWN_CACHE, ignore_errors=True)

@@ -1,7 +1,8 @@
 """Reliability of `vdm.main` training: SIGKILL / SIGTERM at any moment then resume bit-identically,
 a corrupt newest checkpoint, and divergence (bad input: tests/test_main.py).
 
-The runs share a persistent XLA compilation cache so that restarts skip compilation.
+Restarts skip compilation: the runs share the suite's persistent XLA compilation cache
+(conftest.py).
 """
 import glob
 import os
@@ -27,16 +28,9 @@ QUICKSTART = ["--config.data.synthetic_num_train=512", "--config.data.synthetic_
               "--config.eval.batch_size=32"]
 
 
-@pytest.fixture(scope="module")
-def cache_env(tmp_path_factory):
-  return {"JAX_COMPILATION_CACHE_DIR": str(tmp_path_factory.mktemp("xla_cache")),
-          "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
-          "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
-
-
-def _start(workdir, args, env, log):
+def _start(workdir, args, log):
   with open(log, "w") as f:
-    return subprocess.Popen(_cmd(workdir, *args), cwd=ROOT, env=_env(**env),
+    return subprocess.Popen(_cmd(workdir, *args), cwd=ROOT, env=_env(),
                             stdout=subprocess.DEVNULL, stderr=f)
 
 
@@ -115,21 +109,21 @@ def _assert_resumed(err, step):
     assert "Resumed from" not in err, err[-3000:]
 
 
-def _preempted_run_is_bit_identical(tmp_path, env, args, num_steps, moments, seed=0):
+def _preempted_run_is_bit_identical(tmp_path, args, num_steps, moments, seed=0):
   """Train ``num_steps`` straight, and again interrupted at each of ``moments`` (rerun after each),
   then with the newest checkpoint corrupted; the final checkpoints must be equal bit for bit."""
   rng = random.Random(seed)
   args = [*args, f"--config.training.num_steps={num_steps}"]
   t0 = time.time()
   ref = str(tmp_path / "straight")
-  rc, err = _finish(_start(ref, args, env, tmp_path / "straight.log"), tmp_path / "straight.log")
+  rc, err = _finish(_start(ref, args, tmp_path / "straight.log"), tmp_path / "straight.log")
   assert rc == 0, err[-3000:]
   t_straight = time.time() - t0
 
   workdir, resume = str(tmp_path / "preempted"), 0
   for i, moment in enumerate(moments):
     log = tmp_path / f"run{i}.log"
-    proc = _start(workdir, args, env, log)
+    proc = _start(workdir, args, log)
     next_resume = _interrupt(proc, workdir, log, moment, resume, rng)
     _assert_resumed(log.read_text(), resume)
     print(f"{moment}: resumed at {resume}, stopped; checkpoints {_steps(workdir)}")
@@ -141,7 +135,7 @@ def _preempted_run_is_bit_identical(tmp_path, env, args, num_steps, moments, see
   assert len(steps) >= 2, steps
   _corrupt(workdir, steps[-1])
   log = tmp_path / "final.log"
-  rc, err = _finish(_start(workdir, args, env, log), log)
+  rc, err = _finish(_start(workdir, args, log), log)
   assert rc == 0, err[-3000:]
   assert f"checkpoints/{steps[-1]} could not be restored" in err, err[-3000:]
   assert (f"Moved the unrestorable checkpoint {workdir}/checkpoints/{steps[-1]} to "
@@ -157,22 +151,22 @@ def _preempted_run_is_bit_identical(tmp_path, env, args, num_steps, moments, see
     assert all(np.array_equal(x, y) for x, y in zip(a, b)), key
 
 
-def test_sigkill_in_checkpoint_write_and_sigterm_resume_bit_identically(tmp_path, cache_env):
+def test_sigkill_in_checkpoint_write_and_sigterm_resume_bit_identically(tmp_path):
   _preempted_run_is_bit_identical(
-      tmp_path, cache_env, [*TINY, *QUIET, "--config.training.checkpoint_every=2"], 10,
+      tmp_path, [*TINY, *QUIET, "--config.training.checkpoint_every=2"], 10,
       ["checkpoint_write", "sigterm"])
 
 
-def test_steps_below_an_unrestorable_checkpoint_are_written(tmp_path, cache_env):
+def test_steps_below_an_unrestorable_checkpoint_are_written(tmp_path):
   """A corrupt checkpoint newer than the one resumed from is moved aside, so that the steps before
   it are written (orbax writes no step at or below its newest): here the last step, 3, below the
   corrupt 4; before, it was skipped in silence and the next run resumed at 2 again."""
   workdir, args = str(tmp_path / "run"), [*TINY, *QUIET, "--config.training.checkpoint_every=2"]
-  rc, err = _finish(_start(workdir, [*args, "--config.training.num_steps=4"], cache_env,
+  rc, err = _finish(_start(workdir, [*args, "--config.training.num_steps=4"],
                            tmp_path / "a.log"), tmp_path / "a.log")
   assert rc == 0 and _steps(workdir) == [2, 4], err[-3000:]
   _corrupt(workdir, 4)
-  rc, err = _finish(_start(workdir, [*args, "--config.training.num_steps=3"], cache_env,
+  rc, err = _finish(_start(workdir, [*args, "--config.training.num_steps=3"],
                            tmp_path / "b.log"), tmp_path / "b.log")
   assert rc == 0, err[-3000:]
   _assert_resumed(err, 2)
@@ -180,20 +174,20 @@ def test_steps_below_an_unrestorable_checkpoint_are_written(tmp_path, cache_env)
   assert os.listdir(os.path.join(workdir, "checkpoints_unrestorable")) == ["4"]
 
 
-def test_eval_and_samples_due_at_a_sigterm_step_run_on_resuming(tmp_path, cache_env):
+def test_eval_and_samples_due_at_a_sigterm_step_run_on_resuming(tmp_path):
   """A notice during start-up stops after step 1, before its eval and samples (eval_every =
   sample_every = 1); the resumed run does them at step 1 before training on."""
   workdir = str(tmp_path / "run")
   args = [*TINY, "--config.training.eval_every=1", "--config.training.sample_every=1",
           "--config.sampling.num_steps=1", "--config.sampling.num_samples=1"]
   log = tmp_path / "a.log"
-  proc = _start(workdir, [*args, "--config.training.num_steps=3"], cache_env, log)
+  proc = _start(workdir, [*args, "--config.training.num_steps=3"], log)
   _wait(proc, lambda: "Model: " in log.read_text())  # the notice's handler is installed
   proc.send_signal(signal.SIGTERM)
   rc, err = _finish(proc, log, timeout=300)
   assert rc == 0 and "SIGTERM at step 1: checkpoint saved" in err, err[-3000:]
   assert "eval @ step 1" not in err and not os.path.exists(os.path.join(workdir, "samples"))
-  rc, err = _finish(_start(workdir, [*args, "--config.training.num_steps=2"], cache_env,
+  rc, err = _finish(_start(workdir, [*args, "--config.training.num_steps=2"],
                            tmp_path / "b.log"), tmp_path / "b.log")
   assert rc == 0, err[-3000:]
   _assert_resumed(err, 1)
@@ -227,13 +221,13 @@ def test_eval_and_samples_killed_at_the_final_checkpoint_run_on_rerunning(tmp_pa
 
 
 @pytest.mark.slow
-def test_quickstart_model_survives_repeated_kills(tmp_path, cache_env):
+def test_quickstart_model_survives_repeated_kills(tmp_path):
   _preempted_run_is_bit_identical(
-      tmp_path, cache_env, [*QUICKSTART, *QUIET, "--config.training.checkpoint_every=5"], 60,
+      tmp_path, [*QUICKSTART, *QUIET, "--config.training.checkpoint_every=5"], 60,
       ["startup", "random", "checkpoint_write", "sigterm", "random", "checkpoint_write"], seed=1)
 
 
-def test_divergence_stops_with_the_step_and_last_good_checkpoint(tmp_path, cache_env):
+def test_divergence_stops_with_the_step_and_last_good_checkpoint(tmp_path):
   """An absurd learning rate (after one warm-up step at lr 0) overflows every update: each step is
   skipped and counted, and the third in a row stops the run (exit status 1)."""
   workdir = str(tmp_path / "run")
@@ -242,7 +236,7 @@ def test_divergence_stops_with_the_step_and_last_good_checkpoint(tmp_path, cache
                                      "--config.optimizer.warmup_steps=2",
                                      "--config.training.checkpoint_every=1",
                                      "--config.training.max_nonfinite_steps=3",
-                                     "--config.training.num_steps=20"], cache_env, log), log)
+                                     "--config.training.num_steps=20"], log), log)
   assert rc == 1, err[-3000:]
   # Steps are counted as taken, as on the console and in TensorBoard: the first is step 1.
   for k in (1, 2, 3):

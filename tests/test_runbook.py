@@ -69,6 +69,8 @@ def test_runbook_phases_on_cpu(tmp_path):
     assert json.loads((out / f"{name}.json").read_text()), name
   bench = json.loads((out / "bench_bfloat16_8_none_bfloat16_unroll0_pallas_conv.json").read_text())
   assert bench["train_images_per_s"] > 0 and bench["sample_step_ms"] > 0, bench
+  # Compiled cold, although the suite sets a compilation cache (conftest.py).
+  assert bench["compilation_cache_dir"] is None, bench
 
   # A sweep call that times only variants, one of them with an XLA option: no floors, norms or
   # convolutions first (a rerun keeps the first sweep.json beside it).
