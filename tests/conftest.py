@@ -4,7 +4,11 @@ The tests compile many small programs and run each briefly, so XLA's CPU backend
 slow optimisation passes (2-3x faster here). Many tests compile the same programs, in-process
 and in the `vdm.main` runs they start, so the run keeps one persistent compilation cache, where
 a second compile of a program is a load. The xdist workers and the subprocesses that tests start
-inherit both through the environment.
+inherit both through the environment. Two processes compiling one program at once can race on its
+entry: one that reads it half-written gets jax's "Error reading persistent compilation cache
+entry" warning and compiles the program itself, which costs time, not correctness. jax's locked
+cache (any `jax_compilation_cache_max_size`) would rule that out, but it rescans every entry on
+each write: 0.3 s per write at the suite's 3,564 entries (experiments/RESULTS.md).
 """
 import os
 import shutil
