@@ -8,7 +8,7 @@ inherit both through the environment. Two processes compiling one program at onc
 entry: one that reads it half-written gets jax's "Error reading persistent compilation cache
 entry" warning and compiles the program itself, which costs time, not correctness. jax's locked
 cache (any `jax_compilation_cache_max_size`) would rule that out, but it rescans every entry on
-each write: 0.3 s per write at the suite's 3,564 entries (experiments/RESULTS.md).
+each write: 0.3 to 0.4 s a write at the suite's 3,564 entries (experiments/RESULTS.md).
 """
 import os
 import shutil
