@@ -158,6 +158,7 @@ NPZ_IMAGES = {"shape": np.zeros((4, 5, 5), np.uint8), "dtype": np.zeros((4, 8, 8
               "vocab": np.full((4, 8, 8, 3), 9, np.uint8)}
 
 
+@pytest.mark.ci_once  # vdm's own checks, many processes
 def test_bad_input_exits_2_with_one_line(tmp_path):
   procs = {}
   a_file = tmp_path / "a_file"
@@ -246,6 +247,7 @@ def test_configs_load_and_validate(name):
         256, 32 if name == "imagenet32" else 64, (1,), 0.1, 128)
 
 
+@pytest.mark.ci_once  # the configs' shapes; the quickstart trains through the same calls
 @pytest.mark.parametrize("name", ["imagenet32", "imagenet64"])
 def test_imagenet_configs_really_train(tmp_path, name):
   """Each ImageNet config, with its own data set name, splits and image size (64×64 also with a

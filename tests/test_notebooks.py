@@ -30,7 +30,7 @@ NOTEBOOKS = [
     pytest.param("vdm_2d.ipynb",
                  ["2d_data.png", "2d_training.png", "2d_gamma.png", "2d_samples.png",
                   "2d_diffusion_loss_vs_t.png"],
-                 _final_bpd_below(math.log2(64)), id="vdm_2d"),
+                 _final_bpd_below(math.log2(64)), id="vdm_2d", marks=pytest.mark.ci_once),
     # Trains 40 steps at 32x32 and compiles a dozen programs: ~1-2 min on 2 CPU cores.
     pytest.param("vdm_cifar10.ipynb",
                  ["cifar10_training.png", "cifar10_samples.png", "cifar10_schedule.png",

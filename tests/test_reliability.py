@@ -19,6 +19,8 @@ import pytest
 
 from test_main import ROOT, TINY, _cmd, _env  # pylint: disable=g-bad-import-order
 
+pytestmark = pytest.mark.ci_once  # vdm's resume logic; test_main and test_train restore on each leg
+
 # Eval and sampling only at the last step, with the smallest settings.
 QUIET = ["--config.training.eval_every=100000", "--config.training.sample_every=100000",
          "--config.training.log_every=1", "--config.sampling.num_steps=1",

@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--config=configs/quickstart.py", "--config.data.image_size=4",
@@ -77,6 +78,7 @@ def test_curve_marks_checkpoint_plot_and_dtype_comparison(tmp_path):
   assert 0 < cmp["max_abs_difference_bpd"] < 0.1 and cmp["difference_se"] < cmp["a_se"] / 10
 
 
+@pytest.mark.ci_once  # the script's own checks, many processes
 def test_bad_marks_and_missing_data_are_one_line_errors(tmp_path):
   out = str(tmp_path / "c.json")
   used = tmp_path / "used"  # another run's checkpoints, which the likelihood scripts would load
