@@ -15,7 +15,9 @@ with ``--profile``, splits its device time by kernel kind. ``--floors`` first me
 ceilings the step is held to on this device: a bf16 3×3 convolution of the net's shape
 (forward, and forward plus both gradients) and a large copy; ``--norms`` and ``--convs`` time
 the net's norms alone and each with the convolution that reads it (:func:`norms`,
-:func:`convs`). The JSON is rewritten after every variant, so a time limit keeps what finished.
+:func:`convs`); with ``--norms`` the JSON names the fastest way that computes autodiff's function
+(:func:`fastest_norm`: the runbook's lease phase trains with it). The JSON is rewritten after
+every variant, so a time limit keeps what finished.
 Peak device memory is the process's running maximum (``process_peak_memory_gib``); a
 variant's own memory is its train step's temporaries (``train_temp_gib``), or a bench run.
 """
@@ -230,6 +232,36 @@ def norms(batch: int, width: int, size: int = 32, dropout: float = 0.1) -> dict:
   return out
 
 
+# The cases of :func:`norms` that rank the ways of computing the norm by forward + backward time
+# (a training step's block norms run with dropout; an up block's first norm reads two parts), and
+# those whose results must match autodiff's (dropout's masks differ between the ways).
+RANKED_NORM_CASES = ("norm2_dropout", "up_norm1")
+CHECKED_NORM_CASES = ("norm2", "up_norm1")
+
+
+def fastest_norm(norms: dict, tolerance: float = 0.02) -> str:
+  """The way of computing the norm (of :data:`STANDALONE_NORMS`) whose forward + backward time,
+  summed over :data:`RANKED_NORM_CASES` of ``norms`` (what :func:`norms` returns), is least, of
+  the ways that ran in every case and matched autodiff's results within ``tolerance`` (relative,
+  as :func:`norms` measures it; bf16 rounding is 0.4 %). Device-kernel ms rank the ways where
+  every candidate has them, else wall ms. 'autodiff' (the config default) where no way
+  qualifies, e.g. when the norms did not run."""
+  def qualifies(impl: str) -> bool:
+    figures = [norms.get(f"{case}_{impl}", {"error": "not run"})
+               for case in set(RANKED_NORM_CASES + CHECKED_NORM_CASES)]
+    return all("error" not in f for f in figures) and (impl == "autodiff" or all(
+        norms[f"{case}_{impl}"].get("max_rel_diff_from_autodiff", np.inf) <= tolerance
+        for case in CHECKED_NORM_CASES))
+
+  candidates = [impl for impl in STANDALONE_NORMS if qualifies(impl)]
+  if not candidates:
+    return "autodiff"
+  ranked = lambda impl: [norms[f"{case}_{impl}"] for case in RANKED_NORM_CASES]  # noqa: E731
+  key = ("fwd_bwd_device_ms" if all(f.get("fwd_bwd_device_ms") for impl in candidates
+                                    for f in ranked(impl)) else "fwd_bwd_ms")
+  return min(candidates, key=lambda impl: sum(f[key] for f in ranked(impl)))
+
+
 # (rows, block, num_warps, num_stages) of vdm.pallas_conv.norm_swish_conv that --convs times.
 # Compiled offline for sm_90 (Triton 3.9, experiments/RESULTS.md), the 4-warp tiles of 128 rows
 # spilled registers; these did not.
@@ -402,6 +434,9 @@ def main(argv):
         print(f"{key} {name:>36}: " + ", ".join(
             f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in f.items()),
             flush=True)
+      if key == "norms":
+        results["fastest_norm"] = fastest_norm(results["norms"])
+        print("fastest norm:", results["fastest_norm"], flush=True)
       save()
   # XLA keeps what it autotuned (convolution algorithms) for the process: a variant compiled after
   # anything else here compiled is not a cold compile; vdm.benchmark in a fresh process is.

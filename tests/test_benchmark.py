@@ -266,6 +266,43 @@ def test_sweep_times_each_norm_alone_and_compares_them(tmp_path):
     compared = "dropout" not in name and "autodiff" not in name
     assert ("max_rel_diff_from_autodiff" in f) == compared, name
     assert f.get("max_rel_diff_from_autodiff", 0.0) < 0.02, (name, f)
+  # The way the runbook's lease phase trains with: here, where no way failed, the least summed
+  # forward + backward wall time of the ranked cases.
+  ranked = lambda impl: sum(res["norms"][f"{c}_{impl}"]["fwd_bwd_ms"]  # noqa: E731
+                            for c in ("norm2_dropout", "up_norm1"))
+  assert res["fastest_norm"] == min(impls, key=ranked), res["norms"]
+
+
+def _norm_figures(impl, wall_ms, device_ms, diff=None):
+  """:func:`speed_sweep.norms`'s figures for one way, the same in each case."""
+  f = {"fwd_bwd_ms": wall_ms, "fwd_bwd_device_ms": device_ms}
+  return {f"{case}_{impl}": dict(f, **({} if diff is None or "dropout" in case
+                                       else {"max_rel_diff_from_autodiff": diff}))
+          for case in ("norm2", "norm2_dropout", "up_norm1")}
+
+
+def test_fastest_norm_ranks_only_the_ways_that_ran_and_matched():
+  """Pallas is fastest by device time, recompute by wall time: each change below rules a way out
+  of the ranking, or the ranking out of device time."""
+  norms = {**_norm_figures("autodiff", 3.0, 2.0), **_norm_figures("recompute", 1.0, 1.5, 0.004),
+           **_norm_figures("pallas", 2.0, 1.0, 0.005)}
+  cases = [  # (change to the figures, the way expected)
+      ({}, "pallas"),
+      ({"up_norm1_pallas": {"error": "Triton failed"}}, "recompute"),
+      ({"norm2_pallas": {"fwd_bwd_ms": 2.0, "fwd_bwd_device_ms": 1.0,
+                         "max_rel_diff_from_autodiff": 0.03}}, "recompute"),  # another function
+      ({"norm2_dropout_pallas": {"fwd_bwd_ms": 2.0}}, "recompute"),  # no device time: wall ranks
+      ({"norm2_autodiff": {"error": "out of memory"},  # then norms() checks none in that case
+        **{f"norm2_{impl}": {"fwd_bwd_ms": 1.0} for impl in ("recompute", "pallas")}}, "autodiff"),
+      (None, "autodiff"),  # the norms did not run
+  ]
+  inputs = [{} if change is None else {**norms, **change} for change, _ in cases]
+  code = ("import json, sys; from experiments.speed_sweep import fastest_norm; "
+          "print(*map(fastest_norm, json.loads(sys.argv[1])))")  # its own process: absl's flags
+  r = subprocess.run([sys.executable, "-c", code, json.dumps(inputs)], capture_output=True,
+                     text=True, cwd=ROOT)
+  assert r.returncode == 0, r.stderr[-2000:]
+  assert r.stdout.split() == [want for _, want in cases]
 
 
 def test_sweep_times_the_norm_in_the_convolutions_load_against_cudnn(tmp_path):
