@@ -10,6 +10,8 @@
 #   bash experiments/gpu_runbook.sh model   # issues 3, 5: vdm.main train + eval, likelihood, schedule
 #   bash experiments/gpu_runbook.sh sweep   # issue 4: variants of the step side by side, with
 #                                           # kernel time by kind, ceilings and the optimised HLO
+#   bash experiments/gpu_runbook.sh lease   # issue 4 in one call: the norms checked and timed
+#                                           # alone, then the curve with the fastest one
 # Every phase trains what it needs (a fresh device machine keeps nothing between calls) and
 # writes fewer than the 8 files a call returns. Each command has its own time limit, so one that
 # fails or overruns leaves the others' results.
@@ -43,6 +45,16 @@ run() {  # run LOG LIMIT_S CMD...: CMD's output appended to $OUT/LOG.log and the
 cache() {  # A warm machine keeps $TMP between calls: a program compiled by an earlier command
   # loads from here. Not for bench and sweep, whose compile times would become cache loads.
   export JAX_COMPILATION_CACHE_DIR="$TMP/jax_cache"
+}
+
+curve() {  # curve LIMIT_S [--config.* ...]: the 330 s curve (model.dtype bf16), then the final
+  # parameters' bound in fp32 beside it; the run's checkpoint stays in $TMP for the model phase.
+  local limit=$1; shift
+  rm -rf "$TMP/vdm_curve_run"  # train_curve.py refuses a workdir that holds checkpoints
+  run curve_bf16 "$limit" "$PY" experiments/train_curve.py --config="$CONFIG" \
+    "${DATA[@]}" "${EXTRA[@]}" "$@" --config.model.dtype=bfloat16 --seconds="$TRAIN_SECONDS" \
+    --compare_dtype=float32 --compare_batch_size=113 --output="$OUT/curve_bf16.json" \
+    --workdir="$TMP/vdm_curve_run"
 }
 
 setup() {
@@ -95,11 +107,25 @@ case "${1:-}" in
     ;;
   curve)
     setup; cache
-    rm -rf "$TMP/vdm_curve_run"  # train_curve.py refuses a workdir that holds checkpoints
-    run curve_bf16 $((LIMIT - 30)) "$PY" experiments/train_curve.py --config="$CONFIG" \
-      "${DATA[@]}" "${EXTRA[@]}" --config.model.dtype=bfloat16 --seconds="$TRAIN_SECONDS" \
-      --compare_dtype=float32 --compare_batch_size=113 --output="$OUT/curve_bf16.json" \
-      --workdir="$TMP/vdm_curve_run"
+    curve $((LIMIT - 30))
+    ;;
+  lease)
+    # A 15-minute device lease holds one full call (600 s at most, after a start of a minute or
+    # more) and a short one on the still-warm machine. This is the full one: each way of
+    # computing the norm timed alone, with the check that Triton's kernels compute autodiff's
+    # function (experiments/speed_sweep.py --norms), then the curve of $VDM_CONFIG (the caller
+    # names configs/cifar10_bf16.py) with the fastest way that passed. No compilation cache, so
+    # the curve's compile_seconds is a cold compile. A time limit that cuts the curve keeps its
+    # marks so far; the fp32 comparison comes last. VDM_LIMIT: the phase's seconds after its
+    # setup (590 under a call's 600 s limit).
+    setup
+    norm_limit=90
+    run norms $norm_limit "$PY" experiments/speed_sweep.py --config="$CONFIG" "${EXTRA[@]}" \
+      --batch_size="${VDM_BATCH:-128}" --norms --variants= --output="$OUT/norms.json"
+    norm=$("$PY" -c 'import json, sys; print(json.load(open(sys.argv[1]))["fastest_norm"])' \
+      "$OUT/norms.json" 2> /dev/null) || norm=autodiff  # the default, if the norms did not run
+    echo "norm_impl for the curve: $norm" | tee -a "$OUT/machine.txt"
+    curve $((LIMIT - norm_limit - 10)) --config.model.norm_impl="$norm"
     ;;
   model)
     setup; cache
@@ -139,7 +165,7 @@ case "${1:-}" in
       --output="$OUT/sweep.json"
     ;;
   *)
-    echo "usage: bash experiments/gpu_runbook.sh prepare|bench|curve|model|sweep" >&2
+    echo "usage: bash experiments/gpu_runbook.sh prepare|bench|curve|model|sweep|lease" >&2
     exit 2
     ;;
 esac

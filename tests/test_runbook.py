@@ -1,11 +1,11 @@
 """experiments/gpu_runbook.sh, every measuring phase, on the CPU with the quickstart net
 (8x8 images, 64 channels: the smallest that one of the sweep's convolution tilings fits).
 
-A device call is rare (about 30 minutes a lease, 10 a call): a phase that breaks on the GPU costs
-a third of a lease. This runs each phase the way a device call does (`sweep`, `curve`, `model`,
-then `bench` on the fused convolution, all into one $OUT) and checks that every command exits 0,
-writes what the runbook's readers look for, and leaves no more files than a call brings back.
-The interpreted Pallas kernels make it slow."""
+A device call is rare (a lease is 15 minutes at present, a call at most 10): a phase that breaks
+on the GPU costs most of a lease. This runs each phase the way a device call does (`sweep`,
+`curve`, `model`, `bench` on the fused convolution, then `lease` with importance-sampled t, all
+into one $OUT) and checks that every command exits 0, writes what the runbook's readers look for,
+and leaves no more files than a call brings back. The interpreted Pallas kernels make it slow."""
 import json
 import os
 import re
@@ -15,8 +15,10 @@ import sys
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PHASES = ("sweep", "curve", "model", "bench")
-LOGS = ("sweep", "curve_bf16", "main_train", "likelihood", "schedule_variance", "bench")
+PHASES = ("sweep", "curve", "model", "bench", "lease")
+LOGS = ("sweep", "curve_bf16", "main_train", "likelihood", "schedule_variance", "bench", "norms")
+# What the next lease's call adds to the runbook's: t sampled as the second moment of the loss says.
+LEASE_ARGS = " --config.loss.time_sampling=importance --config.loss.importance_warmup_steps=3"
 
 
 @pytest.mark.slow
@@ -31,8 +33,9 @@ def test_runbook_phases_on_cpu(tmp_path):
   files = lambda: {p for p in out.rglob("*") if p.is_file()}  # noqa: E731
   for phase in PHASES:
     before = files()
-    r = subprocess.run(["bash", "experiments/gpu_runbook.sh", phase], cwd=ROOT, env=env,
-                       capture_output=True, text=True, timeout=900)
+    r = subprocess.run(["bash", "experiments/gpu_runbook.sh", phase], cwd=ROOT, timeout=900,
+                       env=dict(env, VDM_ARGS=env["VDM_ARGS"] + LEASE_ARGS) if phase == "lease"
+                       else env, capture_output=True, text=True)
     assert r.returncode == 0, f"{phase}: {r.stdout[-3000:]}{r.stderr[-3000:]}"
     # A device call brings back at most 8 files from $OUT, no deeper than $OUT/a/b/file.
     written = files() - before | {out / "machine.txt"}
@@ -59,11 +62,19 @@ def test_runbook_phases_on_cpu(tmp_path):
   assert max(diffs.values()) < 0.01, diffs
   assert sweep["floors"] and list((out / "hlo").iterdir())
 
+  # The lease's curve (the curve phase's is kept beside it) trained with the norm its first
+  # command found fastest, compiled cold, and compared with fp32.
+  norm = json.loads((out / "norms.json").read_text())["fastest_norm"]
   curve = json.loads((out / "curve_bf16.json").read_text())
   assert curve["points"] and curve["images_per_second"] > 0 and curve["dtype_comparison"], curve
+  assert curve["config"]["model"]["norm_impl"] == norm and norm != "pallas_conv", norm
+  assert curve["config"]["loss"]["time_sampling"] == "importance", curve["config"]["loss"]
+  assert curve["compilation_cache_dir"] is None, curve
+  assert len(list(out.glob("curve_bf16.*.json"))) == 1
   # The model phase evaluates the curve phase's run, and its setup kept the earlier phases' lines.
   machine = (out / "machine.txt").read_text()
   assert f"likelihood model: {tmp_path}/vdm_curve_run" in machine, machine
+  assert f"norm_impl for the curve: {norm}\n" in machine, machine
   assert machine.count("jax ") == len(PHASES) and machine.count(" flax==") == len(PHASES), machine
   for name in ("main_train_eval", "likelihood", "schedule_variance"):
     assert json.loads((out / f"{name}.json").read_text()), name
