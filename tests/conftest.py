@@ -52,7 +52,7 @@ def cuda_triton_calls():
   import jax
 
   def count(fn, *specs) -> int:
-    here = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    here = jax.sharding.make_single_device_sharding(jax.devices()[0])
     try:
       with _as_if_on_an_h100():
         traced = jax.jit(fn, in_shardings=here).trace(*specs)

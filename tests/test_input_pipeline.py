@@ -220,7 +220,7 @@ def test_closing_prefetch_joins_its_thread():
   SIGTERM save: exit status -6), so closing the stream must stop and join the worker."""
   import itertools
   import threading
-  sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  sharding = jax.sharding.make_single_device_sharding(jax.devices()[0])
   stream = ip.prefetch((np.full((2, 3), i, np.float32) for i in itertools.count()), sharding, 2)
   assert float(next(stream)[0, 0]) == 0.0
   workers = [t for t in threading.enumerate() if t.name == "vdm-prefetch"]

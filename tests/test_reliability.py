@@ -57,7 +57,7 @@ def restore(workdir, step):
   """Checkpoint ``step`` of ``workdir`` as numpy arrays, whatever devices wrote it."""
   path = os.path.join(workdir, "checkpoints", str(step), "default")
   checkpointer = ocp.StandardCheckpointer()
-  one_device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  one_device = jax.sharding.make_single_device_sharding(jax.devices()[0])
   target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=one_device),
                         dict(checkpointer.metadata(path).item_metadata))
   return jax.device_get(checkpointer.restore(path, target))
