@@ -12,6 +12,8 @@
 #                                           # kernel time by kind, ceilings and the optimised HLO
 #   bash experiments/gpu_runbook.sh lease   # issue 4 in one call: the norms checked and timed
 #                                           # alone, then the curve with the fastest one
+#   bash experiments/gpu_runbook.sh compare # the lease's bf16-vs-fp32 figure, where its limit
+#                                           # cut it (same warm machine)
 # Every phase trains what it needs (a fresh device machine keeps nothing between calls) and
 # writes fewer than the 8 files a call returns. Each command has its own time limit, so one that
 # fails or overruns leaves the others' results.
@@ -127,6 +129,20 @@ case "${1:-}" in
     echo "norm_impl for the curve: $norm" | tee -a "$OUT/machine.txt"
     curve $((LIMIT - norm_limit - 10)) --config.model.norm_impl="$norm"
     ;;
+  compare)
+    # The last figure of the lease's curve, bf16 against fp32 on the whole test split with shared
+    # draws, from the final parameters that the curve left in $TMP (on the still-warm machine),
+    # computed with the norm the curve trained with (the run's config.json).
+    run_config="$TMP/vdm_curve_run/config.json"
+    norm=$("$PY" -c 'import json, sys; print(json.load(open(sys.argv[1]))["model"]["norm_impl"])' \
+      "$run_config" 2> /dev/null) || {
+      echo "no curve run at $run_config: run the lease phase first" >&2; exit 2; }
+    setup; cache
+    run compare "$LIMIT" "$PY" experiments/likelihood.py --config="$CONFIG" "${DATA[@]}" \
+      "${EXTRA[@]}" --config.model.dtype=bfloat16 --config.model.norm_impl="$norm" \
+      --workdir="$TMP/vdm_curve_run" --noema --num_images=0 --batch_size=113 --timesteps=0 \
+      --compare_dtype=float32 --noimportance --ode_num_images=0 --output="$OUT/compare.json"
+    ;;
   model)
     setup; cache
     rm -rf "$TMP/vdm_main_run"  # else vdm.main resumes an old run
@@ -165,7 +181,7 @@ case "${1:-}" in
       --output="$OUT/sweep.json"
     ;;
   *)
-    echo "usage: bash experiments/gpu_runbook.sh prepare|bench|curve|model|sweep|lease" >&2
+    echo "usage: bash experiments/gpu_runbook.sh prepare|bench|curve|model|sweep|lease|compare" >&2
     exit 2
     ;;
 esac

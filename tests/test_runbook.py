@@ -3,9 +3,10 @@
 
 A device call is rare (a lease is 15 minutes at present, a call at most 10): a phase that breaks
 on the GPU costs most of a lease. This runs each phase the way a device call does (`sweep`,
-`curve`, `model`, `bench` on the fused convolution, then `lease` with importance-sampled t, all
-into one $OUT) and checks that every command exits 0, writes what the runbook's readers look for,
-and leaves no more files than a call brings back. The interpreted Pallas kernels make it slow."""
+`curve`, `model`, `bench` on the fused convolution, then `lease` with importance-sampled t and
+`compare` on its run, all into one $OUT) and checks that every command exits 0, writes what the
+runbook's readers look for, and leaves no more files than a call brings back. The interpreted
+Pallas kernels make it slow."""
 import json
 import os
 import re
@@ -15,8 +16,9 @@ import sys
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PHASES = ("sweep", "curve", "model", "bench", "lease")
-LOGS = ("sweep", "curve_bf16", "main_train", "likelihood", "schedule_variance", "bench", "norms")
+PHASES = ("sweep", "curve", "model", "bench", "lease", "compare")
+LOGS = ("sweep", "curve_bf16", "main_train", "likelihood", "schedule_variance", "bench", "norms",
+        "compare")
 # What the next lease's call adds to the runbook's: t sampled as the second moment of the loss says.
 LEASE_ARGS = " --config.loss.time_sampling=importance --config.loss.importance_warmup_steps=3"
 
@@ -33,9 +35,10 @@ def test_runbook_phases_on_cpu(tmp_path):
   files = lambda: {p for p in out.rglob("*") if p.is_file()}  # noqa: E731
   for phase in PHASES:
     before = files()
+    lease = phase in ("lease", "compare")
     r = subprocess.run(["bash", "experiments/gpu_runbook.sh", phase], cwd=ROOT, timeout=900,
-                       env=dict(env, VDM_ARGS=env["VDM_ARGS"] + LEASE_ARGS) if phase == "lease"
-                       else env, capture_output=True, text=True)
+                       env=dict(env, VDM_ARGS=env["VDM_ARGS"] + LEASE_ARGS) if lease else env,
+                       capture_output=True, text=True)
     assert r.returncode == 0, f"{phase}: {r.stdout[-3000:]}{r.stderr[-3000:]}"
     # A device call brings back at most 8 files from $OUT, no deeper than $OUT/a/b/file.
     written = files() - before | {out / "machine.txt"}
@@ -71,6 +74,10 @@ def test_runbook_phases_on_cpu(tmp_path):
   assert curve["config"]["loss"]["time_sampling"] == "importance", curve["config"]["loss"]
   assert curve["compilation_cache_dir"] is None, curve
   assert len(list(out.glob("curve_bf16.*.json"))) == 1
+  # compare: the same figure again from the run the lease left, with the norm it trained with.
+  compare = json.loads((out / "compare.json").read_text())
+  assert compare["dtype_comparison"]["num_images"] == curve["dtype_comparison"]["num_images"]
+  assert f"--config.model.norm_impl={norm} " in (out / "compare.log").read_text()
   # The model phase evaluates the curve phase's run, and its setup kept the earlier phases' lines.
   machine = (out / "machine.txt").read_text()
   assert f"likelihood model: {tmp_path}/vdm_curve_run" in machine, machine
