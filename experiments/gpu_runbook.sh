@@ -50,7 +50,8 @@ cache() {  # A warm machine keeps $TMP between calls: a program compiled by an e
 }
 
 curve() {  # curve LIMIT_S [--config.* ...]: the 330 s curve (model.dtype bf16), then the final
-  # parameters' bound in fp32 beside it; the run's checkpoint stays in $TMP for the model phase.
+  # parameters' bound in fp32 beside it; the run's checkpoint stays in $TMP for the model and
+  # compare phases.
   local limit=$1; shift
   rm -rf "$TMP/vdm_curve_run"  # train_curve.py refuses a workdir that holds checkpoints
   run curve_bf16 "$limit" "$PY" experiments/train_curve.py --config="$CONFIG" \

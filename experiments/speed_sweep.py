@@ -239,24 +239,24 @@ RANKED_NORM_CASES = ("norm2_dropout", "up_norm1")
 CHECKED_NORM_CASES = ("norm2", "up_norm1")
 
 
-def fastest_norm(norms: dict, tolerance: float = 0.02) -> str:
+def fastest_norm(timed: dict, tolerance: float = 0.02) -> str:
   """The way of computing the norm (of :data:`STANDALONE_NORMS`) whose forward + backward time,
-  summed over :data:`RANKED_NORM_CASES` of ``norms`` (what :func:`norms` returns), is least, of
+  summed over :data:`RANKED_NORM_CASES` of ``timed`` (what :func:`norms` returns), is least, of
   the ways that ran in every case and matched autodiff's results within ``tolerance`` (relative,
   as :func:`norms` measures it; bf16 rounding is 0.4 %). Device-kernel ms rank the ways where
   every candidate has them, else wall ms. 'autodiff' (the config default) where no way
   qualifies, e.g. when the norms did not run."""
   def qualifies(impl: str) -> bool:
-    figures = [norms.get(f"{case}_{impl}", {"error": "not run"})
+    figures = [timed.get(f"{case}_{impl}", {"error": "not run"})
                for case in set(RANKED_NORM_CASES + CHECKED_NORM_CASES)]
     return all("error" not in f for f in figures) and (impl == "autodiff" or all(
-        norms[f"{case}_{impl}"].get("max_rel_diff_from_autodiff", np.inf) <= tolerance
+        timed[f"{case}_{impl}"].get("max_rel_diff_from_autodiff", np.inf) <= tolerance
         for case in CHECKED_NORM_CASES))
 
   candidates = [impl for impl in STANDALONE_NORMS if qualifies(impl)]
   if not candidates:
     return "autodiff"
-  ranked = lambda impl: [norms[f"{case}_{impl}"] for case in RANKED_NORM_CASES]  # noqa: E731
+  ranked = lambda impl: [timed[f"{case}_{impl}"] for case in RANKED_NORM_CASES]  # noqa: E731
   key = ("fwd_bwd_device_ms" if all(f.get("fwd_bwd_device_ms") for impl in candidates
                                     for f in ranked(impl)) else "fwd_bwd_ms")
   return min(candidates, key=lambda impl: sum(f[key] for f in ranked(impl)))
