@@ -19,7 +19,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PHASES = ("sweep", "curve", "model", "bench", "lease", "compare")
 LOGS = ("sweep", "curve_bf16", "main_train", "likelihood", "schedule_variance", "bench", "norms",
         "compare")
-# What the next lease's call adds to the runbook's: t sampled as the second moment of the loss says.
+# The overrides that the next lease's calls add (importance-sampled t), with a warm-up short enough
+# for the CPU run's few steps.
 LEASE_ARGS = " --config.loss.time_sampling=importance --config.loss.importance_warmup_steps=3"
 
 
