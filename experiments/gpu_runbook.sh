@@ -60,6 +60,14 @@ curve() {  # curve LIMIT_S [--config.* ...]: the 330 s curve (model.dtype bf16),
     --workdir="$TMP/vdm_curve_run"
 }
 
+json_field() {  # json_field FILE KEY...: the value at FILE's nested KEYs; fails, silently, if none
+  "$PY" -c 'import json, sys
+value = json.load(open(sys.argv[1]))
+for key in sys.argv[2:]:
+  value = value[key]
+print(value)' "$@" 2> /dev/null
+}
+
 setup() {
   mkdir -p "$OUT"
   unset JAX_COMPILATION_CACHE_DIR  # a caller's cache too: only cache() sets one
@@ -125,8 +133,8 @@ case "${1:-}" in
     norm_limit=90
     run norms $norm_limit "$PY" experiments/speed_sweep.py --config="$CONFIG" "${EXTRA[@]}" \
       --batch_size="${VDM_BATCH:-128}" --norms --variants= --output="$OUT/norms.json"
-    norm=$("$PY" -c 'import json, sys; print(json.load(open(sys.argv[1]))["fastest_norm"])' \
-      "$OUT/norms.json" 2> /dev/null) || norm=autodiff  # the default, if the norms did not run
+    norm=$(json_field "$OUT/norms.json" fastest_norm) || norm=autodiff  # the default, if the
+    # norms did not run
     echo "norm_impl for the curve: $norm" | tee -a "$OUT/machine.txt"
     curve $((LIMIT - norm_limit - 10)) --config.model.norm_impl="$norm"
     ;;
@@ -135,8 +143,7 @@ case "${1:-}" in
     # draws, from the final parameters that the curve left in $TMP (on the still-warm machine),
     # computed with the norm the curve trained with (the run's config.json).
     run_config="$TMP/vdm_curve_run/config.json"
-    norm=$("$PY" -c 'import json, sys; print(json.load(open(sys.argv[1]))["model"]["norm_impl"])' \
-      "$run_config" 2> /dev/null) || {
+    norm=$(json_field "$run_config" model norm_impl) || {
       echo "no curve run at $run_config: run the lease phase first" >&2; exit 2; }
     setup; cache
     run compare "$LIMIT" "$PY" experiments/likelihood.py --config="$CONFIG" "${DATA[@]}" \
