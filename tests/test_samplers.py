@@ -5,7 +5,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from scipy import stats
+from scipy import special, stats
 
 from vdm import elbo, samplers, schedules, toy
 
@@ -51,15 +51,25 @@ def test_frequency_test_detects_a_wrong_denoiser():
   assert _chi2_pvalue(x, DIST.probs) < 1e-6
 
 
-def test_ancestral_step_is_the_analytic_posterior():
+def _point_mass_eps_fn(x_star):
+  """The exact denoiser of data x = x*: ε̂ = (z_t − α_t x*)/σ_t."""
+  return lambda z, g: (z - jnp.sqrt(jax.nn.sigmoid(-g))[:, None] * x_star) / jnp.sqrt(jax.nn.sigmoid(g))[:, None]
+
+
+# γ from 95 to 100 puts α_s and α_t below float32's range (α² = sigmoid(−γ) flushes to 0): the steps
+# must still be finite and exact, as they are where the samplers form α_s/α_t in log space.
+GAMMA_STEPS = [(-3.0, 2.0), (95.0, 100.0)]
+
+
+@pytest.mark.parametrize("gamma_s,gamma_t", GAMMA_STEPS)
+def test_ancestral_step_is_the_analytic_posterior(gamma_s, gamma_t):
   """For a point mass x*, p(z_s|z_t) must be q(z_s|z_t, x*) = N(μ, σ²) with
   μ = α_{t|s} σ²_s/σ²_t z_t + α_s σ²_{t|s}/σ²_t x*, σ² = σ²_{t|s} σ²_s/σ²_t (α_{t|s} = α_t/α_s)."""
-  gamma_fn = schedules.fixed_linear(-3.0, 2.0)
+  gamma_fn = schedules.fixed_linear(gamma_s, gamma_t)
   x_star = 0.3
-  eps_fn = lambda z, g: (z - jnp.sqrt(jax.nn.sigmoid(-g))[:, None] * x_star) / jnp.sqrt(jax.nn.sigmoid(g))[:, None]
   z_1 = jnp.full((200_000, 1), 0.8)
-  z_0 = np.asarray(samplers.ancestral(eps_fn, gamma_fn, z_1, jax.random.PRNGKey(0), 1))
-  a2_t, a2_s = jax.nn.sigmoid(-2.0), jax.nn.sigmoid(3.0)
+  z_0 = np.asarray(samplers.ancestral(_point_mass_eps_fn(x_star), gamma_fn, z_1, jax.random.PRNGKey(0), 1))
+  a2_t, a2_s = special.expit(-gamma_t), special.expit(-gamma_s)
   s2_t, s2_s = 1 - a2_t, 1 - a2_s
   a_ts = np.sqrt(a2_t / a2_s)
   s2_ts = s2_t - a_ts**2 * s2_s
@@ -67,6 +77,17 @@ def test_ancestral_step_is_the_analytic_posterior():
   var = s2_ts * s2_s / s2_t
   assert abs(z_0.mean() - mean) < 4 * np.sqrt(var / z_0.size)
   assert abs(z_0.var() / var - 1) < 0.01
+
+
+@pytest.mark.parametrize("gamma_s,gamma_t", GAMMA_STEPS)
+def test_ddim_step_is_exact_for_a_point_mass(gamma_s, gamma_t):
+  """With x̂ = x* exact, one DDIM step gives z_s = α_s x* + σ_s ε̂, ε̂ = (z_t − α_t x*)/σ_t."""
+  gamma_fn = schedules.fixed_linear(gamma_s, gamma_t)
+  x_star, z_t = 0.3, np.linspace(-2.0, 2.0, 5)[:, None]
+  z_s = np.asarray(samplers.ddim(_point_mass_eps_fn(x_star), gamma_fn, jnp.asarray(z_t, jnp.float32), 1))
+  a2_t, a2_s = special.expit(-gamma_t), special.expit(-gamma_s)
+  eps = (z_t - np.sqrt(a2_t) * x_star) / np.sqrt(1 - a2_t)
+  np.testing.assert_allclose(z_s, np.sqrt(a2_s) * x_star + np.sqrt(1 - a2_s) * eps, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("name,order", [("ddim", 1), ("probability_flow", 2)])

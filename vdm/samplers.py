@@ -53,25 +53,24 @@ def ancestral(eps_fn: EpsFn, gamma_fn: GammaFn, z_1: jax.Array, rng: jax.Array, 
 
   def step(z, t, s, key):
     g_t, g_s = gamma_fn(t), gamma_fn(s)
-    alpha_t, sigma_t = schedules.alpha_sigma(g_t)
-    alpha_s = jnp.sqrt(schedules.alpha2(g_s))
+    sigma_t = jnp.sqrt(schedules.sigma2(g_t))
     c = -jnp.expm1(g_s - g_t)
-    mean = alpha_s / alpha_t * (z - c * sigma_t * _eps(eps_fn, z, g_t))
+    mean = schedules.alpha_ratio(g_s, g_t) * (z - c * sigma_t * _eps(eps_fn, z, g_t))
     return mean + jnp.sqrt(c * schedules.sigma2(g_s)) * jax.random.normal(key, z.shape, z.dtype)
 
   return _reverse_loop(step, z_1, rng, num_steps)
 
 
 def ddim(eps_fn: EpsFn, gamma_fn: GammaFn, z_1: jax.Array, num_steps: int) -> jax.Array:
-  """Deterministic DDIM: z_s = α_s x̂ + σ_s ε̂ with x̂ = (z_t − σ_t ε̂)/α_t."""
+  """Deterministic DDIM: z_s = α_s x̂ + σ_s ε̂ with x̂ = (z_t − σ_t ε̂)/α_t,
+  i.e. z_s = (α_s/α_t)(z_t − σ_t ε̂) + σ_s ε̂."""
   _check(gamma_fn, num_steps)
 
   def step(z, t, s, key):
-    g_t = gamma_fn(t)
-    alpha_t, sigma_t = schedules.alpha_sigma(g_t)
-    alpha_s, sigma_s = schedules.alpha_sigma(gamma_fn(s))
+    g_t, g_s = gamma_fn(t), gamma_fn(s)
+    sigma_t, sigma_s = jnp.sqrt(schedules.sigma2(g_t)), jnp.sqrt(schedules.sigma2(g_s))
     eps_hat = _eps(eps_fn, z, g_t)
-    return alpha_s * (z - sigma_t * eps_hat) / alpha_t + sigma_s * eps_hat
+    return schedules.alpha_ratio(g_s, g_t) * (z - sigma_t * eps_hat) + sigma_s * eps_hat
 
   return _reverse_loop(step, z_1, None, num_steps)
 

@@ -52,6 +52,12 @@ def alpha_sigma(gamma: jax.Array) -> tuple[jax.Array, jax.Array]:
   return jnp.sqrt(alpha2(gamma)), jnp.sqrt(sigma2(gamma))
 
 
+def alpha_ratio(gamma_s: jax.Array, gamma_t: jax.Array) -> jax.Array:
+  """α_s/α_t = exp(½(log sigmoid(−γ_s) − log sigmoid(−γ_t))), in log space: α_t itself underflows
+  float32 to 0 once γ_t exceeds ≈ 88.7, where α_s/α_t stays finite."""
+  return jnp.exp(0.5 * (jax.nn.log_sigmoid(-gamma_s) - jax.nn.log_sigmoid(-gamma_t)))
+
+
 def fixed_linear(gamma_min: float = GAMMA_MIN, gamma_max: float = GAMMA_MAX) -> GammaFn:
   """γ(t) = γ_min + (γ_max − γ_min) t."""
   check_endpoints(gamma_min, gamma_max)
