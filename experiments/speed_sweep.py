@@ -27,7 +27,7 @@ import os
 import sys
 import time
 import traceback
-from typing import Any, NamedTuple, Optional
+from typing import Any, Callable, NamedTuple, Optional
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -170,6 +170,14 @@ class _NormSwish(nn.Module):
     return nets.norm_swish(parts, shift, jnp.bfloat16, self.impl, "norm", dropout=self.dropout)
 
 
+def _output_and_vjp(fn: Callable, args: tuple, ct: jax.Array) -> tuple:
+  """(fn(*args), the gradients of ⟨ct, fn(*args)⟩ with respect to args): what a training step asks
+  of a layer. The output is returned so that XLA cannot drop its write, which a Pallas kernel must
+  always make: timing the gradients alone would favour the XLA ways."""
+  out, vjp = jax.vjp(fn, *args)
+  return out, vjp(ct)
+
+
 def norms(batch: int, width: int, size: int = 32, dropout: float = 0.1) -> dict:
   """Each way of computing the net's GroupNorm + swish alone (``vdm.nets.NORM_IMPL`` but
   'pallas_conv', which computes it inside a convolution: ``--convs``), for a
@@ -177,8 +185,9 @@ def norms(batch: int, width: int, size: int = 32, dropout: float = 0.1) -> dict:
   and with it as in training) and an up block's first (two bf16 parts of ``width`` channels): ms
   forward and forward + backward (wall time, and with --profile on a GPU device-kernel time),
   the GB/s of the least traffic they need (forward: read the input and write the output, 4
-  bytes per element; with the backward also read the input and the cotangent and write the
-  input's gradient, 10), and, without dropout (whose masks differ),
+  bytes per element; with the backward, which returns the output too as a training step needs
+  it, also read the input and the cotangent and write the input's gradient, 10), and, without
+  dropout (whose masks differ),
   the largest difference from autodiff of the output and of all gradients, relative to each's
   largest magnitude (rounding to bf16 is 0.4 %): on a GPU, the check that Triton compiled the
   Pallas kernels to the same function."""
@@ -199,8 +208,8 @@ def norms(batch: int, width: int, size: int = 32, dropout: float = 0.1) -> dict:
       module = _NormSwish(impl, rate)
       apply = lambda *a, module=module: module.apply(*a, rngs=key)  # noqa: E731
       fwd = jax.jit(apply)
-      fwd_bwd = jax.jit(lambda params, parts, shift, ct, apply=apply: jax.vjp(
-          apply, params, parts, shift)[1](ct))
+      fwd_bwd = jax.jit(lambda params, parts, shift, ct, apply=apply: _output_and_vjp(
+          apply, (params, parts, shift), ct))
       try:  # one failing way (a kernel Triton cannot compile) keeps the others
         params = module.init(jax.random.PRNGKey(0), parts, shift)
         results[impl] = (fwd(params, parts, shift), fwd_bwd(params, parts, shift, ct))
