@@ -230,6 +230,20 @@ def test_throughput_counts_training_time_only(monkeypatch):
   assert rate.update(20)["steps_per_sec"] == 5.0
 
 
+def test_image_grid_draws_any_number_of_channels():
+  """RGB tiles as they are; other channel counts as grey, each channel a tile's column block (a
+  PNG has no other way to show 2, 4 or 5 channels, and RGBA would hide the fourth as alpha)."""
+  from vdm import logging_utils  # pylint: disable=g-import-not-at-top
+  for c in (1, 2, 3, 4, 5):
+    images = np.arange(2 * 2 * 3 * c).reshape(2, 2, 3, c) % 4
+    grid = logging_utils.image_grid(images, vocab_size=4, ncol=2, pad=1)
+    w = 3 if c == 3 else 3 * c
+    assert grid.shape == (4, 2 * w + 3, 3) and grid.dtype == np.uint8, (c, grid.shape)
+    tile = grid[1:3, 1:1 + w]
+    want = images[0] if c == 3 else np.repeat(images[0].transpose(0, 2, 1).reshape(2, w, 1), 3, -1)
+    np.testing.assert_array_equal(tile, want * 85)
+
+
 def test_a_rerun_keeps_the_previous_results(tmp_path):
   from vdm import logging_utils  # pylint: disable=g-import-not-at-top
   out = tmp_path / "r.json"

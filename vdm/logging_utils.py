@@ -26,16 +26,17 @@ def is_main_process() -> bool:
 
 def image_grid(images: np.ndarray, vocab_size: int = 256, ncol: Optional[int] = None,
                pad: int = 1) -> np.ndarray:
-  """Integer images [N, H, W, C] in [0, vocab) → one uint8 grid [rows·(H+pad)+pad, ..., 3 or C]."""
+  """Integer images [N, H, W, C] in [0, vocab) → one RGB uint8 grid [rows·(H+pad)+pad, ..., 3]:
+  RGB images as they are, any other number of channels as grey, the channels side by side."""
   images = np.asarray(images)
   n, h, w, c = images.shape
   ncol = ncol or int(math.ceil(math.sqrt(n)))
   nrow = int(math.ceil(n / ncol))
   scaled = np.clip(np.round(images.astype(np.float64) * 255.0 / max(vocab_size - 1, 1)), 0, 255)
-  if c == 1:
-    scaled = np.repeat(scaled, 3, axis=-1)
-  c_out = scaled.shape[-1]
-  grid = np.full((nrow * (h + pad) + pad, ncol * (w + pad) + pad, c_out), 255, np.uint8)
+  if c != 3:
+    scaled = np.repeat(scaled.transpose(0, 1, 3, 2).reshape(n, h, c * w, 1), 3, axis=-1)
+    w = c * w
+  grid = np.full((nrow * (h + pad) + pad, ncol * (w + pad) + pad, 3), 255, np.uint8)
   for i in range(n):
     r, q = divmod(i, ncol)
     grid[pad + r * (h + pad): pad + r * (h + pad) + h, pad + q * (w + pad): pad + q * (w + pad) + w] = scaled[i]
@@ -115,10 +116,6 @@ class Writer:
   def image(self, step: int, tag: str, grid: np.ndarray) -> None:
     if self._writer is not None:
       self._writer.add_image(tag, np.asarray(grid, np.uint8), global_step=step, dataformats="HWC")
-
-  def flush(self) -> None:
-    if self._writer is not None:
-      self._writer.flush()
 
   def close(self) -> None:
     if self._writer is not None:
