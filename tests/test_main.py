@@ -79,6 +79,12 @@ def test_train_eval_sample_end_to_end_and_resume(tmp_path):
   npz = np.load(os.path.join(workdir, "samples", "ddim_3steps_step4_seed0.npz"))["samples"]
   assert npz.shape == (5, 4, 4, 1) and npz.dtype == np.uint8
   assert os.path.isfile(os.path.join(workdir, "samples", "ddim_3steps_step4_seed0.png"))
+  r = _run(_cmd(workdir, *TINY, "--mode=sample", "--sampler=ddim", "--num_steps=3", "--num_samples=2",
+                f"--checkpoint={os.path.join(workdir, 'checkpoints', '4')}"))
+  assert r.returncode == 0, r.stderr[-3000:]  # another count, the same name: the first is kept
+  kept = [f for f in os.listdir(os.path.join(workdir, "samples")) if f.startswith("ddim_3steps_step4_seed0.")]
+  assert len(kept) == 4 and "exists: kept it as" in r.stderr, (kept, r.stderr[-3000:])
+  assert np.load(os.path.join(workdir, "samples", "ddim_3steps_step4_seed0.npz"))["samples"].shape[0] == 2
 
   # The remedy Diverged names: resume with a lower learning rate and clipping (the optimizer's
   # state does not depend on either); the change is logged and recorded.
@@ -92,7 +98,8 @@ def test_train_eval_sample_end_to_end_and_resume(tmp_path):
 
 
 BAD_INPUTS = {
-    "unknown_key": (["--config.model.bogus=1"], {}, "unknown config key"),
+    "unknown_key": (["--config.model.bogus=1", "--config.model.dropout=0.0"], {},
+                    "unknown config key 'bogus' in --config.model.bogus: check"),
     "wrong_type": (["--config.training.batch_size=abc"], {}, "batch_size"),
     "gamma_order": (["--config.model.gamma_min=6.0"], {},
                     "model.gamma_min=6.0 must be < model.gamma_max=5.0"),
@@ -105,6 +112,16 @@ BAD_INPUTS = {
     "bad_checkpoint_path": (["--mode=sample", "--checkpoint=/nonexistent/ckpt"], {}, "does not exist"),
     "unwritable_workdir": (["WORKDIR_UNDER_FILE"], {}, "not a writable directory"),
     "missing_config": (["CONFIG=configs/nope.py"], {}, "could not be loaded"),
+    "config_raises": (["CONFIG_TEXT=def get_config():\n  return undefined_name\n"], {},
+                      "could not be loaded (NameError: name 'undefined_name' is not defined)"),
+    "config_without_get_config": (["CONFIG_TEXT=x = 1\n"], {}, "defines no get_config()"),
+    "config_argument": (["CONFIG=configs/quickstart.py:abc"], {},
+                        "Error whilst parsing config file: TypeError: get_config() takes 0"),
+    "checkpoints_in_the_way": (["IN_THE_WAY=checkpoints"], {},
+                               "checkpoints is in the way: the run writes a directory there"),
+    "config_json_in_the_way": (["IN_THE_WAY=config.json"], {},
+                               "config.json is in the way: the run writes a file there"),
+    "sample_seed": (["--mode=sample", "--sample_seed=-1"], {}, "--sample_seed=-1 must be in [0, 2^32)"),
     "npz_shape": (["NPZ=shape"], {}, "has shape"),
     "npz_dtype": (["NPZ=dtype"], {}, "has dtype"),
     "npz_vocab": (["NPZ=vocab", "--config.data.vocab_size=8"], {}, "not below data.vocab_size=8"),
@@ -130,7 +147,13 @@ INVALID_SETTINGS = {
                              "model.norm_impl='recompute' with model.remat='convs'"),
     "missing_npz": ({"data.source": "npz", "data.path": "/nonexistent/d.npz"}, "does not exist"),
     "unknown_source": ({"data.source": "ftp"}, "unknown data.source"),
-    "negative_seed": ({"seed": -1}, "seed=-1 must be >= 0"),
+    "negative_seed": ({"seed": -1}, "seed=-1 must be in [0, 2^32)"),
+    "seed_beyond_32_bits": ({"seed": 2**32}, "seed=4294967296 must be in [0, 2^32)"),
+    "eval_seed": ({"eval.seed": -1}, "eval.seed=-1 must be in [0, 2^32)"),
+    "gamma_max_inf": ({"model.gamma_max": float("inf")}, "model.gamma_max=inf must be finite"),
+    "channel_mult_empty": ({"model.channel_mult": ()}, "model.channel_mult=() must be a non-empty"),
+    "channel_mult_zero": ({"model.channel_mult": (1, 0)},
+                          "model.channel_mult=(1, 0) must be a non-empty tuple of integers >= 1"),
     "dropout": ({"model.dropout": 1.5}, "model.dropout=1.5 must be in [0, 1)"),
     "eval_num_batches": ({"eval.num_batches": -1}, "eval.num_batches=-1 must be >= 0"),
     "sampling_steps": ({"sampling.num_steps": 0}, "sampling.num_steps=0 must be >= 1"),
@@ -138,14 +161,20 @@ INVALID_SETTINGS = {
     "eval_batch": ({"eval.batch_size": -8}, "eval.batch_size=-8 must be >= 1"),
     "uniform_mix": ({"loss.importance_uniform_mix": 0.0},
                     "loss.importance_uniform_mix=0.0 must be in (0, 1]"),
-    "learning_rate": ({"optimizer.learning_rate": -1e-4}, "optimizer.learning_rate=-0.0001 must be > 0"),
+    "learning_rate": ({"optimizer.learning_rate": -1e-4},
+                      "optimizer.learning_rate=-0.0001 must be finite and > 0"),
+    "learning_rate_inf": ({"optimizer.learning_rate": float("inf")},
+                          "optimizer.learning_rate=inf must be finite and > 0"),
     "adam_b2": ({"optimizer.b2": 1.0}, "optimizer.b2=1.0 must be in [0, 1)"),
     "ema_rate": ({"optimizer.ema_rate": 1.0}, "optimizer.ema_rate=1.0 must be in [0, 1)"),
-    "adam_eps": ({"optimizer.eps": 0.0}, "optimizer.eps=0.0 must be > 0"),
-    "weight_decay": ({"optimizer.weight_decay": -0.01}, "optimizer.weight_decay=-0.01 must be >= 0"),
-    "grad_clip": ({"optimizer.grad_clip": -1.0}, "optimizer.grad_clip=-1.0 must be >= 0"),
+    "adam_eps": ({"optimizer.eps": 0.0}, "optimizer.eps=0.0 must be finite and > 0"),
+    "weight_decay": ({"optimizer.weight_decay": -0.01},
+                     "optimizer.weight_decay=-0.01 must be finite and >= 0"),
+    "weight_decay_inf": ({"optimizer.weight_decay": float("inf")},
+                         "optimizer.weight_decay=inf must be finite and >= 0"),
+    "grad_clip": ({"optimizer.grad_clip": -1.0}, "optimizer.grad_clip=-1.0 must be finite and >= 0"),
     "grad_clip_nan": ({"optimizer.grad_clip": float("nan")},
-                      "optimizer.grad_clip=nan must be >= 0"),
+                      "optimizer.grad_clip=nan must be finite and >= 0"),
     "n_embd_zero": ({"model.n_embd": 0}, "model.n_embd=0 must be a positive multiple of 32"),
     "n_embd_32": ({"model.n_embd": 32}, "leaves one channel in each of GroupNorm's 32 groups"),
     "synthetic_size": ({"data.image_size": 2},
@@ -172,6 +201,18 @@ def test_bad_input_exits_2_with_one_line(tmp_path):
       workdir, args = str(a_file / "sub"), []
     elif args and args[0].startswith("CONFIG="):
       config, args = args[0][len("CONFIG="):], []
+    elif args and args[0].startswith("CONFIG_TEXT="):
+      config = tmp_path / f"{name}.py"
+      config.write_text(args[0][len("CONFIG_TEXT="):])
+      config, args = str(config), []
+    elif args and args[0].startswith("IN_THE_WAY="):  # a file where a directory goes, or the reverse
+      in_the_way = os.path.join(workdir, args[0][len("IN_THE_WAY="):])
+      os.makedirs(workdir)
+      if in_the_way.endswith(".json"):
+        os.makedirs(in_the_way)
+      else:
+        open(in_the_way, "w").close()
+      args = []
     elif args and args[0].startswith("NPZ="):
       path = tmp_path / f"{args[0][4:]}.npz"
       np.savez(path, train_images=NPZ_IMAGES[args[0][4:]], test_images=NPZ_IMAGES[args[0][4:]])

@@ -86,7 +86,7 @@ def test_bad_marks_and_missing_data_are_one_line_errors(tmp_path):
   for args, words in ((["--marks=abc"], "must be numbers"), (["--seconds=0"], "must be > 0"),
                       (["--config.data.source=npz", "--config.data.path=/nonexistent.npz"], "npz"),
                       (["--config.optimizer.learning_rate=-2e-4"],
-                       "learning_rate=-0.0002 must be > 0"),
+                       "learning_rate=-0.0002 must be finite and > 0"),
                       (["--eval_batches=-1"], "--eval_batches=-1 must be >= 0"),
                       ([f"--workdir={used}"], "already holds checkpoints")):
     proc = _script("train_curve.py", *TINY, f"--output={out}", *args, check=False)

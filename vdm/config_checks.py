@@ -4,10 +4,16 @@ ends in one line that names the key and the fix, not in a traceback after compil
 that quietly trains something else."""
 from __future__ import annotations
 
-import os
-
 from vdm import elbo, input_pipeline, nets, pallas_norm, schedules, train
 from vdm.model import SCHEDULES
+
+
+def check_seed(seed: int, name: str) -> None:
+  """Refuse a seed outside [0, 2^32): ``jax.random.PRNGKey`` keeps its low 32 bits, so a larger or
+  negative one would silently repeat another seed's randomness."""
+  if not 0 <= seed < 2**32:
+    raise ValueError(f"{name}={seed} must be in [0, 2^32): a PRNG key keeps a seed's low 32 bits, "
+                     "so another value would repeat another seed's run.")
 
 
 def validate(config) -> None:
@@ -15,11 +21,8 @@ def validate(config) -> None:
   d, m, t = config.data, config.model, config.training
   if d.source not in input_pipeline.SOURCES:
     raise ValueError(f"unknown data.source {d.source!r}: use one of {', '.join(input_pipeline.SOURCES)}.")
-  if d.source == "npz" and not d.path:
-    raise ValueError("data.source='npz' needs a file: set --config.data.path=/path/to/data.npz.")
-  if d.source == "npz" and not os.path.isfile(d.path):
-    raise ValueError(f"data.path={d.path!r} does not exist: point --config.data.path at an .npz "
-                     "file with train_images and test_images.")
+  if d.source == "npz":
+    input_pipeline.check_npz_path(d.path)
   if not 2 <= d.vocab_size <= 256:
     raise ValueError(f"data.vocab_size={d.vocab_size} must be in [2, 256] for uint8 images.")
   if d.image_size < 1 or d.channels < 1:
@@ -64,6 +67,7 @@ def validate(config) -> None:
   if m.n_embd < 32 or m.n_embd % 32:
     raise ValueError(f"model.n_embd={m.n_embd} must be a positive multiple of 32 (GroupNorm's 32 "
                      "groups).")
+  nets.check_channel_mult(m.channel_mult, "model.")
   if m.n_embd * min(m.channel_mult) < 64:
     raise ValueError(f"model.n_embd={m.n_embd} (× channel_mult {min(m.channel_mult)}) leaves one "
                      "channel in each of GroupNorm's 32 groups, and normalising a lone channel "
@@ -75,8 +79,8 @@ def validate(config) -> None:
   if config.sampling.sampler not in train.SAMPLERS:
     raise ValueError(f"unknown sampling.sampler {config.sampling.sampler!r}: use one of "
                      f"{', '.join(train.SAMPLERS)}.")
-  if config.seed < 0:
-    raise ValueError(f"seed={config.seed} must be >= 0.")
+  for key, seed in (("seed", config.seed), ("eval.seed", config.eval.seed)):
+    check_seed(seed, key)
   if not 0.0 <= m.dropout < 1.0:
     raise ValueError(f"model.dropout={m.dropout} must be in [0, 1) (the rate of zeroed activations).")
   if config.eval.num_batches < 0:

@@ -120,13 +120,18 @@ def _load_split(data_config, split: str, seed: int) -> Split:
   raise ValueError(f"unknown data.source {source!r}: use one of {', '.join(SOURCES)}.")
 
 
-def _load_npz(data_config, split: str) -> Split:
-  path = data_config.path
+def check_npz_path(path: str) -> None:
+  """Refuse an empty or missing ``data.path`` for ``data.source='npz'``."""
   if not path:
     raise ValueError("data.source='npz' needs a file: set --config.data.path=/path/to/data.npz.")
   if not os.path.isfile(path):
     raise ValueError(f"data.path={path!r} does not exist: point --config.data.path at an .npz file "
                      "with train_images and test_images.")
+
+
+def _load_npz(data_config, split: str) -> Split:
+  path = data_config.path
+  check_npz_path(path)
   key = f"{split}_images"
   unreadable = (OSError, EOFError, ValueError, zipfile.BadZipFile)  # truncated, bad CRC, pickled
   try:  # our own handle: np.load leaks its file when the zip directory is unreadable

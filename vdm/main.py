@@ -104,6 +104,13 @@ def prepare_workdir(workdir: str) -> str:
   except OSError as e:
     raise ValueError(f"--workdir={workdir} is not a writable directory ({e.strerror}): choose "
                      "another path.") from None
+  for name, wanted in ((ckpt_lib.CHECKPOINT_DIR, os.path.isdir), ("samples", os.path.isdir),
+                       ("tensorboard", os.path.isdir), ("config.json", os.path.isfile)):
+    path = os.path.join(workdir, name)
+    if os.path.exists(path) and not wanted(path):
+      raise ValueError(f"{path} is in the way: the run writes a "
+                       f"{'directory' if wanted is os.path.isdir else 'file'} there; move it or "
+                       "choose another --workdir.")
   return workdir
 
 
@@ -122,16 +129,21 @@ def _restore_for_inference(config, model, mesh, workdir: str, checkpoint: str | 
 
 
 def _sample_and_save(sample_fn, params, rng, out_dir: str, name: str, config, writer=None,
-                     step: int = 0) -> str:
+                     step: int = 0, keep: bool = False) -> str:
+  """Sample, then write ``name``.png (a grid) and ``name``.npz; with ``keep``, files of that name
+  from an earlier call (another count or dtype) are kept under :func:`logging_utils.keep_previous`'s
+  names. Returns the PNG's path (process 0) or ''."""
   images = np.asarray(jax.device_get(sample_fn(params, rng)))
   if not logging_utils.is_main_process():
     return ""
   os.makedirs(out_dir, exist_ok=True)
   grid = logging_utils.image_grid(images, config.data.vocab_size)
   upscale = max(1, 128 // max(config.data.image_size, 1))
-  png = os.path.join(out_dir, f"{name}.png")
+  png, npz = (os.path.join(out_dir, f"{name}.{ext}") for ext in ("png", "npz"))
+  for path in (png, npz) if keep else ():
+    logging_utils.keep_previous(path)
   logging_utils.save_png(png, grid, upscale=min(upscale, 8))
-  np.savez_compressed(os.path.join(out_dir, f"{name}.npz"), samples=images.astype(np.uint8))
+  np.savez_compressed(npz, samples=images.astype(np.uint8))
   if writer is not None:
     writer.image(step, "samples", grid)
   return png
@@ -326,6 +338,7 @@ def run_sample(config, workdir: str, checkpoint: str | None, sampler: str, num_s
     raise ValueError(f"unknown --sampler {sampler!r}: use one of {', '.join(train.SAMPLERS)}.")
   if num_steps < 1 or num_samples < 1:
     raise ValueError(f"--num_steps={num_steps} and --num_samples={num_samples} must be >= 1.")
+  config_checks.check_seed(seed, "--sample_seed")
   mesh = train.make_mesh()
   model = make_model(config)
   state = _restore_for_inference(config, model, mesh, workdir, checkpoint)
@@ -333,7 +346,7 @@ def run_sample(config, workdir: str, checkpoint: str | None, sampler: str, num_s
   sample_fn = train.make_sample_fn(config, model, sampler, num_steps, num_samples)
   png = _sample_and_save(sample_fn, state.ema_params, jax.random.PRNGKey(seed),
                          os.path.join(workdir, "samples"),
-                         f"{sampler}_{num_steps}steps_step{step}_seed{seed}", config)
+                         f"{sampler}_{num_steps}steps_step{step}_seed{seed}", config, keep=True)
   if png:
     print(f"{num_samples} samples ({sampler}, {num_steps} steps, checkpoint step {step}) -> {png}",
           flush=True)
@@ -395,16 +408,26 @@ def main(argv) -> None:
 
 
 def _parse_flags(argv):
+  config_file = next((a.split("=", 1)[1] for a in argv[1:] if a.startswith("--config=")), "")
   try:
     return FLAGS(argv)
-  except flags.Error as e:
-    logging_utils.fail(" ".join(str(e).split()))
-  except (KeyError, AttributeError) as e:  # an override of a key the config does not have
-    bad = [a.split("=")[0] for a in argv[1:] if a.startswith("--config.")]
-    logging_utils.fail(f"unknown config key {str(e).strip(chr(34))} in {' '.join(bad) or '--config'}"
-                       ": check the --config.SECTION.KEY overrides against configs/default.py.")
+  except flags.Error as e:  # config_flags wraps an error of get_config(ARG) with its traceback
+    head, _, trace = str(e).partition("Traceback (most recent call last):")
+    logging_utils.fail(" ".join((head + (trace.strip().splitlines() or [""])[-1]).split()))
+  except (KeyError, AttributeError) as e:
+    if "has no attribute 'get_config'" in str(e):
+      logging_utils.fail(f"--config={config_file} defines no get_config(): a config file returns "
+                         "its ml_collections.ConfigDict from get_config(), as configs/*.py do.")
+    key = str(e).strip("\"'")  # an override of a key the config does not have
+    overrides = [a.split("=")[0] for a in argv[1:] if a.startswith("--config.")]
+    bad = [a for a in overrides if key in a.split(".")] or overrides
+    logging_utils.fail(f"unknown config key {key!r} in {' '.join(bad) or '--config'}: check the "
+                       "--config.SECTION.KEY overrides against configs/default.py.")
   except (ValueError, TypeError, OSError, SyntaxError, ImportError) as e:
     logging_utils.fail(f"bad --config: {' '.join(str(e).split())}")
+  except Exception as e:  # pylint: disable=broad-except  # raised by the file's get_config()
+    logging_utils.fail(f"--config={config_file} could not be loaded ({type(e).__name__}: "
+                       f"{' '.join(str(e).split())}): fix the file's get_config().")
 
 
 def run() -> None:

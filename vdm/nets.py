@@ -349,6 +349,15 @@ class AttnBlock(nn.Module):
     return (x + h.reshape(x.shape)).astype(self.residual_dtype)
 
 
+def check_channel_mult(channel_mult: Sequence[int], prefix: str = "") -> None:
+  """Refuse a ``channel_mult`` that is not a non-empty tuple of integers >= 1, naming the key as
+  ``prefix`` + ``channel_mult``."""
+  if (not isinstance(channel_mult, (tuple, list)) or not channel_mult
+      or any(isinstance(m, bool) or not isinstance(m, int) or m < 1 for m in channel_mult)):
+    raise ValueError(f"{prefix}channel_mult={channel_mult!r} must be a non-empty tuple of "
+                     "integers >= 1 (channels per level, in units of n_embd).")
+
+
 class ScoreUNet(nn.Module):
   """ε̂(z_t; γ_t) = z_t + UNet(z_t, γ_t).
 
@@ -402,10 +411,7 @@ class ScoreUNet(nn.Module):
     if isinstance(self.n_layer, bool) or not isinstance(self.n_layer, int) or self.n_layer < 1:
       raise ValueError(f"n_layer={self.n_layer!r} must be an integer >= 1 (ResNet blocks per "
                        "level on the way down).")
-    if not self.channel_mult or any(isinstance(m, bool) or not isinstance(m, int) or m < 1
-                                    for m in self.channel_mult):
-      raise ValueError(f"channel_mult={tuple(self.channel_mult)!r} must be a non-empty tuple of "
-                       "integers >= 1 (channels per level, in units of n_embd).")
+    check_channel_mult(self.channel_mult)
     if isinstance(self.unroll, bool) or not isinstance(self.unroll, int) or self.unroll < 0:
       raise ValueError(f"unroll={self.unroll!r} must be an integer >= 0 (blocks per loop "
                        "iteration; 0 unrolls the loops entirely).")

@@ -9,6 +9,7 @@ schedules are plain closures; learned schedules are Flax modules, and
 """
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 import flax.linen as nn
@@ -26,7 +27,12 @@ GAMMA_MIN_FLOOR = -80.0  # e^{−γ_0}, the decoder's precision, overflows float
 
 
 def check_endpoints(gamma_min: float, gamma_max: float, prefix: str = "") -> None:
-  """Refuse γ_min ≥ γ_max or γ_min < −80, naming the keys as ``prefix`` + ``gamma_min``."""
+  """Refuse non-finite endpoints, γ_min ≥ γ_max or γ_min < −80, naming the keys as ``prefix`` +
+  ``gamma_min``."""
+  for key, value in (("gamma_min", gamma_min), ("gamma_max", gamma_max)):
+    if not math.isfinite(value):
+      raise ValueError(f"{prefix}{key}={value} must be finite: γ's endpoints are log noise-to-signal "
+                       "ratios (the paper uses -13.3 and 5).")
   if not gamma_min < gamma_max:
     raise ValueError(
         f"{prefix}gamma_min={gamma_min} must be < {prefix}gamma_max={gamma_max}: γ(t) is the log "

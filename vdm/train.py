@@ -69,17 +69,19 @@ def check_optimizer_config(opt_config) -> None:
   run silently (a negative learning rate ascends the loss; b2 = 1 never forgets a gradient;
   ema_rate = 1 freezes the EMA parameters)."""
   o = opt_config
-  if not o.learning_rate > 0:
-    raise ValueError(f"optimizer.learning_rate={o.learning_rate} must be > 0 (2e-4 in the paper).")
+  if not 0 < o.learning_rate < math.inf:
+    raise ValueError(f"optimizer.learning_rate={o.learning_rate} must be finite and > 0 (2e-4 in "
+                     "the paper).")
   for key in ("b1", "b2", "ema_rate"):
     if not 0.0 <= o[key] < 1.0:
       raise ValueError(f"optimizer.{key}={o[key]} must be in [0, 1) (an exponential decay rate).")
-  if not o.eps > 0:
-    raise ValueError(f"optimizer.eps={o.eps} must be > 0 (it keeps Adam's division finite).")
+  if not 0 < o.eps < math.inf:
+    raise ValueError(f"optimizer.eps={o.eps} must be finite and > 0 (it keeps Adam's division "
+                     "finite).")
   for key, meaning in (("weight_decay", "0 = none"), ("warmup_steps", "0 = none"),
                        ("grad_clip", "0 = no clipping")):
-    if not o[key] >= 0:  # also refuses nan
-      raise ValueError(f"optimizer.{key}={o[key]} must be >= 0 ({meaning}).")
+    if not 0 <= o[key] < math.inf:  # also refuses nan
+      raise ValueError(f"optimizer.{key}={o[key]} must be finite and >= 0 ({meaning}).")
 
 
 def applied_updates(opt_state) -> jax.Array:
