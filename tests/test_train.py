@@ -153,6 +153,11 @@ def test_checkpoint_resume_continues_identically(setup, tmp_path):
   ckpt_lib.Checkpointer(numbered).save(state)
   target = train.abstract_train_state(config, model)
   assert int(ckpt_lib.restore_path(numbered, target).step) == 3
+  corrupt = tmp_path / "corrupt_run" / "checkpoints" / "5"  # a workdir whose one step is unreadable
+  corrupt.mkdir(parents=True)
+  (corrupt / "_CHECKPOINT_METADATA").write_text("{truncated")
+  with pytest.raises(ValueError, match="restores into this config .none there, or each truncated"):
+    ckpt_lib.restore_path(str(corrupt.parent.parent), target)
   straight, _ = _run(step_fn, state, data, mesh, 3, 3)
   straight = jax.device_get(straight)
 

@@ -164,8 +164,9 @@ def restore_path(path: str, target: TrainState, sharding=None) -> TrainState:
                         directory, step, type(e).__name__)
   finally:
     manager.close()
-  raise ValueError(f"no restorable checkpoint under {path}: train first, or pass "
-                   f"--checkpoint=WORKDIR/{CHECKPOINT_DIR}/STEP.")
+  raise ValueError(f"no checkpoint under {path} restores into this config (none there, or each "
+                   "truncated, corrupt or from another model): train first, or pass "
+                   f"--checkpoint=WORKDIR/{CHECKPOINT_DIR}/STEP of a run of this config.")
 
 
 # What may differ between the invocations on one run: how the same function is computed, how
