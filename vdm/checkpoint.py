@@ -28,6 +28,7 @@ from vdm.model import Model, make_model
 from vdm.train import TrainState, abstract_train_state
 
 CHECKPOINT_DIR = "checkpoints"
+RUN_CONFIG = "config.json"  # the run's config, in its workdir: record_run_config
 
 
 def _all_finite(tree) -> bool:
@@ -213,7 +214,7 @@ def has_checkpoints(workdir: str) -> bool:
 def record_run_config(config, workdir: str) -> None:
   """Write ``workdir/config.json`` (process 0; atomically, so a kill never leaves half a record)."""
   if logging_utils.is_main_process():
-    logging_utils.write_json(os.path.join(workdir, "config.json"),
+    logging_utils.write_json(os.path.join(workdir, RUN_CONFIG),
                              json.loads(config.to_json_best_effort()))
 
 
@@ -223,7 +224,7 @@ def check_run_config(config, path: str, mode: str = "eval") -> None:
   ``path`` (as :func:`run_dir`) has checkpoints: resuming or evaluating it with another seed,
   optimizer, data or model would silently mix two runs."""
   workdir = run_dir(path)
-  recorded = os.path.join(workdir, "config.json")
+  recorded = os.path.join(workdir, RUN_CONFIG)
   if not (os.path.isfile(recorded) and has_checkpoints(workdir)):
     return
   try:

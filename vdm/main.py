@@ -49,6 +49,8 @@ from vdm import checkpoint as ckpt_lib
 from vdm import config_checks, input_pipeline, logging_utils, nets, schedules, train
 from vdm.model import gamma_fn_for, make_model
 
+SAMPLES_DIR, TENSORBOARD_DIR = "samples", "tensorboard"  # in the workdir
+
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/cifar10.py.",
                                 lock_config=True)
@@ -104,8 +106,8 @@ def prepare_workdir(workdir: str) -> str:
   except OSError as e:
     raise ValueError(f"--workdir={workdir} is not a writable directory ({e.strerror}): choose "
                      "another path.") from None
-  for name, wanted in ((ckpt_lib.CHECKPOINT_DIR, os.path.isdir), ("samples", os.path.isdir),
-                       ("tensorboard", os.path.isdir), ("config.json", os.path.isfile)):
+  for name, wanted in ((ckpt_lib.CHECKPOINT_DIR, os.path.isdir), (SAMPLES_DIR, os.path.isdir),
+                       (TENSORBOARD_DIR, os.path.isdir), (ckpt_lib.RUN_CONFIG, os.path.isfile)):
     path = os.path.join(workdir, name)
     if os.path.exists(path) and not wanted(path):
       raise ValueError(f"{path} is in the way: the run writes a "
@@ -202,7 +204,7 @@ def run_train(config, workdir: str) -> dict:
                jax.device_count())
 
   ckpt_lib.record_run_config(config, workdir)
-  writer = logging_utils.Writer(os.path.join(workdir, "tensorboard"))
+  writer = logging_utils.Writer(os.path.join(workdir, TENSORBOARD_DIR))
   train_step = train.make_train_step(config, model, mesh)
   eval_step = train.make_eval_step(config, model, mesh)
   sample_fn = None
@@ -246,7 +248,7 @@ def run_train(config, workdir: str) -> dict:
         s = config.sampling
         sample_fn = train.make_sample_fn(config, model, s.sampler, s.num_steps, s.num_samples)
       _sample_and_save(sample_fn, state.ema_params, jax.random.PRNGKey(done),
-                       os.path.join(workdir, "samples"), f"step_{done}", config, writer, done)
+                       os.path.join(workdir, SAMPLES_DIR), f"step_{done}", config, writer, done)
     if logging_utils.is_main_process() and os.path.isfile(due_path):
       os.remove(due_path)
 
@@ -345,7 +347,7 @@ def run_sample(config, workdir: str, checkpoint: str | None, sampler: str, num_s
   step = int(jax.device_get(state.step))
   sample_fn = train.make_sample_fn(config, model, sampler, num_steps, num_samples)
   png = _sample_and_save(sample_fn, state.ema_params, jax.random.PRNGKey(seed),
-                         os.path.join(workdir, "samples"),
+                         os.path.join(workdir, SAMPLES_DIR),
                          f"{sampler}_{num_steps}steps_step{step}_seed{seed}", config, keep=True)
   if png:
     print(f"{num_samples} samples ({sampler}, {num_steps} steps, checkpoint step {step}) -> {png}",
