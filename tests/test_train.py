@@ -1,9 +1,12 @@
 """Model glue, train/eval/sample steps, non-finite steps, and checkpoint save / resume."""
+import asyncio
 import glob
+import logging as std_logging
 import math
 import os
 import subprocess
 import sys
+import types
 
 import jax
 import jax.numpy as jnp
@@ -194,6 +197,38 @@ def test_corrupt_latest_checkpoint_falls_back_and_nan_is_not_saved(setup, tmp_pa
                       params=jax.tree.map(lambda p: p * jnp.nan, state.params))
   assert not resumed.save(bad)
   assert 7 not in resumed.all_steps()
+
+
+def test_only_reads_reporting_to_a_closed_loop_are_silenced(monkeypatch):
+  """After a failed restore, orbax's reads still in flight report to its closed event loop: those
+  unraisable 'Event loop is closed' errors, and asyncio's records of the reads' failures, are
+  dropped; any other unraisable exception or record is passed on."""
+  def unraisable(fn):
+    try:
+      fn()
+    except RuntimeError as e:
+      return types.SimpleNamespace(exc_type=RuntimeError, exc_value=e, exc_traceback=e.__traceback__,
+                                   err_msg=None, object=None)
+  loop = asyncio.new_event_loop()
+  loop.close()
+  late = unraisable(lambda: loop.call_soon_threadsafe(print))
+  def other():
+    raise RuntimeError("Event loop is closed")  # the same words, from elsewhere
+  seen = []
+  monkeypatch.setattr(sys, "unraisablehook", seen.append)
+  ckpt_lib._quiet_failed_reads()
+  ckpt_lib._quiet_failed_reads()  # idempotent: one hook, over the previous one
+  sys.unraisablehook(late)
+  sys.unraisablehook(unraisable(other))
+  assert [str(u.exc_value) for u in seen] == ["Event loop is closed"] and seen[0] is not late
+
+  record = lambda message: std_logging.LogRecord("asyncio", std_logging.ERROR, "", 0, message, (),
+                                                 None)
+  read = ("Future exception was never retrieved\nfuture: <Future finished exception=ValueError("
+          "'OUT_OF_RANGE: ... [tensorstore_spec=...]')>")
+  assert not ckpt_lib._keep_record(record(read))
+  assert ckpt_lib._keep_record(record("Future exception was never retrieved\nfuture: ValueError()"))
+  assert ckpt_lib._keep_record(record("Executing <Task> took 0.2 seconds; tensorstore_spec"))
 
 
 def test_inference_refuses_a_config_that_shapes_the_checkpoint_differently(tmp_path):

@@ -5,8 +5,9 @@ counter and the importance sampler's per-t second moments; the data position is 
 vdm.input_pipeline). Checkpoints with non-finite parameters are never written. If the newest
 checkpoint cannot be restored (truncated, corrupt), the failure is logged and the next older one
 is tried; once one restores, the newer unrestorable ones are moved to ``checkpoints_unrestorable/``
-(kept for inspection, out of orbax's way: it writes no step at or below its newest). A run's
-config.json (:func:`record_run_config`) guards its workdir against another run's config
+(kept for inspection, out of orbax's way: it writes no step at or below its newest); the reads
+still in flight when one fails would otherwise print hundreds of tracebacks (_quiet_failed_reads).
+A run's config.json (:func:`record_run_config`) guards its workdir against another run's config
 (:func:`check_run_config`).
 """
 from __future__ import annotations
@@ -15,6 +16,7 @@ import contextlib
 import json
 import logging as std_logging
 import os
+import sys
 from typing import Optional
 
 import jax
@@ -41,6 +43,48 @@ def _abstract(target, sharding=None):
     kwargs = {"sharding": sharding} if sharding is not None else {}
     return jax.ShapeDtypeStruct(x.shape, x.dtype, **kwargs)
   return jax.tree.map(leaf, target)
+
+
+def _is_late_read_report(unraisable) -> bool:
+  """Whether ``unraisable`` is a TensorStore read reporting to orbax's closed event loop: after one
+  read of a restore fails, orbax closes its loop, and each read still in flight then raises
+  'Event loop is closed' in ``call_soon_threadsafe`` (hundreds of tracebacks per failed restore)."""
+  tb = unraisable.exc_traceback
+  while tb is not None and tb.tb_next is not None:
+    tb = tb.tb_next
+  return (unraisable.exc_type is RuntimeError and str(unraisable.exc_value) == "Event loop is closed"
+          and tb is not None and tb.tb_frame.f_code.co_name == "_check_closed")
+
+
+def _keep_record(record) -> bool:
+  """False for asyncio's '{Task,Future} exception was never retrieved' about a failed TensorStore
+  read of orbax's (the restore reported the failure already); True for any other record."""
+  message = record.getMessage()
+  return not ("exception was never retrieved" in message.split("\n", 1)[0]
+              and "tensorstore_spec" in message)
+
+
+def _quiet_failed_reads() -> None:
+  """Silence the aftermath of a failed read for the rest of the process (it comes from orbax's
+  threads after the restore has returned): late reports (:func:`_is_late_read_report`) and
+  asyncio's records of them (:func:`_keep_record`). Idempotent; every other unraisable exception
+  and asyncio record is reported as before."""
+  std_logging.getLogger("asyncio").addFilter(_keep_record)  # a no-op when there already
+  if getattr(sys.unraisablehook, "vdm_quiet_reads", False):
+    return
+  previous = sys.unraisablehook
+
+  def hook(unraisable):
+    if not _is_late_read_report(unraisable):
+      previous(unraisable)
+  hook.vdm_quiet_reads = True
+  sys.unraisablehook = hook
+
+
+def _restore(manager: ocp.CheckpointManager, step: int, target, sharding=None):
+  """Step ``step`` of ``manager``, shaped like ``target``."""
+  _quiet_failed_reads()
+  return manager.restore(step, args=ocp.args.StandardRestore(_abstract(target, sharding)))
 
 
 class Checkpointer:
@@ -84,7 +128,7 @@ class Checkpointer:
     failed = []
     for step in sorted(self._manager.all_steps(), reverse=True):
       try:
-        state = self._manager.restore(step, args=ocp.args.StandardRestore(_abstract(target, sharding)))
+        state = _restore(self._manager, step, target, sharding)
       except Exception as e:  # pylint: disable=broad-except
         logging.warning("Checkpoint %s/%d could not be restored (%s: %s); trying the previous one.",
                         self.directory, step, type(e).__name__, str(e).splitlines()[0][:200] if str(e) else "")
@@ -148,7 +192,7 @@ def restore_path(path: str, target: TrainState, sharding=None) -> TrainState:
   if base.isdigit() and not os.path.isdir(held):
     manager = _reader(os.path.dirname(path))
     try:
-      return manager.restore(int(base), args=ocp.args.StandardRestore(_abstract(target, sharding)))
+      return _restore(manager, int(base), target, sharding)
     except Exception as e:  # pylint: disable=broad-except
       raise ValueError(f"--checkpoint={path} could not be restored ({type(e).__name__}): it is "
                        "truncated, corrupt or from a different config; pass another step.") from None
@@ -159,7 +203,7 @@ def restore_path(path: str, target: TrainState, sharding=None) -> TrainState:
   try:
     for step in sorted(manager.all_steps(), reverse=True):
       try:
-        return manager.restore(step, args=ocp.args.StandardRestore(_abstract(target, sharding)))
+        return _restore(manager, step, target, sharding)
       except Exception as e:  # pylint: disable=broad-except
         logging.warning("Checkpoint %s/%d could not be restored (%s); trying the previous one.",
                         directory, step, type(e).__name__)
