@@ -242,6 +242,22 @@ def test_inference_refuses_a_config_that_shapes_the_checkpoint_differently(tmp_p
     ckpt_lib.check_run_config(config, str(tmp_path), mode="eval")
 
 
+def test_a_checkpoint_of_another_model_is_named_as_such(setup, tmp_path):
+  """Without the run's config.json (a copied run), restoring into another model names the first
+  parameter that differs, from the checkpoint's metadata, instead of 'corrupt or another config'."""
+  config, model, mesh, _, _ = setup
+  ckpt_lib.Checkpointer(str(tmp_path)).save(train.create_train_state(config, model, mesh))
+  other = tiny_config()
+  other.model.n_embd = 64
+  target = train.abstract_train_state(other, model_lib.make_model(other))
+  with pytest.raises(ValueError, match=r"checkpoints/0 holds another model: params\.net\.params\."
+                     r"\S+ has shape \(\d+,( \d+,)*\) in the checkpoint, shape \(\d+,( \d+,)*\) in "
+                     r"this config \(and \d+ more\): pass the config it was trained with\.$"):
+    ckpt_lib.restore_path(str(tmp_path / "checkpoints" / "0"), target)
+  with pytest.raises(ValueError, match="no checkpoint under"):
+    ckpt_lib.restore_path(str(tmp_path), target)
+
+
 def test_weight_decay_spares_biases_and_the_schedule(setup):
   """As the published VDM code: kernels and norm scales decay, biases do not; nor does γ."""
   _, model, _, _, _ = setup

@@ -81,10 +81,41 @@ def _quiet_failed_reads() -> None:
   sys.unraisablehook = hook
 
 
+class ModelMismatch(ValueError):
+  """A checkpoint of another model: its parameters differ from the target's in names or shapes."""
+
+
+def _check_params(manager: ocp.CheckpointManager, step: int, target: TrainState) -> None:
+  """Raise ModelMismatch naming the first parameter whose name or shape differs between step
+  ``step`` and ``target`` (and how many more do), from the checkpoint's metadata: before any array
+  is read. Unreadable metadata is left to the restore to report."""
+  try:
+    saved = manager.item_metadata(step)["params"]
+  except Exception:  # pylint: disable=broad-except
+    return
+  def shapes(tree) -> dict:
+    return {jax.tree_util.keystr(path, simple=True, separator="."): tuple(x.shape)
+            for path, x in jax.tree_util.tree_leaves_with_path(tree)}
+  there, here = shapes(saved), shapes(target.params)
+  differ = sorted(k for k in there.keys() | here.keys() if there.get(k) != here.get(k))
+  if differ:
+    show = lambda shape: "absent" if shape is None else f"shape {shape}"
+    more = f" (and {len(differ) - 1} more)" if len(differ) > 1 else ""
+    raise ModelMismatch(f"another model: params.{differ[0]} has {show(there.get(differ[0]))} in "
+                        f"the checkpoint, {show(here.get(differ[0]))} in this config{more}")
+
+
 def _restore(manager: ocp.CheckpointManager, step: int, target, sharding=None):
-  """Step ``step`` of ``manager``, shaped like ``target``."""
+  """Step ``step`` of ``manager``, shaped like ``target`` (ModelMismatch if it is another model's)."""
+  _check_params(manager, step, target)
   _quiet_failed_reads()
   return manager.restore(step, args=ocp.args.StandardRestore(_abstract(target, sharding)))
+
+
+def _manager(directory: str, **options) -> ocp.CheckpointManager:
+  """orbax's manager of the steps under ``directory``, each a StandardCheckpointHandler item."""
+  return ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(**options),
+                               item_handlers=ocp.StandardCheckpointHandler())
 
 
 class Checkpointer:
@@ -94,9 +125,7 @@ class Checkpointer:
     if max_to_keep < 1:
       raise ValueError(f"max_to_keep={max_to_keep} must be >= 1 (the checkpoints kept on disk).")
     self.directory = os.path.abspath(os.path.join(workdir, CHECKPOINT_DIR))
-    self._manager = ocp.CheckpointManager(
-        self.directory,
-        options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True))
+    self._manager = _manager(self.directory, max_to_keep=max_to_keep, create=True)
     self.last_good_step: Optional[int] = self._manager.latest_step()
 
   def all_steps(self) -> list[int]:
@@ -163,8 +192,7 @@ class Checkpointer:
 
 def _reader(directory: str) -> ocp.CheckpointManager:
   """A manager that never saves or deletes (orbax's read_only mode logs warnings on every use)."""
-  return ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(
-      create=False, save_interval_steps=0))
+  return _manager(directory, create=False, save_interval_steps=0)
 
 
 @contextlib.contextmanager
@@ -193,6 +221,9 @@ def restore_path(path: str, target: TrainState, sharding=None) -> TrainState:
     manager = _reader(os.path.dirname(path))
     try:
       return _restore(manager, int(base), target, sharding)
+    except ModelMismatch as e:
+      raise ValueError(f"--checkpoint={path} holds {e}: pass the config it was trained "
+                       "with.") from None
     except Exception as e:  # pylint: disable=broad-except
       raise ValueError(f"--checkpoint={path} could not be restored ({type(e).__name__}): it is "
                        "truncated, corrupt or from a different config; pass another step.") from None
@@ -204,6 +235,8 @@ def restore_path(path: str, target: TrainState, sharding=None) -> TrainState:
     for step in sorted(manager.all_steps(), reverse=True):
       try:
         return _restore(manager, step, target, sharding)
+      except ModelMismatch as e:
+        logging.warning("Checkpoint %s/%d holds %s; trying the previous one.", directory, step, e)
       except Exception as e:  # pylint: disable=broad-except
         logging.warning("Checkpoint %s/%d could not be restored (%s); trying the previous one.",
                         directory, step, type(e).__name__)
