@@ -248,7 +248,8 @@ def test_divergence_stops_with_the_step_and_last_good_checkpoint(tmp_path):
   assert rc == 1, err[-3000:]
   # Steps are counted as taken, as on the console and in TensorBoard: the first is step 1.
   for k in (1, 2, 3):
-    assert f"Step {k + 1}: non-finite loss or gradient; update skipped ({k} in a row)." in err
+    assert (f"Step {k + 1}: non-finite loss, squared loss or gradient; update skipped ({k} in a "
+            "row).") in err
   lines = [l for l in err.splitlines() if l.strip()]
   ckpt = os.path.join(workdir, "checkpoints", "3")
   assert lines[-1].startswith("vdm: error: training stopped at step 4: 3 non-finite steps in a row")

@@ -222,12 +222,13 @@ def run_train(config, workdir: str) -> dict:
     (step, metrics), pending = pending, None
     count = int(jax.device_get(metrics["nonfinite"]))
     if count:
-      logging.warning("Step %d: non-finite loss or gradient; update skipped (%d in a row).", step, count)
+      logging.warning("Step %d: non-finite loss, squared loss or gradient; update skipped (%d in a "
+                      "row).", step, count)
     if count >= t_cfg.max_nonfinite_steps:
       last = checkpointer.last_good_step
       where = (os.path.join(checkpointer.directory, str(last)) if last is not None else "none")
-      raise Diverged(f"training stopped at step {step}: {count} non-finite steps in a row (loss or "
-                     f"gradient NaN/inf); last good checkpoint: {where}. Lower "
+      raise Diverged(f"training stopped at step {step}: {count} non-finite steps in a row (loss, "
+                     f"squared loss or gradient NaN/inf); last good checkpoint: {where}. Lower "
                      "optimizer.learning_rate or set optimizer.grad_clip > 0, and rerun to resume "
                      "from it.")
 

@@ -34,7 +34,7 @@ class TrainState:
   ema_params: Any
   opt_state: Any
   rng: jax.Array           # uint32 [2]: the run's base key; step k uses fold_in(rng, k)
-  nonfinite: jax.Array     # int32 []: consecutive steps skipped for a non-finite loss or gradient
+  nonfinite: jax.Array     # int32 []: consecutive steps skipped: loss, ℓ² or gradient not finite
   time_second_moment: jax.Array  # float32 [loss.importance_num_bins]: EMA of ℓ(t)² per bin of t
 
 
@@ -221,8 +221,9 @@ def make_train_step(config, model: Model, mesh: Mesh) -> Callable[[TrainState, j
   term is divided by q(t), an unbiased ELBO estimate. Every step updates the EMA of ℓ(t)², ℓ the
   unweighted diffusion loss, in ``state.time_second_moment``.
 
-  A step whose loss or gradient norm is not finite leaves params, EMA and optimiser state
-  unchanged and increments ``state.nonfinite`` (reset to 0 by the next good step).
+  A step whose loss, gradient norm, new parameters or ℓ² EMA is not finite leaves params, EMA,
+  optimiser state and ℓ² EMA unchanged and increments ``state.nonfinite`` (reset to 0 by the next
+  good step).
   """
   check_loss_config(config)
   tx = make_optimizer(config.optimizer)
@@ -248,8 +249,9 @@ def make_train_step(config, model: Model, mesh: Mesh) -> Callable[[TrainState, j
     updates, opt_state = tx.update(clip(grads, config.optimizer.grad_clip),
                                    state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
+    # A spike's ℓ² can overflow where ℓ did not; kept, that inf would make every later q(t) nan.
     finite = (jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-              & jnp.isfinite(optax.tree.norm(params)))
+              & jnp.isfinite(optax.tree.norm(params)) & jnp.all(jnp.isfinite(second_moment)))
     ema = jax.tree.map(lambda e, p: ema_rate * e + (1.0 - ema_rate) * p, state.ema_params, params)
     keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
     new_state = state.replace(
