@@ -62,7 +62,7 @@ def _check(divergence: str, num_probes: int, solver: str, rtol: float, atol: flo
 @eqx.filter_jit
 def ode_log_density(eps_fn: EpsFn, gamma_fn: GammaFn, z_0: jax.Array, rng: Optional[jax.Array] = None,
                     *, divergence: str = "hutchinson", num_probes: int = 1, solver: str = "tsit5",
-                    rtol: float = 1e-5, atol: float = 1e-5, max_steps: int = 4096,
+                    rtol: float = 1e-6, atol: float = 1e-6, max_steps: int = 4096,
                     prior_log_prob: Optional[LogProb] = None) -> dict[str, jax.Array]:
   """log p_0(z_0) of the probability-flow ODE model, per example, for z_0 [B, ...] (float).
 
@@ -73,7 +73,10 @@ def ode_log_density(eps_fn: EpsFn, gamma_fn: GammaFn, z_0: jax.Array, rng: Optio
   ``prior_log_prob`` replaces log N(z_1; 0, I) (tests use the exact q(z_1) of a toy density).
 
   One adaptive solve for the whole batch: the step size is controlled on the batch's RMS error
-  (diffrax's PIDController with ``rtol``/``atol``). Returns {"log_prob": [B], "z_1": z at t = 1,
+  (diffrax's PIDController with ``rtol``/``atol``). Its error in log p is one-sided at D = 3072:
+  with 1e-5 (score_sde's setting) the exact denoiser of 8-bit-like toy data got +5 nats per image
+  (the bound 0.002 bits/dim below the true NLL), with 1e-6 0.25 nats (the default: 20 % more
+  steps). Returns {"log_prob": [B], "z_1": z at t = 1,
   "delta_log_prob": ∫ div f dt [B], "num_steps": attempted steps (accepted + rejected),
   "nfe": vector-field evaluations = evals_per_step · num_steps + 1 (6 new stages per attempted step
   for Tsit5/Dopri5, FSAL, plus the first; checked by counting denoiser calls in the tests),
@@ -121,7 +124,7 @@ def ode_log_density(eps_fn: EpsFn, gamma_fn: GammaFn, z_0: jax.Array, rng: Optio
 def ode_nll_bound(eps_fn: EpsFn, gamma_fn: GammaFn, x: jax.Array, rng: jax.Array, *,
                   vocab_size: int = 256, dequantization: str = "uniform", decoder: str = "vdm",
                   divergence: str = "hutchinson", num_probes: int = 1, solver: str = "tsit5",
-                  rtol: float = 1e-5, atol: float = 1e-5, max_steps: int = 4096,
+                  rtol: float = 1e-6, atol: float = 1e-6, max_steps: int = 4096,
                   prior_log_prob: Optional[LogProb] = None) -> dict[str, jax.Array]:
   """A one-draw upper bound on −log P(x) in nats per example, for integers x [B, ...] in [0, V).
 
