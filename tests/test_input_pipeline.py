@@ -133,7 +133,8 @@ def test_npz_source_loads_both_splits(tmp_path):
     ("missing", "does not exist"),
     ("empty_path", "needs a file"),
     ("shape", "has shape"),
-    ("dtype", "has dtype"),
+    ("dtype", r"has dtype float32 with values in \[0, 1\]: .* np.round\(x \* 255\).astype\(np.uint8\)"),
+    ("dtype_int", r"has dtype int64 with values in \[-1, 300\]: .* once they lie in that range"),
     ("vocab", "vocab_size"),
     ("no_key", "has no array 'test_images'"),
     ("not_npz", "not a readable .npz"),
@@ -150,8 +151,10 @@ def test_npz_errors_are_one_line_value_errors(tmp_path, case, match):
     path = ""
   elif case == "shape":
     _write_npz(path, test=np.zeros((10, 8, 8), np.uint8))
-  elif case == "dtype":
-    _write_npz(path, test=np.zeros((10, 8, 8, 3), np.float32))
+  elif case == "dtype":  # images in [0, 1]: .astype(np.uint8) alone would leave only 0 and 1
+    _write_npz(path, test=np.linspace(0, 1, 1920, dtype=np.float32).reshape(10, 8, 8, 3))
+  elif case == "dtype_int":
+    _write_npz(path, test=np.linspace(-1, 300, 1920).astype(np.int64).reshape(10, 8, 8, 3))
   elif case == "vocab":
     _write_npz(path)
     overrides["vocab_size"] = 16
@@ -204,6 +207,15 @@ def test_tfds_source_with_mock_data(tmp_path):
     np.testing.assert_array_equal(batch, data.batch(1))
     with pytest.raises(ValueError, match="has shape"):
       ip.load_split(data_config(source="tfds", name="cifar10", image_size=16), "test")
+
+
+def test_tfds_data_set_without_an_image_feature_is_a_one_line_error(monkeypatch):
+  tfds = pytest.importorskip("tensorflow_datasets")
+  examples = [{"label": 0, "img": np.zeros((32, 32, 3), np.uint8)}] * 3
+  monkeypatch.setattr(tfds, "data_source", lambda *args, **kwargs: examples)
+  with pytest.raises(ValueError, match=r"^tfds data set 'faces' has no 'image' feature \(it has img, "
+                     r"label\): save its images as an \.npz and use data.source='npz'\.$"):
+    ip.load_split(data_config(source="tfds", name="faces", image_size=32), "train")
 
 
 def test_tfds_missing_data_set_is_a_one_line_error(tmp_path):

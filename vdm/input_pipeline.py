@@ -51,8 +51,12 @@ def _check_images(images: np.ndarray, what: str, data_config) -> None:
     raise ValueError(f"{what} has shape {images.shape}: expected [N, {size}, {size}, {channels}] "
                      "(NHWC); fix the data or set data.image_size / data.channels.")
   if images.dtype != np.uint8:
-    raise ValueError(f"{what} has dtype {images.dtype}: expected uint8 pixel values in "
-                     f"[0, {vocab}); convert the data with .astype(np.uint8).")
+    span = (f" with values in [{float(images.min()):g}, {float(images.max()):g}]"
+            if images.size and images.dtype.kind in "biuf" else "")
+    how = (f"round them to levels first (floats in [0, 1]: np.round(x * {vocab - 1}).astype(np.uint8))"
+           if images.dtype.kind == "f" else "cast with .astype(np.uint8) once they lie in that range")
+    raise ValueError(f"{what} has dtype {images.dtype}{span}: expected uint8 pixel values in "
+                     f"[0, {vocab}); {how}.")
   if images.size and int(images.max()) >= vocab:
     raise ValueError(f"{what} holds values up to {int(images.max())}, not below data.vocab_size="
                      f"{vocab}: raise data.vocab_size or fix the data.")
@@ -163,9 +167,17 @@ def _load_tfds(data_config, split: str) -> Split:
   except Exception as e:  # pylint: disable=broad-except
     msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
     raise ValueError(f"tfds data set {data_config.name!r} split {split!r} could not be opened ({msg}): "
-                     "prepare it (tfds build --file_format=array_record, or data.download=True) and "
-                     "set data.data_dir, or use data.source='npz'.") from None
+                     "prepare it (tfds build --file_format=array_record, or data.download=True; "
+                     "preparing needs tensorflow-cpu) and set data.data_dir, or use "
+                     "data.source='npz'.") from None
   num = len(source)
+  if num == 0:
+    raise ValueError(f"tfds data set {data_config.name!r} split {split!r} is empty.")
+  features = source[0]
+  if "image" not in features:
+    raise ValueError(f"tfds data set {data_config.name!r} has no 'image' feature (it has "
+                     f"{', '.join(sorted(features))}): save its images as an .npz and use "
+                     "data.source='npz'.")
 
   def get(idx: np.ndarray) -> np.ndarray:
     images = np.stack([np.asarray(source[int(i)]["image"]) for i in idx])
@@ -174,8 +186,6 @@ def _load_tfds(data_config, split: str) -> Split:
                        f"data.vocab_size={data_config.vocab_size}: raise data.vocab_size.")
     return images
 
-  if num == 0:
-    raise ValueError(f"tfds data set {data_config.name!r} split {split!r} is empty.")
   _check_images(get(np.zeros((1,), np.int64)), f"tfds {data_config.name}/{split}", data_config)
   return Split(f"tfds/{data_config.name}/{split}", num, get)
 
