@@ -34,8 +34,10 @@ STEPS=${VDM_STEPS:-400}
 LIMIT=${VDM_LIMIT:-570}
 TMP=${VDM_TMP:-/tmp}
 OUT=${OUT:-$TMP/vdm_runbook}
-read -r -a EXTRA <<< "${VDM_ARGS:-}"
-read -r -a DATA <<< "$DATA_ARGS"
+# Words of every line (read -a alone keeps the first line's: a VDM_ARGS pasted across two lines
+# lost its second in silence); read exits 1 at the end of its input, as -d '' always does.
+read -r -d '' -a EXTRA <<< "${VDM_ARGS:-}"
+read -r -d '' -a DATA <<< "$DATA_ARGS"
 
 run() {  # run LOG LIMIT_S CMD...: CMD's output appended to $OUT/LOG.log and the console
   local log=$OUT/$1.log limit=$2; shift 2
@@ -127,16 +129,16 @@ case "${1:-}" in
     # function (experiments/speed_sweep.py --norms), then the curve of $VDM_CONFIG (the caller
     # names configs/cifar10_bf16.py) with the fastest way that passed. No compilation cache, so
     # the curve's compile_seconds is a cold compile. A time limit that cuts the curve keeps its
-    # marks so far; the fp32 comparison comes last. VDM_LIMIT: the phase's seconds after its
-    # setup (590 under a call's 600 s limit).
+    # marks so far; the fp32 comparison comes last. VDM_LIMIT: the phase's seconds, its setup
+    # included (590 under a call's 600 s limit); the curve gets what the norms left.
+    start=$SECONDS
     setup
-    norm_limit=90
-    run norms $norm_limit "$PY" experiments/speed_sweep.py --config="$CONFIG" "${EXTRA[@]}" \
+    run norms 90 "$PY" experiments/speed_sweep.py --config="$CONFIG" "${EXTRA[@]}" \
       --batch_size="${VDM_BATCH:-128}" --norms --variants= --output="$OUT/norms.json"
     norm=$(json_field "$OUT/norms.json" fastest_norm) || norm=autodiff  # the default, if the
     # norms did not run
     echo "norm_impl for the curve: $norm" | tee -a "$OUT/machine.txt"
-    curve $((LIMIT - norm_limit - 10)) --config.model.norm_impl="$norm"
+    curve $((LIMIT - (SECONDS - start) - 5)) --config.model.norm_impl="$norm"
     ;;
   compare)
     # The last figure of the lease's curve, bf16 against fp32 on the whole test split with shared
@@ -182,7 +184,7 @@ case "${1:-}" in
     # and the convolution that reads it, cuDNN against the Pallas convolution that applies the
     # norm as it loads (vdm.pallas_conv), and checks that it computes XLA's function.
     # VDM_SWEEP_ARGS= leaves these three out, for a call that times only variants.
-    read -r -a FIRST <<< "${VDM_SWEEP_ARGS---floors --norms --convs}"
+    read -r -d '' -a FIRST <<< "${VDM_SWEEP_ARGS---floors --norms --convs}"
     run sweep $((LIMIT - 10)) "$PY" experiments/speed_sweep.py --config="$CONFIG" "${EXTRA[@]}" \
       --variants="${VDM_VARIANTS:-unroll0+remat_none+residual_bf16,unroll0+remat_none+residual_bf16+norm_pallas,unroll0+remat_none+residual_bf16+norm_pallas_conv,unroll0+remat_none+residual_bf16+norm_recompute}" \
       --batch_size="${VDM_BATCH:-128}" "${FIRST[@]}" --hlo_dir="$OUT/hlo" \
