@@ -36,10 +36,16 @@ def tiny_config():
 
 def test_benchmark_figures():
   """Every figure present, positive and finite; with ``profile`` on the CPU, whose trace has no
-  device plane, the kernel breakdown is empty rather than an error."""
+  device plane, the kernel breakdown is empty rather than an error. The figures so far are saved
+  after each program, so a time limit that stops the run keeps them."""
+  saved = []
   figures = benchmark.benchmark(tiny_config(), repeats=2, warmup=1, sample_steps=2, profile=True,
-                                compiler_options={"xla_backend_optimization_level": 0})
-  json.dumps(figures)  # serialisable as it is
+                                compiler_options={"xla_backend_optimization_level": 0},
+                                save=lambda f: saved.append(json.loads(json.dumps(f))))
+  assert [[k in f for k in ("train_images_per_s", "eval_images_per_s", "sample_step_ms", "profile")]
+          for f in saved] == [[True, False, False, False], [True, True, False, False],
+                              [True, True, True, False], [True, True, True, True]]
+  assert saved[-1] == json.loads(json.dumps(figures))  # serialisable as it is
   for key in TIMES + ("train_step_tflop", "train_tflops_per_s"):
     assert isinstance(figures[key], float) and math.isfinite(figures[key]) and figures[key] > 0, key
   assert figures["batch_size"] == 4 and figures["dtype"] == "float32" and figures["remat"] == "convs"

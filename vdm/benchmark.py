@@ -240,7 +240,8 @@ def benchmark(config, *, batch_size: Optional[int] = None, dtype: Optional[str] 
               remat: Optional[str] = None, repeats: int = 10, warmup: int = 2,
               sample_steps: int = 10, compiler_options: Optional[dict] = None,
               profile: bool = False, programs: Iterable[str] = PROGRAMS,
-              count_flops: bool = True, hlo_dir: Optional[str] = None) -> dict:
+              count_flops: bool = True, hlo_dir: Optional[str] = None,
+              save: Callable[[dict], None] = lambda figures: None) -> dict:
   """Measure train / eval / sampling throughput of the model of `config`; returns the figures.
 
   batch_size, dtype and remat (a key of :data:`vdm.nets.REMAT`) default to the config's
@@ -251,6 +252,8 @@ def benchmark(config, *, batch_size: Optional[int] = None, dtype: Optional[str] 
   empty on the CPU). ``programs`` (of :data:`PROGRAMS`) are timed after the train step;
   ``count_flops`` lowers the unrolled step for its FLOPs; with ``hlo_dir`` each compiled
   program's optimised HLO is written there (``<program>.hlo.txt.gz``) for reading its fusions.
+  ``save(figures)`` runs with the figures so far after each program is timed and at the end, so a
+  run stopped part-way (a device call's time limit) keeps what it measured.
   """
   programs = tuple(programs)
   if set(programs) - set(PROGRAMS):
@@ -317,6 +320,7 @@ def benchmark(config, *, batch_size: Optional[int] = None, dtype: Optional[str] 
   out["train_step_tflop"] = None if flops is None else flops / 1e12
   out["train_tflops_per_s"] = None if flops is None else flops / out["train_step_s"] / 1e12
   out["peak_memory_bytes"] = peak_memory_bytes()  # the train step is the largest program
+  save(out)
   params = holder["state"].params
 
   key = jax.random.PRNGKey(1)
@@ -330,6 +334,7 @@ def benchmark(config, *, batch_size: Optional[int] = None, dtype: Optional[str] 
     timed["eval"] = lambda: eval_compiled(params, batch, mask, key)
     out["eval_step_s"] = median_seconds(timed["eval"], repeats, warmup)
     out["eval_images_per_s"] = batch_size / out["eval_step_s"]
+    save(out)
 
   if "sample" in programs:  # ancestral sampling: `sample_steps` steps, timed per step
     def sample(params, z, key):
@@ -346,6 +351,7 @@ def benchmark(config, *, batch_size: Optional[int] = None, dtype: Optional[str] 
     seconds = median_seconds(timed["sample"], repeats, warmup)
     out["sample_steps"] = sample_steps
     out["sample_step_ms"] = 1e3 * seconds / sample_steps
+    save(out)
   if hlo_dir:
     os.makedirs(hlo_dir, exist_ok=True)
     for name, program in compiled_programs.items():
@@ -364,6 +370,7 @@ def benchmark(config, *, batch_size: Optional[int] = None, dtype: Optional[str] 
           for name in (*programs, "train")}
     except Exception as e:  # pylint: disable=broad-except
       out["profile_error"] = f"{type(e).__name__}: {e}"
+  save(out)
   return out
 
 
@@ -410,13 +417,15 @@ def format_report(figures: dict) -> str:
 @logging_utils.one_line_errors
 def main(argv):
   del argv
-  figures = benchmark(FLAGS.config, batch_size=FLAGS.batch_size, dtype=FLAGS.dtype,
-                      remat=FLAGS.remat, repeats=FLAGS.repeats, warmup=FLAGS.warmup,
-                      sample_steps=FLAGS.sample_steps, profile=FLAGS.profile)
-  print(format_report(figures))
   if FLAGS.json_out:
     logging_utils.keep_previous(FLAGS.json_out)  # a rerun into the same folder keeps the first
-    logging_utils.write_json(FLAGS.json_out, figures)
+
+  save = lambda figures: FLAGS.json_out and logging_utils.write_json(FLAGS.json_out, figures)
+  figures = benchmark(FLAGS.config, batch_size=FLAGS.batch_size, dtype=FLAGS.dtype,
+                      remat=FLAGS.remat, repeats=FLAGS.repeats, warmup=FLAGS.warmup,
+                      sample_steps=FLAGS.sample_steps, profile=FLAGS.profile, save=save)
+  print(format_report(figures))
+  if FLAGS.json_out:
     print(f"wrote {FLAGS.json_out}")
 
 
