@@ -22,7 +22,7 @@ def _script(name, *args, check=True):
 
 def test_curve_marks_checkpoint_plot_and_dtype_comparison(tmp_path):
   out, workdir, png = tmp_path / "curve.json", tmp_path / "run", tmp_path / "curve.png"
-  _script("train_curve.py", *TINY, "--seconds=3", "--marks=1,2,9", f"--output={out}",
+  _script("train_curve.py", *TINY, "--seconds=3", "--marks=1,2,9", "--final_draws=3", f"--output={out}",
           f"--workdir={workdir}", "--compare_dtype=bfloat16", "--compare_batch_size=64",
           "--compare_samples=2")
   res = json.loads(out.read_text())
@@ -48,7 +48,12 @@ def test_curve_marks_checkpoint_plot_and_dtype_comparison(tmp_path):
   np.testing.assert_allclose(res["images_per_second"], res["steps"] * 16 / res["train_seconds"])
   assert set(res["first_seconds_reaching"]) == {"3.575", "3.4"}
 
-  # The checkpoint is the final state, and re-evaluating its raw parameters gives the last point.
+  assert [(p["test_draws"], p["test_bpd_draws_se"]) for p in pts[:-1]] == [(1, None)] * 2
+  assert pts[-1]["test_draws"] == 3
+
+  # The checkpoint is the final state, and re-evaluating its raw parameters gives the last point:
+  # the mean over eval seeds seed, seed + 1, seed + 2, their standard error, and the first draw's
+  # per-image standard error.
   sys.path.insert(0, ROOT)
   from configs import quickstart
   from vdm import checkpoint, input_pipeline, train
@@ -59,8 +64,16 @@ def test_curve_marks_checkpoint_plot_and_dtype_comparison(tmp_path):
   assert info["step"] == res["steps"] and not info["ema"]
   mesh = train.make_mesh()
   split = input_pipeline.load_split(config.data, config.data.eval_split, config.seed)
-  again = train.evaluate(train.make_eval_step(config, model, mesh), params, split, config, mesh)
-  np.testing.assert_allclose(again["bpd"], pts[-1]["test_bpd"], rtol=1e-5)
+  draws = []
+  for d in range(3):
+    config.eval.seed = quickstart.get_config().eval.seed + d
+    draws.append(train.evaluate(train.make_eval_step(config, model, mesh), params, split, config,
+                                mesh))
+  bpd = np.array([d["bpd"] for d in draws])
+  assert len(set(bpd)) == 3  # three different draws
+  np.testing.assert_allclose(bpd.mean(), pts[-1]["test_bpd"], rtol=1e-5)
+  np.testing.assert_allclose(bpd.std(ddof=1) / np.sqrt(3), pts[-1]["test_bpd_draws_se"], rtol=1e-3)
+  np.testing.assert_allclose(draws[0]["bpd_stderr"], pts[-1]["test_bpd_se"], rtol=1e-5)
 
   _script("train_curve.py", f"--plot={png}", str(out))
   assert png.stat().st_size > 10_000
@@ -88,6 +101,7 @@ def test_bad_marks_and_missing_data_are_one_line_errors(tmp_path):
                       (["--config.optimizer.learning_rate=-2e-4"],
                        "learning_rate=-0.0002 must be finite and > 0"),
                       (["--eval_batches=-1"], "--eval_batches=-1 must be >= 0"),
+                      (["--final_draws=0"], "--final_draws=0 must be >= 1"),
                       ([f"--workdir={used}"], "already holds checkpoints")):
     proc = _script("train_curve.py", *TINY, f"--output={out}", *args, check=False)
     assert proc.returncode == 2
