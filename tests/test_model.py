@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 
 from configs import default
-from vdm.model import eps_fn_for, init_params, make_model, split_by_noise, with_dtype
+from vdm.model import (eps_fn_for, gamma_fn_for, init_params, make_model, split_by_noise,
+                       with_dtype)
 
 
 def test_split_by_noise_routes_the_lowest_gamma():
@@ -89,3 +90,28 @@ def test_eval_step_bound_takes_the_fp32_share():
   all_fp32 = bpd()
   np.testing.assert_allclose(all_fp32, bpd(dtype="float32"), rtol=1e-6)
   assert abs(bpd(dtype="bfloat16", eval_fp32_fraction=0.0) - all_fp32) > 1e-5
+
+
+def test_the_fp32_share_goes_to_the_least_noisy_z_t_with_ddpms_decoder_too():
+  """With decoder='discretized_gaussian' the bound also denoises z_0 (all at γ_0, the lowest γ):
+  the ⌈f·B⌉ least noisy z_t still get the fp32 network's diffusion term (they got the bf16
+  network's when z_t and z_0 shared one call, whose fp32 share went to z_0's rows)."""
+  from vdm import elbo  # pylint: disable=g-import-not-at-top
+
+  config = default.get_config()
+  config.data.image_size = 8
+  config.model.update(n_embd=32, n_layer=1, dtype="bfloat16", eval_fp32_fraction=0.3,
+                      decoder="discretized_gaussian")
+  model = make_model(config)
+  rng = np.random.default_rng(0)
+  params = jax.tree_util.tree_map(
+      lambda p: p + 0.05 * rng.standard_normal(p.shape).astype(np.float32),
+      init_params(model, jax.random.PRNGKey(0)))
+  x = jnp.asarray(rng.integers(0, 256, (10, 8, 8, 3)), jnp.uint8)
+  gamma_fn = gamma_fn_for(model, params)
+  terms = lambda eps_fn: jax.jit(lambda x: elbo.elbo_terms(
+      eps_fn, gamma_fn, x, jax.random.PRNGKey(5), decoder="discretized_gaussian"))(x)
+  mixed, fp32 = terms(eps_fn_for(model, params, bound=True)), terms(
+      eps_fn_for(with_dtype(model, "float32"), params))
+  low = np.argsort(np.asarray(fp32["t"]))[:3]  # ⌈0.3 · 10⌉
+  np.testing.assert_allclose(mixed["diffusion"][low], fp32["diffusion"][low], rtol=1e-4)

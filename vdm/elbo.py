@@ -264,12 +264,11 @@ def elbo_terms_from(eps_fn: EpsFn, x: jax.Array, rng: jax.Array, t: jax.Array, g
   eps = jax.random.normal(rng_eps, x_scaled.shape)
   z_t = diffuse(x_scaled, gamma_t, eps)
   z_0 = diffuse(x_scaled, gamma_0, jax.random.normal(rng_0, x_scaled.shape))
-  if decoder == "discretized_gaussian":  # the denoiser's mean at t = 0: one call for z_t and z_0
-    eps_hat_both = denoise(eps_fn, jnp.concatenate([z_t, z_0]),
-                           jnp.concatenate([gamma_t, jnp.full((batch,), gamma_0)]))
-    eps_hat, x_hat_0 = eps_hat_both[:batch], predict_x0(z_0, gamma_0, eps_hat_both[batch:])
-  else:
-    eps_hat, x_hat_0 = denoise(eps_fn, z_t, gamma_t), None
+  eps_hat, x_hat_0 = denoise(eps_fn, z_t, gamma_t), None
+  if decoder == "discretized_gaussian":  # the denoiser's mean at t = 0, a call of its own: in one
+    # call with z_t, an ε̂ that ranks its batch by γ (model.split_by_noise) gave z_0's rows, all
+    # at the lowest γ, the fp32 share meant for the least noisy z_t.
+    x_hat_0 = predict_x0(z_0, gamma_0, denoise(eps_fn, z_0, jnp.full((batch,), gamma_0)))
 
   eps_mse = sum_per_example((eps - eps_hat) ** 2)
   return {
