@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from vdm.benchmark import saved_for_backward_bytes, vjp_residual_bytes
-from vdm.nets import (NORM_IMPL, REMAT, GroupNormSwish, ResnetBlock, ScoreUNet, SplitDense,
+from vdm.nets import (NORM_IMPL, REMAT, Conv, GroupNormSwish, ResnetBlock, ScoreUNet, SplitDense,
                       fourier_features, group_norm_swish, num_params, param_count,
                       timestep_embedding)
 
@@ -192,6 +192,35 @@ def test_split_dense_is_dense_of_the_concatenation(dtype, tol):
   assert out.dtype == ref.dtype == dtype
   np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(ref, np.float32),
                              rtol=tol, atol=tol * float(jnp.max(jnp.abs(ref.astype(jnp.float32)))))
+
+
+@pytest.mark.parametrize("strides", [1, 2])
+def test_conv_is_flax_conv_with_its_bias_gradient_summed_in_fp32(strides):
+  """nets.Conv: nn.Conv's parameters and bf16 output, its forward-mode derivative, and a bias
+  gradient summed in fp32: 0.01 over 32·16·16 positions (nn.Conv's, summed in bf16 on the CPU,
+  stalls far below once 0.01 is under half bf16's spacing)."""
+  x = jax.random.normal(jax.random.PRNGKey(0), (32, 16, 16, 8), jnp.bfloat16)
+  conv, ref = Conv(8, strides=strides, dtype=jnp.bfloat16), nn.Conv(8, (3, 3), strides=strides,
+                                                                    dtype=jnp.bfloat16)
+  params = conv.init(jax.random.PRNGKey(1), x)
+  jax.tree_util.tree_map(np.testing.assert_array_equal, params, ref.init(jax.random.PRNGKey(1), x))
+  params = jax.tree_util.tree_map(lambda p: p + 0.1, params)  # a non-zero bias
+  np.testing.assert_array_equal(conv.apply(params, x), ref.apply(params, x))
+  np.testing.assert_array_equal(jax.jvp(lambda x: conv.apply(params, x), (x,), (x,))[1],
+                                jax.jvp(lambda x: ref.apply(params, x), (x,), (x,))[1])
+  bias_grad = lambda module: jax.grad(lambda p: jnp.sum(
+      module.apply(p, x).astype(jnp.float32) * 0.01))(params)["params"]["bias"]
+  exact = float(jnp.bfloat16(0.01)) * 32 * (16 // strides) ** 2  # the cotangent rounds to bf16
+  np.testing.assert_allclose(bias_grad(conv), exact, rtol=1e-6)
+
+
+def test_split_dense_sums_its_bias_gradient_in_fp32():
+  parts = (jnp.ones((32, 16, 16, 8), jnp.bfloat16),)
+  dense = SplitDense(8, dtype=jnp.bfloat16)
+  params = dense.init(jax.random.PRNGKey(1), parts)
+  grad = jax.grad(lambda p: jnp.sum(dense.apply(p, parts).astype(jnp.float32) * 0.01))(params)
+  np.testing.assert_allclose(grad["params"]["bias"], float(jnp.bfloat16(0.01)) * 32 * 16 * 16,
+                             rtol=1e-6)
 
 
 def _norm_inputs(dtype=jnp.float32):
