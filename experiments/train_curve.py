@@ -14,9 +14,9 @@ evaluated with the raw parameters (--params=ema for the EMA) by the estimator of
 mark sees the same noise), and the clock restarts. One draw's noise on the whole bound is about
 0.03 bits/dim for the CIFAR-10 net (less than its per-image standard error, which counts the
 spread of the images too), so the last mark, where the 330 s target is judged, averages
---final_draws draws (eval seeds seed, seed + 1, ...) and reports their standard error as well. The step loop keeps one step in flight: it
-waits for step k − 1 after dispatching step k, so the clock is at most one step ahead of the
-device when it is read.
+--final_draws draws (eval seeds seed, seed + 1, ...) and reports their standard error as well.
+The step loop keeps one step in flight: it waits for step k − 1 after dispatching step k, so
+the clock is at most one step ahead of the device when it is read.
 
 The JSON holds the points (mark, training seconds, step, test bpd ± SE and its terms, the last
 training bpd), the compile time, the training images/s, the first mark whose test bpd reaches
@@ -114,8 +114,9 @@ def evaluate_draws(eval_step, params, split, config, mesh, draws: int, eval_batc
     summaries.append(train.evaluate(eval_step, params, split, seeded, mesh, eval_batches,
                                     desc=f"{desc}, draw {d + 1}/{draws}" if draws > 1 else desc))
   bpd = np.array([s["bpd"] for s in summaries])
-  return {**summaries[0], **{k: float(np.mean([s[k] for s in summaries])) for k in ("bpd",) + train.TERMS},
-          "draws": draws, "draws_stderr": float(bpd.std(ddof=1) / np.sqrt(draws)) if draws > 1 else None}
+  means = {k: float(np.mean([s[k] for s in summaries])) for k in ("bpd",) + train.TERMS}
+  return {**summaries[0], **means, "draws": draws,
+          "draws_stderr": float(bpd.std(ddof=1) / np.sqrt(draws)) if draws > 1 else None}
 
 
 def run_curve(config, seconds: float, marks: list[float], use_ema: bool = False,

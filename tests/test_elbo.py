@@ -65,7 +65,8 @@ def test_gamma_min_floor_is_where_float32_still_holds_the_noise():
   assert error(floor) < 5e-3 and error(floor - 4) > 0.05  # 0.0018 and 0.099
   levels = jnp.arange(256)[:, None]
   z_0 = jnp.sqrt(schedules.alpha2(jnp.float32(floor))) * elbo.scale_data(levels, 256)
-  np.testing.assert_allclose(elbo.reconstruction_loss(levels, z_0, jnp.float32(floor)), 0.0, atol=1e-6)
+  np.testing.assert_allclose(elbo.reconstruction_loss(levels, z_0, jnp.float32(floor)), 0.0,
+                             atol=1e-6)
 
 
 @pytest.mark.parametrize("decoder", elbo.DECODERS)

@@ -133,7 +133,8 @@ def test_npz_source_loads_both_splits(tmp_path):
     ("missing", "does not exist"),
     ("empty_path", "needs a file"),
     ("shape", "has shape"),
-    ("dtype", r"has dtype float32 with values in \[0, 1\]: .* np.round\(x \* 255\).astype\(np.uint8\)"),
+    ("dtype",
+     r"has dtype float32 with values in \[0, 1\]: .* np.round\(x \* 255\).astype\(np.uint8\)"),
     ("dtype_int", r"has dtype int64 with values in \[-1, 300\]: .* once they lie in that range"),
     ("vocab", "vocab_size"),
     ("no_key", "has no array 'test_images'"),
@@ -213,8 +214,8 @@ def test_tfds_data_set_without_an_image_feature_is_a_one_line_error(monkeypatch)
   tfds = pytest.importorskip("tensorflow_datasets")
   examples = [{"label": 0, "img": np.zeros((32, 32, 3), np.uint8)}] * 3
   monkeypatch.setattr(tfds, "data_source", lambda *args, **kwargs: examples)
-  with pytest.raises(ValueError, match=r"^tfds data set 'faces' has no 'image' feature \(it has img, "
-                     r"label\): save its images as an \.npz and use data.source='npz'\.$"):
+  with pytest.raises(ValueError, match=r"^tfds data set 'faces' has no 'image' feature \(it has "
+                     r"img, label\): save its images as an \.npz and use data.source='npz'\.$"):
     ip.load_split(data_config(source="tfds", name="faces", image_size=32), "train")
 
 

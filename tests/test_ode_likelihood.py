@@ -120,7 +120,8 @@ def test_default_tolerance_keeps_the_solve_error_below_the_bounds_scale():
   data = toy.FactorizedDiscrete.random(0, dims=3072, vocab_size=4)
   x = data.sample(jax.random.PRNGKey(1), 8)
   bound = lambda **tol: np.asarray(ode_likelihood.ode_nll_bound(
-      data.eps_fn(), GAMMA, x, jax.random.PRNGKey(0), vocab_size=4, dequantization="vdm", **tol)["nats"])
+      data.eps_fn(), GAMMA, x, jax.random.PRNGKey(0), vocab_size=4, dequantization="vdm",
+      **tol)["nats"])
   error = bound() - bound(rtol=1e-8, atol=1e-8)
   assert np.abs(error).max() < 0.5, error
 

@@ -109,10 +109,12 @@ def test_extra_args_on_several_lines_all_reach_the_command(tmp_path):
   after the first were dropped in silence. PYTHON=echo prints the commands instead of running."""
   out = tmp_path / "out"
   env = dict(os.environ, PYTHON="echo", OUT=str(out), VDM_TMP=str(tmp_path),
-             VDM_ARGS="--config.loss.time_sampling=importance\n    --config.loss.importance_warmup_steps=200",
+             VDM_ARGS=("--config.loss.time_sampling=importance\n"
+                       "    --config.loss.importance_warmup_steps=200"),
              VDM_DATA_ARGS="--config.data.source=npz\n  --config.data.path=d.npz")
   subprocess.run(["bash", "experiments/gpu_runbook.sh", "curve"], cwd=ROOT, env=env, check=True,
                  capture_output=True)
   command = (out / "curve_bf16.log").read_text().splitlines()[0]
-  assert ("--config.data.source=npz --config.data.path=d.npz --config.loss.time_sampling=importance "
-          "--config.loss.importance_warmup_steps=200 --config.model.dtype=bfloat16") in command
+  assert ("--config.data.source=npz --config.data.path=d.npz "
+          "--config.loss.time_sampling=importance --config.loss.importance_warmup_steps=200 "
+          "--config.model.dtype=bfloat16") in command

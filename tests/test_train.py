@@ -208,8 +208,8 @@ def test_only_reads_reporting_to_a_closed_loop_are_silenced(monkeypatch):
     try:
       fn()
     except RuntimeError as e:
-      return types.SimpleNamespace(exc_type=RuntimeError, exc_value=e, exc_traceback=e.__traceback__,
-                                   err_msg=None, object=None)
+      return types.SimpleNamespace(exc_type=RuntimeError, exc_value=e,
+                                   exc_traceback=e.__traceback__, err_msg=None, object=None)
   loop = asyncio.new_event_loop()
   loop.close()
   late = unraisable(lambda: loop.call_soon_threadsafe(print))

@@ -22,9 +22,9 @@ def _script(name, *args, check=True):
 
 def test_curve_marks_checkpoint_plot_and_dtype_comparison(tmp_path):
   out, workdir, png = tmp_path / "curve.json", tmp_path / "run", tmp_path / "curve.png"
-  _script("train_curve.py", *TINY, "--seconds=3", "--marks=1,2,9", "--final_draws=3", f"--output={out}",
-          f"--workdir={workdir}", "--compare_dtype=bfloat16", "--compare_batch_size=64",
-          "--compare_samples=2")
+  _script("train_curve.py", *TINY, "--seconds=3", "--marks=1,2,9", "--final_draws=3",
+          f"--output={out}", f"--workdir={workdir}", "--compare_dtype=bfloat16",
+          "--compare_batch_size=64", "--compare_samples=2")
   res = json.loads(out.read_text())
   cmp = res["dtype_comparison"]
   assert (cmp["a"], cmp["b"], cmp["num_images"]) == ("float32", "bfloat16", 128)

@@ -52,7 +52,8 @@ def _is_late_read_report(unraisable) -> bool:
   tb = unraisable.exc_traceback
   while tb is not None and tb.tb_next is not None:
     tb = tb.tb_next
-  return (unraisable.exc_type is RuntimeError and str(unraisable.exc_value) == "Event loop is closed"
+  return (unraisable.exc_type is RuntimeError
+          and str(unraisable.exc_value) == "Event loop is closed"
           and tb is not None and tb.tb_frame.f_code.co_name == "_check_closed")
 
 
@@ -106,7 +107,7 @@ def _check_params(manager: ocp.CheckpointManager, step: int, target: TrainState)
 
 
 def _restore(manager: ocp.CheckpointManager, step: int, target, sharding=None):
-  """Step ``step`` of ``manager``, shaped like ``target`` (ModelMismatch if it is another model's)."""
+  """Step ``step`` of ``manager``, shaped like ``target`` (ModelMismatch: another model's)."""
   _check_params(manager, step, target)
   _quiet_failed_reads()
   return manager.restore(step, args=ocp.args.StandardRestore(_abstract(target, sharding)))

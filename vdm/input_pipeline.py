@@ -53,8 +53,9 @@ def _check_images(images: np.ndarray, what: str, data_config) -> None:
   if images.dtype != np.uint8:
     span = (f" with values in [{float(images.min()):g}, {float(images.max()):g}]"
             if images.size and images.dtype.kind in "biuf" else "")
-    how = (f"round them to levels first (floats in [0, 1]: np.round(x * {vocab - 1}).astype(np.uint8))"
-           if images.dtype.kind == "f" else "cast with .astype(np.uint8) once they lie in that range")
+    how = ("round them to levels first (floats in [0, 1]: "
+           f"np.round(x * {vocab - 1}).astype(np.uint8))" if images.dtype.kind == "f"
+           else "cast with .astype(np.uint8) once they lie in that range")
     raise ValueError(f"{what} has dtype {images.dtype}{span}: expected uint8 pixel values in "
                      f"[0, {vocab}); {how}.")
   if images.size and int(images.max()) >= vocab:

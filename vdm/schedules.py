@@ -43,8 +43,9 @@ def check_endpoints(gamma_min: float, gamma_max: float, prefix: str = "") -> Non
         "noise-to-signal ratio and must increase from t=0 to t=1; swap or fix them.")
   if gamma_min < GAMMA_MIN_FLOOR:
     raise ValueError(
-        f"{prefix}gamma_min={gamma_min} is below {GAMMA_MIN_FLOOR:g}: float32's z_t = α_t x + σ_t ε "
-        "loses σ_t ε there, which inflates the bound; raise it (the paper uses -13.3).")
+        f"{prefix}gamma_min={gamma_min} is below {GAMMA_MIN_FLOOR:g}: float32's "
+        "z_t = α_t x + σ_t ε loses σ_t ε there, which inflates the bound; raise it (the paper uses "
+        "-13.3).")
 
 
 def sigma2(gamma: jax.Array) -> jax.Array:
