@@ -13,7 +13,7 @@ from test_main import ROOT, TINY, _cmd, _env  # pylint: disable=g-bad-import-ord
 from test_reliability import restore  # pylint: disable=g-bad-import-order
 
 SHARDED_VS_ONE_DEVICE = r"""
-import json, sys
+import json, re, sys
 import jax, numpy as np
 from jax.sharding import Mesh
 sys.path.insert(0, ".")
@@ -37,7 +37,13 @@ for n in (8, 1):
     state, metrics = step(state, batch)
     losses.append(float(metrics["loss"]))
   out[n] = (losses, [np.asarray(p) for p in jax.tree.leaves(jax.device_get(state.params))])
+  sample = train.make_sample_fn(config, model, "ancestral", 3, 5, mesh)  # padded to 8 on 8
+  hlo = sample.lower(state.params, jax.random.PRNGKey(1)).compile().as_text()
+  out[n] += (sorted(set(re.findall(r"f32\[(\d+),8,8,3\]", hlo))),
+             np.asarray(sample(state.params, jax.random.PRNGKey(1))))
 print(json.dumps({
+    "sample_batch_8": out[8][2], "sample_batch_1": out[1][2],
+    "samples_identical": bool(np.array_equal(out[8][3], out[1][3])),
     "loss_8": out[8][0], "loss_1": out[1][0],
     "max_param_diff": max(float(np.abs(a - b).max()) for a, b in zip(out[8][1], out[1][1])),
     "max_param_change": max(float(np.abs(a).max()) for a in out[1][1]),
@@ -47,7 +53,8 @@ print(json.dumps({
 
 def test_eight_devices_match_one_device():
   """3 steps of the quickstart model on a global batch of 16: sharded 8 ways (2 per device) vs on
-  one device, the same loss and parameters to float tolerance."""
+  one device, the same loss and parameters to float tolerance. Then 5 samples: each of 8 devices
+  runs the net on 1 of them (padded to 8; before, each ran all 5), and the images are the same."""
   r = subprocess.run([sys.executable, "-c", SHARDED_VS_ONE_DEVICE], cwd=ROOT, capture_output=True,
                      text=True, timeout=900,
                      env=_env(XLA_FLAGS="--xla_force_host_platform_device_count=8"))
@@ -57,6 +64,8 @@ def test_eight_devices_match_one_device():
   print(out)
   np.testing.assert_allclose(out["loss_8"], out["loss_1"], rtol=1e-5)
   assert out["max_param_diff"] < 1e-5, out
+  assert out["sample_batch_8"] == ["1"] and out["sample_batch_1"] == ["5"], out
+  assert out["samples_identical"], out
 
 
 def _free_port() -> int:

@@ -328,14 +328,14 @@ def test_json_is_strict(tmp_path):
 
 @pytest.mark.parametrize("sampler", train.SAMPLERS)
 def test_samplers_give_integer_images(setup, sampler):
-  config, model, _, _, _ = setup
+  config, model, mesh, _, _ = setup
   params = model_lib.init_params(model, jax.random.PRNGKey(0))
-  images = train.make_sample_fn(config, model, sampler, 2, 3)(params, jax.random.PRNGKey(0))
+  images = train.make_sample_fn(config, model, sampler, 2, 3, mesh)(params, jax.random.PRNGKey(0))
   images = np.asarray(images)
   assert images.shape == (3, 4, 4, 1)
   assert images.min() >= 0 and images.max() < config.data.vocab_size
   with pytest.raises(ValueError, match="unknown sampler"):
-    train.make_sample_fn(config, model, "leapfrog", 2, 3)
+    train.make_sample_fn(config, model, "leapfrog", 2, 3, mesh)
 
 
 def test_sampling_decodes_with_the_models_decoder(setup):
@@ -349,7 +349,7 @@ def test_sampling_decodes_with_the_models_decoder(setup):
   params = model_lib.init_params(model, jax.random.PRNGKey(0))
   noise = lambda p: 0.05 * jax.random.normal(jax.random.PRNGKey(1), p.shape)
   params = jax.tree.map(lambda p: p + noise(p), params)
-  sample = train.make_sample_fn(config, model, "ddim", 2, 64)
+  sample = train.make_sample_fn(config, model, "ddim", 2, 64, setup[2])
   images = np.asarray(sample(params, jax.random.PRNGKey(2)))
 
   from vdm import elbo, samplers  # pylint: disable=g-import-not-at-top

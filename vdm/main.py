@@ -247,7 +247,7 @@ def run_train(config, workdir: str) -> dict:
     if sample:
       if sample_fn is None:
         s = config.sampling
-        sample_fn = train.make_sample_fn(config, model, s.sampler, s.num_steps, s.num_samples)
+        sample_fn = train.make_sample_fn(config, model, s.sampler, s.num_steps, s.num_samples, mesh)
       _sample_and_save(sample_fn, state.ema_params, jax.random.PRNGKey(done),
                        os.path.join(workdir, SAMPLES_DIR), f"step_{done}", config, writer, done)
     if logging_utils.is_main_process() and os.path.isfile(due_path):
@@ -346,7 +346,7 @@ def run_sample(config, workdir: str, checkpoint: str | None, sampler: str, num_s
   model = make_model(config)
   state = _restore_for_inference(config, model, mesh, workdir, checkpoint)
   step = int(jax.device_get(state.step))
-  sample_fn = train.make_sample_fn(config, model, sampler, num_steps, num_samples)
+  sample_fn = train.make_sample_fn(config, model, sampler, num_steps, num_samples, mesh)
   png = _sample_and_save(sample_fn, state.ema_params, jax.random.PRNGKey(seed),
                          os.path.join(workdir, SAMPLES_DIR),
                          f"{sampler}_{num_steps}steps_step{step}_seed{seed}", config, keep=True)

@@ -331,21 +331,25 @@ def evaluate(eval_step, params, split, config, mesh, num_batches: int = 0, desc:
   return summarize_eval(jax.device_get(sums))
 
 
-def make_sample_fn(config, model: Model, sampler: str, num_steps: int, num_samples: int) -> Callable:
+def make_sample_fn(config, model: Model, sampler: str, num_steps: int, num_samples: int,
+                   mesh: Mesh) -> Callable:
   """The jitted ``sample(params, rng) -> int32 [num_samples, H, W, C]``: z_1 ~ N(0, I), the
   reverse process with ``sampler`` in ``num_steps`` steps, then :func:`vdm.samplers.decode` with the
   model's decoder and no rng (the discretized Gaussian's is centred on x̂_0: one more denoiser
-  call, at γ_0)."""
+  call, at γ_0). The samples are split over ``mesh``'s devices, padded to a multiple of their
+  count; the random draws are those of one device, so the images do not depend on the count."""
   if sampler not in SAMPLERS:
     raise ValueError(f"unknown sampler {sampler!r}: use one of {', '.join(SAMPLERS)}.")
   if not isinstance(num_steps, int) or num_steps < 1:
     raise ValueError(f"num_steps={num_steps!r} must be an integer >= 1.")
   vocab, decoder = config.data.vocab_size, config.model.decoder
+  padded = -(-num_samples // mesh.size) * mesh.size
 
   def sample(params, rng):
     eps_fn, gamma_fn = eps_fn_for(model, params), gamma_fn_for(model, params)
     rng_z, rng_s = jax.random.split(rng)
-    z = jax.random.normal(rng_z, (num_samples,) + model.image_shape)
+    z = jax.random.normal(rng_z, (padded,) + model.image_shape)
+    z = jax.lax.with_sharding_constraint(z, batch_sharding(mesh))
     if sampler == "ancestral":
       z = samplers.ancestral(eps_fn, gamma_fn, z, rng_s, num_steps)
     elif sampler == "ddim":
@@ -356,6 +360,7 @@ def make_sample_fn(config, model: Model, sampler: str, num_steps: int, num_sampl
       z = samplers.probability_flow(eps_fn, gamma_fn, z, num_steps)
     gamma_0 = gamma_fn(jnp.zeros(()))
     x_hat = elbo.decoder_x_hat(eps_fn, z, gamma_0, decoder)
-    return samplers.decode(z, gamma_0, vocab_size=vocab, decoder=decoder, x_hat=x_hat)
+    return samplers.decode(z, gamma_0, vocab_size=vocab, decoder=decoder, x_hat=x_hat)[:num_samples]
 
-  return jax.jit(sample)
+  rep = replicated(mesh)
+  return jax.jit(sample, in_shardings=(rep, rep), out_shardings=rep)
