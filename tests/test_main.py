@@ -158,6 +158,8 @@ INVALID_SETTINGS = {
     "eval_num_batches": ({"eval.num_batches": -1}, "eval.num_batches=-1 must be >= 0"),
     "sampling_steps": ({"sampling.num_steps": 0}, "sampling.num_steps=0 must be >= 1"),
     "sampling_samples": ({"sampling.num_samples": 0}, "sampling.num_samples=0 must be >= 1"),
+    "sampling_off_the_grid": ({"model.num_timesteps": 999},  # quickstart samples in 100 steps
+                              "sampling.num_steps=100 does not divide model.num_timesteps=999"),
     "eval_batch": ({"eval.batch_size": -8}, "eval.batch_size=-8 must be >= 1"),
     "uniform_mix": ({"loss.importance_uniform_mix": 0.0},
                     "loss.importance_uniform_mix=0.0 must be in (0, 1]"),

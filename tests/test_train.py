@@ -338,6 +338,18 @@ def test_samplers_give_integer_images(setup, sampler):
     train.make_sample_fn(config, model, "leapfrog", 2, 3, mesh)
 
 
+def test_a_discrete_time_model_is_sampled_at_its_training_times(setup):
+  """A T-step model is trained at t = i/T only: a sampler of N steps is refused unless N divides T,
+  and the error names the nearest divisor below N."""
+  config, model, mesh, _, _ = setup
+  config = config.copy_and_resolve_references()
+  config.model.num_timesteps = 10
+  with pytest.raises(ValueError, match=r"num_steps=4 does not divide model.num_timesteps=10.*2\)"):
+    train.make_sample_fn(config, model, "ddim", 4, 3, mesh)
+  for num_steps in (1, 5, 10):
+    train.make_sample_fn(config, model, "ancestral", num_steps, 3, mesh)
+
+
 def test_sampling_decodes_with_the_models_decoder(setup):
   """With decoder='discretized_gaussian' the samples are the bins of x̂_0, the mean of
   N(x̂_0, e^{γ_0}), x̂_0 = (z_0 − σ_0 ε̂)/α_0 (tests/test_samplers.py checks that decoder); the

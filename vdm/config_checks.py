@@ -97,3 +97,4 @@ def validate(config) -> None:
   input_pipeline.check_batch_size(config.eval.batch_size, "eval.batch_size")
   train.check_loss_config(config)
   train.check_optimizer_config(config.optimizer)
+  train.check_sampling_steps(m.num_timesteps, config.sampling.num_steps, "sampling.num_steps")

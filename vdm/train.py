@@ -331,6 +331,16 @@ def evaluate(eval_step, params, split, config, mesh, num_batches: int = 0, desc:
   return summarize_eval(jax.device_get(sums))
 
 
+def check_sampling_steps(num_timesteps: int, num_steps: int, what: str = "num_steps") -> None:
+  """A T-step model (T = ``num_timesteps`` > 0) is trained at t = i/T alone; a sampler's times
+  j/N are all among them when N divides T. Raise ValueError otherwise."""
+  if num_timesteps > 0 and num_timesteps % num_steps:
+    divisor = max(d for d in range(1, min(num_steps, num_timesteps) + 1) if num_timesteps % d == 0)
+    raise ValueError(f"{what}={num_steps} does not divide model.num_timesteps={num_timesteps}, so "
+                     "the sampler would ask the network about times it was not trained at: use a "
+                     f"divisor of {num_timesteps} (e.g. {divisor}).")
+
+
 def make_sample_fn(config, model: Model, sampler: str, num_steps: int, num_samples: int,
                    mesh: Mesh) -> Callable:
   """The jitted ``sample(params, rng) -> int32 [num_samples, H, W, C]``: z_1 ~ N(0, I), the
@@ -342,6 +352,7 @@ def make_sample_fn(config, model: Model, sampler: str, num_steps: int, num_sampl
     raise ValueError(f"unknown sampler {sampler!r}: use one of {', '.join(SAMPLERS)}.")
   if not isinstance(num_steps, int) or num_steps < 1:
     raise ValueError(f"num_steps={num_steps!r} must be an integer >= 1.")
+  check_sampling_steps(config.model.num_timesteps, num_steps)
   vocab, decoder = config.data.vocab_size, config.model.decoder
   padded = -(-num_samples // mesh.size) * mesh.size
 
