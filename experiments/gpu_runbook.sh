@@ -160,7 +160,7 @@ case "${1:-}" in
     setup; cache
     run compare "$LIMIT" "$PY" experiments/likelihood.py --config="$CONFIG" "${DATA[@]}" \
       "${EXTRA[@]}" --config.model.dtype=bfloat16 --config.model.norm_impl="$norm" \
-      --workdir="$TMP/vdm_curve_run" --noema --num_images=0 --batch_size=113 --timesteps=0 \
+      --workdir="$TMP/vdm_curve_run" --noema --num_images=0 --batch_size=113 --timesteps= \
       --compare_dtype=float32 --noimportance --ode_num_images=0 --output="$OUT/compare.json"
     ;;
   model)

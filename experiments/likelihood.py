@@ -34,7 +34,8 @@ flags.DEFINE_integer("batch_size", 128, "Images per denoiser call for the ELBO."
 # (1) ELBO
 flags.DEFINE_integer("num_images", 1024, "Test images for the ELBO (0 = the whole split).")
 flags.DEFINE_integer("num_time_samples", 4, "K: Monte-Carlo draws of (t, ε, z_0) per image.")
-flags.DEFINE_list("timesteps", ["0", "100", "1000"], "T values: 0 = continuous time.")
+flags.DEFINE_list("timesteps", ["0", "100", "1000"], "T values: 0 = continuous time; empty "
+                  "with --noimportance: no ELBO section (e.g. for --compare_dtype alone).")
 flags.DEFINE_enum("compare_dtype", None, ["float32", "bfloat16"],
                   "Also evaluate the same parameters with this compute dtype (model.dtype) on the "
                   "same images and draws (K = --num_time_samples), and report the paired difference.")
@@ -120,24 +121,26 @@ def main(argv):
     save()
     logging.info("variance ratios: %s", variance["ratios"])
 
-  t0 = time.time()
-  results["elbo"] = likelihood.evaluate_elbo(
-      eps_fn, gamma_fn, common.image_batches(test, FLAGS.batch_size), jax.random.fold_in(rng, 3),
-      vocab_size=vocab_size, timesteps=[int(t) for t in FLAGS.timesteps],
-      num_samples=FLAGS.num_time_samples, decoder=decoder, time_proposals=proposals)
-  timings["elbo_s"] = time.time() - t0
-  save()
-  for name, stats in results["elbo"].items():
-    logging.info("ELBO %-22s %.4f ± %.4f bits/dim", name, stats["bpd"], stats["bpd_se"])
+  if FLAGS.timesteps or proposals:  # --timesteps= --noimportance: no ELBO section
+    t0 = time.time()
+    results["elbo"] = likelihood.evaluate_elbo(
+        eps_fn, gamma_fn, common.image_batches(test, FLAGS.batch_size), jax.random.fold_in(rng, 3),
+        vocab_size=vocab_size, timesteps=[int(t) for t in FLAGS.timesteps],
+        num_samples=FLAGS.num_time_samples, decoder=decoder, time_proposals=proposals)
+    timings["elbo_s"] = time.time() - t0
+    save()
+    for name, stats in results["elbo"].items():
+      logging.info("ELBO %-22s %.4f ± %.4f bits/dim", name, stats["bpd"], stats["bpd_se"])
 
   if FLAGS.compare_dtype:
     t0 = time.time()
-    res = results["dtype_comparison"] = common.compare_dtype(
+    keep = lambda res: (results.update(dtype_comparison=res), save())  # noqa: E731
+    res = common.compare_dtype(
         model, params, FLAGS.compare_dtype, test, jax.random.fold_in(rng, 5),
         batch_size=FLAGS.batch_size, num_samples=FLAGS.num_time_samples, vocab_size=vocab_size,
-        decoder=decoder)
+        decoder=decoder, save=keep)
     timings["dtype_comparison_s"] = time.time() - t0
-    save()
+    keep(res)
     logging.info("model.dtype %s − %s: %+.5f ± %.5f bits/dim (max |difference| per image %.5f)",
                  FLAGS.compare_dtype, config.model.dtype, res["difference_bpd"],
                  res["difference_se"], res["max_abs_difference_bpd"])

@@ -256,13 +256,14 @@ def main(argv):
     checkpoint.record_run_config(FLAGS.config, FLAGS.workdir)
 
   if FLAGS.compare_dtype:
-    res = results["dtype_comparison"] = common.compare_dtype(
+    keep = lambda res: (results.update(dtype_comparison=res), save(results))  # noqa: E731
+    res = common.compare_dtype(
         make_model(config), state.ema_params if FLAGS.params == "ema" else state.params,
         FLAGS.compare_dtype, common.load_images(config, config.data.eval_split, 0),
         jax.random.PRNGKey(config.eval.seed),
         batch_size=FLAGS.compare_batch_size, num_samples=FLAGS.compare_samples,
-        vocab_size=config.data.vocab_size, decoder=config.model.decoder)
-    save(results)
+        vocab_size=config.data.vocab_size, decoder=config.model.decoder, save=keep)
+    keep(res)
     logging.info("model.dtype %s − %s: %+.5f ± %.5f bits/dim on %d images", res["b"], res["a"],
                  res["difference_bpd"], res["difference_se"], res["num_images"])
 

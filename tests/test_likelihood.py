@@ -237,3 +237,29 @@ def test_difference_by_time_locates_and_sums_to_the_bound_difference():
                                         jax.random.PRNGKey(6), vocab_size=4, num_samples=2)
   assert abs(paired["difference_bpd"] - up["difference_bpd"]) < 3 * math.hypot(
       paired["difference_se"], up["difference_se"])
+
+
+def test_dtype_comparison_is_saved_before_its_diagnostic_by_time(monkeypatch):
+  """experiments/common.compare_dtype hands its paired difference to ``save`` before it computes
+  "by_time" (10 bins × 2 nets per image): a time limit that struck there lost the figure."""
+  import os, sys  # pylint: disable=g-import-not-at-top,multiple-imports
+  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  from configs import quickstart  # pylint: disable=g-import-not-at-top
+  from experiments import common  # pylint: disable=g-import-not-at-top
+  from vdm import model as model_lib  # pylint: disable=g-import-not-at-top
+  config = quickstart.get_config()
+  config.data.update(image_size=4, channels=1)
+  config.model.update(n_layer=1, dtype="bfloat16")
+  model = model_lib.make_model(config)
+  params = model_lib.init_params(model, jax.random.PRNGKey(0))
+  images = np.random.default_rng(0).integers(0, 256, (4, 4, 4, 1))
+
+  def time_limit(*args, **kwargs):
+    raise KeyboardInterrupt  # as the signal of a command's time limit would, here
+  monkeypatch.setattr(likelihood, "difference_by_time", time_limit)
+  saved = []
+  with pytest.raises(KeyboardInterrupt):
+    common.compare_dtype(model, params, "float32", images, jax.random.PRNGKey(1), batch_size=4,
+                         num_samples=1, vocab_size=256, decoder="vdm", save=saved.append)
+  assert len(saved) == 1 and "by_time" not in saved[0], saved
+  assert saved[0]["num_images"] == 4 and np.isfinite(saved[0]["difference_bpd"]), saved[0]
