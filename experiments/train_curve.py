@@ -102,21 +102,24 @@ def first_mark_reaching(points: list[dict], bpd: float) -> float | None:
 
 
 def evaluate_draws(eval_step, params, split, config, mesh, draws: int, eval_batches: int = 0,
-                   desc: str = "eval") -> dict:
+                   desc: str = "eval",
+                   on_draw: Callable[[dict], None] = lambda summary: None) -> dict:
   """:func:`vdm.train.evaluate`'s summary averaged over ``draws`` draws of (t, ε) per image (eval
   seeds config.eval.seed + d), with "draws" and "draws_stderr", the standard error of the mean
   over draws (None for one): the noise of the estimate on these images. "bpd_stderr" is the first
-  draw's per-image standard error."""
+  draw's per-image standard error. ``on_draw`` gets the summary of the draws so far after each."""
   summaries = []
   for d in range(draws):
     seeded = config.copy_and_resolve_references()
     seeded.eval.seed = config.eval.seed + d
     summaries.append(train.evaluate(eval_step, params, split, seeded, mesh, eval_batches,
                                     desc=f"{desc}, draw {d + 1}/{draws}" if draws > 1 else desc))
-  bpd = np.array([s["bpd"] for s in summaries])
-  means = {k: float(np.mean([s[k] for s in summaries])) for k in ("bpd",) + train.TERMS}
-  return {**summaries[0], **means, "draws": draws,
-          "draws_stderr": float(bpd.std(ddof=1) / np.sqrt(draws)) if draws > 1 else None}
+    bpd = np.array([s["bpd"] for s in summaries])
+    means = {k: float(np.mean([s[k] for s in summaries])) for k in ("bpd",) + train.TERMS}
+    summary = {**summaries[0], **means, "draws": d + 1,
+               "draws_stderr": float(bpd.std(ddof=1) / np.sqrt(d + 1)) if d else None}
+    on_draw(summary)
+  return summary
 
 
 def run_curve(config, seconds: float, marks: list[float], use_ema: bool = False,
@@ -168,23 +171,28 @@ def run_curve(config, seconds: float, marks: list[float], use_ema: bool = False,
     jax.block_until_ready(state)
     train_s += time.perf_counter() - start
     last = jax.device_get(metrics)
+    num_points = len(points)
+
+    def record(summary):  # after each draw: a stop during the last mark's draws keeps the point
+      points[num_points:] = [{
+          "mark_seconds": mark, "train_seconds": train_s, "step": step,
+          "test_bpd": summary["bpd"], "test_bpd_se": summary["bpd_stderr"],
+          "test_draws": summary["draws"], "test_bpd_draws_se": summary["draws_stderr"],
+          **{f"test_{k}_bpd": summary[k] for k in train.TERMS},
+          "num_test_images": summary["num_examples"],
+          "train_bpd": float(last["bpd"]), "nonfinite": int(last["nonfinite"])}]
+      results.update(
+          train_seconds=train_s, steps=step, images_per_second=step * batch_size / train_s,
+          first_seconds_reaching={str(b): first_mark_reaching(points, b) for b in TARGETS_BPD})
+      save(results)
+
     summary = evaluate_draws(eval_step, state.ema_params if use_ema else state.params, test_split,
                              config, mesh, final_draws if mark == marks[-1] else 1, eval_batches,
-                             desc=f"eval @ {train_s:.0f} s")
-    points.append({"mark_seconds": mark, "train_seconds": train_s, "step": step,
-                   "test_bpd": summary["bpd"], "test_bpd_se": summary["bpd_stderr"],
-                   "test_draws": summary["draws"], "test_bpd_draws_se": summary["draws_stderr"],
-                   **{f"test_{k}_bpd": summary[k] for k in train.TERMS},
-                   "num_test_images": summary["num_examples"],
-                   "train_bpd": float(last["bpd"]), "nonfinite": int(last["nonfinite"])})
+                             desc=f"eval @ {train_s:.0f} s", on_draw=record)
     draws = (f"; ± {summary['draws_stderr']:.4f} over {summary['draws']} draws"
              if summary["draws"] > 1 else "")
     logging.info("%.1f s, step %d: test %.4f ± %.4f bits/dim (per image%s; train %.4f)", train_s,
                  step, summary["bpd"], summary["bpd_stderr"], draws, float(last["bpd"]))
-    results.update(
-        train_seconds=train_s, steps=step, images_per_second=step * batch_size / train_s,
-        first_seconds_reaching={str(b): first_mark_reaching(points, b) for b in TARGETS_BPD})
-    save(results)
   batches.close()  # stop and join the prefetch thread
   return results, state
 

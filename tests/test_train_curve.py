@@ -91,6 +91,44 @@ def test_curve_marks_checkpoint_plot_and_dtype_comparison(tmp_path):
   assert 0 < cmp["max_abs_difference_bpd"] < 0.1 and cmp["difference_se"] < cmp["a_se"] / 10
 
 
+STOPPED_IN_THE_LAST_DRAWS = r"""
+import json, sys
+sys.path.insert(0, ".")
+from configs import quickstart
+from experiments import train_curve
+from vdm import train
+
+config = quickstart.get_config()
+config.update_from_flattened_dict({"data.image_size": 4, "training.batch_size": 16,
+                                   "eval.batch_size": 64, "data.synthetic_num_test": 128})
+evaluate, calls, saved = train.evaluate, [], []
+
+def evaluate_until_the_third(*args, **kwargs):  # a time limit striking during the second draw
+  calls.append(1)
+  if len(calls) == 3:
+    raise KeyboardInterrupt
+  return evaluate(*args, **kwargs)
+
+train.evaluate = evaluate_until_the_third
+try:
+  train_curve.run_curve(config, 1.0, [0.5, 1.0], save=lambda r: saved.append(json.dumps(r)),
+                        final_draws=4)
+except KeyboardInterrupt:
+  print(saved[-1])
+"""
+
+
+@pytest.mark.ci_once  # the script's own control flow
+def test_the_last_mark_is_saved_after_its_first_draw():
+  """A run stopped during the last mark's draws keeps that mark's point, from the draws it
+  finished: the point was saved only after all --final_draws (16 in the lease)."""
+  r = subprocess.run([sys.executable, "-c", STOPPED_IN_THE_LAST_DRAWS], cwd=ROOT,
+                     capture_output=True, text=True, check=True)
+  points = json.loads(r.stdout.strip().splitlines()[-1])["points"]
+  assert [(p["mark_seconds"], p["test_draws"]) for p in points] == [(0.5, 1), (1.0, 1)], points
+  assert math.isfinite(points[-1]["test_bpd"]) and points[-1]["test_bpd_draws_se"] is None
+
+
 @pytest.mark.ci_once  # the script's own checks, many processes
 def test_bad_marks_and_missing_data_are_one_line_errors(tmp_path):
   out = str(tmp_path / "c.json")
