@@ -79,7 +79,10 @@ setup() {
     export PYTHONPATH="$TMP/site"${PYTHONPATH:+:$PYTHONPATH}
   fi
   export PYTHONUNBUFFERED=1
-  { date -u +%FT%TZ; git rev-parse --short HEAD 2>/dev/null || echo "commit: see the session";
+  # The commit every JSON records (vdm.logging_utils.provenance): prepare's, else this checkout's.
+  VDM_COMMIT=${VDM_COMMIT:-$(cat .data/COMMIT 2> /dev/null || git describe --always --dirty)}
+  export VDM_COMMIT
+  { date -u +%FT%TZ; echo "commit: $VDM_COMMIT";
     nvidia-smi -L 2>/dev/null; "$PY" -c "import jax; from importlib import metadata as m
 print('jax', jax.__version__, jax.devices())
 print(*(f'{p}=={m.version(p)}' for p in ('jaxlib', 'flax', 'optax', 'orbax-checkpoint',
@@ -94,7 +97,9 @@ case "${1:-}" in
       --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
       -d .whl ml-collections==1.1.0 tensorboardX==2.6.5
     cp ../shared/data/cifar10_subset.npz .data/
-    ls -l .whl .data
+    # The device's copy of the tree has no current git history: the results name this commit.
+    git describe --always --dirty > .data/COMMIT
+    ls -l .whl .data; cat .data/COMMIT
     ;;
   bench)
     setup

@@ -97,7 +97,7 @@ def main(argv):
       "is_bins", "is_fit_batches", "is_uniform_mix", "is_spread", "variance_repeats",
       "ode_num_images", "ode_batch_size", "ode_num_draws", "dequantization", "divergence",
       "num_probes", "solver", "rtol", "atol", "max_steps")},
-             "device": str(jax.devices()[0].device_kind), "timings": timings}
+             **logging_utils.provenance(), "timings": timings}
   # Written after every section: a run stopped part-way keeps what it finished.
   save = lambda: common.write_results(results, "likelihood")
 

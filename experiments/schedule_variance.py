@@ -109,8 +109,7 @@ def run(save) -> dict:
       "fit_second_moment": second_moments,
       "gamma_grid": {"t": np.asarray(t_grid), "fitted": fitted_gamma},
       "timings": {"fit_s": fit_s},
-      "device": str(jax.devices()[0].device_kind),
-      "jax": jax.__version__,
+      **logging_utils.provenance(),
   }
   save(results)
   t0 = time.time()

@@ -422,9 +422,8 @@ def main(argv):
       raise app.UsageError(f"--config.{key} has no effect here: every variant runs at --{flag}.")
   if FLAGS.output:
     logging_utils.keep_previous(FLAGS.output)
-  results: dict = {"date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                   "device": jax.devices()[0].device_kind, "jax_version": jax.__version__,
-                   "batch_size": FLAGS.batch_size, "dtype": FLAGS.dtype, "variants": {}}
+  results: dict = {**logging_utils.provenance(), "batch_size": FLAGS.batch_size,
+                   "dtype": FLAGS.dtype, "variants": {}}
 
   def save():
     if FLAGS.output:

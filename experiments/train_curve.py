@@ -28,10 +28,8 @@ more such JSON files beside the reference points of the published VDM code.
 """
 from __future__ import annotations
 
-import datetime
 import json
 import os
-import subprocess
 import sys
 import time
 from typing import Callable
@@ -72,15 +70,6 @@ REFERENCE = {"label": "published VDM code, fp32 (H100)",
              "seconds": [60.0, 120.0, 180.0, 300.0, 330.0],
              "bpd": [4.37, 3.90, 3.74, 3.60, 3.575]}
 TARGETS_BPD = (3.575, 3.40)
-
-
-def _git_commit() -> str | None:
-  try:
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True,
-                          text=True, check=True).stdout.strip() or None
-  except (OSError, subprocess.CalledProcessError):
-    return None
 
 
 def parse_marks(marks, seconds: float) -> list[float]:
@@ -149,9 +138,7 @@ def run_curve(config, seconds: float, marks: list[float], use_ema: bool = False,
 
   points, train_s, step, previous = [], 0.0, 0, None
   results = {
-      "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-      "commit": _git_commit(), "device": jax.devices()[0].device_kind,
-      "num_devices": jax.device_count(), "jax": jax.__version__,
+      **logging_utils.provenance(),
       "config": json.loads(config.to_json_best_effort()),
       "params": "ema" if use_ema else "raw", "compile_seconds": compile_s,
       # The runbook sets a compilation cache, which makes compile_seconds a cache load.

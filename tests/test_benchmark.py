@@ -46,6 +46,7 @@ def test_benchmark_figures():
           for f in saved] == [[True, False, False, False], [True, True, False, False],
                               [True, True, True, False], [True, True, True, True]]
   assert saved[-1] == json.loads(json.dumps(figures))  # serialisable as it is
+  assert figures["commit"] and figures["date"] and figures["jax"] == jax.__version__, figures
   for key in TIMES + ("train_step_tflop", "train_tflops_per_s"):
     assert isinstance(figures[key], float) and math.isfinite(figures[key]) and figures[key] > 0, key
   assert figures["batch_size"] == 4 and figures["dtype"] == "float32" and figures["remat"] == "convs"

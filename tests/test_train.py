@@ -315,6 +315,20 @@ def test_a_rerun_keeps_the_previous_results(tmp_path):
   assert kept == {"r.19700101T000000Z.json": "first", "r.19700101T000000Z.1.json": "second"}
 
 
+def test_provenance_names_the_commit_the_runbook_passes(monkeypatch):
+  """Every result JSON records its commit: $VDM_COMMIT where set (the GPU runbook's, from the
+  development checkout; the device's copy had a stale git ref), else this checkout's."""
+  from vdm import logging_utils  # pylint: disable=g-import-not-at-top
+  here = subprocess.run(["git", "describe", "--always", "--dirty"], capture_output=True, text=True,
+                        cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
+  monkeypatch.delenv("VDM_COMMIT", raising=False)
+  assert logging_utils.provenance()["commit"] == (here or None)
+  monkeypatch.setenv("VDM_COMMIT", "abc1234")
+  got = logging_utils.provenance()
+  assert got["commit"] == "abc1234" and got["jax"] == jax.__version__, got
+  assert got["date"].endswith("+00:00") and got["num_devices"] == jax.device_count(), got
+
+
 def test_json_is_strict(tmp_path):
   from vdm import logging_utils  # pylint: disable=g-import-not-at-top
   import json  # pylint: disable=g-import-not-at-top

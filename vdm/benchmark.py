@@ -21,7 +21,6 @@ Data are uniform random integers: the step costs do not depend on the pixel valu
 from __future__ import annotations
 
 import dataclasses
-import datetime
 import glob
 import gzip
 import math
@@ -284,16 +283,15 @@ def benchmark(config, *, batch_size: Optional[int] = None, dtype: Optional[str] 
   batch = jax.device_put(rng.integers(0, vocab, (batch_size,) + model.image_shape, dtype=np.int32),
                          train.batch_sharding(mesh))
   out: dict[str, Any] = {
-      "device": jax.devices()[0].device_kind, "backend": jax.default_backend(),
-      "num_devices": int(n_dev), "batch_size": batch_size, "image_shape": list(model.image_shape),
+      **logging_utils.provenance(), "backend": jax.default_backend(), "num_devices": int(n_dev),
+      "batch_size": batch_size, "image_shape": list(model.image_shape),
       "dtype": dtype, "residual_dtype": model.net.residual_dtype, "remat": remat,
       "norm_impl": model.net.norm_impl,
       # per device, as the temporary buffers and peak memory are
       "net_saved_gib": saved_for_backward_bytes(model.net, model.image_shape,
                                                 batch_size // n_dev) / 2**30,
       "repeats": repeats, "warmup": warmup,
-      "jax_version": jax.__version__, **logging_utils.compile_settings(),
-      "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+      **logging_utils.compile_settings(),
   }
 
   # ---- train step
@@ -393,7 +391,7 @@ def format_report(figures: dict) -> str:
     return "n/a" if v is None or (isinstance(v, float) and not math.isfinite(v)) else format(v, fmt)
 
   return "\n".join([
-      f"device: {figures['num_devices']} x {figures['device']} ({figures['backend']}), jax {figures['jax_version']}",
+      f"device: {figures['num_devices']} x {figures['device']} ({figures['backend']}), jax {figures['jax']}",
       f"model: {figures['num_params'] / 1e6:.2f} M params, images {tuple(figures['image_shape'])}, "
       f"batch {figures['batch_size']}, dtype {figures['dtype']} (residual stream "
       f"{figures['residual_dtype']}), remat {figures['remat']}, norms "

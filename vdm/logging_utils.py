@@ -7,10 +7,12 @@ them on process 0 only.
 """
 from __future__ import annotations
 
+import datetime
 import functools
 import json
 import math
 import os
+import subprocess
 import sys
 import time
 from typing import Callable, Iterable, Iterator, Optional
@@ -96,6 +98,24 @@ def compile_settings() -> dict:
   compilation cache, which turns compile times into cache loads, and ``XLA_FLAGS``."""
   return {"compilation_cache_dir": jax.config.jax_compilation_cache_dir or None,
           "xla_flags": os.environ.get("XLA_FLAGS") or None}
+
+
+def provenance() -> dict:
+  """Where and when a result is measured, for its record: the UTC date, the commit (``$VDM_COMMIT``,
+  which the GPU runbook sets from the development checkout, since the device's copy of the tree
+  has no current git history; else ``git describe --always --dirty`` here; None outside a
+  checkout), the first device's kind, the device count and jax's version."""
+  commit = os.environ.get("VDM_COMMIT")
+  if not commit:
+    try:
+      commit = subprocess.run(["git", "describe", "--always", "--dirty"], capture_output=True,
+                              text=True, check=True, timeout=30,
+                              cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+      commit = None
+  return {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+          "commit": commit or None, "device": jax.devices()[0].device_kind,
+          "num_devices": jax.device_count(), "jax": jax.__version__}
 
 
 class Writer:
