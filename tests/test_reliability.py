@@ -31,9 +31,10 @@ QUICKSTART = ["--config.data.synthetic_num_train=512", "--config.data.synthetic_
 
 
 def _start(workdir, args, log):
-  with open(log, "w") as f:
+  with open(log, "w") as f:  # SIGINT as in a terminal: a test runner's worker may ignore it
     return subprocess.Popen(_cmd(workdir, *args), cwd=ROOT, env=_env(),
-                            stdout=subprocess.DEVNULL, stderr=f)
+                            stdout=subprocess.DEVNULL, stderr=f,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 def _finish(proc, log, timeout=900):
@@ -182,18 +183,22 @@ def test_steps_below_an_unrestorable_checkpoint_are_written(tmp_path):
   assert os.listdir(os.path.join(workdir, "checkpoints_unrestorable")) == ["4"]
 
 
-def test_eval_and_samples_due_at_a_sigterm_step_run_on_resuming(tmp_path):
+@pytest.mark.parametrize("name", ["SIGTERM", pytest.param("SIGINT", marks=pytest.mark.ci_once)])
+def test_eval_and_samples_due_at_a_stop_notice_run_on_resuming(tmp_path, name):
   """A notice during start-up stops after step 1, before its eval and samples (eval_every =
-  sample_every = 1); the resumed run does them at step 1 before training on."""
+  sample_every = 1); the resumed run does them at step 1 before training on. Ctrl-C (SIGINT) is
+  such a notice too: it ended the run in a traceback, losing the steps since the last
+  checkpoint."""
   workdir = str(tmp_path / "run")
   args = [*TINY, "--config.training.eval_every=1", "--config.training.sample_every=1",
           "--config.sampling.num_steps=1", "--config.sampling.num_samples=1"]
   log = tmp_path / "a.log"
   proc = _start(workdir, [*args, "--config.training.num_steps=3"], log)
   _wait(proc, lambda: "Model: " in log.read_text())  # the notice's handler is installed
-  proc.send_signal(signal.SIGTERM)
+  proc.send_signal(getattr(signal, name))
   rc, err = _finish(proc, log, timeout=300)
-  assert rc == 0 and "SIGTERM at step 1: checkpoint saved" in err, err[-3000:]
+  assert rc == 0 and f"{name} at step 1: checkpoint saved" in err, err[-3000:]
+  assert "Traceback" not in err, err[-3000:]
   assert "eval @ step 1" not in err and not os.path.exists(os.path.join(workdir, "samples"))
   rc, err = _finish(_start(workdir, [*args, "--config.training.num_steps=2"],
                            tmp_path / "b.log"), tmp_path / "b.log")

@@ -11,9 +11,10 @@ eval    the bound on the whole eval split in bits/dim (and its three terms, with
         error) with the EMA parameters of the newest checkpoint or --checkpoint; DIR/eval_<step>.json.
 sample  --num_samples images with --sampler in --num_steps steps; DIR/samples/*.png and *.npz.
 
-Preemption: SIGTERM makes training save a checkpoint at the current step and exit with status 0
-(a second SIGTERM acts as usual); rerunning the same command resumes from it. A SIGKILL loses at most the steps since the last
-checkpoint (rerun to resume; the result is bit-identical to an uninterrupted run).
+Preemption: SIGTERM (or Ctrl-C) makes training save a checkpoint at the current step and exit with
+status 0 (a second one acts as usual); rerunning the same command resumes from it. A SIGKILL loses
+at most the steps since the last checkpoint (rerun to resume; the result is bit-identical to an
+uninterrupted run).
 
 Multi-device / multi-host: the same command. The global batch is split over all devices. On a
 cluster, start one process per host with --coordinator_address=HOST0:PORT --num_processes=N
@@ -153,35 +154,41 @@ def _sample_and_save(sample_fn, params, rng, out_dir: str, name: str, config, wr
 
 # ---------------------------------------------------------------- modes --------------------------
 
-class PreemptionNotice:
-  """Records SIGTERM (a preemption notice) so training can checkpoint and stop between steps."""
+class StopNotice:
+  """Records SIGTERM (a preemption notice) or SIGINT (Ctrl-C) so training can checkpoint and stop
+  between steps; a second signal acts as usual. SIGINT is left alone where it is ignored (a
+  background job's)."""
 
   def __init__(self):
-    self.received = False
-    self._previous = None
+    self.received: str | None = None  # the signal's name
+    self._previous: dict = {}
     if threading.current_thread() is threading.main_thread():
-      self._previous = signal.signal(signal.SIGTERM, self._handle)
+      for sig in (signal.SIGTERM, signal.SIGINT):
+        if signal.getsignal(sig) is not signal.SIG_IGN:
+          self._previous[sig] = signal.signal(sig, self._handle)
 
   def _handle(self, signum, frame) -> None:  # pylint: disable=unused-argument
-    self.received = True
-    self.close()  # a second SIGTERM acts as usual
+    self.received = signal.Signals(signum).name
+    self.close()
+    logging.warning("%s: checkpointing after this step, then stopping (send it again to stop at "
+                    "once, losing the steps since the last checkpoint).", self.received)
 
   def agreed(self) -> bool:
     """Whether any process has received it (collective when there are several processes)."""
     if jax.process_count() == 1:
-      return self.received
-    return bool(np.any(multihost_utils.process_allgather(np.array(self.received))))
+      return self.received is not None
+    return bool(np.any(multihost_utils.process_allgather(np.array(self.received is not None))))
 
   def close(self) -> None:
-    if self._previous is not None:
-      signal.signal(signal.SIGTERM, self._previous)
-      self._previous = None
+    previous, self._previous = self._previous, {}
+    for sig, handler in previous.items():
+      signal.signal(sig, handler)
 
 
 def run_train(config, workdir: str) -> dict:
   """Train (or resume) to config.training.num_steps. Returns the last eval summary."""
   t_cfg = config.training
-  notice = PreemptionNotice()  # from the start: a notice during start-up stops at the first step
+  notice = StopNotice()  # from the start: a notice during start-up stops at the first step
   mesh = train.make_mesh()
   model = make_model(config)
   train_split = input_pipeline.load_split(config.data, config.data.train_split, config.seed)
@@ -291,8 +298,9 @@ def run_train(config, workdir: str) -> dict:
         checkpointer.save(state)
         throughput.restart(done)  # the save waited for this step
       if stop:
-        logging.warning("SIGTERM at step %d: checkpoint saved in %s; rerun the same command to "
-                        "resume.", done, checkpointer.directory)
+        logging.warning("%s at step %d: checkpoint saved in %s; rerun the same command to resume.",
+                        notice.received or "A stop notice to another process", done,
+                        checkpointer.directory)
         break
       if any(due.values()):
         evaluate_and_sample(done, **due)
