@@ -64,10 +64,14 @@ def test_train_eval_sample_end_to_end_and_resume(tmp_path):
     assert r.returncode == 2 and len(lines) == 1 and f"holds a run with {shown}" in lines[0], r.stderr
   assert _json(workdir, "config.json")["seed"] == 0
 
-  r = _run(_cmd(workdir, *TINY, "--mode=eval"))
+  r = _run(_cmd(workdir, *TINY, "--mode=eval", "--config.eval.num_batches=1"))
   assert r.returncode == 0, r.stderr[-3000:]
+  assert "eval.num_batches=1 limits training's periodic evals; --mode=eval evaluates the whole" in (
+      r.stderr)  # it was ignored without a word
   result = _json(workdir, "eval_6.json")
   assert result["num_examples"] == 16 and result["params"] == "ema"
+  assert (result["model_dtype"], result["eval_fp32_fraction"], result["eval_seed"]) == (
+      "float32", 0.3, 1) and result["commit"], result
   assert result["checkpoint"] == os.path.abspath(workdir)
   for key in ("bpd", "bpd_stderr", "prior", "diffusion", "reconstruction"):
     assert np.isfinite(result[key]), key
@@ -100,6 +104,9 @@ def test_train_eval_sample_end_to_end_and_resume(tmp_path):
 BAD_INPUTS = {
     "unknown_key": (["--config.model.bogus=1", "--config.model.dropout=0.0"], {},
                     "unknown config key 'bogus' in --config.model.bogus: check"),
+    "misspelt_key": (["--config.model.n_layerss=2", "--config.seed=3"], {},  # a close key exists
+                     "unknown config key 'n_layerss' in --config.model.n_layerss (Did you mean "
+                     "\"n_layer\" instead of \"n_layerss\"?): check"),
     "wrong_type": (["--config.training.batch_size=abc"], {}, "batch_size"),
     "gamma_order": (["--config.model.gamma_min=6.0"], {},
                     "model.gamma_min=6.0 must be < model.gamma_max=5.0"),

@@ -320,6 +320,9 @@ def run_train(config, workdir: str) -> dict:
 
 
 def run_eval(config, workdir: str, checkpoint: str | None) -> dict:
+  if config.eval.num_batches:
+    logging.warning("eval.num_batches=%d limits training's periodic evals; --mode=eval evaluates "
+                    "the whole split.", config.eval.num_batches)
   mesh = train.make_mesh()
   model = make_model(config)
   split = input_pipeline.load_split(config.data, config.data.eval_split, config.seed)
@@ -331,7 +334,11 @@ def run_eval(config, workdir: str, checkpoint: str | None) -> dict:
   gamma = np.asarray(gamma_fn_for(model, state.ema_params)(np.array([0.0, 1.0], np.float32)))
   summary.update(step=step, split=split.name, params="ema", seconds=time.time() - t0,
                  sigma2_0=float(schedules.sigma2(gamma[0])), sigma2_1=float(schedules.sigma2(gamma[1])),
-                 checkpoint=os.path.abspath(checkpoint or workdir))
+                 checkpoint=os.path.abspath(checkpoint or workdir),
+                 # how the bound was computed, which an earlier file of this name may not share
+                 model_dtype=config.model.dtype, residual_dtype=config.model.residual_dtype,
+                 eval_fp32_fraction=config.model.eval_fp32_fraction, eval_seed=config.eval.seed,
+                 **logging_utils.provenance())
   if logging_utils.is_main_process():
     path = os.path.join(workdir, f"eval_{step}.json")
     logging_utils.keep_previous(path)  # another eval of this step (another dtype, checkpoint)
@@ -429,11 +436,16 @@ def _parse_flags(argv):
     if "has no attribute 'get_config'" in str(e):
       logging_utils.fail(f"--config={config_file} defines no get_config(): a config file returns "
                          "its ml_collections.ConfigDict from get_config(), as configs/*.py do.")
-    key = str(e).strip("\"'")  # an override of a key the config does not have
+    # An override of a key the config does not have: ml_collections raises KeyError("'key'"),
+    # with "\nDid you mean ...?" after it where a key is close, inside an AttributeError.
+    while e.args and isinstance(e.args[0], BaseException):
+      e = e.args[0]
+    key, _, hint = (e.args[0] if e.args and isinstance(e.args[0], str) else str(e)).partition("\n")
+    key, hint = key.strip("\"'"), f" ({hint.strip()})" if hint.strip() else ""
     overrides = [a.split("=")[0] for a in argv[1:] if a.startswith("--config.")]
     bad = [a for a in overrides if key in a.split(".")] or overrides
-    logging_utils.fail(f"unknown config key {key!r} in {' '.join(bad) or '--config'}: check the "
-                       "--config.SECTION.KEY overrides against configs/default.py.")
+    logging_utils.fail(f"unknown config key {key!r} in {' '.join(bad) or '--config'}{hint}: check "
+                       "the --config.SECTION.KEY overrides against configs/default.py.")
   except (ValueError, TypeError, OSError, SyntaxError, ImportError) as e:
     logging_utils.fail(f"bad --config: {' '.join(str(e).split())}")
   except Exception as e:  # pylint: disable=broad-except  # raised by the file's get_config()
