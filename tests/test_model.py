@@ -33,7 +33,7 @@ def test_eval_fp32_fraction_evaluates_the_low_noise_share_in_fp32():
   residual stream included."""
   config = default.get_config()
   config.data.image_size = 8
-  config.model.update(n_embd=32, n_layer=1, dtype="bfloat16", residual_dtype="bfloat16",
+  config.model.update(n_embd=64, n_layer=1, dtype="bfloat16", residual_dtype="bfloat16",
                       eval_fp32_fraction=0.5)
   model = make_model(config)
   rng = np.random.default_rng(0)
@@ -73,7 +73,7 @@ def test_eval_step_bound_takes_the_fp32_share():
 
   config = default.get_config()
   config.data.image_size = 8
-  config.model.update(n_embd=32, n_layer=1, dtype="bfloat16", eval_fp32_fraction=1.0)
+  config.model.update(n_embd=64, n_layer=1, dtype="bfloat16", eval_fp32_fraction=1.0)
   mesh = train.make_mesh()
   rng = np.random.default_rng(0)
   batch = jnp.asarray(rng.integers(0, 256, (4, 8, 8, 3)), jnp.int32)
@@ -100,7 +100,7 @@ def test_the_fp32_share_goes_to_the_least_noisy_z_t_with_ddpms_decoder_too():
 
   config = default.get_config()
   config.data.image_size = 8
-  config.model.update(n_embd=32, n_layer=1, dtype="bfloat16", eval_fp32_fraction=0.3,
+  config.model.update(n_embd=64, n_layer=1, dtype="bfloat16", eval_fp32_fraction=0.3,
                       decoder="discretized_gaussian")
   model = make_model(config)
   rng = np.random.default_rng(0)

@@ -205,7 +205,7 @@ def test_the_ode_likelihood_gets_a_forward_differentiable_net_with_the_same_func
   same outputs, and a jvp where the Pallas net has none."""
   z = jax.random.normal(jax.random.PRNGKey(0), (2, 8, 8, 3))
   g = jnp.array([-10.0, 3.0])
-  net = ScoreUNet(n_embd=32, n_layer=1, norm_impl=impl, remat="convs")
+  net = ScoreUNet(n_embd=64, n_layer=1, norm_impl=impl, remat="convs")
   model = model_lib.Model(net, None, lambda t: t, (8, 8, 3))
   params = jax.jit(net.init, compiler_options=FAST_COMPILE)(jax.random.PRNGKey(1), z, g)
   swapped = model_lib.forward_differentiable(model)

@@ -64,15 +64,8 @@ def validate(config) -> None:
   if m.remat not in nets.REMAT:
     raise ValueError(f"unknown model.remat {m.remat!r}: use one of {', '.join(nets.REMAT)} (see "
                      "vdm.nets.REMAT).")
-  if m.n_embd < 32 or m.n_embd % 32:
-    raise ValueError(f"model.n_embd={m.n_embd} must be a positive multiple of 32 (GroupNorm's 32 "
-                     "groups).")
   nets.check_channel_mult(m.channel_mult, "model.")
-  if m.n_embd * min(m.channel_mult) < 64:
-    raise ValueError(f"model.n_embd={m.n_embd} (× channel_mult {min(m.channel_mult)}) leaves one "
-                     "channel in each of GroupNorm's 32 groups, and normalising a lone channel "
-                     "removes the γ conditioning (a per-channel shift) before the block uses it: "
-                     "set model.n_embd >= 64.")
+  nets.check_width(m.n_embd, m.channel_mult, "model.")
   if config.loss.weighting not in elbo.WEIGHTINGS:
     raise ValueError(f"unknown loss.weighting {config.loss.weighting!r}: use one of "
                      f"{', '.join(elbo.WEIGHTINGS)}.")

@@ -395,6 +395,20 @@ def check_channel_mult(channel_mult: Sequence[int], prefix: str = "") -> None:
                      "integers >= 1 (channels per level, in units of n_embd).")
 
 
+def check_width(n_embd: int, channel_mult: Sequence[int], prefix: str = "") -> None:
+  """Refuse an ``n_embd`` that is not a multiple of GroupNorm's 32 groups, or that leaves a level
+  one channel per group: normalising a lone channel removes the γ conditioning, a per-channel
+  shift, before the block uses it, and ε̂ no longer depends on γ."""
+  if isinstance(n_embd, bool) or not isinstance(n_embd, int) or n_embd < 32 or n_embd % 32:
+    raise ValueError(f"{prefix}n_embd={n_embd!r} must be a positive multiple of 32 (GroupNorm's "
+                     "32 groups).")
+  if n_embd * min(channel_mult) < 64:
+    raise ValueError(f"{prefix}n_embd={n_embd} (× channel_mult {min(channel_mult)}) leaves one "
+                     "channel in each of GroupNorm's 32 groups, and normalising a lone channel "
+                     "removes the γ conditioning (a per-channel shift) before the block uses it: "
+                     f"set {prefix}n_embd >= 64.")
+
+
 class ScoreUNet(nn.Module):
   """ε̂(z_t; γ_t) = z_t + UNet(z_t, γ_t).
 
@@ -449,6 +463,7 @@ class ScoreUNet(nn.Module):
       raise ValueError(f"n_layer={self.n_layer!r} must be an integer >= 1 (ResNet blocks per "
                        "level on the way down).")
     check_channel_mult(self.channel_mult)
+    check_width(self.n_embd, self.channel_mult)
     if isinstance(self.unroll, bool) or not isinstance(self.unroll, int) or self.unroll < 0:
       raise ValueError(f"unroll={self.unroll!r} must be an integer >= 0 (blocks per loop "
                        "iteration; 0 unrolls the loops entirely).")
