@@ -178,7 +178,8 @@ def _output_and_vjp(fn: Callable, args: tuple, ct: jax.Array) -> tuple:
   return out, vjp(ct)
 
 
-def norms(batch: int, width: int, size: int = 32, dropout: float = 0.1) -> dict:
+def norms(batch: int, width: int, size: int = 32, dropout: float = 0.1,
+          record: Callable[[dict], None] = lambda out: None) -> dict:
   """Each way of computing the net's GroupNorm + swish alone (``vdm.nets.NORM_IMPL`` but
   'pallas_conv', which computes it inside a convolution: ``--convs``), for a
   block's second norm (bf16 [batch, size, size, width] plus the fp32 γ shift; without dropout,
@@ -190,7 +191,7 @@ def norms(batch: int, width: int, size: int = 32, dropout: float = 0.1) -> dict:
   dropout (whose masks differ),
   the largest difference from autodiff of the output and of all gradients, relative to each's
   largest magnitude (rounding to bf16 is 0.4 %): on a GPU, the check that Triton compiled the
-  Pallas kernels to the same function."""
+  Pallas kernels to the same function. ``record`` gets the figures so far after each case."""
   rng = np.random.default_rng(0)
   image = lambda: jnp.asarray(rng.standard_normal((batch, size, size, width)), jnp.bfloat16)
   shift = jnp.asarray(rng.standard_normal((batch, width)), jnp.float32)
@@ -228,16 +229,16 @@ def norms(batch: int, width: int, size: int = 32, dropout: float = 0.1) -> dict:
         if device_ms:
           out[f"{case}_{impl}"].update({f"{name}_device_ms": device_ms,
                                         f"{name}_device_gb_per_s": least * elements / device_ms / 1e6})
-    if rate or "autodiff" not in results:
-      continue
-    want = [np.asarray(b, np.float32) for b in jax.tree_util.tree_leaves(results["autodiff"])]
-    # Each array's error relative to its largest magnitude, floored at 1e-3 of the largest of all
-    # (with one channel per group the shift's gradient is 0 up to rounding).
-    floor = 1e-3 * max(np.abs(b).max() for b in want)
-    for impl in (i for i in STANDALONE_NORMS[1:] if i in results):
-      got = [np.asarray(a, np.float32) for a in jax.tree_util.tree_leaves(results[impl])]
-      out[f"{case}_{impl}"]["max_rel_diff_from_autodiff"] = max(
-          float(np.abs(a - b).max() / max(np.abs(b).max(), floor)) for a, b in zip(got, want))
+    if not rate and "autodiff" in results:
+      want = [np.asarray(b, np.float32) for b in jax.tree_util.tree_leaves(results["autodiff"])]
+      # Each array's error relative to its largest magnitude, floored at 1e-3 of the largest of
+      # all (with one channel per group the shift's gradient is 0 up to rounding).
+      floor = 1e-3 * max(np.abs(b).max() for b in want)
+      for impl in (i for i in STANDALONE_NORMS[1:] if i in results):
+        got = [np.asarray(a, np.float32) for a in jax.tree_util.tree_leaves(results[impl])]
+        out[f"{case}_{impl}"]["max_rel_diff_from_autodiff"] = max(
+            float(np.abs(a - b).max() / max(np.abs(b).max(), floor)) for a, b in zip(got, want))
+    record(out)
   return out
 
 
@@ -286,8 +287,8 @@ def _conv(h, kernel, bias, residual):
   return y if residual is None else y + residual
 
 
-def convs(batch: int, width: int, size: int = 32, groups: int = 32,
-          epsilon: float = 1e-6) -> dict:
+def convs(batch: int, width: int, size: int = 32, groups: int = 32, epsilon: float = 1e-6,
+          record: Callable[[dict], None] = lambda out: None) -> dict:
   """A ResNet block's GroupNorm + swish and the 3×3 convolution that reads it, forward only
   (what a sampling step does 134 times), in bf16, for a block's conv2 (the γ shift and the
   residual sum) and an up block's conv1 (two parts of ``width`` channels): ms, the TFLOP/s of
@@ -301,7 +302,8 @@ def convs(batch: int, width: int, size: int = 32, groups: int = 32,
       tiled as T of :data:`CONV_TILINGS`;
     fused_kernel_T: that kernel alone from given statistics, also returning its output's sums
       (as inside a net where each convolution supplies the next norm's statistics).
-  A way that fails (a tiling Triton cannot compile) is recorded and the others still run."""
+  A way that fails (a tiling Triton cannot compile) is recorded and the others still run;
+  ``record`` gets the figures so far after each case."""
   rng = np.random.default_rng(0)
   normal = lambda *shape: jnp.asarray(rng.standard_normal(shape), jnp.float32)  # noqa: E731
   image = lambda: normal(batch, size, size, width).astype(jnp.bfloat16)  # noqa: E731
@@ -350,6 +352,7 @@ def convs(batch: int, width: int, size: int = 32, groups: int = 32,
       elif want is not None:
         out[f"{case}_{way}"]["max_rel_diff_from_xla"] = float(
             np.abs(got - want).max() / np.abs(want).max())
+    record(out)
   return out
 
 
@@ -436,8 +439,10 @@ def main(argv):
     save()
   for key, measure in (("norms", norms), ("convs", convs)):
     if FLAGS[key].value:
+      # Saved after each case: a time limit (the lease gives the norms 90 s) keeps those done.
       results[key] = measure(FLAGS.batch_size, FLAGS.config.model.n_embd,
-                             FLAGS.config.data.image_size)
+                             FLAGS.config.data.image_size,
+                             record=lambda out, key=key: (results.update({key: out}), save()))
       for name, f in results[key].items():
         print(f"{key} {name:>36}: " + ", ".join(
             f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in f.items()),

@@ -256,6 +256,43 @@ def test_sweep_refuses_unknown_variants(tmp_path):
   assert not (tmp_path / "s.json").exists()
 
 
+STOPPED_AFTER_ONE_CASE = r"""
+import sys
+sys.path.insert(0, ".")
+from experiments import speed_sweep
+calls, per_case = [], 2 * len(speed_sweep.STANDALONE_NORMS)  # fwd and fwd + bwd of each way
+timed = speed_sweep._time
+
+def time_until_the_second_case(*args):  # a time limit striking in the second case
+  calls.append(1)
+  if len(calls) > per_case:
+    raise KeyboardInterrupt
+  return timed(*args)
+
+speed_sweep._time = time_until_the_second_case
+sys.argv = ["speed_sweep.py", *sys.argv[1:]]
+try:
+  speed_sweep.app.run(speed_sweep.main)
+except KeyboardInterrupt:
+  print("stopped")
+"""
+
+
+@pytest.mark.ci_once  # the script's own control flow
+def test_sweep_saves_the_norms_of_each_case_as_it_goes(tmp_path):
+  """A time limit during --norms (the lease gives it 90 s) keeps the cases timed so far, and no
+  fastest_norm, so the runbook trains with autodiff: they were all saved at the end or lost."""
+  out = tmp_path / "norms.json"
+  r = subprocess.run([sys.executable, "-c", STOPPED_AFTER_ONE_CASE, "--config=configs/quickstart.py",
+                      "--batch_size=2", "--repeats=1", "--norms", "--variants=",
+                      f"--output={out}"], capture_output=True, text=True, cwd=ROOT)
+  assert r.returncode == 0 and "stopped" in r.stdout, r.stderr[-2000:]
+  res = json.loads(out.read_text())
+  impls = [i for i in NORM_IMPL if i != "pallas_conv"]
+  assert sorted(res["norms"]) == sorted(f"norm2_{impl}" for impl in impls), res["norms"]
+  assert "fastest_norm" not in res
+
+
 def test_sweep_times_each_norm_alone_and_compares_them(tmp_path):
   """--norms alone (no variants): every way of computing the net's norm, both cases, timed, and
   the same function as autodiff up to bf16 rounding (the check a GPU run makes of Triton)."""
