@@ -26,7 +26,7 @@ def tiny_config(**training):
   c = quickstart.get_config()
   c.data.image_size, c.data.channels = 4, 1
   c.data.synthetic_num_train, c.data.synthetic_num_test = 64, 16
-  c.model.n_embd, c.model.n_layer = 32, 1
+  c.model.n_embd, c.model.n_layer = 64, 1
   c.optimizer.learning_rate, c.optimizer.warmup_steps = 3e-3, 0
   c.training.batch_size = 8
   c.eval.batch_size = 8
@@ -249,7 +249,7 @@ def test_a_checkpoint_of_another_model_is_named_as_such(setup, tmp_path):
   config, model, mesh, _, _ = setup
   ckpt_lib.Checkpointer(str(tmp_path)).save(train.create_train_state(config, model, mesh))
   other = tiny_config()
-  other.model.n_embd = 64
+  other.model.n_embd = 128
   target = train.abstract_train_state(other, model_lib.make_model(other))
   with pytest.raises(ValueError, match=r"checkpoints/0 holds another model: params\.net\.params\."
                      r"\S+ has shape \(\d+,( \d+,)*\) in the checkpoint, shape \(\d+,( \d+,)*\) in "
