@@ -43,19 +43,29 @@ def test_fixed_linear_values():
 def test_learned_monotone_endpoints_are_its_parameters():
   module = schedules.LearnedMonotone(gamma_min=-10.0, gamma_max=7.0, n_features=32)
   gamma_fn, params = _learned(module, seed=3)
-  np.testing.assert_allclose(gamma_fn(jnp.array([0.0, 1.0])), [-10.0, 7.0], atol=1e-5)
+  assert np.asarray(gamma_fn(jnp.array([0.0, 1.0]))).tolist() == [-10.0, 7.0]  # exactly
   params = jax.tree_util.tree_map(lambda p: p, params)
   params["params"]["gamma_min"] = jnp.array(-12.0)
   params["params"]["gamma_max"] = jnp.array(4.0)
-  np.testing.assert_allclose(schedules.bind(module, params)(jnp.array([0.0, 1.0])), [-12.0, 4.0], atol=1e-5)
+  assert np.asarray(schedules.bind(module, params)(jnp.array([0.0, 1.0]))).tolist() == [-12.0, 4.0]
 
 
-def test_learned_monotone_stays_monotone_for_any_weights():
+@pytest.mark.parametrize("gamma_min,gamma_max", [(-13.3, 5.0), (5.0, -13.3)])
+def test_learned_monotone_stays_monotone_for_any_weights(gamma_min, gamma_max):
+  """Random weights, each leaf its own noise, with the l3 term dominating l1 (without |W|, 35 of
+  50 such draws decrease somewhere); and endpoints that cross, which gave a decreasing γ."""
   module = schedules.LearnedMonotone(n_features=16)
   _, params = _learned(module)
-  noisy = jax.tree_util.tree_map(lambda p: p + 3.0 * jax.random.normal(jax.random.PRNGKey(1), p.shape), params)
-  noisy["params"]["gamma_min"], noisy["params"]["gamma_max"] = jnp.array(-13.3), jnp.array(5.0)
-  assert np.all(np.diff(np.asarray(schedules.bind(module, noisy)(T_GRID))) > 0)
+  leaves, tree = jax.tree_util.tree_flatten(params)
+  t = jnp.linspace(0.0, 1.0, 2001)
+  for seed in range(20):
+    keys = jax.random.split(jax.random.PRNGKey(seed), len(leaves))
+    noisy = tree.unflatten([p + 3.0 * jax.random.normal(k, p.shape) for p, k in zip(leaves, keys)])
+    noisy["params"]["l1"]["kernel"] *= 0.01
+    noisy["params"]["l3"]["kernel"] *= 16
+    noisy["params"]["gamma_min"], noisy["params"]["gamma_max"] = gamma_min, gamma_max
+    gamma = np.asarray(schedules.bind(module, noisy)(t))
+    assert np.all(np.diff(gamma) > 0) and gamma[0] == np.float32(gamma_min), seed
 
 
 @pytest.mark.parametrize("kind", ["linear", "cosine"])

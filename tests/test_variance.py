@@ -108,6 +108,22 @@ def test_learned_shape_lowers_variance_at_equal_elbo():
   assert res["variance_ratio"] < 0.8
 
 
+def test_comparison_uses_the_same_draws_and_the_per_example_variance():
+  """A shape compared with itself differs by exactly nothing (the same t and ε for both: with a
+  key per shape the ratio was 6.6), and the variance is over draws per example, not the spread
+  between examples."""
+  data = toy.FactorizedDiscrete.random(0, D, V)
+  x = data.sample(jax.random.PRNGKey(1), 8)
+  module, linear = variance.linear_monotone(jax.random.PRNGKey(0), -8.0, 6.0, n_features=8)
+  res = variance.compare_shapes(data.eps_fn(), module, linear, linear, x, jax.random.PRNGKey(3),
+                                draws=4, vocab_size=V)
+  assert (res["variance_ratio"], res["mean_difference"], res["mean_difference_se"]) == (1, 0, 0)
+  offsets = np.arange(8.0) * 100.0  # examples far apart, each with noise of variance 1 over draws
+  noise = np.random.default_rng(0).standard_normal((4000, 8))
+  stats = variance.summarize_draws(offsets[None, :] + noise)
+  assert abs(stats["variance"] - 1.0) < 0.05 and stats["num_examples"] == 8, stats
+
+
 def test_fit_and_measurement_reject_bad_arguments():
   data = toy.FactorizedDiscrete.random(0, D, V)
   x = data.sample(jax.random.PRNGKey(1), 8)

@@ -113,12 +113,13 @@ class LearnedMonotone(nn.Module):
   """The paper's monotone network, with explicit endpoints.
 
   f(t) = l1(t) + l3(φ(l2(2t − 1))) / n_features, φ(h) = 2 sigmoid(h) − 1, all weights |W| ≥ 0;
-  γ(t) = γ_min + (γ_max − γ_min) (f(t) − f(0)) / (f(1) − f(0)).
+  s(t) = (f(t) − f(0)) / (f(1) − f(0)), γ(t) = γ_min (1 − s(t)) + γ_max s(t).
 
   γ(0) = γ_min and γ(1) = γ_max exactly, as trainable parameters, while the network
   only shapes γ in between (and so only the variance of the continuous-time loss). The shape
-  is non-decreasing by construction; γ increases as long as γ_max > γ_min, which the endpoints'
-  ELBO gradients keep (and :func:`check_increasing` verifies wherever the parameters are known).
+  is non-decreasing by construction, and γ increasing whatever the parameters: endpoints that
+  cross (γ_max < γ_min) act as γ_max' = 2γ_min − γ_max, as LearnedLinear's |w| does, where they
+  would give a decreasing γ and a negative diffusion loss.
   """
   gamma_min: float = GAMMA_MIN
   gamma_max: float = GAMMA_MAX
@@ -145,7 +146,8 @@ class LearnedMonotone(nn.Module):
     t = jnp.asarray(t, jnp.float32)
     f = self.shape(jnp.concatenate([jnp.zeros((1,)), jnp.ones((1,)), t.reshape(-1)]))
     s = (f[2:] - f[0]) / (f[1] - f[0])
-    return (self.endpoint_min + (self.endpoint_max - self.endpoint_min) * s).reshape(t.shape)
+    top = jnp.maximum(self.endpoint_max, 2 * self.endpoint_min - self.endpoint_max)
+    return (self.endpoint_min * (1 - s) + top * s).reshape(t.shape)
 
 
 def bind(module: nn.Module, params) -> GammaFn:
