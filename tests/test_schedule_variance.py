@@ -65,11 +65,12 @@ def test_runs_on_a_checkpoint_and_keeps_its_endpoints(tmp_path):
   out = tmp_path / "sv.json"
   proc = _run("--config=configs/quickstart.py", f"--workdir={tmp_path}", f"--output={out}",
               "--fit_steps=3", "--fit_batch_size=8", "--n_features=16", "--test_batch_size=8",
-              "--draws=4")
+              "--draws=4", "--config.model.dtype=bfloat16")
   assert proc.returncode == 0, proc.stderr[-2000:]
   res = json.loads(out.read_text())
   assert _finite(res), res
   assert res["info"]["step"] == 0 and res["info"]["schedule"] == "learned_linear"
+  assert res["info"]["eps_dtype"] == "float32"  # a bf16 bound's fp32 share depends on the shape
   e = res["endpoints"]
   np.testing.assert_allclose([e["gamma_0"], e["gamma_1"]], [-11.0, 4.0], atol=1e-5)
   np.testing.assert_allclose([e["fitted_gamma_0"], e["fitted_gamma_1"]], [-11.0, 4.0], atol=1e-4)
