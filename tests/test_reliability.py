@@ -31,10 +31,18 @@ QUICKSTART = ["--config.data.synthetic_num_train=512", "--config.data.synthetic_
 
 
 def _start(workdir, args, log):
-  with open(log, "w") as f:  # SIGINT as in a terminal: a test runner's worker may ignore it
-    return subprocess.Popen(_cmd(workdir, *args), cwd=ROOT, env=_env(),
-                            stdout=subprocess.DEVNULL, stderr=f,
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+  # SIGINT as in a terminal: a suite started in the background ignores it, and so would the run
+  # (a preexec_fn would fork the multithreaded test process, which jax warns may deadlock).
+  ignored = signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+  if ignored:
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # exec resets a handler to default
+  try:
+    with open(log, "w") as f:
+      return subprocess.Popen(_cmd(workdir, *args), cwd=ROOT, env=_env(),
+                              stdout=subprocess.DEVNULL, stderr=f)
+  finally:
+    if ignored:
+      signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def _finish(proc, log, timeout=900):
