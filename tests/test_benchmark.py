@@ -283,9 +283,9 @@ def test_sweep_saves_the_norms_of_each_case_as_it_goes(tmp_path):
   """A time limit during --norms (the lease gives it 90 s) keeps the cases timed so far, and no
   fastest_norm, so the runbook trains with autodiff: they were all saved at the end or lost."""
   out = tmp_path / "norms.json"
-  r = subprocess.run([sys.executable, "-c", STOPPED_AFTER_ONE_CASE, "--config=configs/quickstart.py",
-                      "--batch_size=2", "--repeats=1", "--norms", "--variants=",
-                      f"--output={out}"], capture_output=True, text=True, cwd=ROOT)
+  r = subprocess.run([sys.executable, "-c", STOPPED_AFTER_ONE_CASE,
+                      "--config=configs/quickstart.py", "--batch_size=2", "--repeats=1", "--norms",
+                      "--variants=", f"--output={out}"], capture_output=True, text=True, cwd=ROOT)
   assert r.returncode == 0 and "stopped" in r.stdout, r.stderr[-2000:]
   res = json.loads(out.read_text())
   impls = [i for i in NORM_IMPL if i != "pallas_conv"]

@@ -378,7 +378,7 @@ def test_scanned_blocks_stack_parameters(init_params):
   p = init_params["params"]
   assert p["down_0_0"]["conv1"]["kernel"].shape == (2, 3, 3, 64, 64)  # 2 blocks down
   assert p["down_0_0"]["attn"]["q"]["kernel"].shape == (2, 64, 64)
-  assert p["up_0_0"]["conv1"]["kernel"].shape == (2, 3, 3, 128, 64)  # 2 blocks up, skip concatenated
+  assert p["up_0_0"]["conv1"]["kernel"].shape == (2, 3, 3, 128, 64)  # 2 up, skip concatenated
   assert p["up_0_1"]["conv1"]["kernel"].shape == (3, 3, 128, 64)  # the skip from conv_in
   assert set(p) == {"dense0", "dense1", "conv_in", "down_0_0", "mid_1_0", "mid_2_0", "up_0_0",
                     "up_0_1", "norm_out", "conv_out"}

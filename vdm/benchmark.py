@@ -391,7 +391,8 @@ def format_report(figures: dict) -> str:
     return "n/a" if v is None or (isinstance(v, float) and not math.isfinite(v)) else format(v, fmt)
 
   return "\n".join([
-      f"device: {figures['num_devices']} x {figures['device']} ({figures['backend']}), jax {figures['jax']}",
+      f"device: {figures['num_devices']} x {figures['device']} ({figures['backend']}), "
+      f"jax {figures['jax']}",
       f"model: {figures['num_params'] / 1e6:.2f} M params, images {tuple(figures['image_shape'])}, "
       f"batch {figures['batch_size']}, dtype {figures['dtype']} (residual stream "
       f"{figures['residual_dtype']}), remat {figures['remat']}, norms "
