@@ -62,11 +62,12 @@ curve() {  # curve LIMIT_S [--config.* ...]: the 330 s curve (model.dtype bf16),
     --workdir="$TMP/vdm_curve_run"
 }
 
-json_field() {  # json_field FILE KEY...: the value at FILE's nested KEYs; fails, silently, if none
+json_field() {  # json_field FILE KEY...: the value at FILE's nested KEYs (a list's by index);
+  # fails, silently, if none
   "$PY" -c 'import json, sys
 value = json.load(open(sys.argv[1]))
 for key in sys.argv[2:]:
-  value = value[key]
+  value = value[int(key) if isinstance(value, list) else key]
 print(value)' "$@" 2> /dev/null
 }
 
