@@ -485,6 +485,8 @@ def test_loss_options_that_do_not_combine_exit_2(tmp_path):
          "loss.time_sampling='importance'": ["--config.loss.time_sampling=importance",
                                              "--config.model.num_timesteps=10"],
          "unknown loss.time_sampling": ["--config.loss.time_sampling=beta"],
+         "loss.weighting='simple' with model.schedule='learned_linear'": [
+             "--config.loss.weighting=simple"],
          "optimizer.grad_clip": ["--config.model.variance_minimizing=True",
                                  "--config.model.schedule=learned_monotone",
                                  "--config.optimizer.grad_clip=1.0"]}

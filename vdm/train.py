@@ -163,6 +163,12 @@ def check_loss_config(config) -> None:
     raise ValueError("optimizer.grad_clip clips one global norm, which the schedule's variance "
                      "gradients (another loss, another scale) would dominate with "
                      "model.variance_minimizing=True: set optimizer.grad_clip=0.")
+  if loss.weighting == "simple" and m.schedule in ("learned_linear", "learned_monotone"):
+    raise ValueError(f"loss.weighting='simple' with model.schedule={m.schedule!r} trains the "
+                     "schedule on the ε-MSE, which only falls as γ rises (more noise makes ε "
+                     "easier to predict) and which lacks the prior and reconstruction terms that "
+                     "hold γ(0), γ(1) in place: use a fixed schedule (model.schedule=fixed_linear, "
+                     "ddpm_linear or ddpm_cosine) or loss.weighting='elbo'.")
   if loss.time_sampling == "importance" and not continuous_elbo:
     raise ValueError("loss.time_sampling='importance' needs model.num_timesteps=0 and "
                      "loss.weighting='elbo': set them or use loss.time_sampling='uniform'.")
