@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 
 from vdm.benchmark import saved_for_backward_bytes, vjp_residual_bytes
-from vdm.nets import (NORM_IMPL, REMAT, Conv, GroupNormSwish, ResnetBlock, ScoreUNet, SplitDense,
-                      fourier_features, group_norm_swish, num_params, param_count,
-                      timestep_embedding)
+from vdm.nets import (NORM_IMPL, REMAT, AttnBlock, Conv, GroupNormSwish, ResnetBlock, ScoreUNet,
+                      SplitDense, fourier_features, group_norm_swish, norm_swish,
+                      num_params, param_count, timestep_embedding)
 
 SMALL = dict(n_embd=64, n_layer=2, dropout=0.1, attention=True)
 FAST_COMPILE = {"xla_backend_optimization_level": 0}
@@ -260,6 +260,43 @@ def test_group_norm_swish_and_its_derivatives_are_flax_autodiffs():
   assert len(pairs) == 6
   for a, b in pairs:
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5 * float(jnp.max(jnp.abs(b))))
+
+
+class _NormSwish(nn.Module):
+  impl: str
+
+  @nn.compact
+  def __call__(self, parts, shift):
+    return norm_swish(parts, shift, jnp.float32, self.impl, "norm")
+
+
+@pytest.mark.parametrize("with_shift", [False, True])
+def test_norms_lose_no_digits_to_a_large_group_mean(with_shift):
+  """GroupNorm + swish where each group's mean is 10³ times its spread (in the parts, or from the
+  γ shift), every way it is computed, against float64: E[v²] − μ² in fp32 (flax's fast variance)
+  is off by ~1 there, as the attention block's bare flax norm would be."""
+  rng = np.random.default_rng(21)
+  parts = [rng.normal(0.0 if with_shift else 10.0, 0.01, (2, 8, 8, 32)).astype(np.float32)
+           for _ in range(2)]
+  shift = np.full((2, 64), 10.0, np.float32) if with_shift else None
+  scale = rng.uniform(0.5, 1.5, 64).astype(np.float32)
+  bias = rng.normal(0.0, 0.1, 64).astype(np.float32)
+  v = np.concatenate(parts, -1).astype(np.float64) + (0.0 if shift is None else shift[:, None, None])
+  g = v.reshape(2, 8, 8, 32, 2)
+  mean, var = g.mean((1, 2, 4), keepdims=True), g.var((1, 2, 4), keepdims=True)
+  y = ((g - mean) / np.sqrt(var + 1e-6)).reshape(v.shape) * scale + bias
+  want = y / (1.0 + np.exp(-y))
+  params = {"params": {"norm": {"scale": scale, "bias": bias}}}
+  for impl in ("autodiff", "recompute", "pallas"):
+    got = _NormSwish(impl).apply(params, parts, shift)
+    np.testing.assert_allclose(got, want, atol=2e-4, err_msg=impl)
+  x = jnp.asarray(v, jnp.float32)
+  flax_fast = nn.swish(nn.GroupNorm().apply({"params": params["params"]["norm"]}, x))
+  assert np.abs(np.asarray(flax_fast) - want).max() > 0.1  # the test's inputs do cancel
+  attn = AttnBlock()
+  _, seen = attn.apply(attn.init(jax.random.PRNGKey(0), x), x, capture_intermediates=True)
+  np.testing.assert_allclose(seen["intermediates"]["norm"]["__call__"][0],
+                             ((g - mean) / np.sqrt(var + 1e-6)).reshape(v.shape), atol=2e-4)
 
 
 def test_group_norm_swish_keeps_only_its_inputs_and_statistics():

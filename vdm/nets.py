@@ -89,10 +89,23 @@ def _ungrouped(v: jax.Array) -> jax.Array:
 
 
 def _statistics(v: jax.Array, epsilon: float) -> tuple[jax.Array, jax.Array]:
-  """(μ_g, r_g) [B, 1, 1, G, 1] of grouped v, r_g = 1/√(max(E[v²] − μ_g², 0) + ε) (the variance
-  as flax's GroupNorm computes it)."""
-  mean = _group_mean(v)
-  return mean, jax.lax.rsqrt(jnp.maximum(_group_mean(v * v) - mean * mean, 0.0) + epsilon)
+  """(μ_g, r_g) [B, 1, 1, G, 1] of grouped v, r_g = 1/√(E[(v − μ_g)²] + ε), in one pass over
+  u = v − k_g, k_g the group's first value: E[u²] − E[u]² loses no digits to a mean large next to
+  the group's spread, where E[v²] − μ_g² (flax's fast variance) would lose them all at μ/σ ≈ 10³."""
+  first = jax.lax.stop_gradient(v[:, :1, :1, :, :1])
+  u = v - first
+  mean_u = _group_mean(u)
+  var = jnp.maximum(_group_mean(u * u) - mean_u * mean_u, 0.0)
+  return mean_u + first, jax.lax.rsqrt(var + epsilon)
+
+
+def centred(x: jax.Array, groups: int) -> jax.Array:
+  """x [B, H, W, C] in fp32 less each group's first value (no gradient): the same GroupNorm, whose
+  fast variance E[x²] − E[x]² then cancels no digits (:func:`_statistics`)."""
+  b, _, _, c = x.shape
+  first = x[:, :1, :1, :].reshape(b, 1, 1, groups, c // groups)[..., :1]
+  first = jnp.broadcast_to(first, (b, 1, 1, groups, c // groups)).reshape(b, 1, 1, c)
+  return x.astype(jnp.float32) - jax.lax.stop_gradient(first).astype(jnp.float32)
 
 
 def group_statistics(parts: Sequence[jax.Array], shift: Optional[jax.Array], groups: int,
@@ -245,7 +258,7 @@ def norm_swish(parts: Sequence[jax.Array], shift: Optional[jax.Array], dtype: jn
     x = jnp.concatenate(parts, axis=-1) if len(parts) > 1 else parts[0]
     if shift is not None:
       x = x.astype(jnp.float32) + shift[:, None, None, :]
-    h = nn.swish(nn.GroupNorm(dtype=dtype, name=name)(x))
+    h = nn.swish(nn.GroupNorm(dtype=dtype, name=name)(centred(x, GroupNormSwish.num_groups)))
   return nn.Dropout(dropout, deterministic=False)(h) if dropout else h
 
 
@@ -379,7 +392,8 @@ class AttnBlock(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     b, hgt, wid, c = x.shape
-    h = nn.GroupNorm(dtype=self.dtype, name="norm")(x).reshape(b, hgt * wid, 1, c)
+    h = nn.GroupNorm(dtype=self.dtype, name="norm")(centred(x, GroupNormSwish.num_groups))
+    h = h.reshape(b, hgt * wid, 1, c)
     q, k, v = (SplitDense(c, dtype=self.dtype, name=n)([h]) for n in ("q", "k", "v"))
     h = jax.nn.dot_product_attention(q, k, v)  # logits and softmax in fp32
     h = SplitDense(c, dtype=self.dtype, kernel_init=nn.initializers.zeros, name="proj_out")([h])

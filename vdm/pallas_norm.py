@@ -1,6 +1,6 @@
 """GroupNorm + swish as fused Pallas (Triton) kernels, forward and backward.
 
-out = swish(x̂ · scale + bias), x̂ = (v − μ_g) r_g, r_g = 1/√(max(E_g[v²] − μ_g², 0) + ε),
+out = swish(x̂ · scale + bias), x̂ = (v − μ_g) r_g, r_g = 1/√(E_g[(v − μ_g)²] + ε),
 v = concat(parts) + shift[:, None, None, :], with μ_g and E_g over H, W and the channels of each
 of the ``groups`` groups: the function :func:`vdm.nets.group_norm_swish` computes with XLA.
 
@@ -208,14 +208,23 @@ def _forward_kernel(refs, *, has_shift, dropout, per_group, rows, chunk, block, 
   scale, bias = refs["scale"][...].astype(jnp.float32), refs["bias"][...].astype(jnp.float32)
   count = rows * per_group
 
-  def accumulate(r, x):
-    v = x.astype(jnp.float32) + shift
-    return v, v * v
+  def statistics(x_ref):
+    """(accumulate, between) of the sums of u = v − k, k each channel's first value: u's sums
+    lose no digits to a group mean large next to the group's spread (E[v²] − μ² would)."""
+    k = (x_ref[pl.ds(0, 1), :].astype(jnp.float32) + shift)[0]
 
-  def between(totals):
-    mean = _group_sum(totals[0], per_group) / count
-    var = jnp.maximum(_group_sum(totals[1], per_group) / count - mean * mean, 0.0)
-    return mean, jax.lax.rsqrt(var + epsilon)
+    def accumulate(r, x):
+      u = x.astype(jnp.float32) + shift - k
+      return u, u * u
+
+    def between(totals):
+      # Σ_rows (v − μ)² = Σ_rows u² + 2 d Σ_rows u + rows d², d = k − μ, per channel.
+      s1, s2 = totals
+      mean = _group_sum(s1 + rows * k, per_group) / count
+      d = k - mean
+      var = jnp.maximum(_group_sum(s2 + 2.0 * d * s1 + rows * d * d, per_group) / count, 0.0)
+      return mean, jax.lax.rsqrt(var + epsilon)
+    return accumulate, between
 
   def write(r, x, stats, carry):
     mean, rstd = stats
@@ -229,7 +238,7 @@ def _forward_kernel(refs, *, has_shift, dropout, per_group, rows, chunk, block, 
   for x_ref, (lo, hi) in zip(refs["parts"], part_ranges):
     @pl.when((j >= lo) & (j < hi))
     def _(x_ref=x_ref):
-      (mean, rstd), _ = _two_passes(rows, chunk, lambda r: x_ref[r, :], accumulate, between,
+      (mean, rstd), _ = _two_passes(rows, chunk, lambda r: x_ref[r, :], *statistics(x_ref),
                                     write, 0)
       refs["mean"][...], refs["rstd"][...] = mean, rstd
 
