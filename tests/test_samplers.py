@@ -1,4 +1,5 @@
 """Samplers: with the Bayes-optimal denoiser each one reproduces a known discrete distribution."""
+import functools
 import math
 
 import jax
@@ -21,11 +22,9 @@ def _z_1(dist, n=N):
   return alpha_1 * x + sigma_1 * jax.random.normal(jax.random.PRNGKey(0), x.shape)
 
 
-def _run(name, eps_fn, z_1, num_steps):
-  fn = getattr(samplers, name)
-  if name in ("ancestral", "euler_maruyama"):
-    return jax.jit(lambda z, r: fn(eps_fn, GAMMA, z, r, num_steps))(z_1, jax.random.PRNGKey(1))
-  return jax.jit(lambda z: fn(eps_fn, GAMMA, z, num_steps))(z_1)
+def _run(name, eps_fn, z_1, num_steps, **kwargs):
+  fn = functools.partial(samplers.SAMPLERS[name], **kwargs)
+  return jax.jit(lambda z, r: fn(eps_fn, GAMMA, z, num_steps, r))(z_1, jax.random.PRNGKey(1))
 
 
 def _chi2_pvalue(x, probs):
@@ -68,7 +67,7 @@ def test_ancestral_step_is_the_analytic_posterior(gamma_s, gamma_t):
   gamma_fn = schedules.fixed_linear(gamma_s, gamma_t)
   x_star = 0.3
   z_1 = jnp.full((200_000, 1), 0.8)
-  z_0 = np.asarray(samplers.ancestral(_point_mass_eps_fn(x_star), gamma_fn, z_1, jax.random.PRNGKey(0), 1))
+  z_0 = np.asarray(samplers.ancestral(_point_mass_eps_fn(x_star), gamma_fn, z_1, 1, jax.random.PRNGKey(0)))
   a2_t, a2_s = special.expit(-gamma_t), special.expit(-gamma_s)
   s2_t, s2_s = 1 - a2_t, 1 - a2_s
   a_ts = np.sqrt(a2_t / a2_s)
@@ -103,8 +102,9 @@ def test_deterministic_samplers_converge_to_the_exact_flow_map_of_a_gaussian(nam
   assert errors[1] < 1.5 * 10.0**-order * errors[0] and errors[1] < 2e-2
 
 
-@pytest.mark.parametrize("name", ["ancestral", "euler_maruyama"])
-def test_stochastic_samplers_give_a_gaussians_moments(name):
+@pytest.mark.parametrize("name,kwargs", [("ancestral", {}), ("euler_maruyama", {}),
+                                         ("ddim", {"eta": 0.5})])
+def test_stochastic_samplers_give_a_gaussians_moments(name, kwargs):
   """For y ~ N(0.3, 0.2²) the reverse process ends at z_0 ~ N(α_0 0.3, α²_0 0.04 + σ²_0). Unlike
   the discrete frequency test, a 5 % error in the injected noise's variance fails here (the
   samplers' own bias at N = 1000 is −0.9 % and +0.1 %; the estimate's standard error 0.6 %)."""
@@ -112,11 +112,37 @@ def test_stochastic_samplers_give_a_gaussians_moments(name):
   (alpha_1, sigma_1), (alpha_0, sigma_0) = (schedules.alpha_sigma(GAMMA(t)) for t in (1.0, 0.0))
   y = gauss.sample(jax.random.PRNGKey(5), 50_000)
   z_1 = alpha_1 * y + sigma_1 * jax.random.normal(jax.random.PRNGKey(6), y.shape)
-  z_0 = np.asarray(_run(name, gauss.eps_fn(), z_1, 1000), np.float64)
+  z_0 = np.asarray(_run(name, gauss.eps_fn(), z_1, 1000, **kwargs), np.float64)
   variance = float(alpha_0**2 * 0.04 + sigma_0**2)
   assert abs(z_0.mean() - float(alpha_0) * 0.3) < 0.005
   print(f"{name}: var(z_0) / the exact one {z_0.var() / variance:.4f}")
   assert abs(z_0.var() / variance - 1) < 0.025
+
+
+def test_ddim_eta_spans_deterministic_ddim_and_ancestral():
+  """η = 0 is DDIM (and draws nothing); η = 1 is the ancestral step, posterior noise included;
+  an η outside [0, 1] (√ of a negative variance) and a missing key are refused."""
+  z_1 = _z_1(DIST, 64)
+  np.testing.assert_array_equal(_run("ddim", DIST.eps_fn(), z_1, 20, eta=0.0),
+                                samplers.ddim(DIST.eps_fn(), GAMMA, z_1, 20))
+  np.testing.assert_allclose(_run("ddim", DIST.eps_fn(), z_1, 20, eta=1.0),
+                             _run("ancestral", DIST.eps_fn(), z_1, 20), atol=1e-6)
+  # One step from γ_t = 2 to γ_s = −3 with the exact denoiser of a point mass x* = 0.3:
+  # z_s ~ N(α_s x* + σ_s sqrt(1 − η² c) ε̂, η² c σ²_s), c = 1 − e^{γ_s − γ_t}.
+  z_s = np.asarray(samplers.ddim(_point_mass_eps_fn(0.3), schedules.fixed_linear(-3.0, 2.0),
+                                 jnp.full((100_000, 1), 0.8), 1, jax.random.PRNGKey(0), eta=0.5))
+  c, eps_hat = -math.expm1(-5.0), (0.8 - math.sqrt(special.expit(-2.0)) * 0.3) / math.sqrt(
+      special.expit(2.0))
+  var = 0.25 * c * special.expit(-3.0)
+  mean = (math.sqrt(special.expit(3.0)) * 0.3
+          + math.sqrt(special.expit(-3.0) * (1 - 0.25 * c)) * eps_hat)
+  assert abs(z_s.mean() - mean) < 4 * math.sqrt(var / z_s.size)
+  assert abs(z_s.var() / var - 1) < 0.02
+  with pytest.raises(ValueError, match=r"eta=1.5 must be in \[0, 1\]"):
+    samplers.ddim(DIST.eps_fn(), GAMMA, z_1, 10, jax.random.PRNGKey(0), eta=1.5)
+  for name in ("ancestral", "euler_maruyama"):
+    with pytest.raises(ValueError, match=f"{name} draws noise: pass rng"):
+      samplers.SAMPLERS[name](DIST.eps_fn(), GAMMA, z_1, 10)
 
 
 def test_decode_modes():
@@ -176,6 +202,6 @@ def test_bad_sampler_arguments_raise():
   with pytest.raises(ValueError, match="num_steps"):
     samplers.ddim(DIST.eps_fn(), GAMMA, z, 0)
   with pytest.raises(ValueError, match="not increasing"):
-    samplers.ancestral(DIST.eps_fn(), lambda t: -t, z, jax.random.PRNGKey(0), 10)
+    samplers.ancestral(DIST.eps_fn(), lambda t: -t, z, 10, jax.random.PRNGKey(0))
   with pytest.raises(ValueError, match="eps_fn returned shape"):
     samplers.ddim(lambda z, g: z[..., :1], GAMMA, z, 10)

@@ -15,7 +15,7 @@ import pytest
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # configs/
 from configs import quickstart  # noqa: E402
 from vdm import checkpoint as ckpt_lib
-from vdm import importance, schedules
+from vdm import importance, samplers, schedules
 from vdm import input_pipeline as ip
 from vdm import model as model_lib
 from vdm import train
@@ -337,7 +337,7 @@ def test_json_is_strict(tmp_path):
   assert got == {"nan": None, "inf": None, "array": [1.5], "scalar": 2.0}
 
 
-@pytest.mark.parametrize("sampler", train.SAMPLERS)
+@pytest.mark.parametrize("sampler", samplers.SAMPLERS)
 def test_samplers_give_integer_images(setup, sampler):
   config, model, mesh, _, _ = setup
   params = model_lib.init_params(model, jax.random.PRNGKey(0))

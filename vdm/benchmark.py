@@ -336,8 +336,8 @@ def benchmark(config, *, batch_size: Optional[int] = None, dtype: Optional[str] 
 
   if "sample" in programs:  # ancestral sampling: `sample_steps` steps, timed per step
     def sample(params, z, key):
-      return samplers.ancestral(eps_fn_for(model, params), gamma_fn_for(model, params), z, key,
-                                sample_steps)
+      return samplers.ancestral(eps_fn_for(model, params), gamma_fn_for(model, params), z,
+                                sample_steps, key)
 
     z = jax.device_put(rng.standard_normal((batch_size,) + model.image_shape, np.float32),
                        train.batch_sharding(mesh))  # not zeros: they can run faster than real data

@@ -4,7 +4,7 @@ ends in one line that names the key and the fix, not in a traceback after compil
 that quietly trains something else."""
 from __future__ import annotations
 
-from vdm import elbo, input_pipeline, nets, pallas_norm, schedules, train
+from vdm import elbo, input_pipeline, nets, pallas_norm, samplers, schedules, train
 from vdm.model import SCHEDULES
 
 
@@ -69,9 +69,9 @@ def validate(config) -> None:
   if config.loss.weighting not in elbo.WEIGHTINGS:
     raise ValueError(f"unknown loss.weighting {config.loss.weighting!r}: use one of "
                      f"{', '.join(elbo.WEIGHTINGS)}.")
-  if config.sampling.sampler not in train.SAMPLERS:
+  if config.sampling.sampler not in samplers.SAMPLERS:
     raise ValueError(f"unknown sampling.sampler {config.sampling.sampler!r}: use one of "
-                     f"{', '.join(train.SAMPLERS)}.")
+                     f"{', '.join(samplers.SAMPLERS)}.")
   for key, seed in (("seed", config.seed), ("eval.seed", config.eval.seed)):
     check_seed(seed, key)
   if not 0.0 <= m.dropout < 1.0:

@@ -47,7 +47,7 @@ from jax.experimental import multihost_utils
 from ml_collections import config_flags
 
 from vdm import checkpoint as ckpt_lib
-from vdm import config_checks, input_pipeline, logging_utils, nets, schedules, train
+from vdm import config_checks, input_pipeline, logging_utils, nets, samplers, schedules, train
 from vdm.model import gamma_fn_for, make_model
 
 SAMPLES_DIR, TENSORBOARD_DIR = "samples", "tensorboard"  # in the workdir
@@ -59,7 +59,7 @@ flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs, samples a
 flags.DEFINE_enum("mode", "train", ["train", "eval", "sample"], "What to do.")
 flags.DEFINE_string("checkpoint", None, "eval/sample: a checkpoint step directory or a workdir "
                     "(default: the newest good checkpoint in --workdir).")
-flags.DEFINE_string("sampler", None, f"sample: one of {', '.join(train.SAMPLERS)} "
+flags.DEFINE_string("sampler", None, f"sample: one of {', '.join(samplers.SAMPLERS)} "
                     "(default: config.sampling.sampler).")
 flags.DEFINE_integer("num_steps", None, "sample: sampler steps (default: config.sampling.num_steps).")
 flags.DEFINE_integer("num_samples", None, "sample: how many (default: config.sampling.num_samples).")
@@ -352,8 +352,8 @@ def run_eval(config, workdir: str, checkpoint: str | None) -> dict:
 
 def run_sample(config, workdir: str, checkpoint: str | None, sampler: str, num_steps: int,
                num_samples: int, seed: int) -> str:
-  if sampler not in train.SAMPLERS:
-    raise ValueError(f"unknown --sampler {sampler!r}: use one of {', '.join(train.SAMPLERS)}.")
+  if sampler not in samplers.SAMPLERS:
+    raise ValueError(f"unknown --sampler {sampler!r}: use one of {', '.join(samplers.SAMPLERS)}.")
   if num_steps < 1 or num_samples < 1:
     raise ValueError(f"--num_steps={num_steps} and --num_samples={num_samples} must be >= 1.")
   config_checks.check_seed(seed, "--sample_seed")

@@ -1,8 +1,10 @@
 """Samplers from z_1 ~ N(0, I) to z_0, for any denoiser ``eps_fn(z_t, gamma_t)`` and schedule γ(t).
 
 Each runs N steps on the uniform grid t_i = i/N, from t = 1 down to t = 0, as one
-``lax.fori_loop`` (so a jitted sampler compiles one step, whatever N). ``decode`` maps z_0
-to integer data with the model's decoder.
+``lax.fori_loop`` (so a jitted sampler compiles one step, whatever N), and has the signature
+:data:`Sampler`; :data:`SAMPLERS` names them for configs and the command line (a new sampler
+registered there is one that ``vdm.main --mode=sample --sampler=NAME`` runs). ``decode`` maps
+z_0 to integer data with the model's decoder.
 """
 from __future__ import annotations
 
@@ -44,35 +46,47 @@ def _eps(eps_fn: EpsFn, z: jax.Array, gamma: jax.Array) -> jax.Array:
   return denoise(eps_fn, z, jnp.full((z.shape[0],), gamma, jnp.float32))
 
 
-def ancestral(eps_fn: EpsFn, gamma_fn: GammaFn, z_1: jax.Array, rng: jax.Array, num_steps: int) -> jax.Array:
-  """Ancestral sampling of p(z_s|z_t) = q(z_s|z_t, x = x̂_θ(z_t)):
+def _needs_rng(rng: Optional[jax.Array], what: str) -> None:
+  if rng is None:
+    raise ValueError(f"{what} draws noise: pass rng (a jax.random key).")
 
-  z_s = (α_s/α_t)(z_t − c σ_t ε̂) + sqrt(c σ²_s) ξ,  c = 1 − e^{γ_s − γ_t}.
+
+def ddim(eps_fn: EpsFn, gamma_fn: GammaFn, z_1: jax.Array, num_steps: int,
+         rng: Optional[jax.Array] = None, eta: float = 0.0) -> jax.Array:
+  """DDIM with stochasticity η ∈ [0, 1], from x̂ = (z_t − σ_t ε̂)/α_t:
+
+  z_s = α_s x̂ + σ_s sqrt(1 − η² c) ε̂ + η σ_s sqrt(c) ξ,  c = 1 − e^{γ_s − γ_t},
+
+  where σ²_s c is the variance of the posterior q(z_s|z_t, x). η = 0 is deterministic DDIM; η = 1
+  is ancestral sampling of p(z_s|z_t) = q(z_s|z_t, x = x̂) (:func:`ancestral`).
   """
   _check(gamma_fn, num_steps)
-
-  def step(z, t, s, key):
-    g_t, g_s = gamma_fn(t), gamma_fn(s)
-    sigma_t = jnp.sqrt(schedules.sigma2(g_t))
-    c = -jnp.expm1(g_s - g_t)
-    mean = schedules.alpha_ratio(g_s, g_t) * (z - c * sigma_t * _eps(eps_fn, z, g_t))
-    return mean + jnp.sqrt(c * schedules.sigma2(g_s)) * jax.random.normal(key, z.shape, z.dtype)
-
-  return _reverse_loop(step, z_1, rng, num_steps)
-
-
-def ddim(eps_fn: EpsFn, gamma_fn: GammaFn, z_1: jax.Array, num_steps: int) -> jax.Array:
-  """Deterministic DDIM: z_s = α_s x̂ + σ_s ε̂ with x̂ = (z_t − σ_t ε̂)/α_t,
-  i.e. z_s = (α_s/α_t)(z_t − σ_t ε̂) + σ_s ε̂."""
-  _check(gamma_fn, num_steps)
+  if not 0.0 <= eta <= 1.0:
+    raise ValueError(f"eta={eta!r} must be in [0, 1] (0: deterministic DDIM, 1: ancestral).")
+  if eta:
+    _needs_rng(rng, f"ddim with eta={eta}")
 
   def step(z, t, s, key):
     g_t, g_s = gamma_fn(t), gamma_fn(s)
     sigma_t, sigma_s = jnp.sqrt(schedules.sigma2(g_t)), jnp.sqrt(schedules.sigma2(g_s))
     eps_hat = _eps(eps_fn, z, g_t)
-    return schedules.alpha_ratio(g_s, g_t) * (z - sigma_t * eps_hat) + sigma_s * eps_hat
+    # 1 − η² c = (1 − η²) + η² e^{γ_s − γ_t}: no cancellation at η = 1 and a large step.
+    kept = jnp.sqrt((1.0 - eta**2) + eta**2 * jnp.exp(g_s - g_t))
+    z_s = schedules.alpha_ratio(g_s, g_t) * (z - sigma_t * eps_hat) + sigma_s * kept * eps_hat
+    if not eta:
+      return z_s
+    c = -jnp.expm1(g_s - g_t)
+    return z_s + eta * sigma_s * jnp.sqrt(c) * jax.random.normal(key, z.shape, z.dtype)
 
-  return _reverse_loop(step, z_1, None, num_steps)
+  return _reverse_loop(step, z_1, rng if eta else None, num_steps)
+
+
+def ancestral(eps_fn: EpsFn, gamma_fn: GammaFn, z_1: jax.Array, num_steps: int,
+              rng: Optional[jax.Array] = None) -> jax.Array:
+  """Ancestral sampling of p(z_s|z_t) = q(z_s|z_t, x = x̂_θ(z_t)) (DDPM's): :func:`ddim` with
+  η = 1, z_s = (α_s/α_t)(z_t − c σ_t ε̂) + σ_s sqrt(c) ξ."""
+  _needs_rng(rng, "ancestral")
+  return ddim(eps_fn, gamma_fn, z_1, num_steps, rng, eta=1.0)
 
 
 def vp_drift(eps_fn: EpsFn, gamma_fn: GammaFn, z: jax.Array, t, score_scale: float) -> tuple[jax.Array, jax.Array]:
@@ -87,9 +101,11 @@ def vp_drift(eps_fn: EpsFn, gamma_fn: GammaFn, z: jax.Array, t, score_scale: flo
   return -0.5 * beta * z + score_scale * beta / sigma * _eps(eps_fn, z, g), beta
 
 
-def euler_maruyama(eps_fn: EpsFn, gamma_fn: GammaFn, z_1: jax.Array, rng: jax.Array, num_steps: int) -> jax.Array:
+def euler_maruyama(eps_fn: EpsFn, gamma_fn: GammaFn, z_1: jax.Array, num_steps: int,
+                   rng: Optional[jax.Array] = None) -> jax.Array:
   """Euler–Maruyama on the reverse VP-SDE dz = [−½β z + β ε̂/σ] dt + sqrt(β) dw̄, t: 1 → 0."""
   _check(gamma_fn, num_steps)
+  _needs_rng(rng, "euler_maruyama")
 
   def step(z, t, s, key):
     drift, beta = vp_drift(eps_fn, gamma_fn, z, t, 1.0)
@@ -99,8 +115,10 @@ def euler_maruyama(eps_fn: EpsFn, gamma_fn: GammaFn, z_1: jax.Array, rng: jax.Ar
   return _reverse_loop(step, z_1, rng, num_steps)
 
 
-def probability_flow(eps_fn: EpsFn, gamma_fn: GammaFn, z_1: jax.Array, num_steps: int) -> jax.Array:
-  """Heun's method on the probability-flow ODE dz/dt = −½β_t (z − ε̂/σ_t), t: 1 → 0."""
+def probability_flow(eps_fn: EpsFn, gamma_fn: GammaFn, z_1: jax.Array, num_steps: int,
+                     rng: Optional[jax.Array] = None) -> jax.Array:
+  """Heun's method on the probability-flow ODE dz/dt = −½β_t (z − ε̂/σ_t), t: 1 → 0 (``rng`` is
+  not used: the signature is :data:`Sampler`'s)."""
   _check(gamma_fn, num_steps)
 
   def step(z, t, s, key):
@@ -110,6 +128,13 @@ def probability_flow(eps_fn: EpsFn, gamma_fn: GammaFn, z_1: jax.Array, num_steps
     return z - 0.5 * (t - s) * (d_t + d_s)
 
   return _reverse_loop(step, z_1, None, num_steps)
+
+
+# sampler(eps_fn, gamma_fn, z_1, num_steps, rng) -> z_0; rng may be None for the deterministic ones.
+Sampler = Callable[[EpsFn, GammaFn, jax.Array, int, Optional[jax.Array]], jax.Array]
+SAMPLERS: dict[str, Sampler] = {"ancestral": ancestral, "ddim": ddim,
+                                "euler_maruyama": euler_maruyama,
+                                "probability_flow": probability_flow}
 
 
 def decode(z_0: jax.Array, gamma_0: jax.Array, *, vocab_size: int = 256,

@@ -22,7 +22,6 @@ from vdm import elbo, importance, input_pipeline, logging_utils, samplers, sched
 from vdm.elbo import TimeProposal
 from vdm.model import Model, Params, eps_fn_for, gamma_fn_for, init_params
 
-SAMPLERS = ("ancestral", "ddim", "euler_maruyama", "probability_flow")
 TERMS = ("prior", "diffusion", "reconstruction")
 TIME_SAMPLINGS = ("uniform", "importance")
 
@@ -354,8 +353,8 @@ def make_sample_fn(config, model: Model, sampler: str, num_steps: int, num_sampl
   model's decoder and no rng (the discretized Gaussian's is centred on x̂_0: one more denoiser
   call, at γ_0). The samples are split over ``mesh``'s devices, padded to a multiple of their
   count; the random draws are those of one device, so the images do not depend on the count."""
-  if sampler not in SAMPLERS:
-    raise ValueError(f"unknown sampler {sampler!r}: use one of {', '.join(SAMPLERS)}.")
+  if sampler not in samplers.SAMPLERS:
+    raise ValueError(f"unknown sampler {sampler!r}: use one of {', '.join(samplers.SAMPLERS)}.")
   if not isinstance(num_steps, int) or num_steps < 1:
     raise ValueError(f"num_steps={num_steps!r} must be an integer >= 1.")
   check_sampling_steps(config.model.num_timesteps, num_steps)
@@ -367,14 +366,7 @@ def make_sample_fn(config, model: Model, sampler: str, num_steps: int, num_sampl
     rng_z, rng_s = jax.random.split(rng)
     z = jax.random.normal(rng_z, (padded,) + model.image_shape)
     z = jax.lax.with_sharding_constraint(z, batch_sharding(mesh))
-    if sampler == "ancestral":
-      z = samplers.ancestral(eps_fn, gamma_fn, z, rng_s, num_steps)
-    elif sampler == "ddim":
-      z = samplers.ddim(eps_fn, gamma_fn, z, num_steps)
-    elif sampler == "euler_maruyama":
-      z = samplers.euler_maruyama(eps_fn, gamma_fn, z, rng_s, num_steps)
-    else:
-      z = samplers.probability_flow(eps_fn, gamma_fn, z, num_steps)
+    z = samplers.SAMPLERS[sampler](eps_fn, gamma_fn, z, num_steps, rng_s)
     gamma_0 = gamma_fn(jnp.zeros(()))
     x_hat = elbo.decoder_x_hat(eps_fn, z, gamma_0, decoder)
     return samplers.decode(z, gamma_0, vocab_size=vocab, decoder=decoder, x_hat=x_hat)[:num_samples]
