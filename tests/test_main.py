@@ -62,9 +62,12 @@ def test_train_eval_sample_end_to_end_and_resume(tmp_path):
     r = _run(_cmd(workdir, *TINY, *args))
     lines = [l for l in r.stderr.splitlines() if l.strip()]
     assert r.returncode == 2 and len(lines) == 1 and f"holds a run with {shown}" in lines[0], r.stderr
+    assert lines[0].endswith(f"(--config=configs/run.py:{workdir}) or a fresh --workdir."), lines
   assert _json(workdir, "config.json")["seed"] == 0
 
-  r = _run(_cmd(workdir, *TINY, "--mode=eval", "--config.eval.num_batches=1"))
+  # That run's own config, read back from its config.json: no overrides needed.
+  r = _run(_cmd(workdir, "--mode=eval", "--config.eval.num_batches=1",
+                config=f"configs/run.py:{workdir}"))
   assert r.returncode == 0, r.stderr[-3000:]
   assert "eval.num_batches=1 limits training's periodic evals; --mode=eval evaluates the whole" in (
       r.stderr)  # it was ignored without a word
@@ -124,6 +127,10 @@ BAD_INPUTS = {
     "config_without_get_config": (["CONFIG_TEXT=x = 1\n"], {}, "defines no get_config()"),
     "config_argument": (["CONFIG=configs/quickstart.py:abc"], {},
                         "Error whilst parsing config file: TypeError: get_config() takes 0"),
+    "config_json": (["CONFIG=/tmp/run/config.json"], {}, "is a JSON record, not a config file: "
+                    "read a run's config.json with --config=configs/run.py:/tmp/run/config.json"),
+    "run_config_missing": (["CONFIG=configs/run.py:/nonexistent"], {},
+                           "cannot read /nonexistent (FileNotFoundError): pass a run's workdir"),
     "checkpoints_in_the_way": (["IN_THE_WAY=checkpoints"], {},
                                "checkpoints is in the way: the run writes a directory there"),
     "config_json_in_the_way": (["IN_THE_WAY=config.json"], {},

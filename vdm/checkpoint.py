@@ -325,7 +325,7 @@ def check_run_config(config, path: str, mode: str = "eval") -> None:
     shown = ", ".join(f"{k}={saved[k]!r} (now {current[k]!r})" for k in changed[:3])
     more = f" and {len(changed) - 3} more" if len(changed) > 3 else ""
     raise ValueError(f"{workdir} holds a run with {shown}{more}: use that run's config "
-                     f"({recorded}) or a fresh --workdir.")
+                     f"(--config=configs/run.py:{workdir}) or a fresh --workdir.")
 
 
 def load_params(config, path: str, use_ema: bool = True) -> tuple[Model, dict, dict]:

@@ -427,6 +427,9 @@ def main(argv) -> None:
 
 def _parse_flags(argv):
   config_file = next((a.split("=", 1)[1] for a in argv[1:] if a.startswith("--config=")), "")
+  if config_file.endswith(".json"):
+    logging_utils.fail(f"--config={config_file} is a JSON record, not a config file: read a run's "
+                       f"config.json with --config=configs/run.py:{config_file}.")
   try:
     return FLAGS(argv)
   except flags.Error as e:  # config_flags wraps an error of get_config(ARG) with its traceback

@@ -1,0 +1,45 @@
+"""The config a training run recorded in its workdir (its config.json), for evaluating, sampling
+from or resuming that run with the settings it was trained with:
+
+`python -m vdm.main --config=configs/run.py:/tmp/quickstart --workdir=/tmp/quickstart --mode=eval`
+
+The argument after the colon is the run's workdir or its config.json. The recorded values are laid
+over configs/default.py, so overrides (`--config.eval.num_batches=...`) work as with any config,
+and keys added to vdm after the run keep their defaults.
+"""
+import json
+import os
+
+import ml_collections
+
+from configs import default
+from vdm.checkpoint import RUN_CONFIG
+
+
+def _flat(tree: dict, prefix: str = "") -> dict:
+  out = {}
+  for key, value in tree.items():
+    if isinstance(value, dict):
+      out.update(_flat(value, f"{prefix}{key}."))
+    else:
+      out[prefix + key] = value
+  return out
+
+
+def get_config(path: str) -> ml_collections.ConfigDict:
+  recorded = os.path.join(path, RUN_CONFIG) if os.path.isdir(path) else path
+  try:
+    with open(recorded) as f:
+      saved = _flat(json.load(f))
+  except (OSError, ValueError) as e:
+    raise ValueError(f"configs/run.py:{path}: cannot read {recorded} ({type(e).__name__}): pass a "
+                     "run's workdir or the config.json that training wrote there.") from None
+  config = default.get_config()
+  known = _flat(json.loads(config.to_json_best_effort()))
+  unknown = sorted(saved.keys() - known.keys())
+  if unknown:
+    raise ValueError(f"{recorded} has keys this vdm does not know ({', '.join(unknown[:3])}"
+                     f"{' and more' if len(unknown) > 3 else ''}): use the vdm version that "
+                     "trained the run.")
+  config.update_from_flattened_dict(saved)
+  return config
