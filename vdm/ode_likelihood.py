@@ -48,15 +48,20 @@ def standard_normal_log_prob(z: jax.Array) -> jax.Array:
   return -0.5 * jnp.sum(z**2, axis=-1) - 0.5 * z.shape[1] * math.log(2 * math.pi)
 
 
-def _check(divergence: str, num_probes: int, solver: str, rtol: float, atol: float) -> None:
+def _check(divergence: str, num_probes: int, solver: str, rtol: float, atol: float,
+           max_steps: Optional[int] = 1) -> None:
   if divergence not in DIVERGENCES:
     raise ValueError(f"unknown divergence {divergence!r}: use one of {DIVERGENCES}.")
-  if divergence == "hutchinson" and (not isinstance(num_probes, (int, np.integer)) or num_probes < 1):
+  if divergence == "hutchinson" and (isinstance(num_probes, bool) or
+                                     not isinstance(num_probes, (int, np.integer)) or num_probes < 1):
     raise ValueError(f"num_probes={num_probes!r} must be an integer >= 1.")
   if solver not in SOLVERS:
     raise ValueError(f"unknown solver {solver!r}: use one of {tuple(SOLVERS)}.")
-  if not (rtol > 0 and atol > 0):
-    raise ValueError(f"rtol={rtol} and atol={atol} must be > 0.")
+  if not (0 < rtol < math.inf and 0 < atol < math.inf):
+    raise ValueError(f"rtol={rtol} and atol={atol} must be finite and > 0.")
+  if max_steps is not None and (isinstance(max_steps, bool)
+                                or not isinstance(max_steps, (int, np.integer)) or max_steps < 1):
+    raise ValueError(f"max_steps={max_steps!r} must be an integer >= 1 (or None).")
 
 
 @eqx.filter_jit
@@ -86,7 +91,11 @@ def ode_log_density(eps_fn: EpsFn, gamma_fn: GammaFn, z_0: jax.Array, rng: Optio
   Each vector-field evaluation costs one denoiser forward pass plus D (exact) or num_probes
   (Hutchinson) Jacobian-vector products through it.
   """
-  _check(divergence, num_probes, solver, rtol, atol)
+  _check(divergence, num_probes, solver, rtol, atol, max_steps)
+  if z_0.ndim < 2 or z_0.dtype not in (jnp.float32, jnp.float64):
+    raise ValueError(f"z_0 has shape {z_0.shape} and dtype {z_0.dtype}: expected a float32 (or "
+                     "float64) batch [B, ...] (one example per row; a trailing axis for D = 1).")
+  schedules.check_increasing(gamma_fn)  # concrete schedules only; traced ones pass through
   batch = z_0.shape[0]
   dims = elbo.data_dims(z_0)
   if divergence == "exact":
@@ -114,6 +123,10 @@ def ode_log_density(eps_fn: EpsFn, gamma_fn: GammaFn, z_0: jax.Array, rng: Optio
       saveat=diffrax.SaveAt(t1=True), throw=False)
   z_1, delta = sol.ys[0][-1], sol.ys[1][-1]
   prior = standard_normal_log_prob if prior_log_prob is None else prior_log_prob
+  prior_shape = jax.eval_shape(prior, z_1).shape
+  if prior_shape != (batch,):
+    raise ValueError(f"prior_log_prob returned shape {prior_shape}: it must return one "
+                     f"log-density per example, shape ({batch},).")
   num_steps = sol.stats["num_steps"]
   converged = sol.result == diffrax.RESULTS.successful
   return {"log_prob": jnp.where(converged, prior(z_1) + delta, jnp.nan), "z_1": z_1,
