@@ -43,7 +43,7 @@ from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 from experiments import common  # noqa: E402
-from vdm import checkpoint, config_checks, input_pipeline, logging_utils, nets, train  # noqa: E402
+from vdm import checkpoint, config_checks, elbo, input_pipeline, logging_utils, nets, train  # noqa: E402
 from vdm.model import make_model  # noqa: E402
 
 FLAGS = flags.FLAGS
@@ -104,7 +104,7 @@ def evaluate_draws(eval_step, params, split, config, mesh, draws: int, eval_batc
     summaries.append(train.evaluate(eval_step, params, split, seeded, mesh, eval_batches,
                                     desc=f"{desc}, draw {d + 1}/{draws}" if draws > 1 else desc))
     bpd = np.array([s["bpd"] for s in summaries])
-    means = {k: float(np.mean([s[k] for s in summaries])) for k in ("bpd",) + train.TERMS}
+    means = {k: float(np.mean([s[k] for s in summaries])) for k in ("bpd",) + elbo.TERMS}
     summary = {**summaries[0], **means, "draws": d + 1,
                "draws_stderr": float(bpd.std(ddof=1) / np.sqrt(d + 1)) if d else None}
     on_draw(summary)
@@ -165,7 +165,7 @@ def run_curve(config, seconds: float, marks: list[float], use_ema: bool = False,
           "mark_seconds": mark, "train_seconds": train_s, "step": step,
           "test_bpd": summary["bpd"], "test_bpd_se": summary["bpd_stderr"],
           "test_draws": summary["draws"], "test_bpd_draws_se": summary["draws_stderr"],
-          **{f"test_{k}_bpd": summary[k] for k in train.TERMS},
+          **{f"test_{k}_bpd": summary[k] for k in elbo.TERMS},
           "num_test_images": summary["num_examples"],
           "train_bpd": float(last["bpd"]), "nonfinite": int(last["nonfinite"])}]
       results.update(

@@ -41,14 +41,21 @@ def test_decoders_are_normalised(decoder):
   vocab = 16
   xs = jnp.arange(vocab)[:, None]
   z_0 = jnp.full((vocab, 1), 0.37)
-  logp = -elbo.reconstruction_loss(xs, z_0, jnp.float32(-3.0), vocab_size=vocab, decoder=decoder)
-  np.testing.assert_allclose(jax.scipy.special.logsumexp(logp), 0.0, atol=1e-5)
-  # The whole distribution (sampling reads it) is the same decoder, here centred on x̂_0 = 0.05.
-  x_hat = jnp.full((vocab, 1), 0.05)
+  x_hat = jnp.full((vocab, 1), 0.05) if decoder == "discretized_gaussian" else None
   logp = -elbo.reconstruction_loss(xs, z_0, jnp.float32(-3.0), vocab_size=vocab, decoder=decoder,
                                    x_hat=x_hat)
-  every = elbo.decoder_log_probs(z_0[:1], jnp.float32(-3.0), vocab, decoder, x_hat[:1])
+  np.testing.assert_allclose(jax.scipy.special.logsumexp(logp), 0.0, atol=1e-5)
+  # The whole distribution (sampling reads it) is the same decoder.
+  every = elbo.decoder_log_probs(z_0[:1], jnp.float32(-3.0), vocab, decoder,
+                                 None if x_hat is None else x_hat[:1])
   np.testing.assert_allclose(every[0, 0], logp, rtol=1e-6, atol=1e-6)
+  # The other decoder's x_hat (missing, or given to the VDM decoder) is refused, not ignored.
+  wrong = jnp.full((vocab, 1), 0.05) if x_hat is None else None
+  for fn in (lambda: elbo.reconstruction_loss(xs, z_0, jnp.float32(-3.0), vocab_size=vocab,
+                                              decoder=decoder, x_hat=wrong),
+             lambda: elbo.decoder_log_probs(z_0, jnp.float32(-3.0), vocab, decoder, wrong)):
+    with pytest.raises(ValueError, match=f"decoder='{decoder}' with x_hat"):
+      fn()
 
 
 def test_gamma_min_floor_is_where_float32_still_holds_the_noise():

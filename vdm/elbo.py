@@ -23,6 +23,7 @@ TimeProposal = Callable[[jax.Array], tuple[jax.Array, jax.Array]]
 
 DECODERS = ("vdm", "discretized_gaussian")
 WEIGHTINGS = ("elbo", "simple")
+TERMS = ("prior", "diffusion", "reconstruction")  # the bound's terms, as elbo_terms names them
 
 
 def concrete_value(a) -> Optional[np.ndarray]:
@@ -49,10 +50,17 @@ def check_data(x: jax.Array, vocab_size: int) -> None:
                      "set vocab_size to the number of distinct levels or fix the data.")
 
 
-def check_decoder(decoder: str) -> None:
-  """Raise ValueError unless ``decoder`` is one of :data:`DECODERS`."""
+def check_decoder(decoder: str, x_hat: Optional[jax.Array] = None, reads_x_hat: bool = False
+                  ) -> None:
+  """Raise ValueError unless ``decoder`` is one of :data:`DECODERS` and, where the decoder is
+  applied (``reads_x_hat``), ``x_hat`` is given for the discretized Gaussian and only for it: one
+  centred on z_0/α_0 instead would be the bound of another model, silently."""
   if decoder not in DECODERS:
     raise ValueError(f"unknown decoder {decoder!r}: use one of {DECODERS}.")
+  if reads_x_hat and (decoder == "discretized_gaussian") != (x_hat is not None):
+    raise ValueError(f"decoder={decoder!r} with x_hat {'missing' if x_hat is None else 'given'}: the "
+                     "discretized Gaussian decoder needs x_hat = "
+                     "vdm.elbo.decoder_x_hat(eps_fn, z_0, γ_0, decoder), and the VDM decoder reads z_0 alone.")
 
 
 def check_num_timesteps(num_timesteps: int) -> None:
@@ -134,9 +142,9 @@ def reconstruction_loss(x: jax.Array, z_0: jax.Array, gamma_0: jax.Array, *, voc
 
   decoder="vdm": p(x_i|z_0) = softmax_v(−½ e^{−γ_0} (z_0/α_0 − x_v)²)[x_i].
   decoder="discretized_gaussian": N(x̂_0, e^{γ_0}) integrated over the bin of x_i (DDPM), where
-  x̂_0 = (z_0 − σ_0 ε̂)/α_0 is the denoiser's mean (z_0/α_0 when x_hat is None).
+  x̂_0 = (z_0 − σ_0 ε̂)/α_0 is the denoiser's mean (:func:`decoder_x_hat`).
   """
-  check_decoder(decoder)
+  check_decoder(decoder, x_hat, reads_x_hat=True)
   if decoder == "vdm":
     logp = decoder_log_probs(z_0, gamma_0, vocab_size)
     logp = jnp.take_along_axis(logp, jnp.asarray(x, jnp.int32)[..., None], axis=-1)[..., 0]
@@ -148,7 +156,7 @@ def reconstruction_loss(x: jax.Array, z_0: jax.Array, gamma_0: jax.Array, *, voc
 def decoder_centre(z_0: jax.Array, gamma_0: jax.Array, x_hat: Optional[jax.Array] = None
                    ) -> jax.Array:
   """Where the decoder centres x: x̂_0 when given (the discretized Gaussian's mean), else z_0/α_0
-  (the VDM decoder's, and the discretized Gaussian's without a denoiser)."""
+  (the VDM decoder's)."""
   if x_hat is not None:
     return x_hat
   return z_0 / jnp.sqrt(schedules.alpha2(_bcast(jnp.asarray(gamma_0, jnp.float32), z_0)))
@@ -165,7 +173,7 @@ def decoder_log_probs(z_0: jax.Array, gamma_0: jax.Array, vocab_size: int, decod
                       x_hat: Optional[jax.Array] = None) -> jax.Array:
   """log p(x_i = v | z_0) for every value v, shape [..., V]: the decoder of
   :func:`reconstruction_loss` (same ``decoder`` and ``x_hat``) as a whole distribution."""
-  check_decoder(decoder)
+  check_decoder(decoder, x_hat, reads_x_hat=True)
   if decoder == "vdm":
     return jax.nn.log_softmax(vdm_decoder_logits(z_0, gamma_0, vocab_size), axis=-1)
   mean, log_scale = _gaussian_decoder(z_0, gamma_0, x_hat)
@@ -240,6 +248,15 @@ def elbo_terms(eps_fn: EpsFn, gamma_fn: GammaFn, x: jax.Array, rng: jax.Array, *
                          vocab_size=vocab_size, decoder=decoder)
 
 
+def diffusion_loss(eps_fn: EpsFn, x_scaled: jax.Array, gamma_t: jax.Array, w_t: jax.Array,
+                   eps: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """(½ w_t ||ε − ε̂(z_t; γ_t)||², ||ε − ε̂||²) per example, z_t = α_t x + σ_t ε: the diffusion
+  term's one-sample estimate at given times (w_t = γ'(t) in continuous time, the discrete-time
+  weight otherwise: :func:`diffusion_weight`)."""
+  eps_mse = sum_per_example((eps - denoise(eps_fn, diffuse(x_scaled, gamma_t, eps), gamma_t)) ** 2)
+  return 0.5 * w_t * eps_mse, eps_mse
+
+
 def elbo_terms_from(eps_fn: EpsFn, x: jax.Array, rng: jax.Array, t: jax.Array, gamma_t: jax.Array,
                     w_t: jax.Array, gamma_0: jax.Array, gamma_1: jax.Array, *,
                     q_t: Optional[jax.Array] = None, vocab_size: int = 256, decoder: str = "vdm"
@@ -261,19 +278,18 @@ def elbo_terms_from(eps_fn: EpsFn, x: jax.Array, rng: jax.Array, t: jax.Array, g
   if q_t is None:
     q_t = jnp.ones_like(t)
 
-  eps = jax.random.normal(rng_eps, x_scaled.shape)
-  z_t = diffuse(x_scaled, gamma_t, eps)
+  diffusion, eps_mse = diffusion_loss(eps_fn, x_scaled, gamma_t, w_t,
+                                      jax.random.normal(rng_eps, x_scaled.shape))
   z_0 = diffuse(x_scaled, gamma_0, jax.random.normal(rng_0, x_scaled.shape))
-  eps_hat, x_hat_0 = denoise(eps_fn, z_t, gamma_t), None
+  x_hat_0 = None
   if decoder == "discretized_gaussian":  # the denoiser's mean at t = 0, a call of its own: in one
     # call with z_t, an ε̂ that ranks its batch by γ (model.split_by_noise) gave z_0's rows, all
     # at the lowest γ, the fp32 share meant for the least noisy z_t.
     x_hat_0 = predict_x0(z_0, gamma_0, denoise(eps_fn, z_0, jnp.full((batch,), gamma_0)))
 
-  eps_mse = sum_per_example((eps - eps_hat) ** 2)
   return {
       "prior": prior_loss(x_scaled, gamma_1),
-      "diffusion": 0.5 * w_t / q_t * eps_mse,
+      "diffusion": diffusion / q_t,
       "reconstruction": reconstruction_loss(x, z_0, gamma_0, vocab_size=vocab_size, decoder=decoder,
                                             x_hat=x_hat_0),
       "eps_mse": eps_mse,

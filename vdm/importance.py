@@ -46,9 +46,8 @@ def diffusion_loss_at(eps_fn: EpsFn, gamma_fn: GammaFn, x: jax.Array, t: jax.Arr
   """ℓ(t) = ½ γ'(t) ||ε − ε̂(z_t; γ_t)||² per example at given times t [B] (continuous time, nats)."""
   x_scaled = elbo.scale_data(x, vocab_size)
   _, gamma_t, w_t = elbo.diffusion_weight(gamma_fn, jnp.asarray(t, jnp.float32), 0)
-  eps = jax.random.normal(rng, x_scaled.shape)
-  eps_hat = elbo.denoise(eps_fn, elbo.diffuse(x_scaled, gamma_t, eps), gamma_t)
-  return 0.5 * w_t * elbo.sum_per_example((eps - eps_hat) ** 2)
+  return elbo.diffusion_loss(eps_fn, x_scaled, gamma_t, w_t,
+                             jax.random.normal(rng, x_scaled.shape))[0]
 
 
 def times_in_bin(rng: jax.Array, b: jax.Array, batch: int, num_bins: int

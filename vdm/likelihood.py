@@ -25,7 +25,7 @@ from vdm.elbo import EpsFn, TimeProposal
 from vdm.importance import diffusion_loss_at, times_in_bin
 from vdm.schedules import GammaFn
 
-TERMS = ("prior", "diffusion", "reconstruction", "total")
+TERMS = elbo.TERMS + ("total",)
 
 
 def setting_name(num_timesteps: int) -> str:

@@ -145,11 +145,7 @@ def decode(z_0: jax.Array, gamma_0: jax.Array, *, vocab_size: int = 256,
   c = z_0/α_0 ("vdm": the decoder's argmax) or c = ``x_hat`` = x̂_0 ("discretized_gaussian",
   from :func:`vdm.elbo.decoder_x_hat`: DDPM's noiseless output; that decoder's argmax would be an
   open-ended edge bin instead of values 1 and V − 2 once e^{γ_0/2} exceeds ≈ 1.2 bins)."""
-  check_decoder(decoder)
-  if (decoder == "discretized_gaussian") != (x_hat is not None):
-    raise ValueError(f"decoder={decoder!r} with x_hat {'missing' if x_hat is None else 'given'}: the "
-                     "discretized Gaussian decoder needs x_hat = "
-                     "vdm.elbo.decoder_x_hat(eps_fn, z_0, γ_0, decoder), and the VDM decoder reads z_0 alone.")
+  check_decoder(decoder, x_hat, reads_x_hat=True)
   if rng is not None:
     logits = decoder_log_probs(z_0, gamma_0, vocab_size, decoder, x_hat)
     return jax.random.categorical(rng, logits, axis=-1).astype(jnp.int32)

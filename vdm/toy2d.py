@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import optax
 
 from vdm import elbo, schedules, variance
+from vdm.nets import timestep_embedding
 
 
 def swirl(rng: jax.Array, n: int, vocab_size: int = 64, noise: float = 0.04) -> jax.Array:
@@ -42,15 +43,8 @@ def swirl_entropy_bits(vocab_size: int = 64, noise: float = 0.04, n: int = 10**7
   return float(-(p * jnp.log2(p)).sum() / 2)
 
 
-def sinusoidal_embedding(x: jax.Array, dim: int, max_period: float = 10_000.0) -> jax.Array:
-  """[B] -> [B, dim]: sin and cos of x at dim/2 geometric frequencies."""
-  freqs = jnp.exp(-math.log(max_period) * jnp.arange(dim // 2) / (dim // 2))
-  args = x[:, None] * freqs
-  return jnp.concatenate([jnp.sin(args), jnp.cos(args)], -1)
-
-
 class MLPDenoiser(nn.Module):
-  """ε̂(z_t, γ_t): an MLP on z and a sinusoidal embedding of γ rescaled to [0, 1000]."""
+  """ε̂(z_t, γ_t): an MLP on z and the U-Net's sinusoidal embedding of γ rescaled to [0, 1]."""
   hidden: int = 128
   layers: int = 3
   embed_dim: int = 32
@@ -59,8 +53,8 @@ class MLPDenoiser(nn.Module):
 
   @nn.compact
   def __call__(self, z: jax.Array, gamma: jax.Array) -> jax.Array:
-    g = 1000.0 * (gamma - self.gamma_min) / (self.gamma_max - self.gamma_min)
-    emb = nn.Dense(self.hidden)(nn.swish(nn.Dense(self.hidden)(sinusoidal_embedding(g, self.embed_dim))))
+    t = (gamma - self.gamma_min) / (self.gamma_max - self.gamma_min)
+    emb = nn.Dense(self.hidden)(nn.swish(nn.Dense(self.hidden)(timestep_embedding(t, self.embed_dim))))
     h = nn.Dense(self.hidden)(z)
     for _ in range(self.layers):
       h = h + nn.Dense(self.hidden)(nn.swish(nn.LayerNorm()(h) + emb))

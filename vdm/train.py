@@ -22,7 +22,6 @@ from vdm import elbo, importance, input_pipeline, logging_utils, samplers, sched
 from vdm.elbo import TimeProposal
 from vdm.model import Model, Params, eps_fn_for, gamma_fn_for, init_params
 
-TERMS = ("prior", "diffusion", "reconstruction")
 TIME_SAMPLINGS = ("uniform", "importance")
 
 
@@ -271,7 +270,7 @@ def make_train_step(config, model: Model, mesh: Mesh) -> Callable[[TrainState, j
     metrics = {
         "loss": loss,
         "bpd": elbo.nats_to_bpd(jnp.mean(elbo.total_nats(terms)), dims),
-        **{f"{k}_bpd": elbo.nats_to_bpd(jnp.mean(terms[k]), dims) for k in TERMS},
+        **{f"{k}_bpd": elbo.nats_to_bpd(jnp.mean(terms[k]), dims) for k in elbo.TERMS},
         "diffusion_second_moment": jnp.mean(elbo.nats_to_bpd(terms["diffusion"], dims) ** 2),
         "sigma2_0": schedules.sigma2(gamma_0),
         "sigma2_1": schedules.sigma2(gamma_1),
@@ -297,7 +296,7 @@ def make_eval_step(config, model: Model, mesh: Mesh) -> Callable:
     dims = elbo.data_dims(batch)
     terms = elbo.elbo_terms(eps_fn_for(model, params, bound=True), gamma_fn_for(model, params),
                             batch, rng, **kwargs)
-    per_example = {k: elbo.nats_to_bpd(terms[k], dims) for k in TERMS}
+    per_example = {k: elbo.nats_to_bpd(terms[k], dims) for k in elbo.TERMS}
     per_example["bpd"] = elbo.nats_to_bpd(elbo.total_nats(terms), dims)
     sums = {k: jnp.sum(v * mask) for k, v in per_example.items()}
     sums["bpd_sq"] = jnp.sum(per_example["bpd"] ** 2 * mask)
@@ -311,7 +310,7 @@ def make_eval_step(config, model: Model, mesh: Mesh) -> Callable:
 def summarize_eval(totals: dict) -> dict:
   """Means of the accumulated sums, with the standard error of the mean bound."""
   n = max(float(totals["count"]), 1.0)
-  out = {k: float(totals[k]) / n for k in ("bpd",) + TERMS}
+  out = {k: float(totals[k]) / n for k in ("bpd",) + elbo.TERMS}
   var = max(float(totals["bpd_sq"]) / n - out["bpd"] ** 2, 0.0)
   out["bpd_stderr"] = math.sqrt(var / max(n - 1.0, 1.0))
   out["num_examples"] = int(n)

@@ -108,7 +108,7 @@ def elbo_and_grads(eps_fn_of: Callable[[Params], EpsFn], score_params: Params,
   def mean_loss(score_params, gamma_t, dgamma_t, gamma_0, gamma_1):
     terms = elbo.elbo_terms_from(eps_fn_of(score_params), x, rng, t, gamma_t, dgamma_t, gamma_0,
                                  gamma_1, q_t=q_t, vocab_size=vocab_size, decoder=decoder)
-    return elbo.nats_to_bpd(jnp.mean(elbo.total_nats(terms)), dims), terms
+    return elbo.bits_per_dim(terms, x), terms
 
   (loss, terms), (score_grads, *cot) = jax.value_and_grad(mean_loss, argnums=(0, 1, 2, 3, 4),
                                                           has_aux=True)(score_params, *sched_out)
