@@ -162,6 +162,21 @@ def test_what_the_kernels_cannot_tile_is_refused_in_one_line():
                                  jnp.ones(48), jnp.zeros(48))
 
 
+def test_validate_warns_that_the_cpu_interprets_the_kernels(caplog):
+  """A config asking for the kernels on the CPU is valid (the tests run them), but 20x slower
+  than the XLA rule: validate says so, once, and not for the XLA rule."""
+  from absl import logging as absl_logging  # pylint: disable=g-import-not-at-top
+  from configs import quickstart  # pylint: disable=g-import-not-at-top
+  from vdm import config_checks  # pylint: disable=g-import-not-at-top
+  absl_logging.set_verbosity(absl_logging.WARNING)
+  config = quickstart.get_config()
+  for impl in ("autodiff", "pallas"):
+    config.model.norm_impl = impl
+    config_checks.validate(config)
+  said = [r.getMessage() for r in caplog.records if "Pallas's interpreter" in r.getMessage()]
+  assert len(said) == 1 and said[0].startswith("model.norm_impl='pallas' on the CPU"), said
+
+
 WITHOUT_TRITON = r"""
 import json, sys
 sys.modules["jax.experimental.pallas.triton"] = None  # as in a jax that has dropped it

@@ -4,6 +4,8 @@ ends in one line that names the key and the fix, not in a traceback after compil
 that quietly trains something else."""
 from __future__ import annotations
 
+from absl import logging
+
 from vdm import elbo, input_pipeline, nets, pallas_norm, samplers, schedules, train
 from vdm.model import SCHEDULES
 
@@ -55,8 +57,11 @@ def validate(config) -> None:
   if m.norm_impl not in nets.NORM_IMPL:
     raise ValueError(f"unknown model.norm_impl {m.norm_impl!r}: use one of "
                      f"{', '.join(nets.NORM_IMPL)} (see vdm.nets.NORM_IMPL).")
-  if m.norm_impl in ("pallas", "pallas_conv"):
-    pallas_norm.use_interpreter()  # refuses a backend or a jax without the kernels
+  if m.norm_impl in ("pallas", "pallas_conv") and pallas_norm.use_interpreter():  # refuses a
+    # backend or a jax without the kernels
+    logging.warning("model.norm_impl=%r on the CPU runs its kernels in Pallas's interpreter, about "
+                    "20x slower than the XLA rule (for tests): use model.norm_impl=autodiff here.",
+                    m.norm_impl)
   if m.norm_impl == "recompute" and m.remat != "none":
     raise ValueError(f"model.norm_impl='recompute' with model.remat={m.remat!r}: a "
                      "rematerialised block already recomputes its norms; set model.remat=none "
