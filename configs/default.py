@@ -54,6 +54,9 @@ def get_config() -> ml_collections.ConfigDict:
   # on the H100 this took the bf16 − fp32 bound gap from 0.0095 to 0.0003 bits/dim.
   m.eval_fp32_fraction = 0.3
   m.schedule = "learned_linear"  # 'fixed_linear' | 'learned_linear' | 'learned_monotone' | 'ddpm_linear' | 'ddpm_cosine'
+  # γ's endpoints for fixed_linear, the initial ones of the learned schedules, and the range the
+  # network's γ input is scaled to [0, 1] by; ddpm_* have their own γ (−9.2..10.1 linear,
+  # −10.1..19.8 cosine), which these do not change.
   m.gamma_min = -13.3
   m.gamma_max = 5.0
   m.num_timesteps = 0          # 0 = continuous time

@@ -3,6 +3,9 @@
 Data x are integers in [0, vocab_size), mapped to [−1, 1] by x ↦ 2(x + ½)/V − 1.
 The forward process is q(z_t|x) = N(α_t x, σ²_t I) with σ²_t = sigmoid(γ_t),
 α²_t = sigmoid(−γ_t), and the denoiser is any callable ``eps_fn(z_t, gamma_t) -> ε̂``.
+The terms are named as in DDPM: L_T = KL(q(z_1|x) ‖ N(0, I)) the prior term, L_{t−1} the
+diffusion terms (their sum L_diffusion, T steps or continuous time), L_0 the reconstruction; the
+VDM paper writes the prior term D_KL and its T-step diffusion loss L_T (L_∞ in continuous time).
 """
 from __future__ import annotations
 
