@@ -20,7 +20,8 @@ live in a training state. For training with it:
   its gradient estimate is unbiased too (the params carry no gradient);
 * or track m₂ online from the training losses with :func:`update_second_moment` (an EMA per bin
   of ℓ(t)², the unweighted loss ``0.5 * w_t * eps_mse``) and rebuild the params with
-  :func:`proposal_from_second_moment` every so often.
+  :func:`proposal_from_second_moment` every so often: what ``vdm.train`` does
+  (``loss.time_sampling='importance'``), at every step. ``experiments/likelihood.py`` fits once.
 
 m₂ depends on γ: with a learned schedule, refit (or track online) as γ changes. The ELBO's value
 does not depend on q, only its variance does.
