@@ -13,29 +13,19 @@ import os
 import ml_collections
 
 from configs import default
-from vdm.checkpoint import RUN_CONFIG
-
-
-def _flat(tree: dict, prefix: str = "") -> dict:
-  out = {}
-  for key, value in tree.items():
-    if isinstance(value, dict):
-      out.update(_flat(value, f"{prefix}{key}."))
-    else:
-      out[prefix + key] = value
-  return out
+from vdm.checkpoint import RUN_CONFIG, flatten
 
 
 def get_config(path: str) -> ml_collections.ConfigDict:
   recorded = os.path.join(path, RUN_CONFIG) if os.path.isdir(path) else path
   try:
     with open(recorded) as f:
-      saved = _flat(json.load(f))
+      saved = flatten(json.load(f))
   except (OSError, ValueError) as e:
     raise ValueError(f"configs/run.py:{path}: cannot read {recorded} ({type(e).__name__}): pass a "
                      "run's workdir or the config.json that training wrote there.") from None
   config = default.get_config()
-  known = _flat(json.loads(config.to_json_best_effort()))
+  known = flatten(json.loads(config.to_json_best_effort()))
   unknown = sorted(saved.keys() - known.keys())
   if unknown:
     raise ValueError(f"{recorded} has keys this vdm does not know ({', '.join(unknown[:3])}"

@@ -82,6 +82,15 @@ def output_path(name: str) -> str:
   return FLAGS.output or os.path.join(FLAGS.workdir or ".", f"{name}.json")
 
 
+def prepare_output(name: str) -> str:
+  """:func:`output_path`, its directory checked writable before any work (a late failure would
+  lose it), and an earlier file there kept (:func:`vdm.logging_utils.keep_previous`)."""
+  out = output_path(name)
+  logging_utils.writable_dir(os.path.dirname(os.path.abspath(out)), "--output's directory")
+  logging_utils.keep_previous(out)
+  return out
+
+
 def write_results(results: dict, name: str) -> str:
   """Write ``results`` (NaN → null) to :func:`output_path`; returns the path."""
   out = output_path(name)

@@ -75,7 +75,18 @@ def main(argv):
   if FLAGS.importance and FLAGS.is_fit_batches < 1:
     raise app.UsageError(f"--is_fit_batches={FLAGS.is_fit_batches} must be >= 1 (or "
                          "--noimportance).")
-  logging_utils.keep_previous(common.output_path("likelihood"))
+  try:
+    timesteps = [int(t) for t in FLAGS.timesteps]
+  except ValueError:
+    timesteps = [-1]
+  if min(timesteps, default=0) < 0:
+    raise ValueError(f"--timesteps={','.join(FLAGS.timesteps)} must be integers >= 0 "
+                     "(0 = continuous time), e.g. --timesteps=0,100,1000.")
+  unknown = [d for d in FLAGS.dequantization if d not in ode_likelihood.DEQUANTIZATIONS]
+  if unknown:
+    raise ValueError(f"--dequantization={','.join(FLAGS.dequantization)}: use some of "
+                     f"{', '.join(ode_likelihood.DEQUANTIZATIONS)}.")
+  common.prepare_output("likelihood")
   rng = jax.random.PRNGKey(FLAGS.seed)
   timings = {}
   if FLAGS.toy:
@@ -125,7 +136,7 @@ def main(argv):
     t0 = time.time()
     results["elbo"] = likelihood.evaluate_elbo(
         eps_fn, gamma_fn, common.image_batches(test, FLAGS.batch_size), jax.random.fold_in(rng, 3),
-        vocab_size=vocab_size, timesteps=[int(t) for t in FLAGS.timesteps],
+        vocab_size=vocab_size, timesteps=timesteps,
         num_samples=FLAGS.num_time_samples, decoder=decoder, time_proposals=proposals)
     timings["elbo_s"] = time.time() - t0
     save()
@@ -170,4 +181,4 @@ def main(argv):
   logging.info("wrote %s", save())
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=logging_utils.parse_flags)

@@ -127,7 +127,7 @@ def run(save) -> dict:
 @logging_utils.one_line_errors
 def main(argv):
   del argv
-  logging_utils.keep_previous(common.output_path("schedule_variance"))
+  common.prepare_output("schedule_variance")
   results = run(lambda r: common.write_results(r, "schedule_variance"))
   c = results["comparison"]
   logging.info("variance ratio fitted/linear %.3f; diffusion loss %.4f ± %.4f (fitted) vs "
@@ -139,4 +139,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=logging_utils.parse_flags)

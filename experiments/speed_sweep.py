@@ -411,6 +411,7 @@ def summary(name: str, f: dict) -> str:
                                                              indent=16))
 
 
+@logging_utils.one_line_errors
 def main(argv):
   del argv
   unknown = [v for v in FLAGS.variants if any(
@@ -469,4 +470,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=logging_utils.parse_flags)

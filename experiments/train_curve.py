@@ -237,7 +237,10 @@ def main(argv):
   if FLAGS.workdir and checkpoint.has_checkpoints(FLAGS.workdir):
     raise ValueError(f"--workdir={FLAGS.workdir} already holds checkpoints, which the likelihood "
                      "scripts would take for this run's: use a fresh --workdir.")
-  os.makedirs(os.path.dirname(os.path.abspath(FLAGS.output)), exist_ok=True)
+  if FLAGS.workdir:  # checked now: the trained state is saved there after the whole budget
+    logging_utils.writable_dir(FLAGS.workdir, "--workdir")
+  logging_utils.writable_dir(os.path.dirname(os.path.abspath(FLAGS.output)),
+                             "--output's directory")
   logging_utils.keep_previous(FLAGS.output)
   save = lambda results: logging_utils.write_json(FLAGS.output, results)
   results, state = run_curve(config, FLAGS.seconds, marks, FLAGS.params == "ema",
@@ -263,4 +266,4 @@ def main(argv):
                  res["difference_bpd"], res["difference_se"], res["num_images"])
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=logging_utils.parse_flags)

@@ -159,12 +159,24 @@ def test_experiment_script_refuses_flags_it_would_misread(tmp_path):
   import sys
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   out = tmp_path / "likelihood.json"
+  (tmp_path / "a_file").write_text("")
+  # One line each, before any work: absl printed its usage text above a flag's error, a config
+  # key error was a traceback, and --timesteps / --dequantization / --output failed only after
+  # the sections before theirs had run.
   for args, words in ((["--num_images=0"], "--toy draws that many images"),
                       (["--batch_size=0"], "--batch_size=0 must be >= 1"),
-                      (["--is_fit_batches=0"], "--is_fit_batches=0 must be >= 1")):
+                      (["--is_fit_batches=0"], "--is_fit_batches=0 must be >= 1"),
+                      (["--timesteps=0,1k"], "--timesteps=0,1k must be integers >= 0"),
+                      (["--dequantization=uniformm"], "--dequantization=uniformm: use some of"),
+                      ([f"--output={tmp_path / 'a_file' / 'x.json'}"],
+                       "--output's directory=" f"{tmp_path / 'a_file'} is not a writable directory"),
+                      (["--notoy", "--config=configs/quickstart.py", "--config.model.n_embdd=64",
+                        f"--workdir={tmp_path}"], "unknown config key 'n_embdd'")):
     r = subprocess.run([sys.executable, os.path.join(root, "experiments", "likelihood.py"), "--toy",
                         f"--output={out}", *args], capture_output=True, text=True, cwd=root)
-    assert r.returncode != 0 and words in r.stderr, r.stderr[-2000:]
+    lines = [l for l in r.stderr.splitlines() if l.startswith("vdm: error:")]
+    assert r.returncode == 2 and "Traceback" not in r.stderr and "USAGE" not in r.stderr, r.stderr[-2000:]
+    assert len(lines) == 1 and words in lines[0] and r.stderr.rstrip().endswith(lines[0]), r.stderr[-2000:]
   assert not out.exists()
 
 

@@ -266,6 +266,21 @@ def test_validate_config_names_the_key_and_the_fix(name):
   assert message in str(error.value)
 
 
+def test_validate_names_missing_keys_and_a_config_that_is_no_configdict():
+  """A config written before a key existed, or a plain dict, is named as such, not met later as
+  an AttributeError traceback."""
+  import importlib  # pylint: disable=g-import-not-at-top
+  from vdm import config_checks  # pylint: disable=g-import-not-at-top
+  config = importlib.import_module("configs.quickstart").get_config()
+  del config.model["norm_impl"]
+  del config.eval["seed"]
+  with pytest.raises(ValueError, match=r"the config lacks eval.seed, model.norm_impl: start from "
+                                       r"configs/default.py's get_config\(\)"):
+    config_checks.validate(config)
+  with pytest.raises(ValueError, match="the config is a dict: get_config"):
+    config_checks.validate({"data": {}})
+
+
 @pytest.mark.slow
 def test_full_quickstart_beats_uniform_bits(tmp_path):
   """The documented quickstart: minutes on 2 CPU cores, test bound clearly below 8 bits/dim."""

@@ -132,6 +132,7 @@ def test_the_last_mark_is_saved_after_its_first_draw():
 @pytest.mark.ci_once  # the script's own checks, many processes
 def test_bad_marks_and_missing_data_are_one_line_errors(tmp_path):
   out = str(tmp_path / "c.json")
+  open(out, "w").close()
   used = tmp_path / "used"  # another run's checkpoints, which the likelihood scripts would load
   os.makedirs(used / "checkpoints" / "5")
   for args, words in ((["--marks=abc"], "must be numbers"), (["--seconds=0"], "must be > 0"),
@@ -140,10 +141,13 @@ def test_bad_marks_and_missing_data_are_one_line_errors(tmp_path):
                        "learning_rate=-0.0002 must be finite and > 0"),
                       (["--eval_batches=-1"], "--eval_batches=-1 must be >= 0"),
                       (["--final_draws=0"], "--final_draws=0 must be >= 1"),
-                      ([f"--workdir={used}"], "already holds checkpoints")):
+                      ([f"--workdir={used}"], "already holds checkpoints"),
+                      ([f"--workdir={out}"],  # a file, found before training, not after it
+                       f"--workdir={out} is not a writable directory"),
+                      (["--config.model.n_embdd=64"], "unknown config key 'n_embdd'")):
     proc = _script("train_curve.py", *TINY, f"--output={out}", *args, check=False)
     assert proc.returncode == 2
     line = proc.stderr.strip().splitlines()[-1]
     assert line.startswith("vdm: error:") and words in line, proc.stderr[-2000:]
-  assert not os.path.exists(out)
+  assert os.path.getsize(out) == 0  # not replaced by a result
 

@@ -446,4 +446,4 @@ if __name__ == "__main__":
   flags.DEFINE_bool("profile", False, "Also trace each program and report its device-kernel time "
                     "by kind and its top kernels (accelerators only).")
   flags.mark_flags_as_required(["config"])
-  app.run(main)
+  app.run(main, flags_parser=logging_utils.parse_flags)

@@ -264,12 +264,12 @@ INFERENCE_KEYS = ("model.", "data.image_size", "data.channels", "data.vocab_size
                   "loss.importance_num_bins")
 
 
-def _flat(tree: dict, prefix: str = "") -> dict:
+def flatten(tree: dict, prefix: str = "") -> dict:
   """{"a": {"b": 1}} -> {"a.b": 1}."""
   out = {}
   for k, v in tree.items():
     if isinstance(v, dict):
-      out.update(_flat(v, f"{prefix}{k}."))
+      out.update(flatten(v, f"{prefix}{k}."))
     else:
       out[f"{prefix}{k}"] = v
   return out
@@ -307,11 +307,11 @@ def check_run_config(config, path: str, mode: str = "eval") -> None:
     return
   try:
     with open(recorded) as f:
-      saved = _flat(json.load(f))
+      saved = flatten(json.load(f))
   except (OSError, ValueError) as e:
     raise ValueError(f"cannot read {recorded} ({type(e).__name__}), the config of the run whose "
                      "checkpoints are there: restore it, or use a fresh --workdir.") from None
-  current = _flat(json.loads(config.to_json_best_effort()))
+  current = flatten(json.loads(config.to_json_best_effort()))
   if mode == "train":
     defining = lambda k: not k.startswith(FREE_KEYS)
   else:

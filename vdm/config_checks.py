@@ -4,9 +4,12 @@ ends in one line that names the key and the fix, not in a traceback after compil
 that quietly trains something else."""
 from __future__ import annotations
 
+import json
+
+import ml_collections
 from absl import logging
 
-from vdm import elbo, input_pipeline, nets, pallas_norm, samplers, schedules, train
+from vdm import checkpoint, elbo, input_pipeline, nets, pallas_norm, samplers, schedules, train
 from vdm.model import SCHEDULES
 
 
@@ -18,8 +21,27 @@ def check_seed(seed: int, name: str) -> None:
                      "so another value would repeat another seed's run.")
 
 
+def check_keys(config) -> None:
+  """Refuse a config that is not a ConfigDict with every key of configs/default.py (one written
+  before a key was added, say): each would fail later, in a traceback about an attribute."""
+  if not isinstance(config, ml_collections.ConfigDict):
+    raise ValueError(f"the config is a {type(config).__name__}: get_config() must return an "
+                     "ml_collections.ConfigDict, e.g. configs/default.py's with changes.")
+  try:
+    from configs import default  # pylint: disable=g-import-not-at-top  # a checkout's configs
+  except ImportError:
+    return
+  have = checkpoint.flatten(json.loads(config.to_json_best_effort()))
+  missing = sorted(checkpoint.flatten(json.loads(default.get_config().to_json_best_effort()))
+                   .keys() - have.keys())
+  if missing:
+    raise ValueError(f"the config lacks {', '.join(missing[:3])}{' and more' if len(missing) > 3 else ''}: "
+                     "start from configs/default.py's get_config(), as configs/*.py do.")
+
+
 def validate(config) -> None:
   """Raise ValueError with the fix for inconsistent settings, before any heavy work."""
+  check_keys(config)
   d, m, t = config.data, config.model, config.training
   if d.source not in input_pipeline.SOURCES:
     raise ValueError(f"unknown data.source {d.source!r}: use one of {', '.join(input_pipeline.SOURCES)}.")

@@ -14,12 +14,13 @@ import math
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from typing import Callable, Iterable, Iterator, Optional
 
 import jax
 import numpy as np
-from absl import logging
+from absl import app, flags, logging
 
 
 def is_main_process() -> bool:
@@ -206,11 +207,68 @@ def fail(message: str, status: int = 2) -> None:
 
 def one_line_errors(main: Callable[[list], None]) -> Callable[[list], None]:
   """``main`` with a ValueError (bad flags, config, data or checkpoint: the library's errors name
-  the fix) ending the script as one line ``vdm: error: ...`` on stderr and exit status 2."""
+  the fix) or a usage error ending the script as one line ``vdm: error: ...`` on stderr and exit
+  status 2 (absl would print the whole usage text above it)."""
   @functools.wraps(main)
   def wrapped(argv):
     try:
       return main(argv)
-    except ValueError as e:
+    except (ValueError, app.UsageError) as e:
       fail(str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__)
   return wrapped
+
+
+def parse_flags(argv: list) -> list:
+  """``absl.app.run``'s flags parser for every vdm entry point: a bad flag, a config file that
+  does not load or an override of a key the config lacks ends in one line (:func:`fail`), not in
+  the traceback or the usage text absl and ml_collections print."""
+  config_file = next((a.split("=", 1)[1] for a in argv[1:] if a.startswith("--config=")), "")
+  if config_file.endswith(".json"):
+    fail(f"--config={config_file} is a JSON record, not a config file: read a run's config.json "
+         f"with --config=configs/run.py:{config_file}.")
+  try:
+    rest = flags.FLAGS(argv)
+    if "config" in flags.FLAGS and flags.FLAGS.config is not None:
+      flags.FLAGS.config.get("data")  # config_flags defers a failed load to the first use
+    return rest
+  except flags.Error as e:  # config_flags wraps an error of get_config(ARG) with its traceback
+    head, _, trace = str(e).partition("Traceback (most recent call last):")
+    fail(" ".join((head + (trace.strip().splitlines() or [""])[-1]).split()))
+  except (KeyError, AttributeError) as e:
+    if "has no attribute 'get_config'" in str(e):
+      fail(f"--config={config_file} defines no get_config(): a config file returns its "
+           "ml_collections.ConfigDict from get_config(), as configs/*.py do.")
+    # An override of a key the config does not have: ml_collections raises KeyError("'key'"),
+    # with "\nDid you mean ...?" after it where a key is close, inside an AttributeError.
+    while e.args and isinstance(e.args[0], BaseException):
+      e = e.args[0]
+    key, _, hint = (e.args[0] if e.args and isinstance(e.args[0], str) else str(e)).partition("\n")
+    key, hint = key.strip("\"'"), f" ({hint.strip()})" if hint.strip() else ""
+    overrides = [a.split("=")[0] for a in argv[1:] if a.startswith("--config.")]
+    bad = [a for a in overrides if key in a.split(".")] or overrides
+    fail(f"unknown config key {key!r} in {' '.join(bad) or '--config'}{hint}: check the "
+         "--config.SECTION.KEY overrides against configs/default.py.")
+  except OSError as e:
+    lines = [l.strip() for l in str(e).splitlines() if l.strip()]
+    fail(f"--config={config_file} could not be loaded ({lines[-1] if lines else e}): pass an "
+         "existing file such as configs/quickstart.py.")
+  except (ValueError, TypeError, SyntaxError, ImportError) as e:
+    fail(f"bad --config: {' '.join(str(e).split())}")
+  except Exception as e:  # pylint: disable=broad-except  # raised by the file's get_config()
+    fail(f"--config={config_file} could not be loaded ({type(e).__name__}: "
+         f"{' '.join(str(e).split())}): fix the file's get_config().")
+
+
+def writable_dir(path: str, what: str) -> str:
+  """``path`` made absolute, created if missing and probed with a file write, or a ValueError
+  naming ``what`` (the flag): checked before a run's work, which a late failure would lose."""
+  path = os.path.abspath(path)
+  try:
+    os.makedirs(path, exist_ok=True)
+    fd, probe = tempfile.mkstemp(prefix=".write_test_", dir=path)  # unique among hosts too
+    os.close(fd)
+    os.remove(probe)
+  except OSError as e:
+    raise ValueError(f"{what}={path} is not a writable directory ({e.strerror}): choose another "
+                     "path.") from None
+  return path

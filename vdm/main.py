@@ -31,7 +31,6 @@ import json
 import os
 import signal
 import sys
-import tempfile
 import threading
 import time
 
@@ -98,15 +97,7 @@ def init_distributed(coordinator_address: str | None, num_processes: int | None,
 def prepare_workdir(workdir: str) -> str:
   if not workdir:
     raise ValueError("--workdir is required: pass a directory for checkpoints and logs.")
-  workdir = os.path.abspath(workdir)
-  try:
-    os.makedirs(workdir, exist_ok=True)
-    fd, probe = tempfile.mkstemp(prefix=".write_test_", dir=workdir)  # unique among hosts too
-    os.close(fd)
-    os.remove(probe)
-  except OSError as e:
-    raise ValueError(f"--workdir={workdir} is not a writable directory ({e.strerror}): choose "
-                     "another path.") from None
+  workdir = logging_utils.writable_dir(workdir, "--workdir")
   for name, wanted in ((ckpt_lib.CHECKPOINT_DIR, os.path.isdir), (SAMPLES_DIR, os.path.isdir),
                        (TENSORBOARD_DIR, os.path.isdir), (ckpt_lib.RUN_CONFIG, os.path.isfile)):
     path = os.path.join(workdir, name)
@@ -389,15 +380,7 @@ def main(argv) -> None:
   if len(argv) > 1:
     logging_utils.fail(f"unexpected arguments {' '.join(argv[1:])!r}: pass options as "
                        "--name=value.")
-  try:
-    config = FLAGS.config
-    if config is not None:
-      config.get("data")
-  except OSError as e:  # config_flags defers a failed load to the first use
-    lines = [l.strip() for l in str(e).splitlines() if l.strip()]
-    logging_utils.fail(f"--config={config_flags.get_config_filename(FLAGS['config'])} could not "
-                       f"be loaded ({lines[-1] if lines else e}): pass an existing file such as "
-                       "configs/quickstart.py.")
+  config = FLAGS.config
   if config is None:
     logging_utils.fail("--config is required: e.g. --config=configs/quickstart.py.")
   try:
@@ -425,39 +408,8 @@ def main(argv) -> None:
     logging_utils.fail(str(e), status=1)
 
 
-def _parse_flags(argv):
-  config_file = next((a.split("=", 1)[1] for a in argv[1:] if a.startswith("--config=")), "")
-  if config_file.endswith(".json"):
-    logging_utils.fail(f"--config={config_file} is a JSON record, not a config file: read a run's "
-                       f"config.json with --config=configs/run.py:{config_file}.")
-  try:
-    return FLAGS(argv)
-  except flags.Error as e:  # config_flags wraps an error of get_config(ARG) with its traceback
-    head, _, trace = str(e).partition("Traceback (most recent call last):")
-    logging_utils.fail(" ".join((head + (trace.strip().splitlines() or [""])[-1]).split()))
-  except (KeyError, AttributeError) as e:
-    if "has no attribute 'get_config'" in str(e):
-      logging_utils.fail(f"--config={config_file} defines no get_config(): a config file returns "
-                         "its ml_collections.ConfigDict from get_config(), as configs/*.py do.")
-    # An override of a key the config does not have: ml_collections raises KeyError("'key'"),
-    # with "\nDid you mean ...?" after it where a key is close, inside an AttributeError.
-    while e.args and isinstance(e.args[0], BaseException):
-      e = e.args[0]
-    key, _, hint = (e.args[0] if e.args and isinstance(e.args[0], str) else str(e)).partition("\n")
-    key, hint = key.strip("\"'"), f" ({hint.strip()})" if hint.strip() else ""
-    overrides = [a.split("=")[0] for a in argv[1:] if a.startswith("--config.")]
-    bad = [a for a in overrides if key in a.split(".")] or overrides
-    logging_utils.fail(f"unknown config key {key!r} in {' '.join(bad) or '--config'}{hint}: check "
-                       "the --config.SECTION.KEY overrides against configs/default.py.")
-  except (ValueError, TypeError, OSError, SyntaxError, ImportError) as e:
-    logging_utils.fail(f"bad --config: {' '.join(str(e).split())}")
-  except Exception as e:  # pylint: disable=broad-except  # raised by the file's get_config()
-    logging_utils.fail(f"--config={config_file} could not be loaded ({type(e).__name__}: "
-                       f"{' '.join(str(e).split())}): fix the file's get_config().")
-
-
 def run() -> None:
-  app.run(main, flags_parser=_parse_flags)
+  app.run(main, flags_parser=logging_utils.parse_flags)
 
 
 if __name__ == "__main__":
