@@ -168,8 +168,8 @@ def _load_tfds(data_config, split: str) -> Split:
   except Exception as e:  # pylint: disable=broad-except
     msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
     raise ValueError(f"tfds data set {data_config.name!r} split {split!r} could not be opened ({msg}): "
-                     "prepare it (tfds build --file_format=array_record, or data.download=True; "
-                     "preparing needs tensorflow-cpu) and set data.data_dir, or use "
+                     "prepare it (pip install -e '.[data]', then data.download=True or tfds build "
+                     "--file_format=array_record) and set data.data_dir, or use "
                      "data.source='npz'.") from None
   num = len(source)
   if num == 0:
