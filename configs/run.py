@@ -7,25 +7,20 @@ The argument after the colon is the run's workdir or its config.json. The record
 over configs/default.py, so overrides (`--config.eval.num_batches=...`) work as with any config,
 and keys added to vdm after the run keep their defaults.
 """
-import json
 import os
 
 import ml_collections
 
 from configs import default
-from vdm.checkpoint import RUN_CONFIG, flatten
+from vdm import checkpoint as ckpt_lib
 
 
 def get_config(path: str) -> ml_collections.ConfigDict:
-  recorded = os.path.join(path, RUN_CONFIG) if os.path.isdir(path) else path
-  try:
-    with open(recorded) as f:
-      saved = flatten(json.load(f))
-  except (OSError, ValueError) as e:
-    raise ValueError(f"configs/run.py:{path}: cannot read {recorded} ({type(e).__name__}): pass a "
-                     "run's workdir or the config.json that training wrote there.") from None
+  recorded = os.path.join(path, ckpt_lib.RUN_CONFIG) if os.path.isdir(path) else path
+  saved = ckpt_lib.read_config_json(
+      recorded, ": pass a run's workdir or the config.json that training wrote there.")
   config = default.get_config()
-  known = flatten(json.loads(config.to_json_best_effort()))
+  known = ckpt_lib.config_items(config)
   unknown = sorted(saved.keys() - known.keys())
   if unknown:
     raise ValueError(f"{recorded} has keys this vdm does not know ({', '.join(unknown[:3])}"

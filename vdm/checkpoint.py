@@ -264,12 +264,12 @@ INFERENCE_KEYS = ("model.", "data.image_size", "data.channels", "data.vocab_size
                   "loss.importance_num_bins")
 
 
-def flatten(tree: dict, prefix: str = "") -> dict:
+def _flat(tree: dict, prefix: str = "") -> dict:
   """{"a": {"b": 1}} -> {"a.b": 1}."""
   out = {}
   for k, v in tree.items():
     if isinstance(v, dict):
-      out.update(flatten(v, f"{prefix}{k}."))
+      out.update(_flat(v, f"{prefix}{k}."))
     else:
       out[f"{prefix}{k}"] = v
   return out
@@ -296,6 +296,21 @@ def record_run_config(config, workdir: str) -> None:
                              json.loads(config.to_json_best_effort()))
 
 
+def config_items(config) -> dict:
+  """A ConfigDict's values by dotted key, as its JSON record holds them."""
+  return _flat(json.loads(config.to_json_best_effort()))
+
+
+def read_config_json(path: str, fix: str) -> dict:
+  """The config recorded at ``path`` (:func:`record_run_config`) by dotted key, or a ValueError
+  that names the file and ends with ``fix``."""
+  try:
+    with open(path) as f:
+      return _flat(json.load(f))
+  except (OSError, ValueError) as e:
+    raise ValueError(f"cannot read {path} ({type(e).__name__}){fix}") from None
+
+
 def check_run_config(config, path: str, mode: str = "eval") -> None:
   """Refuse a config that differs from the one training recorded in the run's config.json in what
   defines the run (``mode`` 'train') or its trained function ('eval', 'sample'), when the run at
@@ -305,13 +320,9 @@ def check_run_config(config, path: str, mode: str = "eval") -> None:
   recorded = os.path.join(workdir, RUN_CONFIG)
   if not (os.path.isfile(recorded) and has_checkpoints(workdir)):
     return
-  try:
-    with open(recorded) as f:
-      saved = flatten(json.load(f))
-  except (OSError, ValueError) as e:
-    raise ValueError(f"cannot read {recorded} ({type(e).__name__}), the config of the run whose "
-                     "checkpoints are there: restore it, or use a fresh --workdir.") from None
-  current = flatten(json.loads(config.to_json_best_effort()))
+  saved = read_config_json(recorded, ", the config of the run whose checkpoints are there: "
+                           "restore it, or use a fresh --workdir.")
+  current = config_items(config)
   if mode == "train":
     defining = lambda k: not k.startswith(FREE_KEYS)
   else:

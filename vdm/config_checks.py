@@ -4,8 +4,6 @@ ends in one line that names the key and the fix, not in a traceback after compil
 that quietly trains something else."""
 from __future__ import annotations
 
-import json
-
 import ml_collections
 from absl import logging
 
@@ -31,9 +29,8 @@ def check_keys(config) -> None:
     from configs import default  # pylint: disable=g-import-not-at-top  # a checkout's configs
   except ImportError:
     return
-  have = checkpoint.flatten(json.loads(config.to_json_best_effort()))
-  missing = sorted(checkpoint.flatten(json.loads(default.get_config().to_json_best_effort()))
-                   .keys() - have.keys())
+  missing = sorted(checkpoint.config_items(default.get_config()).keys()
+                   - checkpoint.config_items(config).keys())
   if missing:
     raise ValueError(f"the config lacks {', '.join(missing[:3])}{' and more' if len(missing) > 3 else ''}: "
                      "start from configs/default.py's get_config(), as configs/*.py do.")
