@@ -465,7 +465,10 @@ def test_importance_sampled_time_tracks_the_loss_and_stays_unbiased(setup):
   terms = jax.tree.map(lambda a: a[0], out["importance"][1])
   expected = importance.update_second_moment(
       moment_before, terms["t"], terms["diffusion"] * importance.density(q, terms["t"]), 0.99)
-  np.testing.assert_allclose(state.time_second_moment, expected, rtol=1e-5)
+  # Two programs (the step; a vmap of loss_and_grads) round the net differently: 1.4e-5 apart in
+  # one bin on jax 0.11.2. Feeding the 1/q-weighted term instead would move a sampled bin whose q
+  # is ≥ 16 % off uniform by over 1e-3 (a quarter of its EMA's 1 % update).
+  np.testing.assert_allclose(state.time_second_moment, expected, rtol=1e-4)
 
   # Unbiased: the bound averaged over the 256 draws agrees with uniform t within 4 SE, while
   # dropping the 1/q weights would be far off.
