@@ -239,9 +239,7 @@ def main(argv):
                      "scripts would take for this run's: use a fresh --workdir.")
   if FLAGS.workdir:  # checked now: the trained state is saved there after the whole budget
     logging_utils.writable_dir(FLAGS.workdir, "--workdir")
-  logging_utils.writable_dir(os.path.dirname(os.path.abspath(FLAGS.output)),
-                             "--output's directory")
-  logging_utils.keep_previous(FLAGS.output)
+  common.prepare_output("train_curve")  # --output, which is required here
   save = lambda results: logging_utils.write_json(FLAGS.output, results)
   results, state = run_curve(config, FLAGS.seconds, marks, FLAGS.params == "ema",
                              FLAGS.eval_batches, save, FLAGS.final_draws)

@@ -102,10 +102,8 @@ def _statistics(v: jax.Array, epsilon: float) -> tuple[jax.Array, jax.Array]:
 def centred(x: jax.Array, groups: int) -> jax.Array:
   """x [B, H, W, C] in fp32 less each group's first value (no gradient): the same GroupNorm, whose
   fast variance E[x²] − E[x]² then cancels no digits (:func:`_statistics`)."""
-  b, _, _, c = x.shape
-  first = x[:, :1, :1, :].reshape(b, 1, 1, groups, c // groups)[..., :1]
-  first = jnp.broadcast_to(first, (b, 1, 1, groups, c // groups)).reshape(b, 1, 1, c)
-  return x.astype(jnp.float32) - jax.lax.stop_gradient(first).astype(jnp.float32)
+  v = jnp.asarray(x, jnp.float32).reshape(x.shape[:3] + (groups, -1))
+  return _ungrouped(v - jax.lax.stop_gradient(v[:, :1, :1, :, :1]))
 
 
 def group_statistics(parts: Sequence[jax.Array], shift: Optional[jax.Array], groups: int,

@@ -49,7 +49,7 @@ def standard_normal_log_prob(z: jax.Array) -> jax.Array:
 
 
 def _check(divergence: str, num_probes: int, solver: str, rtol: float, atol: float,
-           max_steps: Optional[int] = 1) -> None:
+           max_steps: Optional[int]) -> None:
   if divergence not in DIVERGENCES:
     raise ValueError(f"unknown divergence {divergence!r}: use one of {DIVERGENCES}.")
   if divergence == "hutchinson" and (isinstance(num_probes, bool) or
