@@ -57,7 +57,7 @@ def test_eight_devices_match_one_device():
   runs the net on 1 of them (padded to 8; before, each ran all 5), and the images are the same."""
   r = subprocess.run([sys.executable, "-c", SHARDED_VS_ONE_DEVICE], cwd=ROOT, capture_output=True,
                      text=True, timeout=900,
-                     env=_env(XLA_FLAGS="--xla_force_host_platform_device_count=8"))
+                     env=_env(devices=8))
   assert r.returncode == 0, r.stderr[-3000:]
   import json  # pylint: disable=g-import-not-at-top
   out = json.loads(r.stdout.strip().splitlines()[-1])
@@ -82,7 +82,7 @@ def test_two_processes_train_read_their_shards_and_only_process_0_writes(tmp_pat
   args = [*TINY, f"--config.training.num_steps={num_steps}", "--config.training.eval_every=4",
           "--config.training.sample_every=4", f"--coordinator_address=127.0.0.1:{port}",
           "--num_processes=2"]
-  env = _env(XLA_FLAGS="--xla_force_host_platform_device_count=2", VDM_RECORD_DIR=str(records))
+  env = _env(devices=2, VDM_RECORD_DIR=str(records))
   procs = [subprocess.Popen(
       [sys.executable, os.path.join(ROOT, "tests", "_distributed_worker.py"),
        *_cmd(workdir, *args, f"--process_id={i}")[3:]], cwd=ROOT, env=env,

@@ -24,8 +24,12 @@ def _cmd(workdir, *args, config="configs/quickstart.py"):
   return [sys.executable, "-m", "vdm.main", f"--config={config}", f"--workdir={workdir}", *args]
 
 
-def _env(**extra):
+def _env(devices: int = 0, **extra):
+  """The tests' environment for a subprocess, with `devices` CPU devices if given (added to the
+  suite's XLA_FLAGS, whose fast compiles would otherwise be lost)."""
   env = dict(os.environ, **extra)
+  if devices:
+    env["XLA_FLAGS"] += f" --xla_force_host_platform_device_count={devices}"
   env.pop("VDM_PROGRESS", None)
   return env
 
@@ -116,7 +120,7 @@ BAD_INPUTS = {
     "fp32_fraction": (["--config.model.eval_fp32_fraction=1.5"], {},
                       "model.eval_fp32_fraction=1.5 must be in [0, 1]"),
     "indivisible_batch": (["--config.training.batch_size=3"],
-                          {"XLA_FLAGS": "--xla_force_host_platform_device_count=2"},
+                          {"devices": 2},
                           "not divisible by the 2 devices"),
     "missing_checkpoint": (["--mode=eval"], {}, "no checkpoint"),
     "bad_checkpoint_path": (["--mode=sample", "--checkpoint=/nonexistent/ckpt"], {}, "does not exist"),
