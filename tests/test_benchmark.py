@@ -208,6 +208,7 @@ def test_chosen_programs_no_flops_and_hlo(tmp_path):
     benchmark.benchmark(tiny_config(), programs=("train",))
 
 
+@pytest.mark.ci_once  # the benchmark's config handling; test_benchmark_figures times the programs
 @pytest.mark.parametrize("overrides, dtype, remat, residual", [
     # the runbook's bench specs: the config's float32 network, measured in bf16 with a bf16 stream
     ({"model.residual_dtype": "bfloat16"}, "bfloat16", None, "bfloat16"),
@@ -239,6 +240,7 @@ def _sweep(*args):
                         capture_output=True, text=True, cwd=ROOT)
 
 
+@pytest.mark.ci_once  # the script's own checks, many processes
 def test_sweep_refuses_unknown_variants(tmp_path):
   """Unknown variants, an XLA option this jaxlib does not know and an XLA part without a value
   are refused before anything is compiled or written."""
@@ -293,6 +295,7 @@ def test_sweep_saves_the_norms_of_each_case_as_it_goes(tmp_path):
   assert "fastest_norm" not in res
 
 
+@pytest.mark.ci_once  # the script's control flow; test_pallas_norm checks the kernels
 def test_sweep_times_each_norm_alone_and_compares_them(tmp_path):
   """--norms alone (no variants): every way of computing the net's norm, both cases, timed, and
   the same function as autodiff up to bf16 rounding (the check a GPU run makes of Triton)."""
@@ -349,6 +352,7 @@ def test_fastest_norm_ranks_only_the_ways_that_ran_and_matched():
   assert r.stdout.split() == [want for _, want in cases]
 
 
+@pytest.mark.ci_once  # the script's control flow; test_pallas_conv checks the kernel
 def test_sweep_times_the_norm_in_the_convolutions_load_against_cudnn(tmp_path):
   """--convs: every way and tiling, both cases, timed, and the fused Pallas convolution the same
   function as XLA's norm and convolution up to bf16 rounding (the check a GPU run makes of

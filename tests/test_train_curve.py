@@ -20,6 +20,7 @@ def _script(name, *args, check=True):
                         capture_output=True, text=True, check=check)
 
 
+@pytest.mark.ci_once  # the scripts' control flow; test_likelihood and test_train make its jax calls
 def test_curve_marks_checkpoint_plot_and_dtype_comparison(tmp_path):
   out, workdir, png = tmp_path / "curve.json", tmp_path / "run", tmp_path / "curve.png"
   _script("train_curve.py", *TINY, "--seconds=3", "--marks=1,2,9", "--final_draws=3",
