@@ -157,6 +157,14 @@ def test_checkpoint_resume_continues_identically(setup, tmp_path):
   ckpt_lib.Checkpointer(numbered).save(state)
   target = train.abstract_train_state(config, model)
   assert int(ckpt_lib.restore_path(numbered, target).step) == 3
+  # Inference reads the EMA parameters unless told otherwise.
+  saved = jax.device_get(state)
+  for use_ema, want in ((True, saved.ema_params), (False, saved.params)):
+    _, params, info = ckpt_lib.load_params(config, numbered, use_ema=use_ema)
+    assert info == {"checkpoint": numbered, "step": 3, "ema": use_ema}
+    jax.tree.map(np.testing.assert_array_equal, params, want)
+  leaves = [jax.tree.leaves(p) for p in (saved.params, saved.ema_params)]
+  assert not all(map(np.array_equal, *leaves))
   corrupt = tmp_path / "corrupt_run" / "checkpoints" / "5"  # a workdir whose one step is unreadable
   corrupt.mkdir(parents=True)
   (corrupt / "_CHECKPOINT_METADATA").write_text("{truncated")
@@ -195,6 +203,30 @@ def test_corrupt_latest_checkpoint_falls_back_and_nan_is_not_saved(setup, tmp_pa
                       params=jax.tree.map(lambda p: p * jnp.nan, state.params))
   assert not resumed.save(bad)
   assert 7 not in resumed.all_steps()
+
+
+def test_processes_resume_from_a_step_every_one_of_them_restored(setup, tmp_path, monkeypatch):
+  """Resuming is collective: a step that restores here but not on another process is passed over
+  here too, and processes that see different steps are refused in one line. Before, each process
+  resumed from its own newest readable step, and the job hung at its first collective. The other
+  process is played by what it would contribute to each exchange."""
+  config, model, mesh, step_fn, data = setup
+  state = train.create_train_state(config, model, mesh)
+  ckpt = ckpt_lib.Checkpointer(str(tmp_path))
+  for k in range(2):
+    state, _ = _run(step_fn, state, data, mesh, k, 1)
+    assert ckpt.save(state)
+  assert ckpt.all_steps() == [1, 2]
+  target = train.create_train_state(config, model, mesh)
+  other = iter([[2, 3], [0], [1]])  # the same steps (count, sum); step 2 fails there, step 1 not
+  monkeypatch.setattr(ckpt_lib, "_from_every_process",
+                      lambda values: np.asarray([values, next(other)], np.int32))
+  restored = ckpt_lib.Checkpointer(str(tmp_path)).restore_latest(target, train.replicated(mesh))
+  assert int(restored.step) == 1 and next(other, None) is None
+  assert os.listdir(ckpt.directory + "_unrestorable") == ["2"]
+  other = iter([[2, 4]])
+  with pytest.raises(ValueError, match=r"processes see different checkpoints under .*: put the "):
+    ckpt_lib.Checkpointer(str(tmp_path)).restore_latest(target, train.replicated(mesh))
 
 
 def test_only_reads_reporting_to_a_closed_loop_are_silenced(monkeypatch):

@@ -27,6 +27,7 @@ Bad input (config, data, paths) ends with one line on stderr and exit status 2.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -176,10 +177,31 @@ class StopNotice:
       signal.signal(sig, handler)
 
 
+def _due_record(path: str) -> dict:
+  """The eval and samples recorded as due at a checkpointed step ({} if no record)."""
+  if not os.path.isfile(path):
+    return {}
+  try:
+    with open(path) as f:
+      record = json.load(f)
+    if not isinstance(record, dict):
+      raise ValueError(f"a JSON {type(record).__name__}, not an object")
+  except (OSError, ValueError) as e:
+    raise ValueError(f"cannot read {path} ({type(e).__name__}: {e}): delete it to resume without "
+                     "the eval and samples it records as due.") from None
+  return record
+
+
 def run_train(config, workdir: str) -> dict:
   """Train (or resume) to config.training.num_steps. Returns the last eval summary."""
+  with contextlib.ExitStack() as cleanup:  # signal handlers, writers, threads: on any exit
+    return _train(config, workdir, cleanup)
+
+
+def _train(config, workdir: str, cleanup: contextlib.ExitStack) -> dict:
   t_cfg = config.training
   notice = StopNotice()  # from the start: a notice during start-up stops at the first step
+  cleanup.callback(notice.close)
   mesh = train.make_mesh()
   model = make_model(config)
   train_split = input_pipeline.load_split(config.data, config.data.train_split, config.seed)
@@ -187,6 +209,7 @@ def run_train(config, workdir: str) -> dict:
   data = input_pipeline.TrainData(train_split, t_cfg.batch_size, config.seed, config.data.random_flip)
 
   checkpointer = ckpt_lib.Checkpointer(workdir, t_cfg.max_to_keep)
+  cleanup.callback(checkpointer.close)
   state = train.create_train_state(config, model, mesh)
   restored = checkpointer.restore_latest(state, train.replicated(mesh))
   if restored is None and checkpointer.all_steps():
@@ -202,13 +225,15 @@ def run_train(config, workdir: str) -> dict:
                jax.device_count())
 
   ckpt_lib.record_run_config(config, workdir)
-  writer = logging_utils.Writer(os.path.join(workdir, TENSORBOARD_DIR))
+  writer = cleanup.enter_context(contextlib.closing(
+      logging_utils.Writer(os.path.join(workdir, TENSORBOARD_DIR))))
   train_step = train.make_train_step(config, model, mesh)
   eval_step = train.make_eval_step(config, model, mesh)
   sample_fn = None
   throughput = logging_utils.Throughput(start, t_cfg.num_steps, t_cfg.batch_size)
   batches = input_pipeline.train_iterator(data, start, train.batch_sharding(mesh),
                                           config.data.prefetch, t_cfg.num_steps)
+  cleanup.callback(batches.close)  # stop and join the prefetch thread before the interpreter exits
   summary: dict = {}
   pending = None  # (done, metrics) of the previous step: its non-finite count is read one step late
 
@@ -255,58 +280,50 @@ def run_train(config, workdir: str) -> dict:
   # record removed once they are written: a run stopped (notice, kill) in between does them on
   # resuming there, the final step's included.
   due_path = os.path.join(workdir, "due_at_checkpoint.json")
-  if os.path.isfile(due_path):
-    with open(due_path) as f:
-      record = json.load(f)
-    if record.get("step") == start:
-      evaluate_and_sample(start, bool(record.get("evaluate")), bool(record.get("sample")))
+  record = _due_record(due_path)
+  if record.get("step") == start:
+    evaluate_and_sample(start, bool(record.get("evaluate")), bool(record.get("sample")))
 
-  try:
-    for step in range(start, t_cfg.num_steps):
-      state, metrics = train_step(state, next(batches))
-      if step == start:  # the call compiled the step: not training time
-        throughput.restart(start)
-      check_finite()  # the previous step, while this one runs
-      done = step + 1  # steps taken: the number the console, TensorBoard and checkpoints use
-      pending = (done, metrics)
-      last = done == t_cfg.num_steps
-      if done % t_cfg.log_every == 0 or last:
-        check_finite()
-        values = {k: float(v) for k, v in jax.device_get(metrics).items()}
-        rates = throughput.update(done)
-        writer.scalars(done, {**values, **rates}, prefix="train/")
-        if logging_utils.is_main_process():
-          logging.info(logging_utils.console_line(done, t_cfg.num_steps, values, rates))
-      due = {"evaluate": done % t_cfg.eval_every == 0 or last,
-             "sample": done % t_cfg.sample_every == 0 or last}
-      # Several processes agree on a notice by a collective, a host sync: only at log boundaries.
-      stop = (not last and (jax.process_count() == 1 or done % t_cfg.log_every == 0)
-              and notice.agreed())
-      if done % t_cfg.checkpoint_every == 0 or last or stop:
-        check_finite()
-        if any(due.values()) and logging_utils.is_main_process():
-          logging_utils.write_json(due_path, {"step": done, **due})  # until they are done
-        checkpointer.save(state)
-        throughput.restart(done)  # the save waited for this step
-      if stop:
-        logging.warning("%s at step %d: checkpoint saved in %s; rerun the same command to resume.",
-                        notice.received or "A stop notice to another process", done,
-                        checkpointer.directory)
-        break
-      if any(due.values()):
-        evaluate_and_sample(done, **due)
-        throughput.restart(done)
-  finally:
-    batches.close()  # stop and join the prefetch thread before the interpreter exits
+  for step in range(start, t_cfg.num_steps):
+    state, metrics = train_step(state, next(batches))
+    if step == start:  # the call compiled the step: not training time
+      throughput.restart(start)
+    check_finite()  # the previous step, while this one runs
+    done = step + 1  # steps taken: the number the console, TensorBoard and checkpoints use
+    pending = (done, metrics)
+    last = done == t_cfg.num_steps
+    if done % t_cfg.log_every == 0 or last:
+      check_finite()
+      values = {k: float(v) for k, v in jax.device_get(metrics).items()}
+      rates = throughput.update(done)
+      writer.scalars(done, {**values, **rates}, prefix="train/")
+      if logging_utils.is_main_process():
+        logging.info(logging_utils.console_line(done, t_cfg.num_steps, values, rates))
+    due = {"evaluate": done % t_cfg.eval_every == 0 or last,
+           "sample": done % t_cfg.sample_every == 0 or last}
+    # Several processes agree on a notice by a collective, a host sync: only at log boundaries.
+    stop = (not last and (jax.process_count() == 1 or done % t_cfg.log_every == 0)
+            and notice.agreed())
+    if done % t_cfg.checkpoint_every == 0 or last or stop:
+      check_finite()
+      if any(due.values()) and logging_utils.is_main_process():
+        logging_utils.write_json(due_path, {"step": done, **due})  # until they are done
+      checkpointer.save(state)
+      throughput.restart(done)  # the save waited for this step
+    if stop:
+      logging.warning("%s at step %d: checkpoint saved in %s; rerun the same command to resume.",
+                      notice.received or "A stop notice to another process", done,
+                      checkpointer.directory)
+      break
+    if any(due.values()):
+      evaluate_and_sample(done, **due)
+      throughput.restart(done)
 
   if start >= t_cfg.num_steps:
     logging.info("Already trained to step %d (training.num_steps=%d): nothing to do.", start,
                  t_cfg.num_steps)
   if summary and logging_utils.is_main_process():
     logging_utils.write_json(os.path.join(workdir, "train_eval.json"), summary)
-  notice.close()
-  writer.close()
-  checkpointer.close()
   return summary
 
 
