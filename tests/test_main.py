@@ -57,7 +57,7 @@ def test_train_eval_sample_end_to_end_and_resume(tmp_path):
   # Resume to step 6 in the same workdir.
   r = _run(_cmd(workdir, *TINY, "--config.training.num_steps=6"))
   assert r.returncode == 0, r.stderr[-3000:]
-  assert "Resumed from" in r.stderr and "step 6/6" in r.stderr
+  assert f"Resumed from {workdir}/checkpoints at step 4." in r.stderr and "step 6/6" in r.stderr
 
   # Another run's config in this workdir is refused, in one line, and the record is kept.
   for args, shown in [(["--config.seed=7", "--config.optimizer.b1=0.5"],
@@ -77,6 +77,8 @@ def test_train_eval_sample_end_to_end_and_resume(tmp_path):
       r.stderr)  # it was ignored without a word
   result = _json(workdir, "eval_6.json")
   assert result["num_examples"] == 16 and result["params"] == "ema"
+  # the EMA parameters, as training's eval at that step (the raw ones give another bound)
+  assert result["bpd"] == pytest.approx(_json(workdir, "train_eval.json")["bpd"], rel=1e-6)
   assert (result["model_dtype"], result["eval_fp32_fraction"], result["eval_seed"]) == (
       "float32", 0.3, 1) and result["commit"], result
   assert result["checkpoint"] == os.path.abspath(workdir)
