@@ -153,6 +153,7 @@ def test_batches_of_another_image_shape_and_decreasing_gamma_are_refused():
     importance.loss_moments(DATA.eps_fn(), decreasing, [x], jax.random.PRNGKey(0), vocab_size=4)
 
 
+@pytest.mark.ci_once  # the script's own checks, many processes
 def test_experiment_script_refuses_flags_it_would_misread(tmp_path):
   import os
   import subprocess
