@@ -73,8 +73,9 @@ def _trained_setup():
   info["eps_dtype"] = "float32"
   config = FLAGS.config
   gamma_0, gamma_1 = (float(g) for g in gamma_fn(jnp.array([0.0, 1.0])))
-  train = input_pipeline.TrainData(input_pipeline.load_split(config.data, config.data.train_split,
-                                                             config.seed), FLAGS.fit_batch_size, FLAGS.seed)
+  train_split = input_pipeline.load_split(config.data, config.data.train_split, config.seed)
+  train = input_pipeline.TrainData(train_split, FLAGS.fit_batch_size, FLAGS.seed,
+                                   setting="--fit_batch_size", sharded=False)  # used on the host
   test = common.load_images(config, config.data.eval_split, FLAGS.test_batch_size)
   info["schedule"] = config.model.schedule
   info["trained_gamma"] = np.asarray(gamma_fn(jnp.linspace(0.0, 1.0, 101)))

@@ -59,7 +59,7 @@ def test_each_epoch_is_a_permutation():
   assert len(set(np.concatenate([straddle.indices(k) for k in range(7)])[:40])) == 40
 
 
-def test_flips_mirror_images_and_are_a_function_of_step():
+def test_flips_mirror_images_and_are_a_function_of_seed_and_step():
   split = ip.load_split(data_config(), "train")
   plain = ip.TrainData(split, 32, seed=0, random_flip=False)
   flipped = ip.TrainData(split, 32, seed=0, random_flip=True)
@@ -68,6 +68,8 @@ def test_flips_mirror_images_and_are_a_function_of_step():
   np.testing.assert_array_equal(flipped.batch(5)[mask], plain.batch(5)[mask][:, :, ::-1])
   np.testing.assert_array_equal(flipped.batch(5)[~mask], plain.batch(5)[~mask])
   np.testing.assert_array_equal(mask, flipped.flips(5))
+  assert not np.array_equal(mask, flipped.flips(6))
+  assert not np.array_equal(mask, ip.TrainData(split, 32, seed=1, random_flip=True).flips(5))
 
 
 def test_each_process_reads_its_own_part_of_the_global_batch(monkeypatch):
@@ -88,6 +90,37 @@ def test_eval_batches_cover_the_split_once_with_a_mask():
   assert len(batches) == ip.num_eval_batches(split, 8) == 4
   assert sum(m.sum() for _, m in batches) == 30
   np.testing.assert_array_equal(np.concatenate([x for x, _ in batches])[:30], split.get(np.arange(30)))
+
+
+def test_eval_batches_split_each_global_batch_over_the_processes(monkeypatch):
+  """In global order (process 0's rows, then process 1's, batch by batch) the masked-in rows are
+  the split's examples, each once, and the mask is 0 exactly on the padding."""
+  split = ip.load_split(data_config(), "test")  # 30 examples
+  monkeypatch.setattr(jax, "process_count", lambda: 2)
+  per_process = []
+  for pid in range(2):
+    monkeypatch.setattr(jax, "process_index", lambda pid=pid: pid)
+    per_process.append(list(ip.eval_batches(split, 16)))
+  rows = [part for batch in zip(*per_process) for part in batch]
+  mask = np.concatenate([m for _, m in rows])
+  np.testing.assert_array_equal(mask, np.arange(32) < 30)
+  np.testing.assert_array_equal(np.concatenate([x for x, _ in rows])[mask == 1],
+                                split.get(np.arange(30)))
+
+
+def test_host_only_train_data_reads_the_whole_batch_and_names_its_setting(monkeypatch):
+  split = ip.load_split(data_config(), "train")
+  monkeypatch.setattr(jax, "device_count", lambda: 4)
+  monkeypatch.setattr(jax, "process_count", lambda: 2)
+  monkeypatch.setattr(jax, "process_index", lambda: 1)
+  host = ip.TrainData(split, 6, seed=0, random_flip=True, setting="--fit_batch_size", sharded=False)
+  images = split.get(host.indices(2))
+  np.testing.assert_array_equal(
+      host.batch(2), np.where(host.flips(2)[:, None, None, None], images[:, :, ::-1], images))
+  with pytest.raises(ValueError, match=r"^--fit_batch_size=6 is not divisible by the 4 devices"):
+    ip.TrainData(split, 6, seed=0, setting="--fit_batch_size")
+  with pytest.raises(ValueError, match=r"^--fit_batch_size=0 must be >= 1\.$"):
+    ip.TrainData(split, 0, seed=0, setting="--fit_batch_size", sharded=False)
 
 
 def test_prefetch_stages_batches_and_reraises_errors():
@@ -206,6 +239,10 @@ def test_tfds_source_with_mock_data(tmp_path):
     batch = data.batch(1)
     assert batch.shape == (4, 32, 32, 3) and batch.dtype == np.uint8
     np.testing.assert_array_equal(batch, data.batch(1))
+    source = tfds.data_source("cifar10", split="train", data_dir=str(tmp_path))
+    images = np.stack([source[int(i)]["image"] for i in data.indices(1)])
+    np.testing.assert_array_equal(
+        batch, np.where(data.flips(1)[:, None, None, None], images[:, :, ::-1], images))
     with pytest.raises(ValueError, match="has shape"):
       ip.load_split(data_config(source="tfds", name="cifar10", image_size=16), "test")
 
@@ -217,6 +254,34 @@ def test_tfds_data_set_without_an_image_feature_is_a_one_line_error(monkeypatch)
   with pytest.raises(ValueError, match=r"^tfds data set 'faces' has no 'image' feature \(it has "
                      r"img, label\): save its images as an \.npz and use data.source='npz'\.$"):
     ip.load_split(data_config(source="tfds", name="faces", image_size=32), "train")
+
+
+@pytest.mark.parametrize("image, match", [
+    (np.zeros((16, 16, 3), np.uint8),
+     r"has shape \(1, 16, 16, 3\): expected \[N, 32, 32, 3\] \(NHWC\)"),
+    (np.zeros((32, 32, 3), np.int64), r"has dtype int64 with values in \[0, 0\]: expected uint8"),
+    (np.full((32, 32, 3), 200, np.uint8), r"holds values up to 200, not below data.vocab_size=128"),
+])
+def test_tfds_checks_each_example_it_reads(monkeypatch, image, match):
+  tfds = pytest.importorskip("tensorflow_datasets")
+  good = {"image": np.zeros((32, 32, 3), np.uint8)}
+  monkeypatch.setattr(tfds, "data_source", lambda *args, **kwargs: [good, good, {"image": image}])
+  split = ip.load_split(data_config(source="tfds", name="faces", image_size=32, vocab_size=128),
+                        "train")
+  np.testing.assert_array_equal(split.get(np.arange(2)), np.zeros((2, 32, 32, 3), np.uint8))
+  with pytest.raises(ValueError, match=r"^tfds faces/train example 2 " + match) as e:
+    split.get(np.arange(3))
+  assert "\n" not in str(e.value)
+
+
+def test_an_empty_split_is_refused_alike_by_load_split_and_train_data(monkeypatch):
+  tfds = pytest.importorskip("tensorflow_datasets")
+  monkeypatch.setattr(tfds, "data_source", lambda *args, **kwargs: [])
+  message = r"^split tfds/faces/train has no examples: point the config at a split with data\.$"
+  with pytest.raises(ValueError, match=message):
+    ip.load_split(data_config(source="tfds", name="faces", image_size=32), "train")
+  with pytest.raises(ValueError, match=message):
+    ip.TrainData(ip.Split("tfds/faces/train", 0, lambda idx: idx), 8, seed=0)
 
 
 def test_tfds_missing_data_set_is_a_one_line_error(tmp_path):

@@ -201,7 +201,7 @@ INVALID_SETTINGS = {
     "n_embd_32": ({"model.n_embd": 32}, "leaves one channel in each of GroupNorm's 32 groups"),
     "synthetic_size": ({"data.image_size": 2},
                        "data.source='synthetic' needs data.image_size >= 3"),
-    "synthetic_num": ({"data.synthetic_num_train": -5}, "synthetic_num_test >= 0 (now -5, 512)"),
+    "synthetic_num": ({"data.synthetic_num_train": 0}, "synthetic_num_test >= 1 (now 0, 512)"),
     "max_to_keep": ({"training.max_to_keep": 0}, "training.max_to_keep=0 must be >= 1"),
     "prefetch": ({"data.prefetch": 0}, "data.prefetch=0 must be >= 1"),
 }

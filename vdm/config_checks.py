@@ -40,19 +40,19 @@ def validate(config) -> None:
   """Raise ValueError with the fix for inconsistent settings, before any heavy work."""
   check_keys(config)
   d, m, t = config.data, config.model, config.training
-  if d.source not in input_pipeline.SOURCES:
-    raise ValueError(f"unknown data.source {d.source!r}: use one of {', '.join(input_pipeline.SOURCES)}.")
+  input_pipeline.check_source(d.source)
   if d.source == "npz":
     input_pipeline.check_npz_path(d.path)
   if not 2 <= d.vocab_size <= 256:
     raise ValueError(f"data.vocab_size={d.vocab_size} must be in [2, 256] for uint8 images.")
   if d.image_size < 1 or d.channels < 1:
     raise ValueError(f"data.image_size={d.image_size} and data.channels={d.channels} must be >= 1.")
-  if d.source == "synthetic" and (d.image_size < 3 or min(d.synthetic_num_train,
-                                                          d.synthetic_num_test) < 0):
-    raise ValueError(f"data.source='synthetic' needs data.image_size >= 3 (now {d.image_size}) and "
-                     f"data.synthetic_num_train, data.synthetic_num_test >= 0 (now "
-                     f"{d.synthetic_num_train}, {d.synthetic_num_test}).")
+  if d.source == "synthetic" and d.image_size < 3:
+    raise ValueError(f"data.source='synthetic' needs data.image_size >= 3 (now {d.image_size}).")
+  if d.source == "synthetic" and min(d.synthetic_num_train, d.synthetic_num_test) < 1:
+    raise ValueError("data.source='synthetic' needs data.synthetic_num_train, "
+                     f"data.synthetic_num_test >= 1 (now {d.synthetic_num_train}, "
+                     f"{d.synthetic_num_test}): a split that has no examples would end the run.")
   if d.prefetch < 1:
     raise ValueError(f"data.prefetch={d.prefetch} must be >= 1 (batches staged on the devices "
                      "ahead of the step).")

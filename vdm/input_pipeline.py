@@ -45,6 +45,18 @@ class Split:
     return self._get(np.asarray(indices, np.int64))
 
 
+def check_source(source: str) -> None:
+  """Refuse a ``data.source`` that is not one of ``SOURCES``."""
+  if source not in SOURCES:
+    raise ValueError(f"unknown data.source {source!r}: use one of {', '.join(SOURCES)}.")
+
+
+def check_not_empty(split: Split) -> None:
+  """Refuse a split without examples, which would end a run at its first step or evaluation."""
+  if not len(split):
+    raise ValueError(f"split {split.name} has no examples: point the config at a split with data.")
+
+
 def _check_images(images: np.ndarray, what: str, data_config) -> None:
   size, channels, vocab = data_config.image_size, data_config.channels, data_config.vocab_size
   if images.ndim != 4 or images.shape[1:] != (size, size, channels):
@@ -102,14 +114,13 @@ def load_split(data_config, split: str, seed: int = 0) -> Split:
   """The images of ``split`` ('train' or the eval split) from ``data_config.source``; refuses an
   empty split, which would end a run at its first evaluation."""
   loaded = _load_split(data_config, split, seed)
-  if not len(loaded):
-    raise ValueError(f"split {split!r} of data.source={data_config.source!r} ({loaded.name}) has no "
-                     "examples: point the config at a split with data.")
+  check_not_empty(loaded)
   return loaded
 
 
 def _load_split(data_config, split: str, seed: int) -> Split:
   source = data_config.source
+  check_source(source)
   if source == "synthetic":
     num = data_config.synthetic_num_train if split == data_config.train_split else data_config.synthetic_num_test
     split_seed = _SYNTHETIC_SPLIT_SEED.get(split, zlib.crc32(split.encode()))
@@ -120,9 +131,7 @@ def _load_split(data_config, split: str, seed: int) -> Split:
     return _array_split(f"synthetic/{split}", images)
   if source == "npz":
     return _load_npz(data_config, split)
-  if source == "tfds":
-    return _load_tfds(data_config, split)
-  raise ValueError(f"unknown data.source {source!r}: use one of {', '.join(SOURCES)}.")
+  return _load_tfds(data_config, split)
 
 
 def check_npz_path(path: str) -> None:
@@ -171,34 +180,33 @@ def _load_tfds(data_config, split: str) -> Split:
                      "prepare it (pip install -e '.[data]', then data.download=True or tfds build "
                      "--file_format=array_record) and set data.data_dir, or use "
                      "data.source='npz'.") from None
-  num = len(source)
-  if num == 0:
-    raise ValueError(f"tfds data set {data_config.name!r} split {split!r} is empty.")
-  features = source[0]
-  if "image" not in features:
-    raise ValueError(f"tfds data set {data_config.name!r} has no 'image' feature (it has "
-                     f"{', '.join(sorted(features))}): save its images as an .npz and use "
-                     "data.source='npz'.")
 
   def get(idx: np.ndarray) -> np.ndarray:
-    images = np.stack([np.asarray(source[int(i)]["image"]) for i in idx])
-    if images.size and int(images.max()) >= data_config.vocab_size:
-      raise ValueError(f"tfds {data_config.name} holds values up to {int(images.max())}, not below "
-                       f"data.vocab_size={data_config.vocab_size}: raise data.vocab_size.")
-    return images
+    images = [np.asarray(source[int(i)]["image"]) for i in idx]
+    for i, image in zip(idx, images):  # each example: np.stack's error would not name it
+      _check_images(image[None], f"tfds {data_config.name}/{split} example {i}", data_config)
+    return np.stack(images)
 
-  _check_images(get(np.zeros((1,), np.int64)), f"tfds {data_config.name}/{split}", data_config)
-  return Split(f"tfds/{data_config.name}/{split}", num, get)
+  if len(source):  # load_split refuses an empty split
+    features = source[0]
+    if "image" not in features:
+      raise ValueError(f"tfds data set {data_config.name!r} has no 'image' feature (it has "
+                       f"{', '.join(sorted(features))}): save its images as an .npz and use "
+                       "data.source='npz'.")
+    get(np.zeros((1,), np.int64))  # a wrong shape or dtype fails now, not at the first batch
+  return Split(f"tfds/{data_config.name}/{split}", len(source), get)
 
 
 # ---------------------------------------------------------------- batching -----------------------
 
-def check_batch_size(batch_size: int, what: str = "training.batch_size") -> None:
-  """Raise ValueError unless the global batch divides evenly over devices and processes."""
+def check_batch_size(batch_size: int, what: str = "training.batch_size",
+                     sharded: bool = True) -> None:
+  """Raise ValueError unless the global batch is >= 1 and, if ``sharded``, divides evenly over
+  devices and processes."""
   devices, processes = jax.device_count(), jax.process_count()
   if batch_size < 1:
     raise ValueError(f"{what}={batch_size} must be >= 1.")
-  if batch_size % devices or batch_size % processes:
+  if sharded and (batch_size % devices or batch_size % processes):
     raise ValueError(f"{what}={batch_size} is not divisible by the {devices} devices: set it to a "
                      f"multiple of {devices}.")
 
@@ -211,16 +219,21 @@ def local_slice(global_batch: int) -> slice:
 
 
 class TrainData:
-  """The training stream: ``batch(step)`` is this process's part of global batch ``step``."""
+  """The training stream: ``batch(step)`` is this process's part of global batch ``step``.
 
-  def __init__(self, split: Split, global_batch: int, seed: int, random_flip: bool = False):
-    if len(split) < 1:
-      raise ValueError(f"the training split {split.name} is empty.")
-    check_batch_size(global_batch)
+  ``setting`` names the global batch size in errors. ``sharded=False`` is for host-only use: every
+  process reads the whole global batch, which need not divide over the devices.
+  """
+
+  def __init__(self, split: Split, global_batch: int, seed: int, random_flip: bool = False,
+               setting: str = "training.batch_size", sharded: bool = True):
+    check_not_empty(split)
+    check_batch_size(global_batch, setting, sharded)
     self.split = split
     self.global_batch = global_batch
     self.seed = seed
     self.random_flip = random_flip
+    self.sharded = sharded
     self._perms: dict[int, np.ndarray] = {}
     self._lock = threading.Lock()
 
@@ -250,8 +263,9 @@ class TrainData:
     return np.random.default_rng([self.seed, 0xF11B, step]).random(self.global_batch) < 0.5
 
   def batch(self, step: int) -> np.ndarray:
-    """uint8 [B_local, H, W, C]: this process's part of global batch ``step``."""
-    part = local_slice(self.global_batch)
+    """uint8 [B_local, H, W, C]: this process's part of global batch ``step`` (all of it unless
+    sharded)."""
+    part = local_slice(self.global_batch) if self.sharded else slice(None)
     images = self.split.get(self.indices(step)[part])
     flip = self.flips(step)[part]
     if flip.any():
