@@ -38,7 +38,8 @@ import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from vdm import benchmark, logging_utils, nets, pallas_conv, pallas_norm  # noqa: E402
+from vdm import (benchmark, config_checks, logging_utils, nets, pallas_conv,  # noqa: E402
+                 pallas_norm)
 
 XLA_PREFIX = "xla:"
 
@@ -138,9 +139,18 @@ def _device_ms(fn, *args) -> Optional[float]:
   return benchmark.kernel_breakdown(events, FLAGS.repeats)["ms_per_call"] or None
 
 
+def conv3x3_flop(batch: int, size: int, c_in: int, c_out: int) -> float:
+  """FLOPs of a SAME 3×3 convolution [batch, size, size, c_in] -> c_out counted dense, 2·MACs of
+  all 9 taps at every pixel (the zero padding's too): the count of quoted peak figures. XLA's cost
+  analysis (``vdm.benchmark.train_step_flops``, hence ``train_tflops_per_s``) counts only the taps
+  inside the image, (3·size − 2)² / (3·size)² of this: 4 % less at 32×32, 16 % at 8×8."""
+  return 2.0 * batch * size * size * 9 * c_in * c_out
+
+
 def floors(batch: int, width: int, size: int = 32) -> dict:
   """TFLOP/s of a bf16 3×3 convolution [batch, size, size, width] -> width (forward, and forward
-  with the input and kernel gradients), and the GB/s of a 1 GiB fp32 copy (read + write)."""
+  with the input and kernel gradients; FLOPs of :func:`conv3x3_flop`), and the GB/s of a 1 GiB
+  fp32 copy (read + write)."""
   rng = np.random.default_rng(0)
   x = jnp.asarray(rng.standard_normal((batch, size, size, width)), jnp.bfloat16)
   w = jnp.asarray(rng.standard_normal((3, 3, width, width)) / (3 * width ** 0.5), jnp.bfloat16)
@@ -148,7 +158,7 @@ def floors(batch: int, width: int, size: int = 32) -> dict:
                                                    dimension_numbers=("NHWC", "HWIO", "NHWC"))
   fwd = jax.jit(conv)
   fwd_bwd = jax.jit(lambda x, w: jax.vjp(conv, x, w)[1](conv(x, w)))
-  flop = 2.0 * batch * size * size * 9 * width * width
+  flop = conv3x3_flop(batch, size, width, width)
   big = jnp.asarray(rng.standard_normal((2**28,)), jnp.float32)
   copy = jax.jit(lambda a: a * 1.0001)
   return {"conv_fwd_tflops": flop / _time(fwd, x, w) / 1e12,
@@ -292,9 +302,9 @@ def convs(batch: int, width: int, size: int = 32, groups: int = 32, epsilon: flo
   """A ResNet block's GroupNorm + swish and the 3×3 convolution that reads it, forward only
   (what a sampling step does 134 times), in bf16, for a block's conv2 (the γ shift and the
   residual sum) and an up block's conv1 (two parts of ``width`` channels): ms, the TFLOP/s of
-  the convolution's FLOPs (of the wall time, and with --profile on a GPU of the device-kernel
-  time), and each output's largest difference from xla's, relative to xla's largest magnitude,
-  computed as
+  the convolution's FLOPs (:func:`conv3x3_flop`; of the wall time, and with --profile on a GPU of
+  the device-kernel time), and each output's largest difference from xla's, relative to xla's
+  largest magnitude, computed as
     cudnn_alone: the convolution of a given norm output (the floor of the unfused ways);
     xla: the net's XLA norm (``vdm.nets.group_norm_swish``), then the convolution;
     pallas_norm: the Pallas norm kernel (``vdm.pallas_norm``), then the convolution;
@@ -332,7 +342,7 @@ def convs(batch: int, width: int, size: int = 32, groups: int = 32, epsilon: flo
           n["parts"], *affine(**n), **c, **tiling), (norm, conv))
       ways[f"fused_kernel_{name}"] = (lambda parts, ac, c, tiling=tiling: pallas_conv.norm_swish_conv(
           parts, *ac, **c, sums=True, **tiling)[0], (parts, affine(**norm), conv))
-    flop = 2.0 * batch * size * size * 9 * channels * width
+    flop = conv3x3_flop(batch, size, channels, width)
     want = None
     for way, (fn, args) in ways.items():
       try:  # one failing way keeps the others
@@ -371,11 +381,17 @@ def combine(name: str) -> Variant:
   return Variant(overrides, prng_impl, programs, xla or None)
 
 
-def run_variant(name: str) -> dict:
-  overrides, prng_impl, programs, xla = combine(name)
+def variant_config(overrides: dict):
+  """--config at --dtype with a variant's overrides."""
   config = FLAGS.config.copy_and_resolve_references()
   config.model.dtype = FLAGS.dtype
   config.update_from_flattened_dict(overrides)
+  return config
+
+
+def run_variant(name: str) -> dict:
+  overrides, prng_impl, programs, xla = combine(name)
+  config = variant_config(overrides)
   previous = jax.config.jax_default_prng_impl
   if prng_impl:
     jax.config.update("jax_default_prng_impl", prng_impl)
@@ -402,8 +418,9 @@ def summary(name: str, f: dict) -> str:
   busy = prof.get("ms_per_call")
   split = ", ".join(f"{k} {v:.1f}" for k, v in sorted(prof.get("kinds", {}).items()))
   sample = f.get("sample_step_ms")
+  temp = "n/a" if f["train_temp_gib"] is None else f"{f['train_temp_gib']:.1f}"
   line = (f"{name:>14}  {f['train_images_per_s']:8.1f} img/s  {1e3 * f['train_step_s']:7.1f} ms/step"
-          f"  compile {f['train_compile_s']:5.1f} s  temp {f['train_temp_gib'] or 0:5.1f} GiB"
+          f"  compile {f['train_compile_s']:5.1f} s  temp {temp:>5} GiB"
           f"  saved {f['net_saved_gib']:5.1f} GiB"
           f"  sample {sample if sample is not None else float('nan'):6.2f} ms"
           f"  kernels {busy if busy is not None else float('nan'):6.1f} ms ({split})")
@@ -419,6 +436,12 @@ def main(argv):
   if unknown:
     raise app.UsageError(f"unknown variants {unknown}: use some of {', '.join(VARIANTS)}, "
                          f"or {XLA_PREFIX}NAME=VALUE.")
+  # Checked once, before anything compiles: each variant would fail the same way, one by one.
+  for flag in ("repeats", "batch_size"):
+    if FLAGS[flag].value < 1:
+      raise app.UsageError(f"--{flag}={FLAGS[flag].value} must be >= 1.")
+  for name in FLAGS.variants:
+    config_checks.validate(variant_config(combine(name).overrides))
   for name in FLAGS.variants:
     check_xla_options(combine(name).xla or {})
   for key, flag in (("model.dtype", "dtype"), ("training.batch_size", "batch_size")):

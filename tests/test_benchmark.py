@@ -9,13 +9,14 @@ import os
 import pathlib
 import subprocess
 import sys
+import types
 
 import jax
 import jax.numpy as jnp
 import pytest
 
 from configs import default
-from vdm import benchmark
+from vdm import benchmark, pallas_conv
 from vdm.model import make_model
 from vdm.nets import NORM_IMPL
 
@@ -52,8 +53,11 @@ def test_benchmark_figures():
   assert figures["batch_size"] == 4 and figures["dtype"] == "float32" and figures["remat"] == "convs"
   assert figures["num_params"] > 0 and figures["train_temp_bytes"] > 0
   assert figures["train_images_per_s"] == pytest.approx(4 / figures["train_step_s"])
-  # peak_bytes_in_use is not reported on the CPU.
-  assert figures["peak_memory_bytes"] is None or figures["peak_memory_bytes"] > 0
+  # peak_bytes_in_use is not reported on the CPU (test_peak_memory_is_the_largest_reported).
+  assert jax.local_devices()[0].memory_stats() is None
+  assert figures["peak_memory_bytes"] is None and figures["peak_memory_gib"] is None
+  # a float32 net evaluates every example in fp32: no share sent through a second, fp32 net
+  assert figures["eval_fp32_fraction"] == 0.0
   assert figures["norm_impl"] == "autodiff" and figures["net_saved_gib"] > 0
   # what changed the compiles: a persistent cache if one is set, and the tests' XLA_FLAGS
   assert figures["compilation_cache_dir"] == (jax.config.jax_compilation_cache_dir or None)
@@ -64,6 +68,64 @@ def test_benchmark_figures():
   assert all(p["ms_per_call"] == 0 and p["top"] == [] for p in figures["profile"].values())
   report = benchmark.format_report(figures)
   assert "images/s" in report and "kernels, train" in report
+  assert [line.endswith("eval_fp32_fraction 0.00)") for line in report.splitlines()
+          if line.startswith("eval:")] == [True], report
+
+
+def test_batch_size_below_one_is_refused():
+  """Before any work: 0 measured the config's batch and recorded 0; a negative failed in numpy."""
+  for batch_size in (-2, 0):
+    with pytest.raises(ValueError, match=f"^batch_size={batch_size} must be >= 1"):
+      benchmark.benchmark(tiny_config(), batch_size=batch_size)
+
+
+class _Device:
+  """A device whose memory_stats() returns ``stats``, or raises it if it is an exception."""
+
+  def __init__(self, stats):
+    self.stats = stats
+
+  def memory_stats(self):
+    if isinstance(self.stats, Exception):
+      raise self.stats
+    return self.stats
+
+
+def test_peak_memory_is_the_largest_reported(monkeypatch):
+  """The largest peak_bytes_in_use over the devices that report it; None where none does."""
+  devices = [_Device({"bytes_in_use": 1, "peak_bytes_in_use": 9}), _Device(None),
+             _Device({"bytes_in_use": 5}), _Device(RuntimeError("no allocator stats")),
+             _Device({"bytes_in_use": 2, "peak_bytes_in_use": 12})]
+  monkeypatch.setattr(jax, "local_devices", lambda: devices)
+  assert benchmark.peak_memory_bytes() == 12
+  devices[-1:] = []
+  assert benchmark.peak_memory_bytes() == 9
+  devices[:1] = []
+  assert benchmark.peak_memory_bytes() is None
+
+
+def test_median_seconds_times_only_the_repeats(monkeypatch):
+  """Warm-up calls are not timed, the median of the timed calls is returned, and each call's whole
+  output is waited for before the clock is read: here the work happens in the wait, as a device's
+  does after an asynchronous dispatch."""
+  clock, outputs, blocked = [0.0], [], []
+  durations = iter([100.0, 200.0, 3.0, 1.0, 2.0])  # two warm-up calls, then three timed
+
+  def fn():
+    outputs.append(({"state": len(outputs)}, [len(outputs)]))
+    return outputs[-1]
+
+  def block_until_ready(x):
+    blocked.append(x)
+    clock[0] += next(durations)
+    return x
+
+  monkeypatch.setattr(benchmark, "time", types.SimpleNamespace(perf_counter=lambda: clock[0]))
+  monkeypatch.setattr(jax, "block_until_ready", block_until_ready)
+  assert benchmark.median_seconds(fn, repeats=3, warmup=2) == 2.0
+  assert len(blocked) == len(outputs) == 5 and all(b is o for b, o in zip(blocked, outputs))
+  with pytest.raises(ValueError, match="^repeats=0 must be >= 1"):
+    benchmark.median_seconds(fn, repeats=0, warmup=0)
 
 
 def test_saved_bytes_follow_the_remat_policy():
@@ -116,10 +178,14 @@ def test_command_line_writes_json(tmp_path):
 @pytest.mark.parametrize("args, message", [
     (["--config.model.norm_impl=recompute", "--remat=convs"],
      "model.norm_impl='recompute' with model.remat='convs'"),
-    (["--config.model.dropout=1.5"], "model.dropout=1.5 must be in [0, 1)")])  # config_checks
+    (["--config.model.dropout=1.5"], "model.dropout=1.5 must be in [0, 1)"),  # config_checks
+    # a file where the folder would be; the small run bounds the test's time if it is not checked
+    (["--json_out=/dev/null/bench.json", "--batch_size=1", "--repeats=1", "--warmup=0",
+      "--sample_steps=1"], "--json_out's directory=/dev/null is not a writable directory")])
 def test_command_line_bad_input_is_one_line(args, message):
-  """A setting the network or the config's checks refuse ends the command with one line (after
-  JAX's start-up log) and exit status 2, not a traceback or a benchmark of another network."""
+  """A setting the network or the config's checks refuse, or an output that cannot be written,
+  ends the command with one line (after JAX's start-up log) and exit status 2 before any work,
+  not a traceback or a benchmark of another network."""
   proc = subprocess.run([sys.executable, "-m", "vdm.benchmark", "--config=configs/quickstart.py",
                          *args], capture_output=True, text=True, cwd=ROOT)
   assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
@@ -134,7 +200,8 @@ def test_kernel_kinds_and_breakdown():
            "loop_convert_fusion_3": "fusion", "input_reduce_fusion": "fusion",
            "loop_dynamic_update_slice_fusion": "copy", "copy_transpose_3": "copy",
            "Memcpy DtoD": "copy", "rng_bit_generator": "other",
-           "vdm_norm_swish_backward": "pallas_norm"}
+           "vdm_norm_swish_backward": "pallas_norm",
+           pallas_conv.KERNEL_NAME: "conv_matmul"}  # the fused norm + convolution
   for name, kind in kinds.items():
     assert benchmark.kernel_kind(name) == kind, name
   events = [("a_gemm", 3e6), ("loop_add_fusion", 1e6), ("a_gemm", 3e6), ("copy_1", 2e6)]
@@ -225,6 +292,9 @@ def test_config_is_checked_as_measured(overrides, dtype, remat, residual):
                                 programs=(), count_flops=False,
                                 compiler_options={"xla_backend_optimization_level": 0})
   assert figures["residual_dtype"] == residual and figures["train_images_per_s"] > 0
+  # a bf16 net's bound sends the config's share of each eval batch through the fp32 net
+  assert figures["eval_fp32_fraction"] == (config.model.eval_fp32_fraction
+                                           if figures["dtype"] == "bfloat16" else 0.0)
   if dtype != "float32":
     with pytest.raises(ValueError, match="residual stream|norm_impl='recompute'"):
       benchmark.benchmark(config, programs=())
@@ -278,6 +348,51 @@ try:
 except KeyboardInterrupt:
   print("stopped")
 """
+
+
+@pytest.mark.ci_once  # the script's own checks, a process each
+@pytest.mark.parametrize("arg, message", [
+    ("--repeats=0", "--repeats=0 must be >= 1"),
+    ("--config.model.dropout=1.5", "model.dropout=1.5 must be in [0, 1)"),  # config_checks
+    ("--batch_size=0", "--batch_size=0 must be >= 1")])
+def test_sweep_refuses_bad_settings_once(tmp_path, arg, message):
+  """A setting every variant would fail on ends the sweep with one line and exit status 2 before
+  anything compiles, not with a traceback per variant and status 0."""
+  r = _sweep(*SWEEP_TINY, "--variants=base,no_dropout", arg,
+             f"--output={tmp_path / 's.json'}")
+  assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
+  assert r.stderr.strip().splitlines()[-1].startswith(f"vdm: error: {message}"), r.stderr[-2000:]
+  assert not (tmp_path / "s.json").exists()
+
+
+SUMMARY_AND_FLOPS = r"""
+import jax
+import jax.numpy as jnp
+from experiments.speed_sweep import conv3x3_flop, summary
+for temp in (None, 2.0):
+  print(summary("base", {"train_images_per_s": 100.0, "train_step_s": 0.01,
+                         "train_compile_s": 1.0, "train_temp_gib": temp, "net_saved_gib": 0.5}))
+conv = lambda x, w: jax.lax.conv_general_dilated(x, w, (1, 1), "SAME",
+                                                 dimension_numbers=("NHWC", "HWIO", "NHWC"))
+x = jax.ShapeDtypeStruct((2, 8, 8, 3), jnp.float32)
+w = jax.ShapeDtypeStruct((3, 3, 3, 5), jnp.float32)
+print(conv3x3_flop(2, 8, 3, 5), jax.jit(conv).lower(x, w).cost_analysis()["flops"])
+"""
+
+
+def test_sweep_summary_and_its_dense_conv_flop_count():
+  """A variant without temporaries' size reads n/a, not 0.0; the floors' and convs' FLOP count is
+  the dense 2·B·H·W·9·C_in·C_out, which XLA's cost analysis (the train step's TFLOP/s) counts
+  over the taps inside the image only: (22/24)² of it at 8×8."""
+  r = subprocess.run([sys.executable, "-c", SUMMARY_AND_FLOPS], capture_output=True, text=True,
+                     cwd=ROOT)  # its own process: absl's flags
+  assert r.returncode == 0, r.stderr[-2000:]
+  lines = r.stdout.splitlines()
+  want = ("base 100.0 img/s 10.0 ms/step compile 1.0 s temp {} GiB saved 0.5 GiB sample nan ms "
+          "kernels nan ms ()")
+  assert [line.split() for line in lines[:2]] == [want.format(t).split() for t in ("n/a", "2.0")]
+  dense, xla = map(float, lines[2].split())
+  assert dense == 2 * 2 * 8 * 8 * 9 * 3 * 5 and xla == pytest.approx(dense * (22 / 24) ** 2)
 
 
 @pytest.mark.ci_once  # the script's own control flow

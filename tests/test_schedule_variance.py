@@ -38,9 +38,11 @@ def test_toy_mode_lowers_the_variance_at_equal_elbo(tmp_path):
 
 
 def test_bad_flags_give_one_line_and_status_2(tmp_path):
-  proc = _run("--toy", f"--output={tmp_path / 'x.json'}", "--draws=1")
-  assert proc.returncode == 2 and not (tmp_path / "x.json").exists()
-  assert proc.stderr.strip().splitlines()[-1].startswith("vdm: error: draws=1 must be an integer >= 2")
+  for flag, message in (("--draws=1", "draws=1 must be an integer >= 2"),
+                        ("--n_features=0", "n_features=0 must be an integer >= 1")):
+    proc = _run("--toy", f"--output={tmp_path / 'x.json'}", flag)
+    assert proc.returncode == 2 and not (tmp_path / "x.json").exists(), (flag, proc.stderr[-2000:])
+    assert proc.stderr.strip().splitlines()[-1].startswith(f"vdm: error: {message}"), flag
 
 
 def _finite(o):

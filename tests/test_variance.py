@@ -139,3 +139,6 @@ def test_fit_and_measurement_reject_bad_arguments():
                                   draws=1, vocab_size=V)
   with pytest.raises(ValueError, match="gamma_min=5.0 must be < gamma_max=-5.0"):
     variance.linear_monotone(jax.random.PRNGKey(0), 5.0, -5.0)
+  for n in (0, -3):  # 0 divided by zero (NaN figures), -3 failed in Flax
+    with pytest.raises(ValueError, match=f"^n_features={n} must be an integer >= 1"):
+      variance.linear_monotone(jax.random.PRNGKey(0), -5.0, 5.0, n_features=n)

@@ -8,7 +8,8 @@ Reports, after warm-up and as the median over repeats, each step timed to
 ``jax.block_until_ready``:
   * train: images/s of the full step (ELBO forward + backward, AdamW, EMA: ``vdm.train``'s step),
     its compile time, and the achieved TFLOP/s from XLA's cost analysis of the step;
-  * eval: images/s of the ELBO forward pass (no dropout);
+  * eval: images/s of the ELBO forward pass (no dropout), of which a bf16 net sends the share
+    ``eval_fp32_fraction`` of each batch through the fp32 net, as the bound does;
   * sampling: ms per ancestral sampling step at the batch size;
   * peak device memory (``peak_bytes_in_use``; None where the backend does not report it) and
     the train step's temporary buffers by XLA's buffer assignment (any backend);
@@ -35,13 +36,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vdm import config_checks, logging_utils, nets, pallas_norm, samplers, train
+from vdm import config_checks, logging_utils, nets, pallas_conv, pallas_norm, samplers, train
 from vdm.nets import REMAT
-from vdm.model import eps_fn_for, gamma_fn_for, make_model, with_dtype
+from vdm.model import eps_fn_for, eval_fp32_share, gamma_fn_for, make_model, with_dtype
 
 
 def median_seconds(fn: Callable[[], Any], repeats: int, warmup: int) -> float:
   """Median wall time of fn() over `repeats` calls after `warmup` calls, each to block_until_ready."""
+  if repeats < 1:
+    raise ValueError(f"repeats={repeats} must be >= 1: a median needs at least one timed call.")
   for _ in range(warmup):
     jax.block_until_ready(fn())
   times = []
@@ -53,13 +56,14 @@ def median_seconds(fn: Callable[[], Any], repeats: int, warmup: int) -> float:
 
 
 # Device kernels by what they do, matched on lower-cased kernel names in this order: our Pallas
-# norms (vdm.pallas_norm.KERNEL_NAME), cuDNN and cuBLAS/CUTLASS kernels (convolutions and matrix
-# products), XLA's data movement, XLA's other generated kernels (elementwise and reduction
-# fusions). "convert" must not read as a convolution.
+# norms (vdm.pallas_norm.KERNEL_NAME), convolutions and matrix products (cuDNN, cuBLAS/CUTLASS,
+# and our fused Pallas norm + convolution vdm.pallas_conv.KERNEL_NAME, which does the
+# convolution's matmuls), XLA's data movement, XLA's other generated kernels (elementwise and
+# reduction fusions). "convert" must not read as a convolution.
 KERNEL_KINDS = (
     ("pallas_norm", (pallas_norm.KERNEL_NAME,)),
     ("conv_matmul", ("xmma", "gemm", "cudnn", "cutlass", "implicit", "fprop", "dgrad", "wgrad",
-                     "convolution", "conv2d", "cublas")),
+                     "convolution", "conv2d", "cublas", pallas_conv.KERNEL_NAME)),
     ("copy", ("copy", "memcpy", "memset", "dynamic_update_slice", "dynamic-update-slice",
               "transpose", "concatenate")),
     ("fusion", ("fusion", "reduce", "loop_", "input_", "triton")),
@@ -243,9 +247,9 @@ def benchmark(config, *, batch_size: Optional[int] = None, dtype: Optional[str] 
               save: Callable[[dict], None] = lambda figures: None) -> dict:
   """Measure train / eval / sampling throughput of the model of `config`; returns the figures.
 
-  batch_size, dtype and remat (a key of :data:`vdm.nets.REMAT`) default to the config's
-  (training.batch_size, model.dtype and model.remat). The batch is global: it is split
-  over all local devices. compiler_options go to XLA's compile of each timed program (the tests
+  batch_size, dtype and remat (a key of :data:`vdm.nets.REMAT`) default (None) to the config's
+  (training.batch_size, model.dtype and model.remat). The batch is global: it is split over all
+  local devices. compiler_options go to XLA's compile of each timed program (the tests
   turn LLVM optimisation off to compile fast on the CPU). With ``profile``, `repeats` more calls of
   each program are traced and "profile" holds their device-kernel time (:func:`kernel_breakdown`;
   empty on the CPU). ``programs`` (of :data:`PROGRAMS`) are timed after the train step;
@@ -260,7 +264,10 @@ def benchmark(config, *, batch_size: Optional[int] = None, dtype: Optional[str] 
   if repeats < 1 or warmup < 0 or sample_steps < 1:
     raise ValueError(f"repeats={repeats} must be >= 1, warmup={warmup} >= 0, "
                      f"sample_steps={sample_steps} >= 1.")
-  batch_size = int(batch_size or config.training.batch_size)
+  batch_size = int(config.training.batch_size if batch_size is None else batch_size)
+  if batch_size < 1:
+    raise ValueError(f"batch_size={batch_size} must be >= 1: pass the global batch size (None for "
+                     "the config's training.batch_size).")
   # The config as measured, checked and then built: with the dtype and remat given, a float32
   # network entirely in fp32 (with_dtype).
   measured = config.copy_and_resolve_references()
@@ -287,6 +294,8 @@ def benchmark(config, *, batch_size: Optional[int] = None, dtype: Optional[str] 
       "batch_size": batch_size, "image_shape": list(model.image_shape),
       "dtype": dtype, "residual_dtype": model.net.residual_dtype, "remat": remat,
       "norm_impl": model.net.norm_impl,
+      # the share of each eval batch (least noisy first) that a bf16 net's bound computes in fp32
+      "eval_fp32_fraction": eval_fp32_share(model),
       # per device, as the temporary buffers and peak memory are
       "net_saved_gib": saved_for_backward_bytes(model.net, model.image_shape,
                                                 batch_size // n_dev) / 2**30,
@@ -401,7 +410,8 @@ def format_report(figures: dict) -> str:
       f"compile {num('train_compile_s', '.1f')} s, {num('train_tflops_per_s', '.2f')} TFLOP/s "
       f"of {num('train_step_tflop', '.3f')} TFLOP/step)",
       f"eval:   {num('eval_images_per_s', '.1f')} images/s  ({num('eval_step_s', '.4f')} s/step, "
-      f"compile {num('eval_compile_s', '.1f')} s)",
+      f"compile {num('eval_compile_s', '.1f')} s, eval_fp32_fraction "
+      f"{num('eval_fp32_fraction', '.2f')})",
       f"sample: {num('sample_step_ms', '.2f')} ms per ancestral step at batch {figures['batch_size']}",
       f"peak device memory: {num('peak_memory_gib', '.2f')} GiB; train step temporaries "
       f"{num('train_temp_gib', '.2f')} GiB; the net keeps {num('net_saved_gib', '.2f')} GiB "
@@ -416,7 +426,9 @@ def format_report(figures: dict) -> str:
 @logging_utils.one_line_errors
 def main(argv):
   del argv
-  if FLAGS.json_out:
+  if FLAGS.json_out:  # checked before any work, which a late failure would lose
+    logging_utils.writable_dir(os.path.dirname(os.path.abspath(FLAGS.json_out)),
+                               "--json_out's directory")
     logging_utils.keep_previous(FLAGS.json_out)  # a rerun into the same folder keeps the first
 
   save = lambda figures: FLAGS.json_out and logging_utils.write_json(FLAGS.json_out, figures)

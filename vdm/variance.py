@@ -134,6 +134,7 @@ def linear_monotone(rng: jax.Array, gamma_min: float, gamma_max: float, *, n_fea
   ``l3 = 0`` is the linear schedule γ(t) = γ_min + (γ_max − γ_min) t exactly; a small ``l3`` (1e-2)
   is a start point for :func:`fit_shape` next to it, away from the kink of |W| at 0.
   """
+  check_settings(n_features=n_features)
   module = schedules.LearnedMonotone(float(gamma_min), float(gamma_max), n_features=n_features)
 
   @jax.jit
@@ -152,9 +153,10 @@ def linear_monotone(rng: jax.Array, gamma_min: float, gamma_max: float, *, n_fea
 
 
 def check_settings(*, steps: Optional[int] = None, learning_rate: Optional[float] = None,
-                   draws: Optional[int] = None) -> None:
+                   draws: Optional[int] = None, n_features: Optional[int] = None) -> None:
   """Raise ValueError naming the fix for a bad setting of :func:`fit_shape` (steps,
-  learning_rate) or :func:`diffusion_loss_draws` (draws); None is not checked."""
+  learning_rate), :func:`diffusion_loss_draws` (draws) or :func:`linear_monotone` (n_features);
+  None is not checked."""
   if steps is not None and (not isinstance(steps, (int, np.integer)) or steps < 1):
     raise ValueError(f"steps={steps!r} must be an integer >= 1: pass the number of Adam steps.")
   if learning_rate is not None and not learning_rate > 0:
@@ -162,6 +164,9 @@ def check_settings(*, steps: Optional[int] = None, learning_rate: Optional[float
   if draws is not None and (not isinstance(draws, (int, np.integer)) or draws < 2):
     raise ValueError(f"draws={draws!r} must be an integer >= 2: a variance over draws needs at "
                      "least two; raise draws (e.g. 200).")
+  if n_features is not None and (not isinstance(n_features, (int, np.integer)) or n_features < 1):
+    raise ValueError(f"n_features={n_features!r} must be an integer >= 1: the width of the "
+                     "LearnedMonotone network (e.g. 1024).")
 
 
 def fit_shape(eps_fn: EpsFn, module: schedules.LearnedMonotone, params: Params,
