@@ -361,12 +361,13 @@ def check_run_config(config, path: str, mode: str = "eval") -> None:
                      f"(--config=configs/run.py:{workdir}) or a fresh --workdir.")
 
 
-def load_params(config, path: str, use_ema: bool = True) -> tuple[Model, dict, dict]:
+def load_params(config, path: str, use_ema: bool = True,
+                sharding=None) -> tuple[Model, dict, dict]:
   """(model, params, info) of a trained run for inference: the EMA (or, with ``use_ema=False``,
-  the raw) parameters of the checkpoint at ``path`` (as :func:`restore_path`), built from
-  ``config``; info = {"checkpoint", "step", "ema"}."""
+  the raw) parameters of the checkpoint at ``path`` (as :func:`restore_path`, placed with
+  ``sharding`` if given), built from ``config``; info = {"checkpoint", "step", "ema"}."""
   check_run_config(config, path)
   model = make_model(config)
-  state = restore_path(path, abstract_train_state(config, model))
+  state = restore_path(path, abstract_train_state(config, model), sharding)
   params = state.ema_params if use_ema else state.params
   return model, params, {"checkpoint": os.path.abspath(path), "step": int(state.step), "ema": use_ema}

@@ -111,18 +111,6 @@ def prepare_workdir(workdir: str) -> str:
 
 # ---------------------------------------------------------------- evaluation ---------------------
 
-def _restore_for_inference(config, model, mesh, workdir: str, checkpoint: str | None):
-  target = train.abstract_train_state(config, model)
-  sharding = train.replicated(mesh)
-  if checkpoint:
-    return ckpt_lib.restore_path(checkpoint, target, sharding)
-  directory = os.path.join(workdir, ckpt_lib.CHECKPOINT_DIR)
-  if not os.path.isdir(directory):
-    raise ValueError(f"no checkpoint in {directory}: train first (--mode=train) or pass "
-                     "--checkpoint=PATH.")
-  return ckpt_lib.restore_path(workdir, target, sharding)
-
-
 def _sample_and_save(sample_fn, params, rng, out_dir: str, name: str, config, writer=None,
                      step: int = 0, keep: bool = False) -> str:
   """Sample, then write ``name``.png (a grid) and ``name``.npz; with ``keep``, files of that name
@@ -332,14 +320,14 @@ def run_eval(config, workdir: str, checkpoint: str | None) -> dict:
     logging.warning("eval.num_batches=%d limits training's periodic evals; --mode=eval evaluates "
                     "the whole split.", config.eval.num_batches)
   mesh = train.make_mesh()
-  model = make_model(config)
   split = input_pipeline.load_split(config.data, config.data.eval_split, config.seed)
-  state = _restore_for_inference(config, model, mesh, workdir, checkpoint)
-  step = int(jax.device_get(state.step))
+  model, params, info = ckpt_lib.load_params(config, checkpoint or workdir,
+                                              sharding=train.replicated(mesh))
+  step = info["step"]
   eval_step = train.make_eval_step(config, model, mesh)
   t0 = time.time()
-  summary = train.evaluate(eval_step, state.ema_params, split, config, mesh, 0, desc="eval")
-  gamma = np.asarray(gamma_fn_for(model, state.ema_params)(np.array([0.0, 1.0], np.float32)))
+  summary = train.evaluate(eval_step, params, split, config, mesh, 0, desc="eval")
+  gamma = np.asarray(gamma_fn_for(model, params)(np.array([0.0, 1.0], np.float32)))
   summary.update(step=step, split=split.name, params="ema", seconds=time.time() - t0,
                  sigma2_0=float(schedules.sigma2(gamma[0])), sigma2_1=float(schedules.sigma2(gamma[1])),
                  checkpoint=os.path.abspath(checkpoint or workdir),
@@ -366,11 +354,11 @@ def run_sample(config, workdir: str, checkpoint: str | None, sampler: str, num_s
     raise ValueError(f"--num_steps={num_steps} and --num_samples={num_samples} must be >= 1.")
   config_checks.check_seed(seed, "--sample_seed")
   mesh = train.make_mesh()
-  model = make_model(config)
-  state = _restore_for_inference(config, model, mesh, workdir, checkpoint)
-  step = int(jax.device_get(state.step))
+  model, params, info = ckpt_lib.load_params(config, checkpoint or workdir,
+                                              sharding=train.replicated(mesh))
+  step = info["step"]
   sample_fn = train.make_sample_fn(config, model, sampler, num_steps, num_samples, mesh)
-  png = _sample_and_save(sample_fn, state.ema_params, jax.random.PRNGKey(seed),
+  png = _sample_and_save(sample_fn, params, jax.random.PRNGKey(seed),
                          os.path.join(workdir, SAMPLES_DIR),
                          f"{sampler}_{num_steps}steps_step{step}_seed{seed}", config, keep=True)
   if png:
