@@ -111,6 +111,8 @@ def evaluate_until_the_third(*args, **kwargs):  # a time limit striking during t
   return evaluate(*args, **kwargs)
 
 train.evaluate = evaluate_until_the_third
+clock = iter(range(10**6))  # 0.1 s a reading: the marks, not the host's load, decide the steps
+train_curve.time = type("Clock", (), {"perf_counter": staticmethod(lambda: next(clock) / 10)})
 try:
   train_curve.run_curve(config, 1.0, [0.5, 1.0], save=lambda r: saved.append(json.dumps(r)),
                         final_draws=4)
