@@ -15,7 +15,7 @@ import pytest
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # configs/
 from configs import quickstart  # noqa: E402
 from vdm import checkpoint as ckpt_lib
-from vdm import importance, samplers, schedules
+from vdm import importance, logging_utils, samplers, schedules
 from vdm import input_pipeline as ip
 from vdm import model as model_lib
 from vdm import train
@@ -219,7 +219,7 @@ def test_processes_resume_from_a_step_every_one_of_them_restored(setup, tmp_path
   assert ckpt.all_steps() == [1, 2]
   target = train.create_train_state(config, model, mesh)
   other = iter([[2, 3], [0], [1]])  # the same steps (count, sum); step 2 fails there, step 1 not
-  monkeypatch.setattr(ckpt_lib, "_from_every_process",
+  monkeypatch.setattr(logging_utils, "from_every_process",
                       lambda values: np.asarray([values, next(other)], np.int32))
   restored = ckpt_lib.Checkpointer(str(tmp_path)).restore_latest(target, train.replicated(mesh))
   assert int(restored.step) == 1 and next(other, None) is None

@@ -106,15 +106,6 @@ def _check_params(manager: ocp.CheckpointManager, step: int, target: TrainState)
                         f"the checkpoint, {show(here.get(differ[0]))} in this config{more}")
 
 
-def _from_every_process(values: list) -> np.ndarray:
-  """``values`` (as many on each process) from every process, [processes, len(values)] int32; a
-  collective where there are several processes."""
-  values = np.asarray(values, np.int32)
-  if jax.process_count() == 1:
-    return values[None]
-  return np.asarray(multihost_utils.process_allgather(values))
-
-
 def _restore(manager: ocp.CheckpointManager, step: int, target, sharding=None):
   """Step ``step`` of ``manager``, shaped like ``target`` (ModelMismatch: another model's)."""
   _check_params(manager, step, target)
@@ -167,7 +158,7 @@ class Checkpointer:
     the processes agree on the steps they see and on each step's outcome, so that a read that
     fails on one process alone does not leave the others training from a state it lacks."""
     steps = sorted(self._manager.all_steps(), reverse=True)
-    seen = _from_every_process([len(steps), sum(steps)])
+    seen = logging_utils.from_every_process([len(steps), sum(steps)])
     if (seen != seen[0]).any():
       raise ValueError(f"the processes see different checkpoints under {self.directory} "
                        f"([count, sum of steps] by process: {seen.tolist()}): put the workdir on "
@@ -180,7 +171,7 @@ class Checkpointer:
         logging.warning("Checkpoint %s/%d could not be restored (%s: %s); trying the previous one.",
                         self.directory, step, type(e).__name__, str(e).splitlines()[0][:200] if str(e) else "")
         state = None
-      if not _from_every_process([state is not None]).all():
+      if not logging_utils.from_every_process([state is not None]).all():
         if state is not None:
           logging.warning("Checkpoint %s/%d could not be restored on every process; trying the "
                           "previous one.", self.directory, step)

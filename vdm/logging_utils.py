@@ -21,10 +21,20 @@ from typing import Callable, Iterable, Iterator, Optional
 import jax
 import numpy as np
 from absl import app, flags, logging
+from jax.experimental import multihost_utils
 
 
 def is_main_process() -> bool:
   return jax.process_index() == 0
+
+
+def from_every_process(values: list) -> np.ndarray:
+  """``values`` (as many on each process) from every process, [processes, len(values)] int32; a
+  collective where there are several processes."""
+  values = np.asarray(values, np.int32)
+  if jax.process_count() == 1:
+    return values[None]
+  return np.asarray(multihost_utils.process_allgather(values))
 
 
 def image_grid(images: np.ndarray, vocab_size: int = 256, ncol: Optional[int] = None,

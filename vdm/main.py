@@ -43,7 +43,6 @@ if _ROOT not in sys.path:
 import jax  # pylint: disable=g-import-not-at-top
 import numpy as np
 from absl import app, flags, logging
-from jax.experimental import multihost_utils
 from ml_collections import config_flags
 
 from vdm import checkpoint as ckpt_lib
@@ -155,9 +154,7 @@ class StopNotice:
 
   def agreed(self) -> bool:
     """Whether any process has received it (collective when there are several processes)."""
-    if jax.process_count() == 1:
-      return self.received is not None
-    return bool(np.any(multihost_utils.process_allgather(np.array(self.received is not None))))
+    return bool(logging_utils.from_every_process([self.received is not None]).any())
 
   def close(self) -> None:
     previous, self._previous = self._previous, {}
