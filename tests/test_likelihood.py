@@ -276,3 +276,57 @@ def test_dtype_comparison_is_saved_before_its_diagnostic_by_time(monkeypatch):
                          num_samples=1, vocab_size=256, decoder="vdm", save=saved.append)
   assert len(saved) == 1 and "by_time" not in saved[0], saved
   assert saved[0]["num_images"] == 4 and np.isfinite(saved[0]["difference_bpd"]), saved[0]
+
+
+def test_time_proposal_density_divides_the_diffusion_term():
+  """A "proposal" t = u with q(t) = 2 draws the continuous setting's times and noise (same keys)
+  and halves its diffusion term exactly, leaving the prior and reconstruction terms: the setting
+  evaluates ½ γ' ||ε − ε̂||² / q(t)."""
+  x = np.asarray(DATA.sample(jax.random.PRNGKey(8), 64))
+  res = likelihood.evaluate_elbo(DATA.eps_fn(), GAMMA, [x[:32], x[32:]], jax.random.PRNGKey(9),
+                                 vocab_size=4, num_samples=2,
+                                 time_proposals={"half": lambda u: (u, jnp.full_like(u, 2.0))})
+  base, half = res["continuous"], res["continuous_half"]
+  np.testing.assert_allclose(half["diffusion_bpd"], 0.5 * base["diffusion_bpd"], rtol=1e-6)
+  np.testing.assert_allclose(half["diffusion_se"], 0.5 * base["diffusion_se"], rtol=1e-5)
+  for term in ("prior", "reconstruction"):
+    np.testing.assert_allclose(half[f"{term}_bpd"], base[f"{term}_bpd"], rtol=1e-6)
+
+
+def test_difference_by_time_equals_closed_form_per_bin_and_its_se():
+  """ε̂_a = 0, ε̂_b = c (every dimension), γ(t) = γ_min + Δ t²: ℓ_b − ℓ_a = γ'(t) (½ D c² − c S),
+  S = Σ_d ε_d ~ N(0, D), γ'(t) = 2Δ t. Bin k (centre m_k, width w) has mean Δ m_k D c²; the
+  per-image mean over the bins X = (1/K) Σ_k X_k has Var X = (1/K²) Σ_k Var X_k, Var X_k =
+  E[γ'²] ((½ D c²)² + c² D) − (E γ')² (½ D c²)², E γ' = 2Δ m_k, E γ'² = 4Δ² (m_k² + w²/12)."""
+  delta, c, bins = 18.3, 3.0, 8
+  gamma_fn = lambda t: -13.3 + delta * jnp.asarray(t, jnp.float32) ** 2
+  x = np.asarray(DATA.sample(jax.random.PRNGKey(10), 1024))
+  dims, scale = DATA.dims, DATA.dims * math.log(2)
+  res = likelihood.difference_by_time(lambda z, g: jnp.zeros_like(z), lambda z, g: jnp.full_like(z, c),
+                                      gamma_fn, [x[i:i + 256] for i in range(0, 1024, 256)],
+                                      jax.random.PRNGKey(11), vocab_size=4, num_bins=bins)
+  w = 1 / bins
+  m = (np.arange(bins) + 0.5) * w
+  half = 0.5 * dims * c**2
+  mean_k = 2 * delta * m * half / scale
+  var_k = (4 * delta**2 * (m**2 + w**2 / 12) * (half**2 + c**2 * dims) - (2 * delta * m * half) ** 2)
+  got, se = np.array(res["bin_difference_bpd"]), np.array(res["bin_difference_se"])
+  assert np.all(np.abs(got - mean_k) < 4 * se), (got, mean_k, se)
+  np.testing.assert_allclose(se, np.sqrt(var_k / 1024) / scale, rtol=0.15)
+  want_se = math.sqrt(var_k.sum() / bins**2 / 1024) / scale
+  assert abs(res["difference_bpd"] - mean_k.mean()) < 4 * want_se
+  np.testing.assert_allclose(res["difference_se"], want_se, rtol=0.15)
+
+
+def test_paired_difference_reports_the_bounds_of_evaluate_elbo():
+  """a_bpd, a_se (and b's) are evaluate_elbo's bpd and bpd_se of each denoiser, same keys."""
+  x = np.asarray(DATA.sample(jax.random.PRNGKey(12), 128))
+  batches, rng = [x[:64], x[64:]], jax.random.PRNGKey(13)
+  worse = lambda z, g: 1.2 * DATA.eps_fn()(z, g)
+  res = likelihood.paired_difference(DATA.eps_fn(), worse, GAMMA, batches, rng, vocab_size=4,
+                                     num_samples=2)
+  for key, eps_fn in (("a", DATA.eps_fn()), ("b", worse)):
+    want = likelihood.evaluate_elbo(eps_fn, GAMMA, batches, rng, vocab_size=4, num_samples=2)
+    np.testing.assert_allclose(res[f"{key}_bpd"], want["continuous"]["bpd"], rtol=1e-6)
+    np.testing.assert_allclose(res[f"{key}_se"], want["continuous"]["bpd_se"], rtol=1e-5)
+  np.testing.assert_allclose(res["difference_bpd"], res["b_bpd"] - res["a_bpd"], rtol=1e-5)

@@ -97,3 +97,38 @@ def test_bad_schedules_raise():
     schedules.check_endpoints(-31.0, 5.0, "model.")
   with pytest.raises(ValueError, match="unknown DDPM"):
     schedules.ddpm("quadratic")
+
+
+def test_noise_and_signal_variances_equal_float64_closed_forms():
+  """σ²_t = 1/(1 + e^{−γ}), α²_t = 1/(1 + e^{γ}) (so SNR = α²/σ² = e^{−γ}), and
+  α_s/α_t = sqrt(α²_s/α²_t), finite also where α_t underflows float32 (γ_t = 100)."""
+  g = np.array([-13.3, -4.0, 0.0, 2.5, 5.0])
+  np.testing.assert_allclose(schedules.sigma2(jnp.asarray(g, jnp.float32)), 1 / (1 + np.exp(-g)),
+                             rtol=1e-6)
+  np.testing.assert_allclose(schedules.alpha2(jnp.asarray(g, jnp.float32)), 1 / (1 + np.exp(g)),
+                             rtol=1e-6)
+  alpha, sigma = schedules.alpha_sigma(jnp.asarray(g, jnp.float32))
+  np.testing.assert_allclose(alpha**2 / sigma**2, np.exp(-g), rtol=1e-5)
+  gamma_s, gamma_t = np.array([-13.3, -4.0, 0.0, 3.0, 60.0]), np.array([-10.0, 1.0, 0.5, 100.0, 100.0])
+  log_alpha2 = lambda v: -np.logaddexp(0.0, v)  # log sigmoid(−γ), float64
+  want = np.exp(0.5 * (log_alpha2(gamma_s) - log_alpha2(gamma_t)))
+  got = schedules.alpha_ratio(jnp.asarray(gamma_s, jnp.float32), jnp.asarray(gamma_t, jnp.float32))
+  np.testing.assert_allclose(got, want, rtol=1e-5)
+  assert want[-2] > 1e20  # α_t = e^{−50} underflows α_t² in float32; the ratio does not
+
+
+def test_learned_linear_is_increasing_for_a_negative_weight():
+  """γ(t) = b + |w| t: a weight that training drives negative still gives γ_min + |w| t."""
+  module = schedules.LearnedLinear()
+  params = {"params": {"b": jnp.float32(-13.3), "w": jnp.float32(-18.3)}}
+  np.testing.assert_allclose(schedules.bind(module, params)(jnp.array([0.0, 0.5, 1.0])),
+                             [-13.3, -4.15, 5.0], rtol=1e-6)
+
+
+def test_check_increasing_refuses_a_flat_stretch_and_accepts_the_floor():
+  """γ must be strictly increasing (a plateau has γ' = 0 there); γ_min = GAMMA_MIN_FLOOR itself is
+  allowed (only below it is refused)."""
+  with pytest.raises(ValueError, match="not increasing"):
+    schedules.check_increasing(lambda t: jnp.minimum(-13.3 + 18.3 * t, 0.0))
+  schedules.check_endpoints(schedules.GAMMA_MIN_FLOOR, 5.0)
+  schedules.check_increasing(schedules.fixed_linear(schedules.GAMMA_MIN_FLOOR, 5.0))
