@@ -8,7 +8,7 @@ import pytest
 from scipy.special import expit, logsumexp
 from scipy.stats import norm
 
-from vdm import ode_likelihood, schedules, toy
+from vdm import elbo, ode_likelihood, schedules, toy
 
 GAMMA = schedules.fixed_linear()
 G0, G1 = (float(g) for g in GAMMA(jnp.array([0.0, 1.0])))
@@ -251,3 +251,89 @@ def test_rejects_bad_arguments():
     with pytest.raises(ValueError, match=message):
       ode_likelihood.ode_log_density(args.pop("eps_fn"), args.pop("gamma_fn"), args.pop("z_0"),
                                      **args)
+
+
+def test_hutchinson_averages_its_probes():
+  """With a diagonal Jacobian every Rademacher probe gives vᵀ(∂f/∂z)v = tr(∂f/∂z) exactly, so the
+  mean over num_probes = 3 probes must equal the exact divergence (their sum, or Gaussian probes,
+  would not)."""
+  gauss = toy.Gaussian.random(0, dims=3, rotate=False)
+  z0 = _z0(gauss, 8, 1)
+  log_p = lambda **kw: np.asarray(ode_likelihood.ode_log_density(
+      gauss.eps_fn(), GAMMA, z0, jax.random.PRNGKey(0), rtol=1e-6, atol=1e-6, **kw)["log_prob"])
+  np.testing.assert_allclose(log_p(divergence="hutchinson", num_probes=3), log_p(divergence="exact"),
+                             atol=1e-3)
+
+
+# α²_0 = sigmoid(2) = 0.88: under GAMMA α_0 = 1 − 9e-7, which hides every factor α_0 of a bound.
+G0_WIDE, G1_WIDE = -2.0, 6.0
+
+
+def _recording(eps_fn):
+  """eps_fn that records its inputs, and a function giving the z it saw at γ = G0_WIDE: the solve's
+  first evaluation is at (z_0, γ(0)), so this is the dequantised z_0 the bound used."""
+  seen = []
+
+  def wrapped(z, gamma):
+    jax.debug.callback(lambda z, g: seen.append((np.asarray(z), np.asarray(g))), z, gamma)
+    return eps_fn(z, gamma)
+
+  def z_0():
+    at_0 = [z for z, g in seen if np.all(g == np.float32(G0_WIDE))]
+    assert at_0 and all(np.array_equal(z, at_0[0]) for z in at_0)
+    return at_0[0].astype(np.float64)
+
+  return wrapped, z_0
+
+
+def test_uniform_dequantization_bound_is_exact_per_draw_at_a_small_alpha_0():
+  """Per draw: z_0 = α_0 y with y = 2(x + u)/V − 1 inside x's bin (u ∈ [0, 1)), and
+  nats = −log p(y) + D log(V/2) with log p(y) = log p_0(α_0 y) + D log α_0 = log N(y; μ, s² + σ²_0/α²_0)
+  (Gaussian data: exact ε̂, q(z_1) as the prior)."""
+  vocab = 16
+  gauss = toy.Gaussian.random(1, dims=3, rotate=False)
+  y = np.asarray(gauss.sample(jax.random.PRNGKey(2), 64))
+  x = np.clip(np.floor((y + 1.0) * vocab / 2.0), 0, vocab - 1).astype(np.int32)
+  eps_fn, z_0_of = _recording(gauss.eps_fn())
+  out = ode_likelihood.ode_nll_bound(eps_fn, schedules.fixed_linear(G0_WIDE, G1_WIDE), jnp.asarray(x),
+                                     jax.random.PRNGKey(3), vocab_size=vocab, dequantization="uniform",
+                                     divergence="exact", prior_log_prob=lambda z: gauss.log_prob(z, G1_WIDE))
+  y_deq = z_0_of() / math.sqrt(expit(-G0_WIDE))
+  u = (y_deq + 1.0) * vocab / 2.0 - x
+  assert u.min() > -1e-4 and u.max() < 1.0 + 1e-4 and u.std() > 0.2
+  scale = np.sqrt(gauss.scales**2 + expit(G0_WIDE) / expit(-G0_WIDE))
+  expected = -norm.logpdf(y_deq, gauss.mean, scale).sum(-1) + 3 * math.log(vocab / 2.0)
+  assert bool(out["converged"])
+  np.testing.assert_allclose(np.asarray(out["nats"]), expected, atol=2e-3)
+
+
+def _mixture_log_q(data, z, gamma, xp):
+  """log q(z_t) of factorised discrete data: Σ_i log Σ_v p_iv N(z_i; α_t x_v, σ²_t)."""
+  x_v = 2 * (np.arange(data.vocab_size) + 0.5) / data.vocab_size - 1
+  alpha, sigma = math.sqrt(expit(-gamma)), math.sqrt(expit(gamma))
+  log_n = -0.5 * ((z[..., None] - alpha * x_v) / sigma) ** 2 - math.log(math.sqrt(2 * math.pi) * sigma)
+  lse = logsumexp if xp is np else jax.scipy.special.logsumexp
+  return lse(xp.log(xp.asarray(data.probs)) + log_n, axis=-1).sum(-1)
+
+
+def test_vdm_dequantization_bound_is_the_elbo_with_the_exact_prior_per_draw():
+  """Per draw z_0 = α_0 x̃ + σ_0 ε ~ q(z_0|x): nats = −log p(x|z_0) − log p_0(z_0) + log N(z_0; α_0 x̃, σ²_0 I),
+  p_0 the exact q(z_0) (factorised discrete data: exact ε̂, q(z_1) as the prior), at α²_0 = 0.88."""
+  data = toy.FactorizedDiscrete.random(0, dims=2, vocab_size=4)
+  x = np.asarray(data.sample(jax.random.PRNGKey(1), 64))
+  eps_fn, z_0_of = _recording(data.eps_fn())
+  out = ode_likelihood.ode_nll_bound(eps_fn, schedules.fixed_linear(G0_WIDE, G1_WIDE), jnp.asarray(x),
+                                     jax.random.PRNGKey(2), vocab_size=4, dequantization="vdm",
+                                     divergence="exact",
+                                     prior_log_prob=lambda z: _mixture_log_q(data, z, G1_WIDE, jnp))
+  z_0 = z_0_of()
+  alpha_0, sigma_0 = math.sqrt(expit(-G0_WIDE)), math.sqrt(expit(G0_WIDE))
+  x_tilde = 2 * (x + 0.5) / 4 - 1
+  eps = (z_0 - alpha_0 * x_tilde) / sigma_0
+  assert abs(eps.mean()) < 0.4 and abs(eps.std() - 1.0) < 0.2  # 128 draws of N(0, 1)
+  recon = np.asarray(elbo.reconstruction_loss(jnp.asarray(x), jnp.asarray(z_0, jnp.float32),
+                                              jnp.float32(G0_WIDE), vocab_size=4))
+  expected = (recon - _mixture_log_q(data, z_0, G0_WIDE, np)
+              + norm.logpdf(z_0, alpha_0 * x_tilde, sigma_0).sum(-1))
+  assert bool(out["converged"])
+  np.testing.assert_allclose(np.asarray(out["nats"]), expected, atol=2e-3)

@@ -205,3 +205,37 @@ def test_bad_sampler_arguments_raise():
     samplers.ancestral(DIST.eps_fn(), lambda t: -t, z, 10, jax.random.PRNGKey(0))
   with pytest.raises(ValueError, match="eps_fn returned shape"):
     samplers.ddim(lambda z, g: z[..., :1], GAMMA, z, 10)
+
+
+def test_decode_floors_into_bins_and_clips_to_the_vocabulary():
+  """Without rng, x = ⌊(z_0/α_0 + 1) V/2⌋ clipped to [0, V − 1]: bin centres α_0 x̃_k give k, and
+  z_0/α_0 at or beyond ±1 (c = 1 would be bin V) gives the edge values."""
+  vocab, gamma_0 = 8, GAMMA(0.0)
+  alpha_0 = float(schedules.alpha_sigma(gamma_0)[0])
+  centres = alpha_0 * elbo.scale_data(jnp.arange(vocab), vocab)
+  np.testing.assert_array_equal(samplers.decode(centres[None], gamma_0, vocab_size=vocab)[0],
+                                np.arange(vocab))
+  edges = jnp.array([[-3.0, -alpha_0, alpha_0, 3.0]])
+  np.testing.assert_array_equal(samplers.decode(edges, gamma_0, vocab_size=vocab)[0],
+                                [0, 0, vocab - 1, vocab - 1])
+
+
+def test_euler_maruyama_steps_are_the_explicit_discretisation_at_t():
+  """Two steps (h = ½) with the exact denoiser of a point mass x*: z_s = z_t − h f(z_t, t)
+  + sqrt(β_t h) ξ, f = −½β_t z + β_t ε̂/σ_t, ε̂ = (z − α_t x*)/σ_t, β_t = γ'(t) σ²_t (drift and noise
+  at t, the step's start). Each step is z ↦ a_t z + b_t + sqrt(β_t h) ξ, a_t = 1 + β_t h (½ − 1/σ²_t),
+  b_t = β_t h α_t x*/σ²_t, so z_0 ~ N(a_½ (a_1 z_1 + b_1) + b_½, a²_½ β_1 h + β_½ h)."""
+  gamma_min, gamma_max, x_star, z_1, h = -3.0, 2.0, 0.3, 0.8, 0.5
+  z_0 = np.asarray(samplers.euler_maruyama(_point_mass_eps_fn(x_star),
+                                           schedules.fixed_linear(gamma_min, gamma_max),
+                                           jnp.full((100_000, 1), z_1), 2, jax.random.PRNGKey(0)))
+
+  def step(t):
+    gamma = gamma_min + (gamma_max - gamma_min) * t
+    s2, beta = special.expit(gamma), (gamma_max - gamma_min) * special.expit(gamma)
+    return 1 + beta * h * (0.5 - 1 / s2), beta * h * math.sqrt(special.expit(-gamma)) * x_star / s2, beta * h
+
+  (a_1, b_1, v_1), (a_2, b_2, v_2) = step(1.0), step(0.5)
+  mean, var = a_2 * (a_1 * z_1 + b_1) + b_2, a_2**2 * v_1 + v_2
+  assert abs(z_0.mean() - mean) < 4 * math.sqrt(var / z_0.size)
+  assert abs(z_0.var() / var - 1) < 0.02

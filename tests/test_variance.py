@@ -142,3 +142,19 @@ def test_fit_and_measurement_reject_bad_arguments():
   for n in (0, -3):  # 0 divided by zero (NaN figures), -3 failed in Flax
     with pytest.raises(ValueError, match=f"^n_features={n} must be an integer >= 1"):
       variance.linear_monotone(jax.random.PRNGKey(0), -5.0, 5.0, n_features=n)
+
+
+def test_comparison_reports_fitted_minus_linear():
+  """mean_difference = mean(fitted) − mean(linear) on the same draws, signed (two different
+  shapes: a schedule bent towards high γ early has a different batch mean on few draws)."""
+  data = toy.FactorizedDiscrete.random(0, D, V)
+  x = data.sample(jax.random.PRNGKey(1), 8)
+  module, linear = variance.linear_monotone(jax.random.PRNGKey(0), -8.0, 6.0, n_features=8)
+  _, bent = variance.linear_monotone(jax.random.PRNGKey(0), -8.0, 6.0, n_features=8, l3=3.0)
+  res = variance.compare_shapes(data.eps_fn(), module, linear, bent, x, jax.random.PRNGKey(3),
+                                draws=4, vocab_size=V)
+  assert res["mean_difference"] != 0
+  np.testing.assert_allclose(res["mean_difference"], res["fitted"]["mean"] - res["linear"]["mean"],
+                             rtol=1e-6)
+  np.testing.assert_allclose(res["variance_ratio"], res["fitted"]["variance"] / res["linear"]["variance"],
+                             rtol=1e-12)
