@@ -115,3 +115,16 @@ def test_the_fp32_share_goes_to_the_least_noisy_z_t_with_ddpms_decoder_too():
       eps_fn_for(with_dtype(model, "float32"), params))
   low = np.argsort(np.asarray(fp32["t"]))[:3]  # ⌈0.3 · 10⌉
   np.testing.assert_allclose(mixed["diffusion"][low], fp32["diffusion"][low], rtol=1e-4)
+
+
+def test_an_fp32_network_has_no_fp32_share():
+  """eval_fp32_share: eval_fp32_fraction for a bf16 network; 0 for one in fp32 (the default
+  config's 0.3 would otherwise split each evaluated batch into two calls of one fp32 network, and
+  the benchmark would report a share that does not exist)."""
+  from vdm.model import eval_fp32_share  # pylint: disable=g-import-not-at-top
+  config = default.get_config()
+  config.model.update(dtype="float32", eval_fp32_fraction=0.3)
+  assert eval_fp32_share(make_model(config)) == 0.0
+  config.model.dtype = "bfloat16"
+  assert eval_fp32_share(make_model(config)) == 0.3
+  assert eval_fp32_share(with_dtype(make_model(config), "float32")) == 0.0

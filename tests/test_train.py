@@ -10,6 +10,7 @@ import types
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # configs/
@@ -119,13 +120,15 @@ def test_non_finite_steps_are_skipped_and_counted(setup, bias):
   config, model, mesh, step_fn, data = setup
   state = train.create_train_state(config, model, mesh)
   state = state.replace(params=_on_devices(_poisoned(state.params, bias), mesh))
-  before = jax.device_get((state.params, state.opt_state, state.time_second_moment))
+  before = jax.device_get((state.params, state.ema_params, state.opt_state,
+                           state.time_second_moment))
   for k in range(2):
     state, m = step_fn(state, _batch(data, mesh, k))
     assert int(m["nonfinite"]) == k + 1
   assert int(state.step) == 2 and int(state.nonfinite) == 2
   jax.tree.map(lambda a, b: np.testing.assert_array_equal(a, b), before,
-               jax.device_get((state.params, state.opt_state, state.time_second_moment)))
+               jax.device_get((state.params, state.ema_params, state.opt_state,
+                               state.time_second_moment)))
 
 
 def test_logged_learning_rate_is_the_one_applied_after_skipped_steps(setup):
@@ -546,3 +549,112 @@ def test_ddpm_schedules_are_ddpms_own_betas_whatever_num_timesteps(kind):
   alpha_bar = np.cumprod(1.0 - schedules.ddpm_betas(kind, 1000))
   got = np.asarray(schedules.alpha2(gamma_fn(jnp.arange(1000) / 999)), np.float64)
   np.testing.assert_allclose(got, alpha_bar, rtol=1e-5)
+
+
+def test_one_train_step_is_a_hand_computed_clipped_adamw_step_and_ema(setup):
+  """One step from step 5 with a fresh optimizer: the gradients are loss_and_grads' on the keys
+  split from fold_in(rng, 5) (ELBO key first, dropout key second); Adam's moments hold the
+  clipped gradients, (1 − b1)·g_c and (1 − b2)·g_c²; the parameters move by
+  −lr·(g_c / (|g_c| + eps) + wd·mask·p) (AdamW's first step: m̂ = g_c, v̂ = g_c²), the schedule's
+  and the biases' without decay; the EMA is r·e + (1 − r)·p_new; metrics report the unclipped
+  norm, the loss and the rate."""
+  _, _, mesh, _, data = setup
+  config = tiny_config()
+  config.model.dropout = 0.2  # so that the dropout key matters
+  o = config.optimizer
+  o.weight_decay, o.grad_clip, o.ema_rate, o.b1, o.b2 = 0.5, 0.05, 0.9, 0.8, 0.95
+  model = model_lib.make_model(config)
+  step_fn = train.make_train_step(config, model, mesh)
+  state = train.create_train_state(config, model, mesh)
+  state = state.replace(step=jnp.full((), 5, jnp.int32))
+  p0, rng = jax.device_get((state.params, state.rng))
+  x = _batch(data, mesh, 5)
+  keys = jax.random.split(jax.random.fold_in(rng, 5))
+  loss, terms, g = jax.device_get(jax.jit(
+      lambda p, x: train.loss_and_grads(config, model, p, x, *keys))(p0, x))
+  norm = math.sqrt(sum(float(np.sum(np.square(a))) for a in jax.tree.leaves(g)))
+  assert norm > 2 * o.grad_clip  # clipping is active
+  g_c = jax.tree.map(lambda a: a * (o.grad_clip / norm), g)
+  state, m = jax.device_get(step_fn(state, x))
+  assert int(state.step) == 6 and int(state.nonfinite) == 0
+  np.testing.assert_allclose(m["loss"], loss, rtol=1e-5)
+  np.testing.assert_allclose(m["grad_norm"], norm, rtol=1e-4)
+  np.testing.assert_allclose(m["lr"], o.learning_rate, rtol=1e-6)
+  nats = terms["prior"] + terms["diffusion"] + terms["reconstruction"]  # per example
+  np.testing.assert_allclose(m["bpd"], nats.mean() / (16 * math.log(2)), rtol=1e-5)
+  tree_get = lambda key: optax.tree_utils.tree_get(state.opt_state, key)
+  close = lambda a, b, **tol: jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, **tol),
+                                           a, b)
+  scale = o.grad_clip / math.sqrt(sum(a.size for a in jax.tree.leaves(g)))  # a typical |g_c|
+  close(tree_get("mu"), jax.tree.map(lambda a: (1 - o.b1) * a, g_c), rtol=1e-3,
+        atol=1e-3 * scale)
+  close(tree_get("nu"), jax.tree.map(lambda a: (1 - o.b2) * a * a, g_c), rtol=2e-3,
+        atol=1e-3 * scale ** 2)
+  mask = train.decay_mask(p0)
+  p1 = jax.tree.map(
+      lambda p, gc, dec: p - o.learning_rate * (gc / (np.abs(gc) + o.eps)
+                                               + o.weight_decay * dec * p), p0, g_c, mask)
+  close(state.params, p1, rtol=0, atol=2e-2 * o.learning_rate)
+  close(state.ema_params, jax.tree.map(lambda e, p: o.ema_rate * e + (1 - o.ema_rate) * p,
+                                       p0, state.params), rtol=1e-6, atol=1e-7)
+
+
+def test_eval_step_sums_the_masked_deterministic_bound(setup):
+  """make_eval_step: the masked sums of the bits/dim of elbo_terms with the network without
+  dropout (a model with dropout evaluates deterministically), their squares and the count;
+  summarize_eval gives their means and the standard error of the mean bound."""
+  from vdm import elbo  # pylint: disable=g-import-not-at-top
+  _, _, mesh, _, data = setup
+  config = tiny_config()
+  config.model.dropout = 0.5
+  model = model_lib.make_model(config)
+  rng = np.random.default_rng(0)
+  params = jax.tree.map(  # non-zero everywhere: dropout feeds a zero-initialised convolution
+      lambda p: p + 0.05 * rng.standard_normal(p.shape).astype(np.float32),
+      model_lib.init_params(model, jax.random.PRNGKey(0)))
+  x, key = _batch(data, mesh, 0), jax.random.PRNGKey(4)
+  mask_np = np.array([1, 1, 0, 1, 1, 0, 1, 1], np.float32)
+  mask = ip.to_global(mask_np, train.batch_sharding(mesh))
+  sums = jax.device_get(train.make_eval_step(config, model, mesh)(params, x, mask, key))
+  terms = jax.device_get(jax.jit(lambda p, x: elbo.elbo_terms(
+      model_lib.eps_fn_for(model, p), model_lib.gamma_fn_for(model, p), x, key,
+      **train._elbo_kwargs(config)))(params, x))  # pylint: disable=protected-access
+  dims = 4 * 4 * 1
+  bpd = {k: np.asarray(terms[k]) / (dims * math.log(2)) for k in elbo.TERMS}
+  bpd["bpd"] = sum(bpd[k] for k in elbo.TERMS)
+  for k, v in bpd.items():
+    np.testing.assert_allclose(sums[k], np.sum(v * mask_np), rtol=1e-5, err_msg=k)
+  np.testing.assert_allclose(sums["bpd_sq"], np.sum(bpd["bpd"] ** 2 * mask_np), rtol=1e-5)
+  assert float(sums["count"]) == 6
+  out = train.summarize_eval(sums)
+  kept = bpd["bpd"][mask_np > 0]
+  np.testing.assert_allclose(out["bpd"], kept.mean(), rtol=1e-5)
+  np.testing.assert_allclose(out["bpd_stderr"], kept.std(ddof=1) / math.sqrt(6), rtol=1e-3)
+  assert out["num_examples"] == 6
+
+
+def test_evaluate_gives_each_batch_its_own_key_and_sums_every_batch(setup):
+  """evaluate: batch i of the split (the last padded, its mask 0 there) gets the key
+  fold_in(PRNGKey(eval.seed), i), and the summary is of the sums over all batches (or the first
+  num_batches)."""
+  config, _, mesh, _, _ = setup
+  split = ip.Split("test", 20, lambda idx: np.zeros((len(idx), 4, 4, 1), np.uint8))
+  seen = []
+
+  def spy_step(params, x, mask, key):
+    seen.append((jax.device_get(key), jax.device_get(mask)))
+    m = jnp.float32(len(seen))  # batch i's bound is i + 1 on every real image
+    return {"bpd": m * jnp.sum(mask), "bpd_sq": m * m * jnp.sum(mask), "count": jnp.sum(mask),
+            **{k: m * jnp.sum(mask) for k in ("prior", "diffusion", "reconstruction")}}
+
+  out = train.evaluate(spy_step, None, split, config, mesh)
+  base = jax.random.PRNGKey(config.eval.seed)
+  assert len(seen) == 3
+  for i, (key, _) in enumerate(seen):
+    np.testing.assert_array_equal(key, jax.random.fold_in(base, i))
+  np.testing.assert_array_equal(seen[-1][1], [1, 1, 1, 1, 0, 0, 0, 0])
+  assert out["num_examples"] == 20
+  np.testing.assert_allclose(out["bpd"], (8 * 1 + 8 * 2 + 4 * 3) / 20, rtol=1e-6)
+  seen.clear()
+  assert train.evaluate(spy_step, None, split, config, mesh, num_batches=2)["num_examples"] == 16
+  assert len(seen) == 2
