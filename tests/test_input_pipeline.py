@@ -72,6 +72,16 @@ def test_flips_mirror_images_and_are_a_function_of_seed_and_step():
   assert not np.array_equal(mask, ip.TrainData(split, 32, seed=1, random_flip=True).flips(5))
 
 
+def test_flips_mirror_half_the_examples():
+  """Each example is mirrored with probability 1/2: over 200 batches of 32 (6,400 draws, standard
+  deviation 0.006) the fraction lies within 0.47..0.53, and at each position of the batch
+  within 0.4..0.6."""
+  flipped = ip.TrainData(ip.load_split(data_config(), "train"), 32, seed=0, random_flip=True)
+  masks = np.stack([flipped.flips(step) for step in range(200)])
+  assert 0.47 < masks.mean() < 0.53, masks.mean()
+  assert 0.4 < masks.mean(axis=0).min() and masks.mean(axis=0).max() < 0.6  # every position
+
+
 def test_each_process_reads_its_own_part_of_the_global_batch(monkeypatch):
   split = ip.load_split(data_config(), "train")
   full = ip.TrainData(split, 8, seed=0, random_flip=True).batch(3)
@@ -106,6 +116,19 @@ def test_eval_batches_split_each_global_batch_over_the_processes(monkeypatch):
   np.testing.assert_array_equal(mask, np.arange(32) < 30)
   np.testing.assert_array_equal(np.concatenate([x for x, _ in rows])[mask == 1],
                                 split.get(np.arange(30)))
+
+
+def test_synthetic_images_on_fewer_levels_and_split_sizes():
+  """vocab_size < 256 keeps the synthetic pictures on fewer levels, floor(x · vocab / 256), with
+  no uint8 overflow; the split named by data.train_split (any name) has synthetic_num_train
+  examples, every other split synthetic_num_test."""
+  full = ip.load_split(data_config(), "train").get(np.arange(100))
+  coarse = ip.load_split(data_config(vocab_size=32), "train").get(np.arange(100))
+  assert coarse.dtype == np.uint8 and int(coarse.max()) < 32 and int(full.max()) > 200
+  np.testing.assert_array_equal(coarse, full.astype(np.int64) * 32 // 256)
+  c = data_config(train_split="train[:90%]", synthetic_num_train=50, synthetic_num_test=20)
+  assert len(ip.load_split(c, "train[:90%]")) == 50
+  assert len(ip.load_split(c, "train[90%:]")) == len(ip.load_split(c, "train")) == 20
 
 
 def test_host_only_train_data_reads_the_whole_batch_and_names_its_setting(monkeypatch):
@@ -217,6 +240,23 @@ def test_npz_errors_are_one_line_value_errors(tmp_path, case, match):
     del e  # its traceback holds the loader's frames
     gc.collect()
   assert not [w for w in caught if issubclass(w.category, ResourceWarning)], "file left open"
+
+
+def test_npz_pixel_values_and_dtype_at_the_boundary(tmp_path):
+  """Values up to vocab_size − 1 are accepted and vocab_size is refused (not only far larger
+  values); only uint8 is accepted, not another unsigned type holding the same values."""
+  images = np.zeros((4, 8, 8, 3), np.uint8)
+  images[0, 0, 0, 0] = 15
+  c = data_config(source="npz", path=_write_npz(tmp_path / "ok.npz", test=images), vocab_size=16)
+  np.testing.assert_array_equal(ip.load_split(c, "test").get(np.arange(4)), images)
+  images[1, 2, 3, 1] = 16
+  c = data_config(source="npz", path=_write_npz(tmp_path / "over.npz", test=images), vocab_size=16)
+  with pytest.raises(ValueError, match=r"holds values up to 16, not below data.vocab_size=16"):
+    ip.load_split(c, "test")
+  wide = images.astype(np.uint16)
+  c = data_config(source="npz", path=_write_npz(tmp_path / "u16.npz", test=wide))
+  with pytest.raises(ValueError, match=r"has dtype uint16 .*expected uint8"):
+    ip.load_split(c, "test")
 
 
 def test_unknown_source_and_indivisible_batch(monkeypatch):

@@ -441,3 +441,82 @@ def test_unroll_changes_nothing_but_the_program():
   for bad in (-1, True):
     with pytest.raises(ValueError, match="unroll="):
       ScoreUNet(**kw, unroll=bad).init(jax.random.PRNGKey(0), z, g)
+
+
+def test_embeddings_are_their_formulas():
+  """timestep_embedding at t ≠ 0 is [sin(1000 t ω_k), cos(1000 t ω_k)], ω_k = 10000^(−k/(d/2 − 1))
+  (test_embeddings sees only t = 0, where any frequencies give 0 and 1); fourier_features'
+  default exponents are 6 and 7, each channel's frequencies side by side, sin then cos."""
+  t = np.array([0.0, 1e-3, 0.37, 1.0])
+  omega = 10000.0 ** (-np.arange(8) / 7)
+  angle = 1000.0 * t[:, None] * omega
+  np.testing.assert_allclose(timestep_embedding(jnp.asarray(t), 16),
+                             np.concatenate([np.sin(angle), np.cos(angle)], -1), atol=2e-4)
+  z = np.array([[[[0.1, -0.3, 0.0077]]]], np.float32)
+  h = (z[..., None] * 2 * np.pi * 2.0 ** np.array([6, 7])).reshape(1, 1, 1, 6)
+  np.testing.assert_allclose(fourier_features(jnp.asarray(z)),
+                             np.concatenate([np.sin(h), np.cos(h)], -1), atol=2e-4)
+
+
+def _random_params(net, z, g, seed=0):
+  """Parameters of ``net`` drawn from N(0, 0.1²), none zero (traced init: nothing compiled)."""
+  rng = np.random.default_rng(seed)
+  return jax.tree_util.tree_map(lambda s: 0.1 * rng.standard_normal(s.shape, np.float32),
+                                jax.eval_shape(net.init, jax.random.PRNGKey(0), z, g))
+
+
+def _conv_inputs(net, params, z, g):
+  """Every Conv's and ResnetBlock's first input and output in ``net.apply``, by module path."""
+  def run(params):
+    seen = {}
+
+    def record(next_fun, args, kwargs, context):
+      out = next_fun(*args, **kwargs)
+      if isinstance(context.module, (Conv, ResnetBlock)) and context.method_name == "__call__":
+        seen["/".join(context.module.path)] = (args[0], out)
+      return out
+
+    with nn.intercept_methods(record):
+      net.apply(params, z, g)
+    return seen
+  return _jit(run)(params)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_input_and_output_layers(dtype):
+  """conv_in reads [z, Fourier features of z] in fp32, the features computed from fp32 z (from
+  bf16 z, z · 2^7 · 2π would keep no digit of z's 8-bit detail); conv_out computes in fp32 and
+  returns fp32, also in a bf16 net."""
+  z, g = _inputs()
+  net = ScoreUNet(n_embd=64, n_layer=1, dtype=dtype)
+  params = _random_params(net, z, g)
+  seen = _conv_inputs(net, params, z, g)
+  x_in, _ = seen["conv_in"]
+  np.testing.assert_array_equal(x_in, jnp.concatenate([z, fourier_features(z)], -1))
+  assert x_in.dtype == jnp.float32
+  x_out, y_out = seen["conv_out"]
+  assert x_out.dtype == y_out.dtype == jnp.float32
+  np.testing.assert_allclose(  # a bf16 conv_out would be ~1e-2 off
+      y_out, Conv(3).apply({"params": params["params"]["conv_out"]}, x_out), rtol=1e-5, atol=1e-5)
+
+
+def test_levels_double_channels_and_upsample_by_nearest_neighbour():
+  """channel_mult=(1, 2): level i's blocks have 64·mult_i channels, a strided conv halves H and W
+  between levels, and the way up repeats each pixel of level 1's last block's output 2×2
+  (nearest) before its conv."""
+  z, g = _inputs()
+  net = ScoreUNet(n_embd=64, n_layer=1, channel_mult=(1, 2))
+  params = _random_params(net, z, g)
+  p = params["params"]
+  assert p["down_0_0"]["conv1"]["kernel"].shape == (3, 3, 64, 64)
+  assert p["down_1_0"]["conv1"]["kernel"].shape == (3, 3, 64, 128)
+  assert p["mid_1_0"]["conv1"]["kernel"].shape == (3, 3, 128, 128)
+  assert p["up_1_0"]["conv1"]["kernel"].shape[-1] == 128
+  assert p["up_0_0"]["conv1"]["kernel"].shape[-1] == 64
+  seen = _conv_inputs(net, params, z, g)
+  assert seen["downsample_0"][1].shape == (2, 4, 4, 64)
+  x_up, _ = seen["upsample_1"]
+  assert x_up.shape == (2, 8, 8, 128)
+  last = seen["up_1_1"][1][0]  # up_1: 2 blocks, unscanned (the skips differ in width)
+  assert last.shape == (2, 4, 4, 128)
+  np.testing.assert_array_equal(x_up, jnp.repeat(jnp.repeat(last, 2, 1), 2, 2))
