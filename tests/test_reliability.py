@@ -289,3 +289,144 @@ def test_divergence_stops_with_the_step_and_last_good_checkpoint(tmp_path):
   # The skipped steps left the parameters as the one good step made them.
   assert all(np.array_equal(x, y) for x, y in zip(jax.tree.leaves(good["params"]),
                                                   jax.tree.leaves(first["params"])))
+
+
+# ------------------ in-process: Checkpointer on a tiny state, the stop notice, logging_utils ---
+
+def _tiny_states(steps):
+  """(config, target, {step: host TrainState}): the tiny model's state at each of ``steps``, its
+  parameters marked by the step (params + step, EMA params - step) so that a restore shows which
+  step it read."""
+  from test_train import tiny_config  # pylint: disable=g-import-not-at-top
+  from vdm import model as model_lib, train  # pylint: disable=g-import-not-at-top
+  config = tiny_config()
+  state = jax.device_get(train.create_train_state(config, model_lib.make_model(config)))
+  states = {k: state.replace(step=np.int32(k), params=jax.tree.map(lambda p: p + k, state.params),
+                             ema_params=jax.tree.map(lambda p: p - k, state.params))
+            for k in steps}
+  return config, train.create_train_state(config, model_lib.make_model(config)), states
+
+
+def _assert_same_state(restored, saved):
+  a, b = jax.tree.leaves(jax.device_get(restored)), jax.tree.leaves(saved)
+  assert len(a) == len(b) > 0
+  assert all(np.array_equal(x, y) for x, y in zip(a, b))
+
+
+def test_every_unrestorable_step_above_the_resumed_one_is_moved_aside(tmp_path):
+  """Two corrupt newest checkpoints: both are moved aside, named by their steps, and the state of
+  the step before them is restored leaf by leaf. One left in place would stop orbax writing the
+  steps up to it (the resumed run's next save raises). Saving keeps the newest max_to_keep."""
+  from vdm import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
+  _, target, states = _tiny_states([0, 1, 2, 3])
+  ckpt = ckpt_lib.Checkpointer(str(tmp_path), max_to_keep=3)
+  for k in (0, 1, 2, 3):
+    assert ckpt.save(states[k])
+  assert ckpt.all_steps() == [1, 2, 3]
+  for k in (2, 3):
+    _corrupt(str(tmp_path), k)
+  resumed = ckpt_lib.Checkpointer(str(tmp_path), max_to_keep=3)
+  restored = resumed.restore_latest(target)
+  _assert_same_state(restored, states[1])
+  assert resumed.last_good_step == 1 and resumed.all_steps() == [1]
+  assert sorted(os.listdir(ckpt.directory + "_unrestorable")) == ["2", "3"]
+  # A step on disk is not written again, nor one whose EMA parameters are not finite.
+  nan_ema = states[2].replace(ema_params=jax.tree.map(lambda p: p * np.nan, states[2].ema_params))
+  assert not resumed.save(states[1]) and not resumed.save(nan_ema) and resumed.all_steps() == [1]
+  # Both written again, the newest corrupt again: kept beside the first one, not over it.
+  assert resumed.save(states[2]) and resumed.save(states[3]) and resumed.all_steps() == [1, 2, 3]
+  _corrupt(str(tmp_path), 3)
+  again = ckpt_lib.Checkpointer(str(tmp_path), max_to_keep=3)
+  _assert_same_state(again.restore_latest(target), states[2])
+  assert sorted(os.listdir(ckpt.directory + "_unrestorable")) == ["2", "3", "3.1"]
+
+
+def test_inference_reads_the_newest_step_ema_or_raw(tmp_path):
+  """load_params of a workdir reads its newest step: the EMA parameters, or the raw ones with
+  use_ema=False, leaf by leaf, and names that step."""
+  from vdm import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
+  config, _, states = _tiny_states([1, 2])
+  ckpt = ckpt_lib.Checkpointer(str(tmp_path))
+  for k in (1, 2):
+    assert ckpt.save(states[k])
+  for use_ema, want in ((True, states[2].ema_params), (False, states[2].params)):
+    _, params, info = ckpt_lib.load_params(config, str(tmp_path), use_ema=use_ema)
+    assert info == {"checkpoint": str(tmp_path), "step": 2, "ema": use_ema}
+    _assert_same_state(params, want)
+
+
+def test_a_stop_notice_is_agreed_and_gives_back_the_handlers(monkeypatch):
+  """A notice another process received stops this one too; the signal itself is recorded and
+  hands SIGTERM and SIGINT back to their previous handlers, so that a second one acts as usual."""
+  import threading  # pylint: disable=g-import-not-at-top
+  from vdm import logging_utils, main  # pylint: disable=g-import-not-at-top
+  if threading.current_thread() is not threading.main_thread():
+    pytest.skip("signal handlers are installed from the main thread only")
+  signals = (signal.SIGTERM, signal.SIGINT)
+  handlers = [signal.getsignal(s) for s in signals]
+  notice = main.StopNotice()
+  try:
+    assert signal.getsignal(signal.SIGTERM) == notice._handle  # pylint: disable=protected-access
+    assert not notice.agreed()
+    with monkeypatch.context() as m:  # another process has received it
+      m.setattr(logging_utils, "from_every_process",
+                lambda values: np.asarray([values, [1]], np.int32))
+      assert notice.agreed() and notice.received is None
+    signal.raise_signal(signal.SIGTERM)
+    assert notice.received == "SIGTERM" and notice.agreed()
+    assert [signal.getsignal(s) for s in signals] == handlers
+  finally:
+    notice.close()
+  assert [signal.getsignal(s) for s in signals] == handlers
+
+
+def test_eta_and_atomic_json(tmp_path, monkeypatch):
+  """The console's ETA past a day (its hours shown, even 0) and with no progress (unknown, not a
+  division by zero); write_json leaves the previous record whole when writing the new one fails."""
+  from vdm import logging_utils  # pylint: disable=g-import-not-at-top
+  assert [logging_utils.format_eta(s) for s in (65, 3725, 86400 + 300, 2 * 86400 + 3725)] == [
+      "1:05", "1:02:05", "1d0:05:00", "2d1:02:05"]
+  monkeypatch.setattr(logging_utils.time, "time", lambda: 10.0)
+  rate = logging_utils.Throughput(5, 100, 8)
+  rates = rate.update(5)
+  assert rates["steps_per_sec"] == 0 and logging_utils.format_eta(rates["eta_sec"]) == "?"
+  path = str(tmp_path / "record.json")
+  logging_utils.write_json(path, {"step": 1})
+  with pytest.raises(TypeError):
+    logging_utils.write_json(path, {"step": 2, "bad": object()})
+  with open(path) as f:
+    assert f.read() == '{\n  "step": 1\n}\n'
+
+
+def test_an_unknown_flag_ends_the_run_before_any_work(tmp_path):
+  """A misspelt flag (--num_step for --num_steps) is refused in one line, not dropped in silence
+  (the run would go on without it: here, to its own error about the empty workdir)."""
+  r = subprocess.run(_cmd(str(tmp_path / "run"), "--mode=eval", "--num_step=3"), cwd=ROOT,
+                     env=_env(), capture_output=True, text=True, timeout=300)
+  lines = [l for l in r.stderr.splitlines() if l.strip()]
+  assert r.returncode == 2, r.stderr[-3000:]
+  assert "Traceback" not in r.stderr and "Unknown command line flag 'num_step'" in lines[-1], lines
+
+
+def test_the_writer_records_each_value_at_its_step(tmp_path):
+  """TensorBoard's event file holds each scalar under its prefixed tag at its step, and the image
+  at its step and size (read back record by record)."""
+  import struct  # pylint: disable=g-import-not-at-top
+  from tensorboardX.proto import event_pb2  # pylint: disable=g-import-not-at-top
+  from vdm import logging_utils  # pylint: disable=g-import-not-at-top
+  writer = logging_utils.Writer(str(tmp_path))
+  writer.scalars(7, {"bpd": np.float32(3.5), "lr": 0.25}, prefix="train/")
+  writer.scalars(9, {"bpd": 2.75}, prefix="eval/")
+  writer.image(9, "samples", np.zeros((4, 5, 3), np.uint8))
+  writer.close()
+  path, = glob.glob(str(tmp_path / "events.out.tfevents*"))
+  with open(path, "rb") as f:
+    data = f.read()
+  seen, i = [], 0
+  while i < len(data):  # TFRecords: length (8 bytes), its CRC (4), the event, its CRC (4)
+    n, = struct.unpack("<Q", data[i:i + 8])
+    event, i = event_pb2.Event.FromString(data[i + 12:i + 12 + n]), i + 16 + n
+    seen += [(event.step, v.tag, v.simple_value if v.HasField("simple_value")
+              else (v.image.height, v.image.width)) for v in event.summary.value]
+  assert seen == [(7, "train/bpd", 3.5), (7, "train/lr", 0.25), (9, "eval/bpd", 2.75),
+                  (9, "samples", (4, 5))]
