@@ -76,6 +76,15 @@ def _discretized_gaussian_nll(gauss, x, vocab_size):
   return -np.log(p).sum(-1)
 
 
+def _mixture_log_q(data, z, gamma, xp):
+  """log q(z_t) of factorised discrete data: Σ_i log Σ_v p_iv N(z_i; α_t x_v, σ²_t)."""
+  x_v = 2 * (np.arange(data.vocab_size) + 0.5) / data.vocab_size - 1
+  alpha, sigma = math.sqrt(expit(-gamma)), math.sqrt(expit(gamma))
+  log_n = -0.5 * ((z[..., None] - alpha * x_v) / sigma) ** 2 - math.log(math.sqrt(2 * math.pi) * sigma)
+  lse = logsumexp if xp is np else jax.scipy.special.logsumexp
+  return lse(xp.log(xp.asarray(data.probs)) + log_n, axis=-1).sum(-1)
+
+
 def test_exact_for_diffused_discrete_data_a_non_gaussian_density():
   """Factorised discrete data x_i ∈ {x_v} under the forward process is a Gaussian mixture per
   dimension, log q(z_t) = Σ_i log Σ_v p_iv N(z_i; α_t x_v, σ²_t); with q(z_1) as the prior and the
@@ -84,18 +93,11 @@ def test_exact_for_diffused_discrete_data_a_non_gaussian_density():
   data = toy.FactorizedDiscrete.random(0, dims=64, vocab_size=4)
   x = np.asarray(data.sample(jax.random.PRNGKey(1), 8))
   x_v = 2 * (np.arange(4) + 0.5) / 4 - 1
-
-  def mixture_log_q(z, gamma, xp):
-    alpha, sigma = math.sqrt(expit(-gamma)), math.sqrt(expit(gamma))
-    log_n = -0.5 * ((z[..., None] - alpha * x_v) / sigma) ** 2 - math.log(math.sqrt(2 * math.pi) * sigma)
-    lse = logsumexp if xp is np else jax.scipy.special.logsumexp
-    return lse(xp.log(xp.asarray(data.probs)) + log_n, axis=-1).sum(-1)
-
   z_0 = ALPHA_0 * x_v[x] + SIGMA_0 * np.random.default_rng(0).normal(size=x.shape)
   out = ode_likelihood.ode_log_density(
       data.eps_fn(), GAMMA, jnp.asarray(z_0, jnp.float32), jax.random.PRNGKey(0), rtol=1e-8,
-      atol=1e-8, prior_log_prob=lambda z: mixture_log_q(z, G1, jnp))
-  err = np.asarray(out["log_prob"]) - mixture_log_q(np.asarray(z_0, np.float32).astype(np.float64), G0, np)
+      atol=1e-8, prior_log_prob=lambda z: _mixture_log_q(data, z, G1, jnp))
+  err = np.asarray(out["log_prob"]) - _mixture_log_q(data, np.asarray(z_0, np.float32).astype(np.float64), G0, np)
   print(f"max |ODE − exact| {np.abs(err).max():.2e} nats")
   assert bool(out["converged"]) and np.abs(err).max() < 1e-2
 
@@ -305,15 +307,6 @@ def test_uniform_dequantization_bound_is_exact_per_draw_at_a_small_alpha_0():
   expected = -norm.logpdf(y_deq, gauss.mean, scale).sum(-1) + 3 * math.log(vocab / 2.0)
   assert bool(out["converged"])
   np.testing.assert_allclose(np.asarray(out["nats"]), expected, atol=2e-3)
-
-
-def _mixture_log_q(data, z, gamma, xp):
-  """log q(z_t) of factorised discrete data: Σ_i log Σ_v p_iv N(z_i; α_t x_v, σ²_t)."""
-  x_v = 2 * (np.arange(data.vocab_size) + 0.5) / data.vocab_size - 1
-  alpha, sigma = math.sqrt(expit(-gamma)), math.sqrt(expit(gamma))
-  log_n = -0.5 * ((z[..., None] - alpha * x_v) / sigma) ** 2 - math.log(math.sqrt(2 * math.pi) * sigma)
-  lse = logsumexp if xp is np else jax.scipy.special.logsumexp
-  return lse(xp.log(xp.asarray(data.probs)) + log_n, axis=-1).sum(-1)
 
 
 def test_vdm_dequantization_bound_is_the_elbo_with_the_exact_prior_per_draw():

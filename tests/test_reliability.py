@@ -115,6 +115,13 @@ def _corrupt(workdir, step, files="**/*"):
         f.truncate(max(os.path.getsize(path) // 3, 1))
 
 
+def _assert_same_state(restored, saved, what=""):
+  """Every leaf of ``restored`` equals ``saved``'s, and there is at least one."""
+  a, b = jax.tree.leaves(jax.device_get(restored)), jax.tree.leaves(saved)
+  assert len(a) == len(b) > 0, what
+  assert all(np.array_equal(x, y) for x, y in zip(a, b)), what
+
+
 def _assert_resumed(err, step):
   if step:
     assert re.search(rf"Resumed from \S+ at step {step}\.", err), err[-3000:]
@@ -160,9 +167,7 @@ def _preempted_run_is_bit_identical(tmp_path, args, num_steps, moments, seed=0):
   assert int(resumed["step"]) == num_steps
   assert sorted(straight) == sorted(resumed)
   for key in straight:  # time_second_moment too, which uniform t leaves out of the parameters
-    a, b = jax.tree.leaves(straight[key]), jax.tree.leaves(resumed[key])
-    assert len(a) == len(b) > 0
-    assert all(np.array_equal(x, y) for x, y in zip(a, b)), key
+    _assert_same_state(resumed[key], straight[key], key)
 
 
 def test_sigkill_in_checkpoint_write_and_sigterm_resume_bit_identically(tmp_path):
@@ -287,8 +292,7 @@ def test_divergence_stops_with_the_step_and_last_good_checkpoint(tmp_path):
   good, first = restore(workdir, 3), restore(workdir, 1)
   assert all(np.isfinite(x).all() for x in jax.tree.leaves(good["params"]))
   # The skipped steps left the parameters as the one good step made them.
-  assert all(np.array_equal(x, y) for x, y in zip(jax.tree.leaves(good["params"]),
-                                                  jax.tree.leaves(first["params"])))
+  _assert_same_state(good["params"], first["params"])
 
 
 # ------------------ in-process: Checkpointer on a tiny state, the stop notice, logging_utils ---
@@ -300,17 +304,12 @@ def _tiny_states(steps):
   from test_train import tiny_config  # pylint: disable=g-import-not-at-top
   from vdm import model as model_lib, train  # pylint: disable=g-import-not-at-top
   config = tiny_config()
-  state = jax.device_get(train.create_train_state(config, model_lib.make_model(config)))
+  target = train.create_train_state(config, model_lib.make_model(config))
+  state = jax.device_get(target)
   states = {k: state.replace(step=np.int32(k), params=jax.tree.map(lambda p: p + k, state.params),
                              ema_params=jax.tree.map(lambda p: p - k, state.params))
             for k in steps}
-  return config, train.create_train_state(config, model_lib.make_model(config)), states
-
-
-def _assert_same_state(restored, saved):
-  a, b = jax.tree.leaves(jax.device_get(restored)), jax.tree.leaves(saved)
-  assert len(a) == len(b) > 0
-  assert all(np.array_equal(x, y) for x, y in zip(a, b))
+  return config, target, states
 
 
 def test_every_unrestorable_step_above_the_resumed_one_is_moved_aside(tmp_path):
