@@ -1,6 +1,7 @@
 """The command line: train / eval / sample end to end, resuming, and one-line errors (exit 2)."""
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -152,7 +153,19 @@ BAD_INPUTS = {
                           "are there: restore it, or use a fresh"),
     "no_coordinator": (["--process_id=1"], {}, "jax.distributed.initialize failed"),
     "empty_test_split": (["--config.data.synthetic_num_test=0"], {}, "has no examples"),
-    "sample_flag_in_train": (["--num_steps=10"], {}, "--num_steps has no effect with --mode=train"),
+    # config's num_steps=0: a run that wrongly accepted these flags would end at once, not after
+    # the quickstart's 1,500 steps
+    "sample_flag_in_train": (["--num_steps=10", "--config.training.num_steps=0"], {},
+                             "--num_steps has no effect with --mode=train"),
+    "checkpoint_in_train": (["--checkpoint=/tmp", "--config.training.num_steps=0"], {},
+                            "--checkpoint has no effect with --mode=train"),
+    "sample_flags_in_eval": (["--mode=eval", "--sampler=ddim", "--num_samples=2", "--sample_seed=3"],
+                             {}, "--sampler, --num_samples, --sample_seed has no effect with "
+                             "--mode=eval"),
+    "positional_argument": (["extra", "--config.training.num_steps=0"], {},
+                            "unexpected arguments 'extra': pass options as --name=value"),
+    "zero_sample_steps": (["--mode=sample", "--num_steps=0"], {},  # not config.sampling.num_steps
+                          "--num_steps=0 and --num_samples=64 must be >= 1"),
 }
 # Settings vdm.config_checks.validate refuses before any work, naming the key and the fix (vdm.main
 # ends each such ValueError in one line with exit status 2, as the gamma_order case above shows end
@@ -204,6 +217,27 @@ INVALID_SETTINGS = {
     "synthetic_num": ({"data.synthetic_num_train": 0}, "synthetic_num_test >= 1 (now 0, 512)"),
     "max_to_keep": ({"training.max_to_keep": 0}, "training.max_to_keep=0 must be >= 1"),
     "prefetch": ({"data.prefetch": 0}, "data.prefetch=0 must be >= 1"),
+    "vocab_size": ({"data.vocab_size": 1}, "data.vocab_size=1 must be in [2, 256]"),
+    "vocab_size_257": ({"data.vocab_size": 257}, "data.vocab_size=257 must be in [2, 256]"),
+    "channels": ({"data.channels": 0}, "data.channels=0 must be >= 1"),
+    "synthetic_num_test": ({"data.synthetic_num_test": 0}, "synthetic_num_test >= 1 (now 8192, 0)"),
+    "schedule": ({"model.schedule": "cosine"}, "unknown model.schedule 'cosine'"),
+    "decoder": ({"model.decoder": "logistic"}, "unknown model.decoder 'logistic'"),
+    "negative_num_timesteps": ({"model.num_timesteps": -1}, "model.num_timesteps=-1 must be >= 0"),
+    "model_dtype": ({"model.dtype": "fp16"}, "unknown model.dtype 'fp16'"),
+    "bool_unroll": ({"model.unroll": True}, "model.unroll=True must be an integer >= 0"),
+    "remat": ({"model.remat": "all"}, "unknown model.remat 'all'"),
+    "weighting": ({"loss.weighting": "vlb"}, "unknown loss.weighting 'vlb'"),
+    "sampler": ({"sampling.sampler": "heun"}, "unknown sampling.sampler 'heun'"),
+    "dropout_one": ({"model.dropout": 1.0}, "model.dropout=1.0 must be in [0, 1)"),
+    "negative_num_steps": ({"training.num_steps": -1}, "training.num_steps=-1 must be >= 0"),
+    "max_nonfinite_steps": ({"training.max_nonfinite_steps": 0},
+                            "training.max_nonfinite_steps=0 must be >= 1"),
+    "log_every": ({"training.log_every": 0}, "training.log_every=0 must be >= 1"),
+    "eval_every": ({"training.eval_every": 0}, "training.eval_every=0 must be >= 1"),
+    "sample_every": ({"training.sample_every": 0}, "training.sample_every=0 must be >= 1"),
+    "checkpoint_every": ({"training.checkpoint_every": 0}, "training.checkpoint_every=0 must be >= 1"),
+    "train_batch": ({"training.batch_size": 0}, "training.batch_size=0 must be >= 1"),
 }
 NPZ_IMAGES = {"shape": np.zeros((4, 5, 5), np.uint8), "dtype": np.zeros((4, 8, 8, 3), np.float32),
               "vocab": np.full((4, 8, 8, 3), 9, np.uint8)}
@@ -352,3 +386,123 @@ def test_imagenet_configs_really_train(tmp_path, name):
   assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["2"]
   samples = np.load(os.path.join(workdir, "samples", "step_2.npz"))
   assert any(a.shape == (4, size, size, 3) for a in samples.values())
+
+
+# ---------------------------------------------------------------- in-process checks of vdm.main --
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory):
+  """(config, workdir) of a 2-step in-process run with checkpoints at steps 1 and 2."""
+  from test_train import tiny_config  # pylint: disable=g-import-not-at-top
+  from vdm import main  # pylint: disable=g-import-not-at-top
+  config = tiny_config(num_steps=2, checkpoint_every=1, eval_every=2, sample_every=2)
+  config.sampling.update(sampler="ddim", num_steps=3, num_samples=3)
+  workdir = str(tmp_path_factory.mktemp("trained") / "run")
+  main.run_train(config, workdir)
+  return config, workdir
+
+
+def test_training_samples_are_the_ema_samples_of_its_checkpoint(trained_run):
+  """Training's samples at step N: config.sampling's sampler, steps and count, the EMA parameters
+  and the key PRNGKey(N), i.e. what --mode=sample gives for that checkpoint with --sample_seed=N."""
+  from vdm import main  # pylint: disable=g-import-not-at-top
+  config, workdir = trained_run
+  during = np.load(os.path.join(workdir, "samples", "step_2.npz"))["samples"]
+  assert during.shape == (3, 4, 4, 1)
+  png = main.run_sample(config, workdir, None, "ddim", 3, 3, seed=2)
+  assert png.endswith("ddim_3steps_step2_seed2.png")
+  np.testing.assert_array_equal(np.load(png[:-3] + "npz")["samples"], during)
+  other = main.run_sample(config, workdir, None, "ddim", 3, 3, seed=3)
+  assert not np.array_equal(np.load(other[:-3] + "npz")["samples"], during)  # the seed is used
+
+
+def test_eval_reads_the_checkpoint_it_is_given(trained_run):
+  """--checkpoint picks the step evaluated; sigma2_0/1 are the EMA schedule's at t = 0 and 1."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from vdm import checkpoint, main  # pylint: disable=g-import-not-at-top
+  from vdm.model import gamma_fn_for  # pylint: disable=g-import-not-at-top
+  config, workdir = trained_run
+  step_1 = os.path.join(workdir, "checkpoints", "1")
+  summary = main.run_eval(config, workdir, step_1)
+  assert (summary["step"], summary["checkpoint"], summary["num_examples"]) == (1, step_1, 16)
+  assert _json(workdir, "eval_1.json")["bpd"] == summary["bpd"]
+  main.run_eval(config, workdir, step_1)  # again: the first result is kept under another name
+  assert len([f for f in os.listdir(workdir) if f.startswith("eval_1.")]) == 2
+  model, params, _ = checkpoint.load_params(config, step_1)
+  gamma = gamma_fn_for(model, params)(np.array([0.0, 1.0], np.float32))
+  assert (summary["sigma2_0"], summary["sigma2_1"]) == pytest.approx(
+      tuple(float(s) for s in jax.nn.sigmoid(gamma)), rel=1e-6)
+
+
+def test_sample_refuses_bad_options_before_loading(tmp_path):
+  from test_train import tiny_config  # pylint: disable=g-import-not-at-top
+  from vdm import main  # pylint: disable=g-import-not-at-top
+  config, missing = tiny_config(), str(tmp_path / "no_run")
+  for args, message in [(("heun", 2, 2), "unknown --sampler 'heun'"),
+                        (("ddim", 0, 2), "--num_steps=0 and --num_samples=2 must be >= 1"),
+                        (("ddim", 2, 0), "--num_steps=2 and --num_samples=0 must be >= 1")]:
+    with pytest.raises(ValueError, match=re.escape(message)):
+      main.run_sample(config, missing, None, *args, seed=0)
+
+
+def test_distributed_flag_alone_initializes(monkeypatch):
+  """--distributed with no address, count or id still calls jax.distributed.initialize (which
+  detects the cluster); with none of them it is not called."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from vdm import main  # pylint: disable=g-import-not-at-top
+  calls = []
+  monkeypatch.setattr(jax.distributed, "initialize", lambda *a: calls.append(a))
+  main.init_distributed(None, None, None)
+  assert calls == []
+  main.init_distributed(None, None, None, detect=True)
+  assert calls == [(None, None, None)]
+
+
+@pytest.mark.parametrize("name",
+                         ["cifar10", "cifar10_aug", "cifar10_bf16", "imagenet32", "imagenet64"])
+def test_paper_configs_keep_the_published_vdm_settings(name):
+  """What test_configs_load_and_validate leaves out: google-research/vdm's configs/{cifar10,
+  imagenet32,imagenet64}.py share this schedule, loss, optimizer and batch; the data matches the
+  name, and sampling defaults to the usage line of vdm/main.py."""
+  import importlib  # pylint: disable=g-import-not-at-top
+  c = importlib.import_module(f"configs.{name}").get_config()
+  m, o, d = c.model, c.optimizer, c.data
+  assert (m.gamma_min, m.gamma_max, m.num_timesteps, m.antithetic_time_sampling, m.decoder) == (
+      -13.3, 5.0, 0, True, "vdm")
+  assert (c.loss.weighting, c.loss.time_sampling, m.variance_minimizing) == ("elbo", "uniform", False)
+  assert (o.learning_rate, o.b1, o.b2, o.eps, o.weight_decay, o.warmup_steps, o.ema_rate) == (
+      2e-4, 0.9, 0.99, 1e-8, 0.01, 100, 0.9999)
+  assert (c.training.batch_size, c.eval.batch_size, c.eval.seed) == (128, 128, 1)
+  size = 64 if name == "imagenet64" else 32
+  assert (d.source, d.image_size, d.channels, d.vocab_size, d.train_split) == (
+      "tfds", size, 3, 256, "train")
+  assert (d.name, d.eval_split) == (("cifar10", "test") if name.startswith("cifar10")
+                                    else (f"imagenet_resized/{size}x{size}", "validation"))
+  assert (c.sampling.sampler, c.sampling.num_steps, c.sampling.num_samples) == ("ancestral", 1000, 64)
+
+
+def test_run_config_reads_a_workdir_or_its_config_json_and_refuses_unknown_keys(trained_run,
+                                                                                tmp_path):
+  import importlib  # pylint: disable=g-import-not-at-top
+  from vdm import checkpoint  # pylint: disable=g-import-not-at-top
+  run_config = importlib.import_module("configs.run")
+  config, workdir = trained_run
+  for path in (workdir, os.path.join(workdir, "config.json")):
+    assert checkpoint.config_items(run_config.get_config(path)) == checkpoint.config_items(config)
+  newer = tmp_path / "config.json"
+  newer.write_text(json.dumps({"model": {"bogus": 1, "n_layer": 1}}))
+  with pytest.raises(ValueError, match=r"has keys this vdm does not know \(model.bogus\): use the"):
+    run_config.get_config(str(newer))
+
+
+def test_prepare_workdir_needs_one_and_names_what_is_in_the_way(tmp_path):
+  from vdm import main  # pylint: disable=g-import-not-at-top
+  with pytest.raises(ValueError, match="--workdir is required"):
+    main.prepare_workdir("")
+  for name in ("samples", "tensorboard"):  # checkpoints and config.json: test_bad_input_exits_2...
+    workdir = tmp_path / name
+    workdir.mkdir()
+    (workdir / name).write_text("")
+    with pytest.raises(ValueError, match=f"{name} is in the way: the run writes a directory there"):
+      main.prepare_workdir(str(workdir))
+  assert main.prepare_workdir(str(tmp_path / "fresh")) == str(tmp_path / "fresh")

@@ -105,8 +105,11 @@ def validate(config) -> None:
   for key in ("num_steps", "num_samples"):
     if config.sampling[key] < 1:
       raise ValueError(f"sampling.{key}={config.sampling[key]} must be >= 1.")
-  if t.num_steps < 0 or t.max_nonfinite_steps < 1:
-    raise ValueError("training.num_steps must be >= 0 and training.max_nonfinite_steps >= 1.")
+  if t.num_steps < 0:
+    raise ValueError(f"training.num_steps={t.num_steps} must be >= 0 (0 = no training steps).")
+  if t.max_nonfinite_steps < 1:
+    raise ValueError(f"training.max_nonfinite_steps={t.max_nonfinite_steps} must be >= 1 (the "
+                     "non-finite steps in a row that stop the run).")
   for key in ("log_every", "eval_every", "sample_every", "checkpoint_every", "max_to_keep"):
     if t[key] < 1:
       raise ValueError(f"training.{key}={t[key]} must be >= 1.")
