@@ -521,3 +521,321 @@ def test_sweep_times_each_variant(tmp_path):
   # The first variant compiled in a fresh process; the others after it, with XLA's autotuning kept.
   assert [f["compiled_in_warm_process"] for f in v.values()] == [False] + [True] * 5
   assert "sample_step_ms" in v[both] and "sample_step_ms" not in v["no_dropout"]
+
+
+# ---- exact figures from known timings (mutation testing: each check below failed on a plausible
+# slip in vdm/benchmark.py or experiments/speed_sweep.py that the checks above let through)
+
+
+def test_median_seconds_is_a_median_not_a_mean(monkeypatch):
+  """An outlier among the timed calls moves a mean, not the median; the warm-up call is untimed."""
+  clock, durations = [0.0], iter([50.0, 3.0, 1.0, 20.0])
+
+  def block_until_ready(x):
+    clock[0] += next(durations)
+    return x
+
+  monkeypatch.setattr(benchmark, "time", types.SimpleNamespace(perf_counter=lambda: clock[0]))
+  monkeypatch.setattr(jax, "block_until_ready", block_until_ready)
+  assert benchmark.median_seconds(lambda: None, repeats=3, warmup=1) == 3.0
+
+
+@pytest.mark.ci_once  # the benchmark's arithmetic; test_benchmark_figures runs its programs
+def test_figures_are_exact_from_the_timed_seconds(monkeypatch):
+  """With each program's median seconds, the FLOP count, the compile time and the peak memory
+  known, every figure derived from them is exact: images/s of the global batch, TFLOP/s, ms per
+  sampling step, the larger peak of the two reads, compile times of the compile alone; and the
+  report prints those figures, non-finite ones as n/a."""
+  clock = [0.0]
+  monkeypatch.setattr(benchmark, "time", types.SimpleNamespace(perf_counter=lambda: clock[0]))
+  compile_ = jax.stages.Lowered.compile
+
+  def compile_in_100_s(self, *args, **kwargs):
+    compiled = compile_(self, *args, **kwargs)
+    clock[0] += 100.0
+    return compiled
+
+  monkeypatch.setattr(jax.stages.Lowered, "compile", compile_in_100_s)
+  medians, calls = iter([0.5, 0.125, 0.04]), []  # train, eval, sample
+
+  def median_seconds(fn, repeats, warmup):
+    calls.append((repeats, warmup))
+    clock[0] += 1000.0  # timing is not compiling
+    return next(medians)
+
+  monkeypatch.setattr(benchmark, "median_seconds", median_seconds)
+  monkeypatch.setattr(benchmark, "train_step_flops", lambda config, model, batch_size: 3e12)
+  peaks = iter([7 * 2**30, 9 * 2**30])  # after the train step; at the end
+  monkeypatch.setattr(benchmark, "peak_memory_bytes", lambda: next(peaks))
+  traced = []  # each program's kernels: one 2 ms fusion a call
+
+  def device_kernel_events(fn, calls):
+    traced.append(calls)
+    return [("loop_add_fusion", 2e6)] * calls
+
+  monkeypatch.setattr(benchmark, "device_kernel_events", device_kernel_events)
+  saved = []
+  figures = benchmark.benchmark(tiny_config(), repeats=3, warmup=2, sample_steps=4, profile=True,
+                                compiler_options={"xla_backend_optimization_level": 0},
+                                save=lambda f: saved.append(dict(f)))
+  assert saved[0]["peak_memory_bytes"] == 7 * 2**30  # kept by a run stopped after the train step
+  assert calls == [(3, 2)] * 3 and traced == [3] * 3
+  assert list(figures["profile"]) == ["eval", "sample", "train"]  # train last: it donates
+  assert all(p["ms_per_call"] == 2.0 and p["kinds"] == {"fusion": 2.0}
+             for p in figures["profile"].values())
+  want = {"train_compile_s": 100.0, "train_step_s": 0.5, "train_images_per_s": 8.0,
+          "train_step_tflop": 3.0, "train_tflops_per_s": 6.0,
+          "eval_compile_s": 100.0, "eval_step_s": 0.125, "eval_images_per_s": 32.0,
+          "sample_compile_s": 100.0, "sample_steps": 4, "sample_step_ms": 10.0,
+          "peak_memory_bytes": 9 * 2**30, "peak_memory_gib": 9.0, "repeats": 3, "warmup": 2,
+          "batch_size": 4, "num_devices": 1}
+  assert {k: figures[k] for k in want} == want
+  lines = benchmark.format_report(figures).splitlines()
+  assert lines[2:5] == [
+      "train:  8.0 images/s  (0.5000 s/step, compile 100.0 s, 6.00 TFLOP/s of 3.000 TFLOP/step)",
+      "eval:   32.0 images/s  (0.1250 s/step, compile 100.0 s, eval_fp32_fraction 0.00)",
+      "sample: 10.00 ms per ancestral step at batch 4"]
+  assert lines[5].startswith("peak device memory: 9.00 GiB; train step temporaries ")
+  assert lines[6] == "(median of 3 after 2 warm-up)"
+  lines = benchmark.format_report(dict(figures, train_tflops_per_s=math.inf)).splitlines()
+  assert "compile 100.0 s, n/a TFLOP/s of 3.000 TFLOP/step)" in lines[2]
+
+
+BENCH_ON_TWO_DEVICES = r"""
+import json
+from configs import default
+from vdm import benchmark
+from vdm.model import make_model
+
+config = default.get_config()
+config.data.image_size, config.model.n_embd, config.model.n_layer = 8, 64, 1
+benchmark.median_seconds = lambda fn, repeats, warmup: 0.5
+try:
+  benchmark.benchmark(config, batch_size=3, programs=(), count_flops=False)
+except ValueError as e:
+  refused = str(e)
+f = benchmark.benchmark(config, batch_size=4, repeats=1, warmup=0, programs=(),
+                        count_flops=False, compiler_options={"xla_backend_optimization_level": 0})
+per_device = benchmark.saved_for_backward_bytes(make_model(config).net, (8, 8, 3), 2) / 2**30
+print(json.dumps({"refused": refused, "per_device_saved_gib": per_device,
+                  **{k: f[k] for k in ("num_devices", "batch_size", "train_images_per_s",
+                                       "net_saved_gib")}}))
+"""
+
+
+@pytest.mark.ci_once  # the benchmark's arithmetic, a two-device process
+def test_images_per_s_count_the_global_batch_on_two_devices(on_two_cpu_devices):
+  """Split over two devices, images/s count the whole batch of 4, the traced backward-pass
+  memory is one device's share (2 images), and a batch the devices cannot share is refused."""
+  out = on_two_cpu_devices(BENCH_ON_TWO_DEVICES)
+  assert out["refused"].startswith("batch_size=3 must be a multiple of the 2 devices")
+  assert out["num_devices"] == 2 and out["batch_size"] == 4
+  assert out["train_images_per_s"] == 8.0
+  assert out["net_saved_gib"] == out["per_device_saved_gib"]
+
+
+def test_flop_count_is_of_the_whole_batch():
+  """The train step's FLOPs grow with the batch, nearly in proportion (the optimiser's update of
+  the parameters is the only per-step part): a count for one image would stay flat."""
+  config = tiny_config()
+  model = make_model(config)
+  f4, f8 = (benchmark.train_step_flops(config, model, b) for b in (4, 8))
+  assert 1.8 * f4 < f8 < 2 * f4
+
+
+def test_bad_arguments_are_refused_before_any_work():
+  for kwargs, message in (({"warmup": -1}, "warmup=-1 >= 0"),
+                          ({"sample_steps": 0}, "sample_steps=0 >= 1"),
+                          ({"repeats": 0}, "^repeats=0 must be >= 1")):
+    with pytest.raises(ValueError, match=message):
+      benchmark.benchmark(tiny_config(), **kwargs)
+
+
+def test_temp_bytes_reads_the_temporaries():
+  """The compiled program's temporary buffers, not its arguments or outputs; None without an
+  analysis."""
+  analysis = types.SimpleNamespace(temp_size_in_bytes=123, argument_size_in_bytes=45,
+                                   output_size_in_bytes=6, alias_size_in_bytes=0)
+  assert benchmark.temp_bytes(types.SimpleNamespace(memory_analysis=lambda: analysis)) == 123
+
+  def no_analysis():
+    raise NotImplementedError
+
+  assert benchmark.temp_bytes(types.SimpleNamespace(memory_analysis=no_analysis)) is None
+
+
+def test_kernel_gb_per_s_counts_every_launch():
+  """GB/s of a kernel launched twice per call: both launches' bytes over their summed time."""
+  events = [("a_gemm", 3e6), ("a_gemm", 1e6)]
+  info = {"a_gemm": {"bytes": 4_000_000, "op_name": "conv"}}
+  [top] = benchmark.kernel_breakdown(events, calls=2, info=info)["top"]
+  assert top["gb_per_s"] == pytest.approx(2.0) and top["launches"] == 1.0 and top["ms"] == 2.0
+
+
+SWEEP_CONTROL = r"""
+import json, sys, types
+import jax
+from experiments import speed_sweep as sw
+from vdm import benchmark, logging_utils
+
+out = {"xla": [[n, v, type(v).__name__] for n, v in map(sw.xla_part, (
+    "xla:a=TRUE", "xla:b=false", "xla:c=3", "xla:d=2.5", "xla:e=fusion"))]}
+v = sw.combine("unroll2+rbg+xla:x=1+base+xla:x=2+remat_none")
+out["combine"] = [v.overrides, v.prng_impl, list(v.programs), v.xla]
+
+calls = []
+def fake_benchmark(config, **kwargs):  # what each variant asks of vdm.benchmark, and in which PRNG
+  calls.append(dict(kwargs, dtype=config.model.dtype, prng=jax.config.jax_default_prng_impl))
+  if config.model.unroll == 0:
+    raise RuntimeError("boom")
+  return {"peak_memory_gib": 1.5, "peak_memory_bytes": 3 * 2**29, "train_images_per_s": 1.0,
+          "train_step_s": 1.0, "train_compile_s": 1.0, "train_temp_gib": None, "net_saved_gib": 0.1}
+
+benchmark.benchmark = fake_benchmark
+out["default_prng"] = jax.config.jax_default_prng_impl
+sys.argv = ["speed_sweep.py", *sys.argv[1:]]
+try:
+  sw.app.run(sw.main, flags_parser=logging_utils.parse_flags)
+except SystemExit as e:
+  out["exit"] = e.code
+out["calls"] = calls
+out["prng_after"] = jax.config.jax_default_prng_impl
+
+# --repeats calls timed after two untimed warm-up calls, each waited for; the median
+clock, durations = [0.0], iter([100.0, 200.0, 5.0, 1.0, 3.0])
+def block_until_ready(x):
+  clock[0] += next(durations)
+  return x
+benchmark.time = types.SimpleNamespace(perf_counter=lambda: clock[0])
+jax.block_until_ready = block_until_ready
+out["time"] = sw._time(lambda a: a, 1)
+# device ms per call of a profile of --repeats calls, only with --profile
+benchmark.device_kernel_events = lambda fn, calls: [("loop_add_fusion", 1.5e6)] * calls
+out["device_ms"] = [sw._device_ms(lambda: None)]
+sw.FLAGS.profile = True
+out["device_ms"].append(sw._device_ms(lambda: None))
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.ci_once  # the script's own control flow
+def test_sweep_passes_each_variant_its_settings_and_keeps_going(tmp_path):
+  """The sweep's own logic with vdm.benchmark replaced: XLA values typed, combined variants
+  merged (a later part wins, programs in order once), each variant benchmarked with its config,
+  PRNG (restored after), programs and XLA options, the FLOP count and HLO of the first variant
+  only; a failing variant recorded and the next run; the process's peak labelled as such; and
+  --repeats timed after two untimed warm-up calls."""
+  out = tmp_path / "sweep.json"
+  unfused = "remat_none+xla:xla_disable_hlo_passes=fusion"
+  r = subprocess.run(
+      [sys.executable, "-c", SWEEP_CONTROL, "--config=configs/quickstart.py", "--batch_size=6",
+       "--config.model.unroll=1", "--config.model.dropout=0.1", "--repeats=3", "--noprofile",
+       f"--variants=rbg+no_dropout,unroll0,unroll2+base,float32,{unfused}",
+       f"--hlo_dir={tmp_path / 'hlo'}", f"--output={out}"],
+      capture_output=True, text=True, cwd=ROOT)
+  assert r.returncode == 0, r.stderr[-2000:]
+  res = json.loads(r.stdout.strip().splitlines()[-1])
+  assert res["xla"] == [["a", True, "bool"], ["b", False, "bool"], ["c", 3, "int"],
+                        ["d", 2.5, "float"], ["e", "fusion", "str"]]
+  assert res["combine"] == [{"model.unroll": 2, "model.remat": "none"}, "rbg", ["sample", "eval"],
+                            {"x": 2}]
+  assert not res["exit"] and res["time"] == 3.0 and res["device_ms"] == [None, 1.5]
+  default_prng = res["default_prng"]
+  assert res["prng_after"] == default_prng != "rbg"
+  common = {"batch_size": 6, "repeats": 3, "profile": False}
+  assert res["calls"] == [
+      dict(common, programs=[], compiler_options=None, count_flops=True,
+           hlo_dir=str(tmp_path / "hlo"), dtype="bfloat16", prng="rbg"),
+      dict(common, programs=["sample"], compiler_options=None, count_flops=False, hlo_dir=None,
+           dtype="bfloat16", prng=default_prng),
+      dict(common, programs=["sample", "eval"], compiler_options=None, count_flops=False,
+           hlo_dir=None, dtype="bfloat16", prng=default_prng),
+      dict(common, programs=["sample"], compiler_options=None, count_flops=False, hlo_dir=None,
+           dtype="float32", prng=default_prng),
+      dict(common, programs=[], compiler_options={"xla_disable_hlo_passes": "fusion"},
+           count_flops=False, hlo_dir=None, dtype="bfloat16", prng=default_prng)]
+  v = json.loads(out.read_text())["variants"]
+  assert list(v) == ["rbg+no_dropout", "unroll0", "unroll2+base", "float32", unfused]
+  assert v["unroll0"]["error"] == "RuntimeError: boom" and v["unroll0"]["wall_s"] > 0
+  done = [f for f in v.values() if "error" not in f]
+  assert [f["compiled_in_warm_process"] for f in done] == [False, True, True, True]
+  assert all(f["process_peak_memory_gib"] == 1.5 and "peak_memory_gib" not in f
+             and "peak_memory_bytes" not in f for f in done)
+  assert v["rbg+no_dropout"]["prng_impl"] == "rbg" and v["rbg+no_dropout"]["dropout"] == 0.0
+  assert v["unroll2+base"]["prng_impl"] == default_prng and v["unroll2+base"]["unroll"] == 2
+  assert v["unroll2+base"]["overrides"] == {"model.unroll": 2}
+  assert v[unfused]["xla_options"] == {"xla_disable_hlo_passes": "fusion"}
+
+
+SWEEP_ARITHMETIC = r"""
+import json, types
+import jax, numpy as np
+from experiments import speed_sweep as sw
+
+sw.FLAGS(["speed_sweep.py", "--config=configs/quickstart.py", "--output=unused"])
+out = {}
+# floors: the forward convolution 2 s, with both gradients 4 s, the copy 1 s
+def floor_time(fn, *args):
+  if len(args) == 1:
+    return 1.0
+  return 4.0 if isinstance(fn(*args), tuple) else 2.0
+sw._time = floor_time
+rng = np.random.default_rng(0)
+lazy = types.SimpleNamespace(  # the 1 GiB copy's input unwritten (calloc), never computed on
+    random=types.SimpleNamespace(default_rng=lambda seed: types.SimpleNamespace(
+        standard_normal=lambda shape: (np.zeros(shape, np.float32) if shape == (2**28,)
+                                       else rng.standard_normal(shape)))))
+real_jnp = sw.jnp
+sw.np, sw.jnp = lazy, types.SimpleNamespace(
+    bfloat16=real_jnp.bfloat16, float32=real_jnp.float32,
+    asarray=lambda a, dtype: a if a.size == 2**28 else real_jnp.asarray(a, dtype))
+out["floors"] = sw.floors(1, 8, size=4)
+sw.np, sw.jnp = np, real_jnp
+
+# norms and convs: wall 1 ms forward, 4 ms with the backward; device 0.5 ms, 2 ms
+sw.STANDALONE_NORMS = ("autodiff", "recompute")
+sw.CONV_TILINGS = {}
+sw._time = lambda fn, *args: 4e-3 if len(args) == 4 else 1e-3
+sw._device_ms = lambda fn, *args: 2.0 if len(args) == 4 else 0.5
+out["norms"] = sw.norms(1, 32, size=4)
+sw._time = lambda fn, *args: 2e-3
+out["convs"] = sw.convs(1, 32, size=4)
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.ci_once  # the script's own arithmetic
+def test_sweep_floors_norms_and_convs_from_known_times():
+  """TFLOP/s and GB/s of the floors, the norms and the convolutions are exact from given times:
+  the forward convolution's FLOPs once, with both gradients three times; the copy reads and
+  writes its GiB; a norm moves 4 bytes per element forward, 10 with the backward."""
+  r = subprocess.run([sys.executable, "-c", SWEEP_ARITHMETIC], capture_output=True, text=True,
+                     cwd=ROOT)
+  assert r.returncode == 0, r.stderr[-2000:]
+  out = json.loads(r.stdout.strip().splitlines()[-1])
+  flop = 2 * 16 * 9 * 8 * 8  # batch 1, 4×4, 8 -> 8 channels
+  assert out["floors"] == pytest.approx({"conv_fwd_tflops": flop / 2 / 1e12,
+                                         "conv_fwd_bwd_tflops": 3 * flop / 4 / 1e12,
+                                         "copy_gb_per_s": 2 * 2**30 / 1e9})
+  for case, elements in (("norm2", 16 * 32), ("norm2_dropout", 16 * 32), ("up_norm1", 2 * 16 * 32)):
+    for impl in ("autodiff", "recompute"):
+      f = out["norms"][f"{case}_{impl}"]
+      assert {k: v for k, v in f.items() if k != "max_rel_diff_from_autodiff"} == pytest.approx(
+          {"fwd_ms": 1.0, "fwd_bwd_ms": 4.0, "fwd_gb_per_s": 4 * elements / 1e-3 / 1e9,
+           "fwd_bwd_gb_per_s": 10 * elements / 4e-3 / 1e9, "fwd_device_ms": 0.5,
+           "fwd_device_gb_per_s": 4 * elements / 0.5e-3 / 1e9, "fwd_bwd_device_ms": 2.0,
+           "fwd_bwd_device_gb_per_s": 10 * elements / 2e-3 / 1e9}), (case, impl)
+  assert sorted(out["convs"]) == sorted(f"{c}_{w}" for c in ("conv2", "up_conv1")
+                                        for w in ("cudnn_alone", "xla", "pallas_norm"))
+  for name, f in out["convs"].items():
+    flop = 2 * 16 * 9 * 32 * 32 * (2 if name.startswith("up_conv1") else 1)
+    assert f["ms"] == pytest.approx(2.0) and f["tflops"] == pytest.approx(flop / 2e-3 / 1e12)
+    assert f["device_ms"] == 0.5 and f["device_tflops"] == pytest.approx(flop / 0.5e-3 / 1e12)
+
+
+def test_saved_bytes_are_of_a_training_call_with_dropout():
+  """The net is traced as in training, dropout on: its masks are kept for the backward pass."""
+  net = make_model(tiny_config()).net.clone(remat="none")
+  assert net.dropout > 0
+  with_masks = benchmark.saved_for_backward_bytes(net, (8, 8, 3), 4)
+  assert with_masks > benchmark.saved_for_backward_bytes(net.clone(dropout=0.0), (8, 8, 3), 4)
