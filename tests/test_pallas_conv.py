@@ -52,6 +52,7 @@ def _fused(parts, shift, scale, bias, kernel, conv_bias, residual, **kw):
     ((16, 32), False, True, (2, 4, 12), 16, 16, 0.0),  # an up block's input and skip; tiles
                                                        # that start inside a row
     ((16, 32), False, False, (2, 8, 16), 128, 16, 0.0),  # ... in one tile
+    ((16, 32), False, True, (2, 4, 12), 16, 16, 0.3),  # dropout's mask over both parts' channels
 ])
 def test_matches_the_nets_norm_and_xlas_convolution(part_channels, with_shift, with_residual,
                                                     size, rows, block, dropout):
@@ -71,21 +72,32 @@ def test_matches_the_nets_norm_and_xlas_convolution(part_channels, with_shift, w
 def test_bf16_output_is_the_fp32_result_rounded(parts_dtype):
   """Computing in bf16 (bf16 parts, or an fp32 residual stream read as it is): h and the kernel
   are rounded to bf16, their product accumulates in fp32 and the output is rounded once, so it
-  lies within bf16's rounding of the fp32 convolution of the same rounded h and kernel."""
-  parts, shift, scale, bias, kernel, conv_bias, _ = _inputs((32,), True, size=(2, 8, 8))
+  is bf16's rounding of the fp32 convolution of the same rounded h and kernel plus the bias and
+  the (bf16) residual; its sums are those of the rounded output."""
+  parts, shift, scale, bias, kernel, conv_bias, residual = _inputs((32,), True, size=(2, 8, 8))
   parts = tuple(p.astype(parts_dtype) for p in parts)
+  residual = residual.astype(jnp.bfloat16)
   a, c = pallas_conv.norm_affine(*nets.group_statistics(parts, shift, GROUPS, EPS), scale, bias,
                                  shift)
-  got = pallas_conv.norm_swish_conv(parts, a, c, kernel, conv_bias, dtype=jnp.bfloat16, rows=64,
-                                    block=32)
+  got, total, total_sq = pallas_conv.norm_swish_conv(parts, a, c, kernel, conv_bias, residual,
+                                                     dtype=jnp.bfloat16, rows=64, block=32,
+                                                     sums=True)
   assert got.dtype == jnp.bfloat16
   h = nets.group_norm_swish(GROUPS, EPS, jnp.bfloat16, parts, shift, scale, bias)
   want = jax.lax.conv_general_dilated(
       h.astype(jnp.float32), kernel.astype(jnp.bfloat16).astype(jnp.float32), (1, 1), "SAME",
-      precision="highest", dimension_numbers=("NHWC", "HWIO", "NHWC")) + conv_bias
+      precision="highest", dimension_numbers=("NHWC", "HWIO", "NHWC")) + conv_bias + residual
   err = np.abs(np.asarray(got, np.float32) - np.asarray(want))
   assert err.max() <= 2.0 ** -8 * float(jnp.abs(want).max()), err.max()
   assert err.mean() > 0  # the rounding happened
+  # Exactly: h and the kernel rounded to bf16, summed in fp32 (no rounding of partial sums, nor
+  # before the residual), rounded once; only a tie broken by the order of the fp32 sum may round
+  # the other way.
+  assert float(jnp.mean(got != want.astype(jnp.bfloat16))) < 0.01
+  # The statistics are those of the output as rounded.
+  rounded = np.asarray(got, np.float32)
+  np.testing.assert_allclose(total, rounded.sum((1, 2)), rtol=1e-5, atol=1e-4)
+  np.testing.assert_allclose(total_sq, (rounded * rounded).sum((1, 2)), rtol=1e-5, atol=1e-4)
 
 
 def test_lowers_to_one_triton_call_for_the_cifar10_net(monkeypatch, cuda_triton_calls):
@@ -121,7 +133,9 @@ def test_what_it_cannot_tile_is_refused_in_one_line():
            (dict(rows=256), "rows=256 must be a power of two >= 16 dividing H·W = 128"),
            (dict(block=64), "block=64 must be a power of two >= 16 dividing each input"),
            (dict(block=32, dropout=0.1), "dropout=0.1 needs seeds"),
-           (dict(block=32, dropout=1.0), r"dropout=1.0 must be in \[0, 1\)")]
+           (dict(block=32, dropout=1.0), r"dropout=1.0 must be in \[0, 1\)"),
+           (dict(rows=8), "rows=8 must be a power of two >= 16"),  # Triton's dot: 16 at least
+           (dict(block=8), "block=8 must be a power of two >= 16")]
   for kw, message in cases:
     with pytest.raises(ValueError, match=message):
       pallas_conv.norm_swish_conv(parts, a, c, kernel, conv_bias, **kw)
@@ -129,6 +143,14 @@ def test_what_it_cannot_tile_is_refused_in_one_line():
     pallas_conv.norm_swish_conv(parts, a, c, kernel[:, :, :16], conv_bias, block=32)
   with pytest.raises(ValueError, match="12 output channels.*use model.norm_impl='pallas'"):
     pallas_conv.norm_swish_conv(parts, a, c, kernel[..., :12], conv_bias[:12], block=32)
+  with pytest.raises(ValueError, match="8 output channels: .* a power of two >= 16"):
+    pallas_conv.norm_swish_conv(parts, a, c, kernel[..., :8], conv_bias[:8], block=32)
+  with pytest.raises(ValueError, match=r"kernel \(5, 5, 32, 16\) is not \[3, 3, 32, C_out\]"):
+    pallas_conv.norm_swish_conv(parts, a, c, jnp.zeros((5, 5, 32, 16)), conv_bias, block=32)
+  two = (parts[0], parts[0][..., :16])  # block 32 divides the first part, not the second
+  with pytest.raises(ValueError, match=r"block=32 must .* each input's channels \(32\+16\)"):
+    pallas_conv.norm_swish_conv(two, jnp.ones((2, 48)), jnp.zeros((2, 48)),
+                                jnp.zeros((3, 3, 48, 16)), conv_bias, block=32)
 
 
 TWO_DEVICES = r"""

@@ -229,3 +229,96 @@ def test_the_ode_likelihood_gets_a_forward_differentiable_net_with_the_same_func
   np.testing.assert_allclose(apply(swapped.net)(z), apply(net)(z), rtol=1e-5, atol=1e-5)
   jax.jvp(apply(swapped.net), (z,), (z,))
   assert model_lib.forward_differentiable(swapped) is swapped
+
+
+def _float64_group_norm_swish(groups, epsilon, parts, shift, scale, bias, ct):
+  """The module docstring's equation and its reverse-mode derivative (the closed form of
+  nets._group_norm_swish_jvp's transpose) in float64 numpy: (out, (dparts, dshift, dscale, dbias))
+  for the cotangent ct."""
+  f64 = lambda a: np.asarray(a, np.float64)  # noqa: E731
+  v = np.concatenate([f64(p) for p in parts], -1)
+  if shift is not None:
+    v = v + f64(shift)[:, None, None, :]
+  grouped = v.reshape(v.shape[:3] + (groups, -1))
+  axes = (1, 2, 4)
+  mean = grouped.mean(axes, keepdims=True)
+  rstd = 1.0 / np.sqrt(((grouped - mean) ** 2).mean(axes, keepdims=True) + epsilon)
+  xhat = ((grouped - mean) * rstd).reshape(v.shape)
+  y = xhat * f64(scale) + f64(bias)
+  s = 1.0 / (1.0 + np.exp(-y))
+  gy = f64(ct) * (s + y * s * (1.0 - s))
+  dxhat, gxhat = (gy * f64(scale)).reshape(grouped.shape), xhat.reshape(grouped.shape)
+  dv = (rstd * (dxhat - dxhat.mean(axes, keepdims=True)
+                - gxhat * (dxhat * gxhat).mean(axes, keepdims=True))).reshape(v.shape)
+  dparts = np.split(dv, np.cumsum([p.shape[-1] for p in parts])[:-1], axis=-1)
+  dshift = None if shift is None else dv.sum((1, 2))
+  return y * s, (dparts, dshift, (gy * xhat).sum((0, 1, 2)), gy.sum((0, 1, 2)))
+
+
+@pytest.mark.parametrize("part_shapes,groups,epsilon,offset,spread,tol", [
+    # a mean 10³ times the spread: fp32 holds the mean to ~4e-5 of the spread, and E[v²] − μ²
+    # (no pivot) would be 10% off
+    ([(2, 8, 8, 64)], 32, 1e-6, 100.0, 0.05, 1e-3),
+    ([(2, 8, 8, 64)], 32, 0.5, 0.0, 0.3, 1e-5),       # ε as large as the variance, inside the root
+    ([(2, 12, 12, 64)], 32, 1e-6, 0.0, 1.0, 1e-5),    # H·W = 144: chunks of 16 rows, none dropped
+    ([(2, 4, 4, 32), (2, 4, 4, 16)], 24, 1e-6, 0.0, 1.0, 1e-5),  # unequal parts: blocks of 16
+])
+def test_matches_a_float64_group_norm_and_its_gradients(part_shapes, groups, epsilon, offset,
+                                                         spread, tol):
+  """Outputs and every gradient against the float64 closed form (errors in units of the largest
+  value), at what the other tests leave out: a mean large next to the spread, an ε that is not
+  negligible, H·W not a power of two, and parts of unequal widths."""
+  parts, shift, scale, bias = _inputs(part_shapes, True)
+  parts, shift = tuple(offset + spread * p for p in parts), spread * shift
+  ct = jax.random.normal(jax.random.PRNGKey(9), part_shapes[0][:3] + (scale.shape[0],))
+  got, vjp = jax.vjp(lambda *a: pallas_norm.group_norm_swish(groups, epsilon, jnp.float32, *a),
+                     parts, shift, scale, bias)
+  out, grads = _float64_group_norm_swish(groups, epsilon, parts, shift, scale, bias, ct)
+  np.testing.assert_allclose(got, out, rtol=0, atol=tol * np.abs(out).max())
+  for a, b in zip(jax.tree_util.tree_leaves(vjp(ct)), jax.tree_util.tree_leaves(grads)):
+    assert a.shape == b.shape
+    np.testing.assert_allclose(a, b, rtol=0, atol=tol * np.abs(b).max())
+
+
+def test_dropout_refuses_seeds_it_would_hash_differently():
+  """The kernels hash uint32 seeds [B, 1]; int32 seeds (sign-extending shifts) or one seed per
+  batch would draw another mask than dropout_keep_mask's, and a rate outside [0, 1) none."""
+  parts, shift, scale, bias = _inputs([(2, 4, 4, 32)], False)
+  seeds = jax.random.bits(jax.random.PRNGKey(4), (2, 1), jnp.uint32)
+  for wrong in (seeds.astype(jnp.int32), seeds[:, 0], seeds[:1]):
+    with pytest.raises(ValueError, match=r"needs seeds: uint32 \[2, 1\]"):
+      pallas_norm.group_norm_swish(32, 1e-6, jnp.float32, parts, shift, scale, bias, dropout=0.1,
+                                   seeds=wrong)
+  for rate in (-0.1, 1.0):
+    with pytest.raises(ValueError, match=r"must be in \[0, 1\)"):
+      pallas_norm.group_norm_swish(32, 1e-6, jnp.float32, parts, shift, scale, bias,
+                                   dropout=rate, seeds=seeds)
+
+
+def test_each_parts_blocks_are_read_from_inside_it():
+  """The index map of each part's blocks stays inside the part for every program of the grid
+  (those of the other parts' blocks included, which Triton would otherwise point past the part's
+  end; Pallas's interpreter clamps, so the outputs cannot show it)."""
+  parts = (jnp.zeros((1, 4, 4, 64)), jnp.zeros((1, 4, 4, 32)), jnp.zeros((1, 4, 4, 16)))
+  blocks = pallas_norm._part_blocks(parts, 16)
+  assert [(lo, hi) for _, lo, hi in blocks] == [(0, 4), (4, 6), (6, 7)]
+  for (index, lo, hi), part in zip(blocks, parts):
+    for j in range(blocks[-1][2]):
+      b, row, k = index(j, 0)
+      assert (b, row) == (0, 0) and 0 <= int(k) < part.shape[-1] // 16, (j, k)
+      if lo <= j < hi:
+        assert int(k) == j - lo
+
+
+def test_gradients_take_the_dtypes_of_the_shift_and_parameters():
+  """bf16 shift, scale and bias get bf16 gradients (jax.custom_vjp would pass fp32 ones on
+  silently), the fp32 sums rounded once."""
+  parts, shift, scale, bias = _inputs([(2, 4, 4, 64)], True)  # 2 channels per group
+  fn = lambda *a: pallas_norm.group_norm_swish(32, 1e-6, jnp.float32, parts, *a)  # noqa: E731
+  ct = jax.random.normal(jax.random.PRNGKey(9), parts[0].shape)
+  want = jax.vjp(fn, shift, scale, bias)[1](ct)
+  got = jax.vjp(fn, *(a.astype(jnp.bfloat16) for a in (shift, scale, bias)))[1](ct)
+  assert [g.dtype for g in got] == [jnp.bfloat16] * 3
+  for a, b in zip(got, want):  # the inputs' rounding to bf16, not the gradients', dominates
+    np.testing.assert_allclose(np.asarray(a, np.float32), b, rtol=0,
+                               atol=2e-2 * float(jnp.abs(b).max()))
