@@ -69,8 +69,9 @@ def _trained_setup():
   model, params, info = common.load_trained()
   # The network in fp32: a bf16 bound's fp32 share goes to the least noisy ranks of each batch,
   # which two shapes map to other examples, so the two means would differ by bf16's error.
-  eps_fn, gamma_fn = traced_fns(with_dtype(model, "float32"), params)
-  info["eps_dtype"] = "float32"
+  fp32 = with_dtype(model, "float32")
+  eps_fn, gamma_fn = traced_fns(fp32, params)
+  info["eps_dtype"] = str(jnp.dtype(fp32.net.dtype))
   config = FLAGS.config
   gamma_0, gamma_1 = (float(g) for g in gamma_fn(jnp.array([0.0, 1.0])))
   train_split = input_pipeline.load_split(config.data, config.data.train_split, config.seed)

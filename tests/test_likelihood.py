@@ -330,3 +330,62 @@ def test_paired_difference_reports_the_bounds_of_evaluate_elbo():
     np.testing.assert_allclose(res[f"{key}_bpd"], want["continuous"]["bpd"], rtol=1e-6)
     np.testing.assert_allclose(res[f"{key}_se"], want["continuous"]["bpd_se"], rtol=1e-5)
   np.testing.assert_allclose(res["difference_bpd"], res["b_bpd"] - res["a_bpd"], rtol=1e-5)
+
+
+def test_random_discrete_probs_follow_their_dirichlet_concentration():
+  """FactorizedDiscrete.random draws each dimension's probabilities from Dirichlet(c, ..., c):
+  every entry has mean 1/V and variance (1/V)(1 − 1/V)/(V c + 1)."""
+  vocab = 4
+  for c in (0.2, 5.0):
+    p = toy.FactorizedDiscrete.random(0, dims=8000, vocab_size=vocab, concentration=c).probs
+    np.testing.assert_allclose(p.sum(-1), 1.0, rtol=1e-12)
+    np.testing.assert_allclose(p.mean(), 1 / vocab, rtol=1e-9)
+    np.testing.assert_allclose(p.var(), (1 / vocab) * (1 - 1 / vocab) / (vocab * c + 1), rtol=0.05)
+
+
+def test_gaussian_toy_samples_density_and_flow_are_the_closed_forms():
+  """toy.Gaussian: samples y ~ N(μ, R diag(s²) Rᵀ); log_prob is log N(z; α μ, α² Σ + σ² I) at any
+  γ (scipy, float64); flow maps N(α_f μ, C_f) onto N(α_t μ, C_t) with the symmetric linear map
+  C_t^½ C_f^-½ (C_f and C_t commute), the probability-flow ODE's."""
+  from scipy.special import expit
+  from scipy.stats import multivariate_normal
+  gauss = toy.Gaussian.random(0, dims=3)
+  cov = gauss.rotation @ np.diag(gauss.scales**2) @ gauss.rotation.T
+  y = np.asarray(gauss.sample(jax.random.PRNGKey(0), 200_000), np.float64)
+  np.testing.assert_allclose(y.mean(0), gauss.mean, atol=4e-3)
+  np.testing.assert_allclose(np.cov(y.T), cov, atol=3e-3)
+  z = np.asarray(jax.random.normal(jax.random.PRNGKey(1), (6, 3)), np.float64)
+  c_of = lambda g: float(expit(-g)) * cov + float(expit(g)) * np.eye(3)  # α² = σ(−γ), σ² = σ(γ)
+  for g in (-3.0, 0.0, 2.0):
+    want = multivariate_normal(math.sqrt(expit(-g)) * gauss.mean, c_of(g)).logpdf(z)
+    np.testing.assert_allclose(np.asarray(gauss.log_prob(jnp.asarray(z, jnp.float32), g)), want,
+                               rtol=1e-5)
+  g_from, g_to = -5.0, 1.5
+  a_from, a_to = math.sqrt(expit(-g_from)), math.sqrt(expit(-g_to))
+  start = a_from * gauss.mean[None]
+  np.testing.assert_allclose(gauss.flow(jnp.asarray(start, jnp.float32), g_from, g_to)[0],
+                             a_to * gauss.mean, atol=1e-6)
+  jac = np.asarray(gauss.flow(jnp.asarray(start + np.eye(3), jnp.float32), g_from, g_to), np.float64)
+  jac = (jac - a_to * gauss.mean).T  # column j: the image of the unit step e_j
+  np.testing.assert_allclose(jac, jac.T, atol=1e-5)
+  np.testing.assert_allclose(jac @ c_of(g_from) @ jac.T, c_of(g_to), rtol=1e-4, atol=1e-6)
+
+
+def test_experiment_images_are_the_first_of_the_split_in_consecutive_batches():
+  """experiments/common: load_images takes the first ``num`` images of the split (all of them
+  for num <= 0, at most the split), image_batches cuts them in order, the last batch shorter."""
+  import os, sys  # pylint: disable=g-import-not-at-top,multiple-imports
+  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  from configs import quickstart  # pylint: disable=g-import-not-at-top
+  from experiments import common  # pylint: disable=g-import-not-at-top
+  from vdm import input_pipeline  # pylint: disable=g-import-not-at-top
+  config = quickstart.get_config()
+  config.data.update(image_size=4, synthetic_num_test=10)
+  split = config.data.eval_split
+  everything = input_pipeline.load_split(config.data, split, seed=config.seed).get(np.arange(10))
+  for num, want in ((0, 10), (-1, 10), (3, 3), (10, 10), (50, 10)):
+    np.testing.assert_array_equal(common.load_images(config, split, num), everything[:want])
+  batches = common.image_batches(everything, 4)
+  assert [len(b) for b in batches] == [4, 4, 2]
+  np.testing.assert_array_equal(np.concatenate(batches), everything)
+  assert [len(b) for b in common.image_batches(everything[:8], 4)] == [4, 4]

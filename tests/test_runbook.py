@@ -159,3 +159,78 @@ def test_lease_trains_the_curve_with_autodiff_where_the_chosen_norm_fails(tmp_pa
     return
   assert len(commands) == 4 and commands[1::2] == ["== exit 1", "== exit 0"], commands
   assert "--config.model.norm_impl=autodiff " in commands[2] and retried, commands[2]
+
+
+ECHO_PYTHON = r"""#!/usr/bin/env bash
+[ "$1" = -c ] && exec "$REAL_PYTHON" "$@"
+exit 0
+"""
+
+
+def _commands(out, log):
+  """The commands a phase ran into $OUT/LOG.log, without the interpreter's path."""
+  return [l.split(" ", 2)[2] for l in (out / f"{log}.log").read_text().splitlines()
+          if l.startswith("== ") and not l.startswith("== exit")]
+
+
+def test_phases_pass_their_settings_to_each_command(tmp_path):
+  """curve, model (on its own run, then on the curve's), compare and bench with a python that
+  runs nothing: each command gets the settings of the runbook's measurements (issues 3 to 5),
+  the curve and model phases start from an empty run, and compare needs the curve's run."""
+  fake = tmp_path / "python"
+  fake.write_text(ECHO_PYTHON)
+  fake.chmod(0o755)
+  out, tmp = tmp_path / "out", tmp_path / "tmp"
+  env = dict(os.environ, PYTHON=str(fake), REAL_PYTHON=sys.executable, OUT=str(out),
+             VDM_TMP=str(tmp), VDM_LIMIT="590")
+  for name in ("VDM_ARGS", "VDM_DATA_ARGS", "VDM_CONFIG", "VDM_SECONDS", "VDM_STEPS", "VDM_SPECS"):
+    env.pop(name, None)
+  phase = lambda name: subprocess.run(["bash", "experiments/gpu_runbook.sh", name], cwd=ROOT,  # noqa: E731
+                                      env=env, capture_output=True, text=True)
+  data = "--config=configs/cifar10.py --config.data.source=npz --config.data.path=.data/cifar10_subset.npz"
+  for stale in ("vdm_curve_run", "vdm_main_run"):
+    os.makedirs(tmp / stale / "checkpoints" / "5")
+  assert phase("curve").returncode == 0
+  assert _commands(out, "curve_bf16") == [
+      f"experiments/train_curve.py {data} --config.model.dtype=bfloat16 --seconds=330 "
+      f"--compare_dtype=float32 --compare_batch_size=113 --output={out}/curve_bf16.json "
+      f"--workdir={tmp}/vdm_curve_run"]
+  assert not (tmp / "vdm_curve_run").exists()  # train_curve.py refuses a run with checkpoints
+
+  assert phase("model").returncode == 0
+  assert not (tmp / "vdm_main_run").exists()  # vdm.main would resume it
+  main_run = (f"-m vdm.main {data} --workdir={tmp}/vdm_main_run --config.training.num_steps=400 "
+              "--config.optimizer.ema_rate=0.99 --config.training.eval_every=400 "
+              "--config.training.sample_every=400 --config.training.checkpoint_every=200 "
+              "--config.sampling.num_steps=100")
+  os.makedirs(tmp / "vdm_curve_run")
+  (tmp / "vdm_curve_run" / "config.json").write_text('{"model": {"norm_impl": "pallas"}}')
+  assert phase("model").returncode == 0
+  assert _commands(out, "main_train") == [main_run] * 2
+  for log, args in (("likelihood", "--num_images=0 --batch_size=113 --variance_repeats=50 "
+                     "--ode_num_images=16 --ode_batch_size=16 --dequantization=uniform "
+                     f"--output={out}/likelihood.json"),
+                    ("schedule_variance", f"--fit_steps=300 --draws=128 --output={out}/schedule_variance.json")):
+    script = f"experiments/{log}.py {data}"
+    assert _commands(out, log) == [f"{script} --workdir={tmp}/vdm_main_run --ema {args}",
+                                   f"{script} --workdir={tmp}/vdm_curve_run --noema {args}"], log
+
+  assert phase("compare").returncode == 0
+  assert _commands(out, "compare") == [
+      f"experiments/likelihood.py {data} --config.model.dtype=bfloat16 "
+      f"--config.model.norm_impl=pallas --workdir={tmp}/vdm_curve_run --noema --num_images=0 "
+      "--batch_size=113 --timesteps= --compare_dtype=float32 --noimportance --ode_num_images=0 "
+      f"--output={out}/compare.json"]
+  os.remove(tmp / "vdm_curve_run" / "config.json")
+  r = phase("compare")
+  assert r.returncode == 2 and "run the lease phase first" in r.stderr, r.stderr
+
+  assert phase("bench").returncode == 0
+  bench = "-m vdm.benchmark --config=configs/cifar10.py --config.model.residual_dtype={} " \
+          "--config.model.unroll={} --batch_size={} --dtype={} --remat={} --repeats=10 --profile " \
+          f"--json_out={out}/bench_{{}}.json"
+  assert _commands(out, "bench") == [
+      bench.format("bfloat16", 0, 128, "bfloat16", "none", "bfloat16_128_none_bfloat16_unroll0"),
+      bench.format("bfloat16", 0, 512, "bfloat16", "none", "bfloat16_512_none_bfloat16_unroll0"),
+      bench.format("float32", 4, 512, "bfloat16", "convs", "bfloat16_512_convs_float32_unroll4"),
+      bench.format("float32", 4, 128, "float32", "convs", "float32_128_convs_float32_unroll4")]

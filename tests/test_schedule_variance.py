@@ -78,3 +78,59 @@ def test_runs_on_a_checkpoint_and_keeps_its_endpoints(tmp_path):
   np.testing.assert_allclose([e["fitted_gamma_0"], e["fitted_gamma_1"]], [-11.0, 4.0], atol=1e-4)
   np.testing.assert_allclose(res["info"]["trained_gamma"], np.linspace(-11.0, 4.0, 101), atol=1e-4)
   assert res["comparison"]["linear"]["num_examples"] == 8 and res["comparison"]["fitted"]["draws"] == 4
+
+
+STOPPED_IN_THE_COMPARISON = r"""
+import json, sys
+sys.path.insert(0, ".")
+import numpy as np
+from experiments import schedule_variance
+from vdm import variance
+
+def stop(eps_fn, module, linear, fitted, x, rng, *, draws, vocab_size):
+  # What the comparison was given, then a time limit striking during it.
+  t = np.linspace(0.0, 1.0, 101)
+  compared.append({"linear": module.apply(linear, t), "fitted": module.apply(fitted, t),
+                   "num_examples": x.shape[0], "draws": draws, "vocab_size": vocab_size})
+  raise KeyboardInterrupt
+
+variance.compare_shapes = stop
+schedule_variance.FLAGS(["schedule_variance.py", "--toy", "--fit_steps=3", "--fit_batch_size=4",
+                         "--n_features=8", "--test_batch_size=4", "--draws=2"])
+runs, compared = [], []
+for lr in (1e-6, 0.3):
+  schedule_variance.FLAGS.learning_rate = lr
+  saved = []
+  try:
+    schedule_variance.run(lambda r: saved.append(json.dumps(r, default=lambda o: np.asarray(o).tolist())))
+  except KeyboardInterrupt:
+    runs.append([json.loads(s) for s in saved])
+print(json.dumps({"runs": runs, "compared": compared},
+                 default=lambda o: np.asarray(o).tolist()))
+"""
+
+
+def test_the_comparison_is_of_the_linear_and_the_saved_fit_which_a_stop_there_keeps():
+  """run() hands the fit to ``save`` before the comparison, so a time limit that strikes there
+  keeps the fitted schedule; the comparison gets the exactly linear γ between the same endpoints
+  and the fitted γ that was saved, on --test_batch_size images with --draws; --learning_rate is
+  the fit's (a tiny one leaves the start point)."""
+  proc = subprocess.run([sys.executable, "-c", STOPPED_IN_THE_COMPARISON], cwd=ROOT,
+                        capture_output=True, text=True)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  out = json.loads(proc.stdout.strip().splitlines()[-1])
+  runs, compared = out["runs"], out["compared"]
+  assert [len(saved) for saved in runs] == [1, 1], runs
+  slow, fast = (saved[0] for saved in runs)
+  for res in (slow, fast):
+    assert "comparison" not in res and len(res["fit_second_moment"]) == 3
+    assert res["flags"]["fit_steps"] == 3 and len(res["gamma_grid"]["fitted"]) == 101
+  assert (slow["flags"]["learning_rate"], fast["flags"]["learning_rate"]) == (1e-6, 0.3)
+  moved = np.abs(np.subtract(fast["gamma_grid"]["fitted"], slow["gamma_grid"]["fitted"])).max()
+  assert moved > 0.05, moved
+  for res, given in zip((slow, fast), compared):
+    e = res["endpoints"]
+    assert (given["num_examples"], given["draws"], given["vocab_size"]) == (4, 2, 16)
+    np.testing.assert_allclose(given["linear"], e["gamma_0"] + (e["gamma_1"] - e["gamma_0"]) *
+                               np.linspace(0.0, 1.0, 101), atol=1e-4)
+    np.testing.assert_allclose(given["fitted"], res["gamma_grid"]["fitted"], rtol=1e-6, atol=1e-6)

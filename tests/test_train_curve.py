@@ -80,12 +80,14 @@ def test_curve_marks_checkpoint_plot_and_dtype_comparison(tmp_path):
   assert png.stat().st_size > 10_000
 
   lik = tmp_path / "likelihood.json"
-  _script("likelihood.py", *TINY, f"--workdir={workdir}", "--noema", "--num_images=128",
+  _script("likelihood.py", *TINY, f"--workdir={workdir}", "--noema", "--num_images=0",
           "--num_time_samples=2", "--timesteps=0", "--is_fit_batches=1", "--variance_repeats=3",
           "--ode_num_images=0", "--compare_dtype=bfloat16", f"--output={lik}")
   lik = json.loads(lik.read_text())
   # Importance sampling ran first; the comparison is still of the model's parameters.
   assert set(lik["elbo"]) == {"continuous", "continuous_importance"}
+  # --num_images=0: the whole test split (128 images; the train split holds 8,192).
+  assert [s["num_images"] for s in lik["elbo"].values()] == [128, 128], lik["elbo"]
   cmp = lik["dtype_comparison"]
   assert (cmp["a"], cmp["b"], cmp["num_images"]) == ("float32", "bfloat16", 128)
   assert (cmp["a_eval_fp32_fraction"], cmp["b_eval_fp32_fraction"]) == (0.0, 0.3)
@@ -154,3 +156,137 @@ def test_bad_marks_and_missing_data_are_one_line_errors(tmp_path):
     assert line.startswith("vdm: error:") and words in line, proc.stderr[-2000:]
   assert os.path.getsize(out) == 0  # not replaced by a result
 
+
+CLOCKED = r"""
+import json, sys
+sys.path.insert(0, ".")
+from configs import quickstart
+from experiments import train_curve
+from vdm import train
+
+config = quickstart.get_config()
+config.update_from_flattened_dict({"data.image_size": 4, "training.batch_size": 16,
+                                   "eval.batch_size": 64, "data.synthetic_num_test": 128})
+# A clock of 1/8 s a reading (exact in binary): compiling costs 64 s of it, an evaluation 128 s.
+now = [0.0]
+def reading():
+  now[0] += 0.125
+  return now[0]
+train_curve.time = type("Clock", (), {"perf_counter": staticmethod(reading)})
+evaluate, make_train_step, calls = train.evaluate, train.make_train_step, []
+
+def slow_evaluate(*args, **kwargs):  # the marks' bounds: 3.5, then 3.3 (only the 2nd reaches 3.4)
+  now[0] += 128.0
+  out = evaluate(*args, **kwargs)
+  calls.append(out["bpd"])
+  return {**out, "bpd": (3.5, 3.3)[len(calls) - 1]}
+
+class SlowCompile:
+  def __init__(self, lowered):
+    self.lowered = lowered
+  def compile(self):
+    now[0] += 64.0
+    return self.lowered.compile()
+
+class Lowerable:
+  def __init__(self, jitted):
+    self.jitted = jitted
+  def lower(self, *args, **kwargs):
+    return SlowCompile(self.jitted.lower(*args, **kwargs))
+
+train.evaluate = slow_evaluate
+train.make_train_step = lambda *a, **k: Lowerable(make_train_step(*a, **k))
+res, state = train_curve.run_curve(config, 1.0, [0.3, 0.35, 1.0], use_ema=True, eval_batches=1)
+mesh = train.make_mesh()
+eval_step = train.make_eval_step(config, train_curve.make_model(config), mesh)
+split = train_curve.input_pipeline.load_split(config.data, config.data.eval_split, config.seed)
+res["ema_bpd"], res["raw_bpd"] = (evaluate(eval_step, p, split, config, mesh, 1)["bpd"]
+                                  for p in (state.ema_params, state.params))
+points = [{"train_seconds": 61.0, "test_bpd": 4.0}, {"train_seconds": 118.5, "test_bpd": 3.575},
+          {"train_seconds": 170.0, "test_bpd": 3.2}]
+res["pure"] = {"reaching": [train_curve.first_mark_reaching(points, b) for b in (4.0, 3.575, 3.4, 3.1)],
+               "marks": train_curve.parse_marks(["60", "30", "30.0", "330", "400"], 330),
+               "reference": train_curve.REFERENCE, "targets": train_curve.TARGETS_BPD}
+# main() hands its flags to run_curve (here a stand-in that records them).
+import os, tempfile
+calls = []
+train_curve.run_curve = lambda *args: (calls.append(args), ({"images_per_second": 1.0,
+                                                             "first_seconds_reaching": {}}, None))[1]
+train_curve.FLAGS(["train_curve.py", "--config=configs/quickstart.py", "--seconds=7", "--marks=30,3",
+                   "--params=ema", "--eval_batches=2", "--final_draws=5",
+                   "--output=" + os.path.join(tempfile.mkdtemp(), "c.json")])
+train_curve.main(["train_curve.py"])
+args = calls[0]
+res["main"] = {"seconds": args[1], "marks": args[2], "use_ema": args[3], "eval_batches": args[4],
+               "final_draws": args[6]}
+print(json.dumps(res))
+"""
+
+
+@pytest.mark.ci_once  # the script's own control flow
+def test_the_curve_clock_counts_training_steps_only():
+  """A fake clock whose compile takes 64 s and each evaluation 128 s: every point's training
+  seconds stay within two readings after its mark (neither counted), a mark that the previous
+  mark's last step passed has no point, images/s are steps over those seconds, the targets'
+  first seconds come from the marks' bounds, the points evaluate the EMA parameters on
+  --eval_batches batches (main() passes on --params, --eval_batches, --final_draws, --seconds
+  and --marks); the reference points are the published code's (issue 4)."""
+  r = subprocess.run([sys.executable, "-c", CLOCKED], cwd=ROOT, capture_output=True, text=True)
+  assert r.returncode == 0, r.stderr[-3000:]
+  res = json.loads(r.stdout.strip().splitlines()[-1])
+  pts = res["points"]
+  assert [p["mark_seconds"] for p in pts] == [0.3, 1.0], pts  # 0.35: passed by the 0.3 mark's step
+  for p in pts:
+    assert p["mark_seconds"] <= p["train_seconds"] <= p["mark_seconds"] + 0.25, p
+    assert p["num_test_images"] == 64 and p["test_draws"] == 1
+  assert res["compile_seconds"] >= 64 and res["train_seconds"] == pts[-1]["train_seconds"]
+  assert res["steps"] == pts[-1]["step"] > pts[0]["step"] > 0
+  np.testing.assert_allclose(res["images_per_second"], res["steps"] * 16 / res["train_seconds"])
+  assert res["first_seconds_reaching"] == {"3.575": pts[0]["train_seconds"],
+                                           "3.4": pts[1]["train_seconds"]}
+  assert res["params"] == "ema" and res["ema_bpd"] != res["raw_bpd"]
+  terms = sum(pts[-1][f"test_{k}_bpd"] for k in ("prior", "diffusion", "reconstruction"))
+  np.testing.assert_allclose(terms, res["ema_bpd"], rtol=1e-5)
+  pure = res["pure"]
+  assert pure["reaching"] == [61.0, 118.5, 170.0, None]
+  assert pure["marks"] == [30.0, 60.0, 330.0]
+  assert pure["reference"]["seconds"] == [60.0, 120.0, 180.0, 300.0, 330.0]
+  assert pure["reference"]["bpd"] == [4.37, 3.90, 3.74, 3.60, 3.575]
+  assert pure["targets"] == [3.575, 3.40] and res["reference"] == pure["reference"]
+  assert res["main"] == {"seconds": 7.0, "marks": [3.0, 7.0], "use_ema": True, "eval_batches": 2,
+                         "final_draws": 5}, res["main"]
+
+
+@pytest.mark.ci_once  # the script's own control flow, two processes
+def test_likelihood_toy_run_follows_its_flags_and_keeps_an_earlier_json(tmp_path):
+  """--toy without --output writes WORKDIR/likelihood.json: the ELBO of every --timesteps and the
+  importance proposal, at --num_time_samples draws on --num_images images, near the toy's entropy;
+  the proposal keeps --is_uniform_mix / --is_bins as its floor; a rerun keeps the first JSON
+  beside its own, whose ODE section has each --dequantization on --ode_num_images images."""
+  sys.path.insert(0, ROOT)
+  from vdm import toy
+  args = ["--toy", f"--workdir={tmp_path}", "--batch_size=32", "--num_images=64",
+          "--num_time_samples=3", "--timesteps=0,10", "--is_bins=8", "--is_fit_batches=2",
+          "--is_uniform_mix=0.5", "--variance_repeats=2", "--ode_num_images=0"]
+  _script("likelihood.py", *args)
+  res = json.loads((tmp_path / "likelihood.json").read_text())
+  entropy = toy.FactorizedDiscrete.random(0, dims=4, vocab_size=4).entropy_bits_per_dim()
+  assert res["info"]["entropy_bpd"] == entropy and "ode" not in res
+  assert set(res["elbo"]) == {"continuous", "T=10", "continuous_importance"}, res["elbo"].keys()
+  for name, stats in res["elbo"].items():
+    assert (stats["num_images"], stats["num_samples"]) == (64, 3), (name, stats)
+    assert abs(stats["bpd"] - entropy) < 5 * stats["bpd_se"] + 0.05, (name, stats, entropy)
+  imp = res["importance"]
+  assert imp["fit_images"] == 64 and len(imp["proposal_probs"]) == 8
+  assert min(imp["proposal_probs"]) >= 0.5 / 8 - 1e-6 and abs(sum(imp["proposal_probs"]) - 1) < 1e-5
+  assert res["flags"]["timesteps"] == ["0", "10"] and res["flags"]["num_time_samples"] == 3
+  assert {"importance_s", "elbo_s"} <= set(res["timings"])
+
+  _script("likelihood.py", "--toy", f"--workdir={tmp_path}", "--num_images=16", "--batch_size=16",
+          "--timesteps=0", "--noimportance", "--ode_num_images=4", "--ode_batch_size=4",
+          "--dequantization=uniform", "--rtol=1e-3", "--atol=1e-3")
+  assert len(list(tmp_path.glob("likelihood.*.json"))) == 1  # the first run's, kept
+  again = json.loads((tmp_path / "likelihood.json").read_text())
+  assert set(again["elbo"]) == {"continuous"} and "importance" not in again
+  assert set(again["ode"]) == {"uniform"} and again["ode"]["uniform"]["num_images"] == 4
+  assert math.isfinite(again["ode"]["uniform"]["bpd"])
