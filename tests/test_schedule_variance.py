@@ -133,4 +133,5 @@ def test_the_comparison_is_of_the_linear_and_the_saved_fit_which_a_stop_there_ke
     assert (given["num_examples"], given["draws"], given["vocab_size"]) == (4, 2, 16)
     np.testing.assert_allclose(given["linear"], e["gamma_0"] + (e["gamma_1"] - e["gamma_0"]) *
                                np.linspace(0.0, 1.0, 101), atol=1e-4)
-    np.testing.assert_allclose(given["fitted"], res["gamma_grid"]["fitted"], rtol=1e-6, atol=1e-6)
+    # the two grids are computed apart, in fp32 at |γ| up to 13.3 (1.2e-6 apart on jax 0.10.2)
+    np.testing.assert_allclose(given["fitted"], res["gamma_grid"]["fitted"], rtol=0, atol=1e-5)
