@@ -57,11 +57,12 @@ def compare_dtype(model: Model, params: dict, dtype: str, images: np.ndarray, rn
                   save: Optional[Callable[[dict], Any]] = None) -> dict:
   """The continuous-time bound of ``params`` on ``images`` at the model's compute dtype (a) and
   at ``dtype`` (b; 'float32' is the network entirely in fp32), a bf16 side with the model's
-  ``eval_fp32_fraction``, with shared draws: :func:`vdm.likelihood.paired_difference` and the
-  two dtypes, and under "by_time" where in t they differ (:func:`vdm.likelihood.difference_by_time`;
-  its batches hold one bin of t each, so with an ``eval_fp32_fraction`` a bf16 side's fp32 share
-  is the least noisy share of every bin, not the low-t bins). ``save`` receives the result
-  without "by_time" first, so a run stopped during that diagnostic keeps the difference."""
+  ``eval_fp32_fraction``, with shared draws: :func:`vdm.likelihood.paired_difference`, the two
+  dtypes, its draws per image and batch size, and under "by_time" where in t they differ
+  (:func:`vdm.likelihood.difference_by_time`; its batches hold one bin of t each, so with an
+  ``eval_fp32_fraction`` a bf16 side's fp32 share is the least noisy share of every bin, not the
+  low-t bins). ``save`` receives the result without "by_time" first, so a run stopped during that
+  diagnostic keeps the difference."""
   model_b = with_dtype(model, dtype)
   eps_a, gamma_fn = traced_fns(model, params)
   eps_b, _ = traced_fns(model_b, params)
@@ -69,7 +70,8 @@ def compare_dtype(model: Model, params: dict, dtype: str, images: np.ndarray, rn
   res = likelihood.paired_difference(eps_a, eps_b, gamma_fn, batches, rng, vocab_size=vocab_size,
                                      num_samples=num_samples, decoder=decoder)
   res = {"a": model.net.dtype, "a_eval_fp32_fraction": eval_fp32_share(model), "b": dtype,
-         "b_eval_fp32_fraction": eval_fp32_share(model_b), **res}
+         "b_eval_fp32_fraction": eval_fp32_share(model_b), "num_samples": num_samples,
+         "batch_size": batch_size, **res}
   if save is not None:
     save(res)
   res["by_time"] = likelihood.difference_by_time(eps_a, eps_b, gamma_fn, batches,

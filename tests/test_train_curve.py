@@ -30,6 +30,7 @@ def test_curve_marks_checkpoint_plot_and_dtype_comparison(tmp_path):
   cmp = res["dtype_comparison"]
   assert (cmp["a"], cmp["b"], cmp["num_images"]) == ("float32", "bfloat16", 128)
   assert (cmp["a_eval_fp32_fraction"], cmp["b_eval_fp32_fraction"]) == (0.0, 0.3)
+  assert (cmp["num_samples"], cmp["batch_size"]) == (2, 64)  # --compare_samples, _batch_size
   assert 0 < cmp["max_abs_difference_bpd"] < 0.1 and cmp["difference_se"] < cmp["a_se"] / 10
   by_time = cmp["by_time"]  # where in t the two precisions differ, over the same images
   assert by_time["num_images"] == 128 and len(by_time["bin_difference_bpd"]) == 10
@@ -91,6 +92,7 @@ def test_curve_marks_checkpoint_plot_and_dtype_comparison(tmp_path):
   cmp = lik["dtype_comparison"]
   assert (cmp["a"], cmp["b"], cmp["num_images"]) == ("float32", "bfloat16", 128)
   assert (cmp["a_eval_fp32_fraction"], cmp["b_eval_fp32_fraction"]) == (0.0, 0.3)
+  assert (cmp["num_samples"], cmp["batch_size"]) == (2, 128)  # --num_time_samples, --batch_size
   assert 0 < cmp["max_abs_difference_bpd"] < 0.1 and cmp["difference_se"] < cmp["a_se"] / 10
 
 
