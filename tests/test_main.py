@@ -402,6 +402,7 @@ def trained_run(tmp_path_factory):
   return config, workdir
 
 
+@pytest.mark.ci_once  # vdm.main's own control flow; test_train makes its jax calls
 def test_training_samples_are_the_ema_samples_of_its_checkpoint(trained_run):
   """Training's samples at step N: config.sampling's sampler, steps and count, the EMA parameters
   and the key PRNGKey(N), i.e. what --mode=sample gives for that checkpoint with --sample_seed=N."""
@@ -416,6 +417,7 @@ def test_training_samples_are_the_ema_samples_of_its_checkpoint(trained_run):
   assert not np.array_equal(np.load(other[:-3] + "npz")["samples"], during)  # the seed is used
 
 
+@pytest.mark.ci_once  # vdm.main's own control flow
 def test_eval_reads_the_checkpoint_it_is_given(trained_run):
   """--checkpoint picks the step evaluated; sigma2_0/1 are the EMA schedule's at t = 0 and 1."""
   import jax  # pylint: disable=g-import-not-at-top
@@ -481,6 +483,7 @@ def test_paper_configs_keep_the_published_vdm_settings(name):
   assert (c.sampling.sampler, c.sampling.num_steps, c.sampling.num_samples) == ("ancestral", 1000, 64)
 
 
+@pytest.mark.ci_once  # the run record's handling
 def test_run_config_reads_a_workdir_or_its_config_json_and_refuses_unknown_keys(trained_run,
                                                                                 tmp_path):
   import importlib  # pylint: disable=g-import-not-at-top

@@ -173,6 +173,7 @@ def _commands(out, log):
           if l.startswith("== ") and not l.startswith("== exit")]
 
 
+@pytest.mark.ci_once  # the runbook's own commands
 def test_phases_pass_their_settings_to_each_command(tmp_path):
   """curve, model (on its own run, then on the curve's), compare and bench with a python that
   runs nothing: each command gets the settings of the runbook's measurements (issues 3 to 5),

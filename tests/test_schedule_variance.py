@@ -8,6 +8,7 @@ import sys
 
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)  # configs/
@@ -110,6 +111,7 @@ print(json.dumps({"runs": runs, "compared": compared},
 """
 
 
+@pytest.mark.ci_once  # the script's own control flow
 def test_the_comparison_is_of_the_linear_and_the_saved_fit_which_a_stop_there_keeps():
   """run() hands the fit to ``save`` before the comparison, so a time limit that strikes there
   keeps the fitted schedule; the comparison gets the exactly linear γ between the same endpoints
