@@ -65,18 +65,22 @@ def cuda_triton_calls():
   return count
 
 
+def run_script(script: str, *args: str, devices: int = 1) -> dict:
+  """Runs a Python script (``python -c script *args``) in the repo root, on ``devices`` CPU
+  devices, checks that it exits 0 and returns the JSON its last line prints."""
+  env = dict(os.environ)
+  if devices > 1:
+    env["XLA_FLAGS"] += f" --xla_force_host_platform_device_count={devices}"
+  r = subprocess.run([sys.executable, "-c", script, *args], cwd=ROOT, capture_output=True,
+                     text=True, timeout=600, env=env)
+  assert r.returncode == 0, r.stderr[-3000:]
+  return json.loads(r.stdout.strip().splitlines()[-1])
+
+
 @pytest.fixture
 def on_two_cpu_devices():
-  """run(script): runs a Python script in the repo root with two CPU devices and returns the JSON
-  its last line prints."""
-  def run(script: str) -> dict:
-    env = dict(os.environ, XLA_FLAGS=os.environ["XLA_FLAGS"]
-               + " --xla_force_host_platform_device_count=2")
-    r = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True,
-                       timeout=600, env=env)
-    assert r.returncode == 0, r.stderr[-3000:]
-    return json.loads(r.stdout.strip().splitlines()[-1])
-  return run
+  """run(script): :func:`run_script` with two CPU devices."""
+  return lambda script: run_script(script, devices=2)
 
 
 def pytest_sessionfinish():

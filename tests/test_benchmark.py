@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import pytest
 
 from configs import default
+from conftest import run_script
 from vdm import benchmark, pallas_conv
 from vdm.model import make_model
 from vdm.nets import NORM_IMPL
@@ -727,14 +728,11 @@ def test_sweep_passes_each_variant_its_settings_and_keeps_going(tmp_path):
   --repeats timed after two untimed warm-up calls."""
   out = tmp_path / "sweep.json"
   unfused = "remat_none+xla:xla_disable_hlo_passes=fusion"
-  r = subprocess.run(
-      [sys.executable, "-c", SWEEP_CONTROL, "--config=configs/quickstart.py", "--batch_size=6",
-       "--config.model.unroll=1", "--config.model.dropout=0.1", "--repeats=3", "--noprofile",
-       f"--variants=rbg+no_dropout,unroll0,unroll2+base,float32,{unfused}",
-       f"--hlo_dir={tmp_path / 'hlo'}", f"--output={out}"],
-      capture_output=True, text=True, cwd=ROOT)
-  assert r.returncode == 0, r.stderr[-2000:]
-  res = json.loads(r.stdout.strip().splitlines()[-1])
+  res = run_script(
+      SWEEP_CONTROL, "--config=configs/quickstart.py", "--batch_size=6",
+      "--config.model.unroll=1", "--config.model.dropout=0.1", "--repeats=3", "--noprofile",
+      f"--variants=rbg+no_dropout,unroll0,unroll2+base,float32,{unfused}",
+      f"--hlo_dir={tmp_path / 'hlo'}", f"--output={out}")
   assert res["xla"] == [["a", True, "bool"], ["b", False, "bool"], ["c", 3, "int"],
                         ["d", 2.5, "float"], ["e", "fusion", "str"]]
   assert res["combine"] == [{"model.unroll": 2, "model.remat": "none"}, "rbg", ["sample", "eval"],
@@ -809,10 +807,7 @@ def test_sweep_floors_norms_and_convs_from_known_times():
   """TFLOP/s and GB/s of the floors, the norms and the convolutions are exact from given times:
   the forward convolution's FLOPs once, with both gradients three times; the copy reads and
   writes its GiB; a norm moves 4 bytes per element forward, 10 with the backward."""
-  r = subprocess.run([sys.executable, "-c", SWEEP_ARITHMETIC], capture_output=True, text=True,
-                     cwd=ROOT)
-  assert r.returncode == 0, r.stderr[-2000:]
-  out = json.loads(r.stdout.strip().splitlines()[-1])
+  out = run_script(SWEEP_ARITHMETIC)
   flop = 2 * 16 * 9 * 8 * 8  # batch 1, 4×4, 8 -> 8 channels
   assert out["floors"] == pytest.approx({"conv_fwd_tflops": flop / 2 / 1e12,
                                          "conv_fwd_bwd_tflops": 3 * flop / 4 / 1e12,

@@ -123,6 +123,15 @@ def test_extra_args_on_several_lines_all_reach_the_command(tmp_path):
           "--config.model.dtype=bfloat16") in command
 
 
+def _stand_in_python(tmp_path, script: str, **env: str) -> dict:
+  """The environment for a runbook phase whose PYTHON is the bash ``script`` (written to
+  tmp_path/python; REAL_PYTHON is this interpreter), with a lease's 590 s and ``env``."""
+  fake = tmp_path / "python"
+  fake.write_text(script)
+  fake.chmod(0o755)
+  return dict(os.environ, PYTHON=str(fake), REAL_PYTHON=sys.executable, VDM_LIMIT="590", **env)
+
+
 # A stand-in for python: json_field's `-c` runs in the real one; the norms pick pallas; a curve
 # with pallas fails before its first point where $PALLAS_FAILS is set, as a Triton kernel that
 # fails to compile in fp32 at the first evaluation would; any other curve saves a point.
@@ -142,12 +151,9 @@ esac
 def test_lease_trains_the_curve_with_autodiff_where_the_chosen_norm_fails(tmp_path, fails):
   """A curve that fails with the norm the lease chose trains again with autodiff's norm (before,
   the lease's one full call ended there, with no curve); one that saved its points does not."""
-  fake = tmp_path / "python"
-  fake.write_text(FAKE_PYTHON)
-  fake.chmod(0o755)
   out = tmp_path / "out"
-  env = dict(os.environ, PYTHON=str(fake), REAL_PYTHON=sys.executable, OUT=str(out),
-             VDM_TMP=str(tmp_path), VDM_LIMIT="590", PALLAS_FAILS="1" if fails else "")
+  env = _stand_in_python(tmp_path, FAKE_PYTHON, OUT=str(out), VDM_TMP=str(tmp_path),
+                         PALLAS_FAILS="1" if fails else "")
   subprocess.run(["bash", "experiments/gpu_runbook.sh", "lease"], cwd=ROOT, env=env, check=True,
                  capture_output=True)
   commands = [l for l in (out / "curve_bf16.log").read_text().splitlines() if l.startswith("== ")]
@@ -178,12 +184,8 @@ def test_phases_pass_their_settings_to_each_command(tmp_path):
   """curve, model (on its own run, then on the curve's), compare and bench with a python that
   runs nothing: each command gets the settings of the runbook's measurements (issues 3 to 5),
   the curve and model phases start from an empty run, and compare needs the curve's run."""
-  fake = tmp_path / "python"
-  fake.write_text(ECHO_PYTHON)
-  fake.chmod(0o755)
   out, tmp = tmp_path / "out", tmp_path / "tmp"
-  env = dict(os.environ, PYTHON=str(fake), REAL_PYTHON=sys.executable, OUT=str(out),
-             VDM_TMP=str(tmp), VDM_LIMIT="590")
+  env = _stand_in_python(tmp_path, ECHO_PYTHON, OUT=str(out), VDM_TMP=str(tmp))
   for name in ("VDM_ARGS", "VDM_DATA_ARGS", "VDM_CONFIG", "VDM_SECONDS", "VDM_STEPS", "VDM_SPECS"):
     env.pop(name, None)
   phase = lambda name: subprocess.run(["bash", "experiments/gpu_runbook.sh", name], cwd=ROOT,  # noqa: E731

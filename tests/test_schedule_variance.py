@@ -13,6 +13,7 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)  # configs/
 from configs import quickstart  # noqa: E402
+from conftest import run_script  # noqa: E402
 from vdm import checkpoint, train  # noqa: E402
 from vdm.model import make_model  # noqa: E402
 
@@ -117,10 +118,7 @@ def test_the_comparison_is_of_the_linear_and_the_saved_fit_which_a_stop_there_ke
   keeps the fitted schedule; the comparison gets the exactly linear γ between the same endpoints
   and the fitted γ that was saved, on --test_batch_size images with --draws; --learning_rate is
   the fit's (a tiny one leaves the start point)."""
-  proc = subprocess.run([sys.executable, "-c", STOPPED_IN_THE_COMPARISON], cwd=ROOT,
-                        capture_output=True, text=True)
-  assert proc.returncode == 0, proc.stderr[-2000:]
-  out = json.loads(proc.stdout.strip().splitlines()[-1])
+  out = run_script(STOPPED_IN_THE_COMPARISON)
   runs, compared = out["runs"], out["compared"]
   assert [len(saved) for saved in runs] == [1, 1], runs
   slow, fast = (saved[0] for saved in runs)

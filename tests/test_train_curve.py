@@ -9,6 +9,8 @@ import sys
 import numpy as np
 import pytest
 
+from conftest import run_script
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--config=configs/quickstart.py", "--config.data.image_size=4",
         "--config.training.batch_size=16", "--config.eval.batch_size=64",
@@ -129,9 +131,7 @@ except KeyboardInterrupt:
 def test_the_last_mark_is_saved_after_its_first_draw():
   """A run stopped during the last mark's draws keeps that mark's point, from the draws it
   finished: the point was saved only after all --final_draws (16 in the lease)."""
-  r = subprocess.run([sys.executable, "-c", STOPPED_IN_THE_LAST_DRAWS], cwd=ROOT,
-                     capture_output=True, text=True, check=True)
-  points = json.loads(r.stdout.strip().splitlines()[-1])["points"]
+  points = run_script(STOPPED_IN_THE_LAST_DRAWS)["points"]
   assert [(p["mark_seconds"], p["test_draws"]) for p in points] == [(0.5, 1), (1.0, 1)], points
   assert math.isfinite(points[-1]["test_bpd"]) and points[-1]["test_bpd_draws_se"] is None
 
@@ -233,9 +233,7 @@ def test_the_curve_clock_counts_training_steps_only():
   first seconds come from the marks' bounds, the points evaluate the EMA parameters on
   --eval_batches batches (main() passes on --params, --eval_batches, --final_draws, --seconds
   and --marks); the reference points are the published code's (issue 4)."""
-  r = subprocess.run([sys.executable, "-c", CLOCKED], cwd=ROOT, capture_output=True, text=True)
-  assert r.returncode == 0, r.stderr[-3000:]
-  res = json.loads(r.stdout.strip().splitlines()[-1])
+  res = run_script(CLOCKED)
   pts = res["points"]
   assert [p["mark_seconds"] for p in pts] == [0.3, 1.0], pts  # 0.35: passed by the 0.3 mark's step
   for p in pts:
