@@ -264,6 +264,27 @@ def test_only_reads_reporting_to_a_closed_loop_are_silenced(monkeypatch):
   assert ckpt_lib._keep_record(record("Executing <Task> took 0.2 seconds; tensorstore_spec"))
 
 
+def test_a_restore_silences_late_reads_before_its_first_read(monkeypatch):
+  """A restore's first read, the parameters' metadata, fails as the restore does on a checkpoint
+  whose data chunks are truncated, and leaves reads in flight: the filters are in place before
+  it. They came after it, and a resume printed the one late report that arrived in between."""
+  monkeypatch.setattr(sys, "unraisablehook", sys.__unraisablehook__)
+  quiet = []  # whether the filters were in place at each read
+
+  class Manager:
+    def item_metadata(self, step):
+      quiet.append(getattr(sys.unraisablehook, "vdm_quiet_reads", False))
+      raise ValueError("OUT_OF_RANGE: Error reading .zarray in OCDBT database")
+
+    def restore(self, step, args):
+      quiet.append(getattr(sys.unraisablehook, "vdm_quiet_reads", False))
+      return step
+
+  assert ckpt_lib._restore(Manager(), 4, {"params": np.zeros(3, np.float32)}) == 4
+  assert quiet == [True, True]
+  assert ckpt_lib._keep_record in std_logging.getLogger("asyncio").filters
+
+
 def test_inference_refuses_a_config_that_shapes_the_checkpoint_differently(tmp_path):
   """Evaluating a run restores its whole state: a different importance_num_bins (the sampler's
   per-t moments) is named before the restore, not reported as no restorable checkpoint."""

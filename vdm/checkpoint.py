@@ -107,9 +107,11 @@ def _check_params(manager: ocp.CheckpointManager, step: int, target: TrainState)
 
 
 def _restore(manager: ocp.CheckpointManager, step: int, target, sharding=None):
-  """Step ``step`` of ``manager``, shaped like ``target`` (ModelMismatch: another model's)."""
-  _check_params(manager, step, target)
+  """Step ``step`` of ``manager``, shaped like ``target`` (ModelMismatch: another model's). The
+  reads' aftermath is silenced first: the metadata read fails, too, on a checkpoint whose data
+  chunks are truncated, and leaves reads in flight."""
   _quiet_failed_reads()
+  _check_params(manager, step, target)
   return manager.restore(step, args=ocp.args.StandardRestore(_abstract(target, sharding)))
 
 
