@@ -9,6 +9,7 @@ import sys
 import jax
 import numpy as np
 
+from conftest import run_script  # pylint: disable=g-bad-import-order
 from test_main import ROOT, TINY, _cmd, _env  # pylint: disable=g-bad-import-order
 from test_reliability import restore  # pylint: disable=g-bad-import-order
 
@@ -55,12 +56,7 @@ def test_eight_devices_match_one_device():
   """3 steps of the quickstart model on a global batch of 16: sharded 8 ways (2 per device) vs on
   one device, the same loss and parameters to float tolerance. Then 5 samples: each of 8 devices
   runs the net on 1 of them (padded to 8; before, each ran all 5), and the images are the same."""
-  r = subprocess.run([sys.executable, "-c", SHARDED_VS_ONE_DEVICE], cwd=ROOT, capture_output=True,
-                     text=True, timeout=900,
-                     env=_env(devices=8))
-  assert r.returncode == 0, r.stderr[-3000:]
-  import json  # pylint: disable=g-import-not-at-top
-  out = json.loads(r.stdout.strip().splitlines()[-1])
+  out = run_script(SHARDED_VS_ONE_DEVICE, devices=8)
   print(out)
   np.testing.assert_allclose(out["loss_8"], out["loss_1"], rtol=1e-5)
   assert out["max_param_diff"] < 1e-5, out
