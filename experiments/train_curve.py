@@ -184,6 +184,24 @@ def run_curve(config, seconds: float, marks: list[float], use_ema: bool = False,
   return results, state
 
 
+def curve_label(res: dict) -> str:
+  """A curve's legend entry: what sets its speed (dtypes, unroll, remat, a norm other than
+  autodiff's, importance-sampled t), its images/s and the device it ran on, since the reference
+  points are an H100's."""
+  model = res["config"]["model"]  # runs from before residual_dtype had their stream in dtype
+  unroll = model.get("unroll", 1)
+  if isinstance(unroll, bool):  # the first lease's unroll: True for all blocks, False for one
+    unroll = 0 if unroll else 1
+  parts = [f"vdm {model['dtype']}", f"residual {model.get('residual_dtype', model['dtype'])}",
+           f"unroll {unroll}", f"remat {model.get('remat', 'none')}"]
+  if model.get("norm_impl", "autodiff") != "autodiff":
+    parts.append(f"norm {model['norm_impl']}")
+  if res["config"]["loss"].get("time_sampling", "uniform") != "uniform":
+    parts.append(f"t {res['config']['loss']['time_sampling']}")
+  device = f", {res['device']}" if res.get("device") else ""
+  return f"{', '.join(parts)} ({res['images_per_second']:.0f} img/s{device})"
+
+
 def plot(paths: list[str], out: str) -> None:
   """Test bpd ± 2 SE against training seconds for each JSON, beside the reference points."""
   import matplotlib  # pylint: disable=g-import-not-at-top  (a test extra: not on the GPU image)
@@ -195,21 +213,15 @@ def plot(paths: list[str], out: str) -> None:
     with open(path) as f:
       res = json.load(f)
     pts = res["points"]
-    model = res["config"]["model"]  # runs from before residual_dtype had their stream in dtype
-    unroll = model.get("unroll", 1)
-    if isinstance(unroll, bool):  # the first lease's unroll: True for all blocks, False for one
-      unroll = 0 if unroll else 1
-    label = (f"vdm {model['dtype']}, residual {model.get('residual_dtype', model['dtype'])}, "
-             f"unroll {unroll}, remat {model.get('remat', 'none')} "
-             f"({res['images_per_second']:.0f} img/s)")
     ax.errorbar([p["train_seconds"] for p in pts], [p["test_bpd"] for p in pts],
-                yerr=[2 * p["test_bpd_se"] for p in pts], marker="o", ms=3, capsize=2, label=label)
+                yerr=[2 * p["test_bpd_se"] for p in pts], marker="o", ms=3, capsize=2,
+                label=curve_label(res))
   ax.plot(REFERENCE["seconds"], REFERENCE["bpd"], "ks--", label=REFERENCE["label"])
   ax.axhline(TARGETS_BPD[1], color="tab:red", lw=0.8, ls=":", label=f"target {TARGETS_BPD[1]} at 330 s")
   ax.plot([110.0], [TARGETS_BPD[0]], "r*", ms=10, label=f"target {TARGETS_BPD[0]} within 110 s")
   ax.set(xlabel="training seconds (compile and evaluation excluded)", ylabel="test bits/dim",
          title="CIFAR-10 subset: test bound against training time")
-  ax.legend(fontsize=7)
+  ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.15))  # below: the labels are long
   fig.savefig(out, dpi=120, bbox_inches="tight")
   plt.close(fig)
 

@@ -290,3 +290,33 @@ def test_likelihood_toy_run_follows_its_flags_and_keeps_an_earlier_json(tmp_path
   assert set(again["elbo"]) == {"continuous"} and "importance" not in again
   assert set(again["ode"]) == {"uniform"} and again["ode"]["uniform"]["num_images"] == 4
   assert math.isfinite(again["ode"]["uniform"]["bpd"])
+
+
+CURVE_LABELS = r"""
+import copy, json, sys
+sys.path.insert(0, ".")
+from experiments import train_curve
+
+third = json.load(open("experiments/results/h100_2026-11-22_s5/curve_unrolled_bf16_stream_f03_a581b67.json"))
+first = json.load(open("experiments/results/h100_2026-11-22/curve_bf16.json"))
+nxt = copy.deepcopy(third)  # the next lease's curve, on whichever card it gets
+nxt["config"]["loss"]["time_sampling"] = "importance"
+nxt["config"]["model"]["norm_impl"] = "pallas"
+nxt["device"] = "NVIDIA H200"
+old = copy.deepcopy(first)
+del old["device"]
+print(json.dumps([train_curve.curve_label(r) for r in (third, first, nxt, old)]))
+"""
+
+
+def test_each_curve_is_labelled_with_its_settings_and_device():
+  """Two curves of one dtype, unroll and remat but other time sampling or norm, or another card,
+  must not share a legend entry beside the H100's reference points."""
+  third, first, nxt, old = run_script(CURVE_LABELS)
+  assert third == ("vdm bfloat16, residual bfloat16, unroll 0, remat none "
+                   "(1580 img/s, NVIDIA H100 80GB HBM3)")
+  assert first == ("vdm bfloat16, residual bfloat16, unroll 1, remat convs "  # unroll False: 1
+                   "(1143 img/s, NVIDIA H100 80GB HBM3)")
+  assert nxt == ("vdm bfloat16, residual bfloat16, unroll 0, remat none, norm pallas, "
+                 "t importance (1580 img/s, NVIDIA H200)")
+  assert old == first.replace(", NVIDIA H100 80GB HBM3", "")  # a JSON without a device
