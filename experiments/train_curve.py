@@ -185,7 +185,7 @@ def run_curve(config, seconds: float, marks: list[float], use_ema: bool = False,
 
 
 def curve_label(res: dict) -> str:
-  """A curve's legend entry: what sets its speed (dtypes, unroll, remat, a norm other than
+  """A curve's legend entry: what tells its run apart (dtypes, unroll, remat, a norm other than
   autodiff's, importance-sampled t), its images/s and the device it ran on, since the reference
   points are an H100's."""
   model = res["config"]["model"]  # runs from before residual_dtype had their stream in dtype
@@ -221,7 +221,7 @@ def plot(paths: list[str], out: str) -> None:
   ax.plot([110.0], [TARGETS_BPD[0]], "r*", ms=10, label=f"target {TARGETS_BPD[0]} within 110 s")
   ax.set(xlabel="training seconds (compile and evaluation excluded)", ylabel="test bits/dim",
          title="CIFAR-10 subset: test bound against training time")
-  ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.15))  # below: the labels are long
+  ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.15))  # below: long labels
   fig.savefig(out, dpi=120, bbox_inches="tight")
   plt.close(fig)
 
