@@ -65,14 +65,21 @@ def cuda_triton_calls():
   return count
 
 
+def subprocess_env(devices: int = 1, **extra: str) -> dict:
+  """The tests' environment for a subprocess, with ``devices`` CPU devices (added to the suite's
+  XLA_FLAGS, whose fast compiles would otherwise be lost) and no progress bars."""
+  env = dict(os.environ, **extra)
+  if devices > 1:
+    env["XLA_FLAGS"] += f" --xla_force_host_platform_device_count={devices}"
+  env.pop("VDM_PROGRESS", None)
+  return env
+
+
 def run_script(script: str, *args: str, devices: int = 1) -> dict:
   """Runs a Python script (``python -c script *args``) in the repo root, on ``devices`` CPU
   devices, checks that it exits 0 and returns the JSON its last line prints."""
-  env = dict(os.environ)
-  if devices > 1:
-    env["XLA_FLAGS"] += f" --xla_force_host_platform_device_count={devices}"
   r = subprocess.run([sys.executable, "-c", script, *args], cwd=ROOT, capture_output=True,
-                     text=True, timeout=600, env=env)
+                     text=True, timeout=600, env=subprocess_env(devices))
   assert r.returncode == 0, r.stderr[-3000:]
   return json.loads(r.stdout.strip().splitlines()[-1])
 

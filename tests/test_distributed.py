@@ -9,8 +9,8 @@ import sys
 import jax
 import numpy as np
 
-from conftest import run_script  # pylint: disable=g-bad-import-order
-from test_main import ROOT, TINY, _cmd, _env  # pylint: disable=g-bad-import-order
+from conftest import run_script, subprocess_env  # pylint: disable=g-bad-import-order
+from test_main import ROOT, TINY, _cmd  # pylint: disable=g-bad-import-order
 from test_reliability import restore  # pylint: disable=g-bad-import-order
 
 SHARDED_VS_ONE_DEVICE = r"""
@@ -78,7 +78,7 @@ def test_two_processes_train_read_their_shards_and_only_process_0_writes(tmp_pat
   args = [*TINY, f"--config.training.num_steps={num_steps}", "--config.training.eval_every=4",
           "--config.training.sample_every=4", f"--coordinator_address=127.0.0.1:{port}",
           "--num_processes=2"]
-  env = _env(devices=2, VDM_RECORD_DIR=str(records))
+  env = subprocess_env(devices=2, VDM_RECORD_DIR=str(records))
   procs = [subprocess.Popen(
       [sys.executable, os.path.join(ROOT, "tests", "_distributed_worker.py"),
        *_cmd(workdir, *args, f"--process_id={i}")[3:]], cwd=ROOT, env=env,

@@ -9,6 +9,8 @@ import time
 import numpy as np
 import pytest
 
+from conftest import subprocess_env  # pylint: disable=g-bad-import-order
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 TINY = [
@@ -25,18 +27,9 @@ def _cmd(workdir, *args, config="configs/quickstart.py"):
   return [sys.executable, "-m", "vdm.main", f"--config={config}", f"--workdir={workdir}", *args]
 
 
-def _env(devices: int = 0, **extra):
-  """The tests' environment for a subprocess, with `devices` CPU devices if given (added to the
-  suite's XLA_FLAGS, whose fast compiles would otherwise be lost)."""
-  env = dict(os.environ, **extra)
-  if devices:
-    env["XLA_FLAGS"] += f" --xla_force_host_platform_device_count={devices}"
-  env.pop("VDM_PROGRESS", None)
-  return env
-
-
 def _run(cmd, timeout=600, **env):
-  return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=_env(**env))
+  return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout,
+                        env=subprocess_env(**env))
 
 
 def _json(workdir, name):
@@ -282,7 +275,7 @@ def test_bad_input_exits_2_with_one_line(tmp_path):
       with open(os.path.join(workdir, "config.json"), "w") as f:
         f.write('{"data": {')
       args = []
-    procs[name] = subprocess.Popen(_cmd(workdir, *args, config=config), cwd=ROOT, env=_env(**env),
+    procs[name] = subprocess.Popen(_cmd(workdir, *args, config=config), cwd=ROOT, env=subprocess_env(**env),
                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
   deadline = time.time() + 600
   for name, proc in procs.items():

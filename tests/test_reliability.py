@@ -17,7 +17,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from test_main import ROOT, TINY, _cmd, _env  # pylint: disable=g-bad-import-order
+from conftest import subprocess_env  # pylint: disable=g-bad-import-order
+from test_main import ROOT, TINY, _cmd  # pylint: disable=g-bad-import-order
 
 pytestmark = pytest.mark.ci_once  # vdm's resume logic; test_main and test_train restore on each leg
 
@@ -38,7 +39,7 @@ def _start(workdir, args, log):
     signal.signal(signal.SIGINT, signal.default_int_handler)  # exec resets a handler to default
   try:
     with open(log, "w") as f:
-      return subprocess.Popen(_cmd(workdir, *args), cwd=ROOT, env=_env(),
+      return subprocess.Popen(_cmd(workdir, *args), cwd=ROOT, env=subprocess_env(),
                               stdout=subprocess.DEVNULL, stderr=f)
   finally:
     if ignored:
@@ -401,7 +402,7 @@ def test_an_unknown_flag_ends_the_run_before_any_work(tmp_path):
   """A misspelt flag (--num_step for --num_steps) is refused in one line, not dropped in silence
   (the run would go on without it: here, to its own error about the empty workdir)."""
   r = subprocess.run(_cmd(str(tmp_path / "run"), "--mode=eval", "--num_step=3"), cwd=ROOT,
-                     env=_env(), capture_output=True, text=True, timeout=300)
+                     env=subprocess_env(), capture_output=True, text=True, timeout=300)
   lines = [l for l in r.stderr.splitlines() if l.strip()]
   assert r.returncode == 2, r.stderr[-3000:]
   assert "Traceback" not in r.stderr and "Unknown command line flag 'num_step'" in lines[-1], lines
