@@ -208,10 +208,14 @@ def plot(paths: list[str], out: str) -> None:
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
 
+  fix = ": pass the JSON files that train_curve.py --output wrote."
+  runs = [logging_utils.read_json(path, fix) for path in paths]
+  for path, res in zip(paths, runs):
+    if not {"config", "points", "images_per_second"} <= set(res):
+      raise ValueError(f"{path} is not a training curve (no config, points or images_per_second)"
+                       f"{fix}")
   fig, ax = plt.subplots(figsize=(6, 4))
-  for path in paths:
-    with open(path) as f:
-      res = json.load(f)
+  for res in runs:
     pts = res["points"]
     ax.errorbar([p["train_seconds"] for p in pts], [p["test_bpd"] for p in pts],
                 yerr=[2 * p["test_bpd_se"] for p in pts], marker="o", ms=3, capsize=2,

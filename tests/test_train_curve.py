@@ -159,6 +159,22 @@ def test_bad_marks_and_missing_data_are_one_line_errors(tmp_path):
   assert os.path.getsize(out) == 0  # not replaced by a result
 
 
+def test_plot_refuses_files_that_are_not_curves_in_one_line(tmp_path):
+  png, broken = tmp_path / "curves.png", tmp_path / "broken.json"
+  broken.write_text('{"points":')
+  results = os.path.join(ROOT, "experiments", "results", "h100_2026-11-22_s5")
+  curve = os.path.join(results, "curve_default_f03_a581b67.json")
+  sweep = os.path.join(results, "sweep_a581b67.json")
+  for path, words in ((tmp_path / "missing.json", "missing.json (FileNotFoundError"),
+                      (broken, "broken.json (JSONDecodeError"),
+                      (sweep, "sweep_a581b67.json is not a training curve")):
+    proc = _script("train_curve.py", f"--plot={png}", curve, str(path), check=False)
+    line = proc.stderr.strip().splitlines()[-1]
+    assert proc.returncode == 2 and line.startswith("vdm: error:") and words in line, proc.stderr
+    assert line.endswith("pass the JSON files that train_curve.py --output wrote.")
+  assert not png.exists()  # nothing drawn from the good file either
+
+
 CLOCKED = r"""
 import json, sys
 sys.path.insert(0, ".")

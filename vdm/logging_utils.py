@@ -90,6 +90,19 @@ def write_json(path: str, obj, sort_keys: bool = True) -> None:
   os.replace(tmp, path)
 
 
+def read_json(path: str, fix: str) -> dict:
+  """The JSON object at ``path``, or a one-line ValueError that names the file and why, then
+  ends with ``fix``."""
+  try:
+    with open(path) as f:
+      obj = json.load(f)
+    if not isinstance(obj, dict):
+      raise ValueError(f"a JSON {type(obj).__name__}, not an object")
+  except (OSError, ValueError) as e:
+    raise ValueError(f"cannot read {path} ({type(e).__name__}: {e}){fix}") from None
+  return obj
+
+
 def keep_previous(path: str) -> None:
   """Rename an existing ``path`` to <path without .json>.<its mtime, UTC>.json, so that a rerun
   (which writes ``path`` as it goes) never overwrites the results of an earlier one."""

@@ -28,7 +28,6 @@ Bad input (config, data, paths) ends with one line on stderr and exit status 2.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import signal
 import sys
@@ -166,15 +165,8 @@ def _due_record(path: str) -> dict:
   """The eval and samples recorded as due at a checkpointed step ({} if no record)."""
   if not os.path.isfile(path):
     return {}
-  try:
-    with open(path) as f:
-      record = json.load(f)
-    if not isinstance(record, dict):
-      raise ValueError(f"a JSON {type(record).__name__}, not an object")
-  except (OSError, ValueError) as e:
-    raise ValueError(f"cannot read {path} ({type(e).__name__}: {e}): delete it to resume without "
-                     "the eval and samples it records as due.") from None
-  return record
+  return logging_utils.read_json(path, ": delete it to resume without the eval and samples it "
+                                 "records as due.")
 
 
 def run_train(config, workdir: str) -> dict:
