@@ -60,8 +60,9 @@ def test_decoders_are_normalised(decoder):
 
 def test_gamma_min_floor_is_where_float32_still_holds_the_noise():
   """schedules.check_endpoints refuses γ_min below the floor: there float32's z_t = α_t x + σ_t ε
-  loses σ_t ε, and even the exact denoiser of the data misses ε (an inflated bound). At the floor,
-  its per-dimension error ||ε − ε̂||²/D is still small, and the decoder is exact."""
+  rounds σ_t ε coarsely or away, and even the exact denoiser of the data misses ε (an inflated
+  bound). At the floor, its per-dimension error ||ε − ε̂||²/D is still small, and the decoder is
+  exact."""
   data = toy.FactorizedDiscrete.random(0, dims=3072, vocab_size=256)
   x = data.sample(jax.random.PRNGKey(1), 16)
   eps = jax.random.normal(jax.random.PRNGKey(2), x.shape)

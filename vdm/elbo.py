@@ -228,7 +228,8 @@ def elbo_terms(eps_fn: EpsFn, gamma_fn: GammaFn, x: jax.Array, rng: jax.Array, *
                ) -> dict[str, jax.Array]:
   """One-sample estimates of the ELBO terms, per example, in nats.
 
-  Returns {"prior": L_T, "diffusion": L_{1..T} or L_∞, "reconstruction": L_0} and, for training
+  Returns {"prior": L_T, "diffusion": L_diffusion (the sum of the T terms L_{t−1}, or L_∞ in
+  continuous time), "reconstruction": L_0} and, for training
   and diagnostics, "eps_mse" = ||ε − ε̂||² and "t", the time each example was evaluated at.
   With ``time_proposal`` (continuous time only) t ~ q(t) and the diffusion term is divided by q(t),
   which keeps it unbiased.

@@ -39,8 +39,8 @@ KERNEL_NAME = "vdm_norm_conv3x3"
 
 def norm_affine(mean: jax.Array, rstd: jax.Array, scale: jax.Array, bias: jax.Array,
                 shift: Optional[jax.Array] = None) -> tuple[jax.Array, jax.Array]:
-  """(a, c) [B, C] with (v − μ_g) r_g · scale + bias = v · a + c for v = x + shift, from the
-  per-channel μ_g and r_g [B, C] of the group each channel belongs to."""
+  """(a, c) [B, C] with (v − μ_g) r_g · scale + bias = x · a + c for v = x + shift (shift 0 if
+  None), from the per-channel μ_g and r_g [B, C] of v's group for each channel."""
   a = rstd * scale
   centre = -mean if shift is None else shift - mean
   return a, centre * a + bias

@@ -23,8 +23,9 @@ GAMMA_MIN = -13.3
 GAMMA_MAX = 5.0
 
 
-# Below γ ≈ −30, σ_t < 3e-7 falls under float32's spacing of α_t x (6e-8 near |x| = 1): z_t rounds
-# σ_t ε away, no denoiser can recover ε, and the diffusion loss gains ½γ′ per dimension for nothing.
+# At γ = −30, σ_t = 3e-7 is five of float32's spacings of α_t x (6e-8 near |x| = 1), and below
+# γ ≈ −33 under one: z_t rounds σ_t ε coarsely, then away; no denoiser can recover ε exactly, and
+# the diffusion loss gains up to ½γ′ per dimension for nothing.
 # With the exact denoiser of 8-bit data, γ_min = −30 inflates the bound by 0.0013 bits/dim, −32 by
 # 0.01, −36 by 0.47, −80 by 32 (experiments/RESULTS.md, forty-ninth session).
 GAMMA_MIN_FLOOR = -30.0
@@ -44,8 +45,8 @@ def check_endpoints(gamma_min: float, gamma_max: float, prefix: str = "") -> Non
   if gamma_min < GAMMA_MIN_FLOOR:
     raise ValueError(
         f"{prefix}gamma_min={gamma_min} is below {GAMMA_MIN_FLOOR:g}: float32's "
-        "z_t = α_t x + σ_t ε loses σ_t ε there, which inflates the bound; raise it (the paper uses "
-        "-13.3).")
+        "z_t = α_t x + σ_t ε rounds σ_t ε coarsely or away there, which inflates the bound; raise "
+        "it (the paper uses -13.3).")
 
 
 def sigma2(gamma: jax.Array) -> jax.Array:

@@ -181,8 +181,10 @@ def check_loss_config(config) -> None:
 
 
 def time_proposal_params(loss_config, state: TrainState) -> importance.ProposalParams:
-  """The training proposal q(t) ∝ sqrt(state.time_second_moment) (floored by
-  ``importance_uniform_mix``); uniform before step ``importance_warmup_steps``."""
+  """The training proposal q(t) ∝ sqrt(state.time_second_moment), each bin raised to the largest
+  of its own and its neighbours' and floored by ``importance_uniform_mix``
+  (:func:`vdm.importance.proposal_from_second_moment`, ``spread=1``); uniform before step
+  ``importance_warmup_steps``."""
   probs = importance.proposal_from_second_moment(state.time_second_moment,
                                                  loss_config.importance_uniform_mix)["probs"]
   warm = state.step >= loss_config.importance_warmup_steps
@@ -337,7 +339,9 @@ def evaluate(eval_step, params, split, config, mesh, num_batches: int = 0, desc:
 
 def check_sampling_steps(num_timesteps: int, num_steps: int, what: str = "num_steps") -> None:
   """A T-step model (T = ``num_timesteps`` > 0) is trained at t = i/T alone; a sampler's times
-  j/N are all among them when N divides T. Raise ValueError otherwise."""
+  j/N, j ≥ 1, are all among them when N divides T. Raise ValueError otherwise. (The last Heun
+  stage of ``probability_flow`` also asks ε̂ at t = 0, where L_0 trains it only with the
+  "discretized_gaussian" decoder.)"""
   if num_timesteps > 0 and num_timesteps % num_steps:
     divisor = max(d for d in range(1, min(num_steps, num_timesteps) + 1) if num_timesteps % d == 0)
     raise ValueError(f"{what}={num_steps} does not divide model.num_timesteps={num_timesteps}, so "

@@ -3,7 +3,9 @@
 In continuous time the ELBO depends on γ only through γ(0) = γ_min and γ(1) = γ_max; the shape
 of γ in between sets only the variance of the Monte-Carlo estimator of the diffusion loss,
 
-    L_i = ½ γ'(t_i) ||ε_i − ε̂(z_t,i; γ_t,i)||²,   t_i ~ U(0, 1).
+    L_i = ½ γ'(t_i) ||ε_i − ε̂(z_t,i; γ_t,i)||² / (D ln 2),   t_i ~ U(0, 1),
+
+in bits/dim (D = H·W·C).
 
 Since E[L] does not depend on the shape, ∇_shape Var[L] = ∇_shape E[L²]. :func:`elbo_and_grads`
 returns, from one backward pass through the denoiser, the ELBO gradients for the score network
@@ -216,7 +218,7 @@ def _diffusion_bpd(eps_fn, gamma_fn, x, keys, vocab_size: int):
 
 def diffusion_loss_draws(eps_fn: EpsFn, gamma_fn: GammaFn, x: jax.Array, rng: jax.Array, *,
                          draws: int = 200, vocab_size: int = 256) -> np.ndarray:
-  """L_i = ½ γ'(t) ||ε − ε̂(z_t; γ_t)||² in bits/dim for each example of the fixed batch x, at
+  """L_i = ½ γ'(t) ||ε − ε̂(z_t; γ_t)||² / (D ln 2), in bits/dim, for each example of the fixed batch x, at
   ``draws`` independent (t, ε) each (t ~ U(0, 1) i.i.d., not antithetic): [draws, B].
 
   The draws run as a ``lax.scan`` over keys, one batch-sized denoiser call each. The same rng
