@@ -265,6 +265,21 @@ def test_sample_times_put_one_antithetic_time_in_each_stratum():
     assert iid.shape == (batch,) and iid.min() >= 0 and iid.max() < 1
 
 
+def test_masked_antithetic_times_are_those_of_the_kept_rows_alone():
+  """sample_times with a mask: the n kept rows get, in order, the antithetic times of an unpadded
+  batch of n (one per stratum of width 1/n); a mask of ones changes nothing. Spread over all B
+  rows, the 3 kept rows of a batch of 64 would lie within 3/64 of each other."""
+  key = jax.random.PRNGKey(5)
+  for mask in ([1, 1, 1] + [0] * 61, [1, 0, 1, 1, 0, 0, 1, 1], [0, 1, 1, 0]):
+    mask = np.array(mask, np.float32)
+    kept = mask > 0
+    u = np.asarray(elbo.sample_times(key, mask.size, mask=jnp.asarray(mask)))
+    np.testing.assert_allclose(u[kept], elbo.sample_times(key, int(kept.sum())), atol=1e-7)
+    assert u.min() >= 0 and u.max() < 1
+  np.testing.assert_array_equal(elbo.sample_times(key, 8, mask=jnp.ones(8)),
+                                elbo.sample_times(key, 8))
+
+
 def test_vdm_decoder_logits_equal_closed_form():
   """logits_v = −½ e^{−γ_0} (z_0/α_0 − x_v)², α_0 = sqrt(sigmoid(−γ_0)), and log p = log-softmax."""
   vocab, gamma_0 = 8, -1.0

@@ -621,9 +621,10 @@ def test_one_train_step_is_a_hand_computed_clipped_adamw_step_and_ema(setup):
 
 
 def test_eval_step_sums_the_masked_deterministic_bound(setup):
-  """make_eval_step: the masked sums of the bits/dim of elbo_terms with the network without
-  dropout (a model with dropout evaluates deterministically), their squares and the count;
-  summarize_eval gives their means and the standard error of the mean bound."""
+  """make_eval_step: the masked sums of the bits/dim of elbo_terms (its times spread over the
+  kept rows) with the network without dropout (a model with dropout evaluates deterministically),
+  their squares and the count; summarize_eval gives their means and the standard error of the
+  mean bound."""
   from vdm import elbo  # pylint: disable=g-import-not-at-top
   _, _, mesh, _, data = setup
   config = tiny_config()
@@ -638,7 +639,7 @@ def test_eval_step_sums_the_masked_deterministic_bound(setup):
   mask = ip.to_global(mask_np, train.batch_sharding(mesh))
   sums = jax.device_get(train.make_eval_step(config, model, mesh)(params, x, mask, key))
   terms = jax.device_get(jax.jit(lambda p, x: elbo.elbo_terms(
-      model_lib.eps_fn_for(model, p), model_lib.gamma_fn_for(model, p), x, key,
+      model_lib.eps_fn_for(model, p), model_lib.gamma_fn_for(model, p), x, key, mask=mask_np,
       **train._elbo_kwargs(config)))(params, x))  # pylint: disable=protected-access
   dims = 4 * 4 * 1
   bpd = {k: np.asarray(terms[k]) / (dims * math.log(2)) for k in elbo.TERMS}
@@ -652,6 +653,30 @@ def test_eval_step_sums_the_masked_deterministic_bound(setup):
   np.testing.assert_allclose(out["bpd"], kept.mean(), rtol=1e-5)
   np.testing.assert_allclose(out["bpd_stderr"], kept.std(ddof=1) / math.sqrt(6), rtol=1e-3)
   assert out["num_examples"] == 6
+
+
+def test_an_eval_batch_larger_than_the_split_gives_the_bound_of_one_that_fits(setup):
+  """16 test images evaluated with eval.batch_size 128 (112 rows of padding) give the bound they
+  give with eval.batch_size 16. Before the times were spread over the kept rows alone, the 16
+  images all got t within 16/128 of one random u_0: the bound swung with eval.seed and its
+  standard error, which takes the images as independent, was far too small. The comparison
+  relies on jax drawing the first rows of a larger normal array as the smaller array
+  (partitionable threefry, jax's default since 0.5), checked first."""
+  config, model, mesh, _, _ = setup
+  key = jax.random.PRNGKey(0)
+  assert np.array_equal(jax.random.normal(key, (128, 4, 4, 1))[:16],
+                        jax.random.normal(key, (16, 4, 4, 1))), "jax's random layout changed"
+  params = model_lib.init_params(model, jax.random.PRNGKey(1))
+  split = ip.load_split(config.data, "test")
+  assert len(split) == 16
+  out = {}
+  for batch_size in (16, 128):
+    c = tiny_config()
+    c.eval.batch_size = batch_size
+    out[batch_size] = train.evaluate(train.make_eval_step(c, model, mesh), params, split, c, mesh)
+  assert out[128]["num_examples"] == 16
+  for k in ("bpd", "bpd_stderr", "diffusion"):
+    np.testing.assert_allclose(out[128][k], out[16][k], rtol=1e-4, err_msg=k)
 
 
 def test_evaluate_gives_each_batch_its_own_key_and_sums_every_batch(setup):

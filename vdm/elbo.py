@@ -199,11 +199,21 @@ def decoder_x_hat(eps_fn: EpsFn, z_0: jax.Array, gamma_0: jax.Array, decoder: st
   return predict_x0(z_0, gamma_0, denoise(eps_fn, z_0, jnp.full((z_0.shape[0],), gamma_0)))
 
 
-def sample_times(rng: jax.Array, batch: int, antithetic: bool = True) -> jax.Array:
-  """u ∈ [0, 1)^B: i.i.d. uniform, or antithetic (stratified) u_i = (u_0 + i/B) mod 1."""
-  if antithetic:
-    return jnp.mod(jax.random.uniform(rng, ()) + jnp.arange(batch) / batch, 1.0)
-  return jax.random.uniform(rng, (batch,))
+def sample_times(rng: jax.Array, batch: int, antithetic: bool = True,
+                 mask: Optional[jax.Array] = None) -> jax.Array:
+  """u ∈ [0, 1)^B: i.i.d. uniform, or antithetic (stratified) u_i = (u_0 + i/B) mod 1.
+
+  A ``mask`` [B] (0 on padding rows) spreads the antithetic times over the n rows it keeps:
+  u_i = (u_0 + k_i/n) mod 1, k_i the row's rank among them, the times of an unpadded batch of n.
+  Spread over all B rows, the kept rows of a mostly padded batch would share one narrow band of t.
+  """
+  if not antithetic:
+    return jax.random.uniform(rng, (batch,))
+  rank, n = jnp.arange(batch), batch
+  if mask is not None:
+    kept = jnp.asarray(mask) > 0
+    rank, n = jnp.cumsum(kept) - 1, jnp.maximum(jnp.sum(kept), 1)
+  return jnp.mod(jax.random.uniform(rng, ()) + rank / n, 1.0)
 
 
 def diffusion_weight(gamma_fn: GammaFn, u: jax.Array, num_timesteps: int = 0
@@ -224,15 +234,16 @@ def diffusion_weight(gamma_fn: GammaFn, u: jax.Array, num_timesteps: int = 0
 
 def elbo_terms(eps_fn: EpsFn, gamma_fn: GammaFn, x: jax.Array, rng: jax.Array, *,
                vocab_size: int = 256, num_timesteps: int = 0, antithetic: bool = True,
-               decoder: str = "vdm", time_proposal: Optional[TimeProposal] = None
-               ) -> dict[str, jax.Array]:
+               decoder: str = "vdm", time_proposal: Optional[TimeProposal] = None,
+               mask: Optional[jax.Array] = None) -> dict[str, jax.Array]:
   """One-sample estimates of the ELBO terms, per example, in nats.
 
   Returns {"prior": L_T, "diffusion": L_diffusion (the sum of the T terms L_{t−1}, or L_∞ in
-  continuous time), "reconstruction": L_0} and, for training
-  and diagnostics, "eps_mse" = ||ε − ε̂||² and "t", the time each example was evaluated at.
+  continuous time), "reconstruction": L_0} and, for training and diagnostics, "eps_mse" =
+  ||ε − ε̂||² and "t", the time each example was evaluated at.
   With ``time_proposal`` (continuous time only) t ~ q(t) and the diffusion term is divided by q(t),
-  which keeps it unbiased.
+  which keeps it unbiased. ``mask`` [B] marks a padded batch's padding with 0; the antithetic
+  times are spread over the other rows (:func:`sample_times`).
   """
   check_data(x, vocab_size)
   check_num_timesteps(num_timesteps)
@@ -243,7 +254,7 @@ def elbo_terms(eps_fn: EpsFn, gamma_fn: GammaFn, x: jax.Array, rng: jax.Array, *
 
   rng_t = jax.random.split(rng, 3)[0]  # the other two keys are elbo_terms_from's noise keys
   gamma_0, gamma_1 = gamma_fn(jnp.array([0.0, 1.0]))
-  u = sample_times(rng_t, x.shape[0], antithetic)
+  u = sample_times(rng_t, x.shape[0], antithetic, mask)
   q_t = None
   if time_proposal is not None:
     u, q_t = time_proposal(u)

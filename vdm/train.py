@@ -291,13 +291,15 @@ def make_train_step(config, model: Model, mesh: Mesh) -> Callable[[TrainState, j
 
 def make_eval_step(config, model: Model, mesh: Mesh) -> Callable:
   """The jitted ``eval_step(params, batch, mask, rng) -> sums``: masked sums over the batch of the
-  bound and each term in bits/dim, of its square, and the count (deterministic net, no dropout)."""
+  bound and each term in bits/dim, of its square, and the count (deterministic net, no dropout).
+  The antithetic times are spread over the rows ``mask`` keeps, so a padded batch's images get the
+  times of an unpadded batch of their number."""
   kwargs = _elbo_kwargs(config)
 
   def eval_step(params, batch, mask, rng):
     dims = elbo.data_dims(batch)
     terms = elbo.elbo_terms(eps_fn_for(model, params, bound=True), gamma_fn_for(model, params),
-                            batch, rng, **kwargs)
+                            batch, rng, mask=mask, **kwargs)
     per_example = {k: elbo.nats_to_bpd(terms[k], dims) for k in elbo.TERMS}
     per_example["bpd"] = elbo.nats_to_bpd(elbo.total_nats(terms), dims)
     sums = {k: jnp.sum(v * mask) for k, v in per_example.items()}
