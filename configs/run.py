@@ -15,7 +15,10 @@ from configs import default
 from vdm import checkpoint as ckpt_lib
 
 
-def get_config(path: str) -> ml_collections.ConfigDict:
+def get_config(path: str = "") -> ml_collections.ConfigDict:
+  if not path:
+    raise ValueError("configs/run.py reads a run's recorded config: pass "
+                     "--config=configs/run.py:WORKDIR (the run's workdir or its config.json).")
   recorded = os.path.join(path, ckpt_lib.RUN_CONFIG) if os.path.isdir(path) else path
   saved = ckpt_lib.read_config_json(
       recorded, ": pass a run's workdir or the config.json that training wrote there.")

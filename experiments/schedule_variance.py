@@ -86,11 +86,11 @@ def _trained_setup():
 def run(save) -> dict:
   """Fit and compare as the flags say; returns the results, handed to ``save`` after the fit and
   again at the end (a run stopped in the comparison keeps its fit)."""
-  variance.check_settings(steps=FLAGS.fit_steps, learning_rate=FLAGS.learning_rate, draws=FLAGS.draws,
-                          n_features=FLAGS.n_features)
-  for name in ("fit_batch_size", "test_batch_size"):
+  for name in ("fit_steps", "fit_batch_size", "test_batch_size"):  # by the flags' names
     if FLAGS[name].value < 1:
       raise ValueError(f"--{name}={FLAGS[name].value} must be >= 1.")
+  variance.check_settings(learning_rate=FLAGS.learning_rate, draws=FLAGS.draws,
+                          n_features=FLAGS.n_features)
   eps_fn, gamma_0, gamma_1, batch_at, test, vocab_size, info = (
       _toy_setup() if FLAGS.toy else _trained_setup())
   rng = jax.random.PRNGKey(FLAGS.seed)

@@ -209,17 +209,18 @@ def plot(paths: list[str], out: str) -> None:
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
 
   fix = ": pass the JSON files that train_curve.py --output wrote."
-  runs = [logging_utils.read_json(path, fix) for path in paths]
-  for path, res in zip(paths, runs):
-    if not {"config", "points", "images_per_second"} <= set(res):
-      raise ValueError(f"{path} is not a training curve (no config, points or images_per_second)"
-                       f"{fix}")
+  curves = []  # (seconds, bpd, 2 SE, label) of each JSON, all read before anything is drawn
+  for path in paths:
+    res = logging_utils.read_json(path, fix)
+    try:
+      pts = res["points"]
+      curves.append(([p["train_seconds"] for p in pts], [p["test_bpd"] for p in pts],
+                     [2 * p["test_bpd_se"] for p in pts], curve_label(res)))
+    except (KeyError, TypeError, AttributeError) as e:
+      raise ValueError(f"{path} is not a training curve (it lacks {e}){fix}") from None
   fig, ax = plt.subplots(figsize=(6, 4))
-  for res in runs:
-    pts = res["points"]
-    ax.errorbar([p["train_seconds"] for p in pts], [p["test_bpd"] for p in pts],
-                yerr=[2 * p["test_bpd_se"] for p in pts], marker="o", ms=3, capsize=2,
-                label=curve_label(res))
+  for seconds, bpd, two_se, label in curves:
+    ax.errorbar(seconds, bpd, yerr=two_se, marker="o", ms=3, capsize=2, label=label)
   ax.plot(REFERENCE["seconds"], REFERENCE["bpd"], "ks--", label=REFERENCE["label"])
   ax.axhline(TARGETS_BPD[1], color="tab:red", lw=0.8, ls=":", label=f"target {TARGETS_BPD[1]} at 330 s")
   ax.plot([110.0], [TARGETS_BPD[0]], "r*", ms=10, label=f"target {TARGETS_BPD[0]} within 110 s")

@@ -223,6 +223,11 @@ def test_bad_arguments_raise_clear_errors():
     elbo.elbo_terms(eps_fn, GAMMA, jnp.full((2, 3), 256), rng)
   with pytest.raises(ValueError, match="outside"):
     elbo.elbo_terms(eps_fn, GAMMA, jnp.full((2, 3), -1), rng)
+  for u, num_timesteps in (([0.5, 1.5], 0), ([-0.5, 0.5], 0), ([0.5, 1.0], 10)):
+    with pytest.raises(ValueError, match="u holds values in .*: times are drawn from"):
+      elbo.diffusion_weight(GAMMA, jnp.array(u), num_timesteps)  # γ beyond its endpoints; t > 1
+  for u, num_timesteps in (([0.0, 1.0], 0), ([0.0, 0.999], 10)):
+    elbo.diffusion_weight(GAMMA, jnp.array(u), num_timesteps)
   with pytest.raises(ValueError, match="not increasing"):
     elbo.elbo_terms(eps_fn, lambda t: 5.0 - 18.3 * t, x, rng)
   with pytest.raises(ValueError, match="batch"):

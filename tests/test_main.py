@@ -181,6 +181,9 @@ INVALID_SETTINGS = {
     "channel_mult_zero": ({"model.channel_mult": (1, 0)},
                           "model.channel_mult=(1, 0) must be a non-empty tuple of integers >= 1"),
     "dropout": ({"model.dropout": 1.5}, "model.dropout=1.5 must be in [0, 1)"),
+    "image_size_levels": ({"data.image_size": 6, "model.channel_mult": (1, 2, 2)},
+                          "images of 6×6 for model.channel_mult=(1, 2, 2): the U-Net halves them 2 "
+                          "times, so they must be multiples of 4; change data.image_size"),
     "eval_num_batches": ({"eval.num_batches": -1}, "eval.num_batches=-1 must be >= 0"),
     "sampling_steps": ({"sampling.num_steps": 0}, "sampling.num_steps=0 must be >= 1"),
     "sampling_samples": ({"sampling.num_samples": 0}, "sampling.num_samples=0 must be >= 1"),
@@ -489,6 +492,8 @@ def test_run_config_reads_a_workdir_or_its_config_json_and_refuses_unknown_keys(
   newer.write_text(json.dumps({"model": {"bogus": 1, "n_layer": 1}}))
   with pytest.raises(ValueError, match=r"has keys this vdm does not know \(model.bogus\): use the"):
     run_config.get_config(str(newer))
+  with pytest.raises(ValueError, match="pass --config=configs/run.py:WORKDIR"):
+    run_config.get_config()  # --config=configs/run.py with no path: not a missing argument
 
 
 def test_prepare_workdir_needs_one_and_names_what_is_in_the_way(tmp_path):

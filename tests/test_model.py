@@ -128,3 +128,20 @@ def test_an_fp32_network_has_no_fp32_share():
   config.model.dtype = "bfloat16"
   assert eval_fp32_share(make_model(config)) == 0.3
   assert eval_fp32_share(with_dtype(make_model(config), "float32")) == 0.0
+
+
+def test_eps_fn_refuses_a_batch_of_another_image_shape():
+  """eps_fn_for: a batch that is not [B, H, W, C] of the model's images is refused, naming the
+  shapes and the fix. Unchecked, the convolutions took 8×8 images on a 4×4 model and bounded
+  them silently, and an NCHW batch failed on a kernel's shape deep inside Flax."""
+  config = default.get_config()
+  config.data.update(image_size=4, channels=1)
+  config.model.update(n_embd=64, n_layer=1, channel_mult=(1,))
+  model = make_model(config)
+  eps_fn = eps_fn_for(model, init_params(model, jax.random.PRNGKey(0)))
+  gamma = jnp.zeros((2,))
+  assert eps_fn(jnp.zeros((2, 4, 4, 1)), gamma).shape == (2, 4, 4, 1)
+  for shape in ((2, 8, 8, 1), (2, 1, 4, 4)):
+    with pytest.raises(ValueError, match=rf"a batch of shape \({shape[0]}, {shape[1]}, .*for a model "
+                                         r"of images \(4, 4, 1\).*x.transpose\(0, 2, 3, 1\)"):
+      eps_fn(jnp.zeros(shape), gamma)

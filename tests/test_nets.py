@@ -97,8 +97,10 @@ def test_cifar10_parameter_count():
 
 def test_rejects_bad_inputs():
   net = ScoreUNet(n_embd=64, n_layer=1, channel_mult=(1, 2, 2))
-  with pytest.raises(ValueError, match="divisible"):
+  with pytest.raises(ValueError, match="images of 6×6 for channel_mult=.*multiples of 4"):
     jax.eval_shape(net.init, jax.random.PRNGKey(0), jnp.zeros((1, 6, 6, 3)), jnp.zeros((1,)))
+  with pytest.raises(ValueError, match="gamma_t has 3 values for a batch of 2 images"):
+    jax.eval_shape(net.init, jax.random.PRNGKey(0), jnp.zeros((2, 4, 4, 3)), jnp.zeros((3,)))
   with pytest.raises(ValueError, match="images"):
     jax.eval_shape(net.init, jax.random.PRNGKey(0), jnp.zeros((1, 6)), jnp.zeros((1,)))
   with pytest.raises(ValueError, match="dtype"):

@@ -195,6 +195,8 @@ def test_decode_refuses_a_decoder_without_its_mean():
     samplers.decode(z, GAMMA(0.0), x_hat=z)
   with pytest.raises(ValueError, match="unknown decoder"):
     samplers.decode(z, GAMMA(0.0), decoder="logistic")
+  with pytest.raises(ValueError, match="vocab_size=1 must be an integer >= 2"):
+    samplers.decode(z, GAMMA(0.0), vocab_size=1)  # would give every value 0
 
 
 def test_bad_sampler_arguments_raise():
@@ -205,6 +207,9 @@ def test_bad_sampler_arguments_raise():
     samplers.ancestral(DIST.eps_fn(), lambda t: -t, z, 10, jax.random.PRNGKey(0))
   with pytest.raises(ValueError, match="eps_fn returned shape"):
     samplers.ddim(lambda z, g: z[..., :1], GAMMA, z, 10)
+  for name in samplers.SAMPLERS:  # integer noise: a scan's carry-type error, five lines long
+    with pytest.raises(ValueError, match="z_1 has dtype uint8: the samplers start from float"):
+      samplers.SAMPLERS[name](DIST.eps_fn(), GAMMA, z.astype(jnp.uint8), 2, jax.random.PRNGKey(0))
 
 
 def test_decode_floors_into_bins_and_clips_to_the_vocabulary():

@@ -41,7 +41,8 @@ def test_toy_mode_lowers_the_variance_at_equal_elbo(tmp_path):
 
 def test_bad_flags_give_one_line_and_status_2(tmp_path):
   for flag, message in (("--draws=1", "draws=1 must be an integer >= 2"),
-                        ("--n_features=0", "n_features=0 must be an integer >= 1")):
+                        ("--n_features=0", "n_features=0 must be an integer >= 1"),
+                        ("--fit_steps=0", "--fit_steps=0 must be >= 1")):  # the flag's name
     proc = _run("--toy", f"--output={tmp_path / 'x.json'}", flag)
     assert proc.returncode == 2 and not (tmp_path / "x.json").exists(), (flag, proc.stderr[-2000:])
     assert proc.stderr.strip().splitlines()[-1].startswith(f"vdm: error: {message}"), flag

@@ -162,12 +162,15 @@ def test_bad_marks_and_missing_data_are_one_line_errors(tmp_path):
 def test_plot_refuses_files_that_are_not_curves_in_one_line(tmp_path):
   png, broken = tmp_path / "curves.png", tmp_path / "broken.json"
   broken.write_text('{"points":')
+  no_model = tmp_path / "no_model.json"  # a curve's top-level keys, but no config.model
+  no_model.write_text('{"config": {}, "points": [], "images_per_second": 1}')
   results = os.path.join(ROOT, "experiments", "results", "h100_2026-11-22_s5")
   curve = os.path.join(results, "curve_default_f03_a581b67.json")
   sweep = os.path.join(results, "sweep_a581b67.json")
   for path, words in ((tmp_path / "missing.json", "missing.json (FileNotFoundError"),
                       (broken, "broken.json (JSONDecodeError"),
-                      (sweep, "sweep_a581b67.json is not a training curve")):
+                      (sweep, "sweep_a581b67.json is not a training curve"),
+                      (no_model, "no_model.json is not a training curve (it lacks 'model')")):
     proc = _script("train_curve.py", f"--plot={png}", curve, str(path), check=False)
     line = proc.stderr.strip().splitlines()[-1]
     assert proc.returncode == 2 and line.startswith("vdm: error:") and words in line, proc.stderr

@@ -90,6 +90,7 @@ def validate(config) -> None:
                      "vdm.nets.REMAT).")
   nets.check_channel_mult(m.channel_mult, "model.")
   nets.check_width(m.n_embd, m.channel_mult, "model.")
+  nets.check_resolution(d.image_size, d.image_size, m.channel_mult, "model.")
   if config.loss.weighting not in elbo.WEIGHTINGS:
     raise ValueError(f"unknown loss.weighting {config.loss.weighting!r}: use one of "
                      f"{', '.join(elbo.WEIGHTINGS)}.")

@@ -37,10 +37,15 @@ def concrete_value(a) -> Optional[np.ndarray]:
     return None
 
 
-def check_data(x: jax.Array, vocab_size: int) -> None:
-  """Raise ValueError unless x is a batch [B, ...] of integers in [0, vocab_size)."""
+def check_vocab_size(vocab_size: int) -> None:
+  """Raise ValueError unless V = ``vocab_size`` is an integer >= 2 (the data's levels)."""
   if not isinstance(vocab_size, (int, np.integer)) or vocab_size < 2:
     raise ValueError(f"vocab_size={vocab_size!r} must be an integer >= 2 (256 for 8-bit images).")
+
+
+def check_data(x: jax.Array, vocab_size: int) -> None:
+  """Raise ValueError unless x is a batch [B, ...] of integers in [0, vocab_size)."""
+  check_vocab_size(vocab_size)
   if jnp.ndim(x) < 2:
     raise ValueError(f"x has shape {jnp.shape(x)}: expected a batch [B, ...] with at least one "
                      "data dimension; add a trailing axis.")
@@ -222,7 +227,13 @@ def diffusion_weight(gamma_fn: GammaFn, u: jax.Array, num_timesteps: int = 0
 
   Continuous time (T = 0): t = u, w_t = dγ/dt (L_∞ = ½ E_t[γ'(t) ||ε − ε̂||²]).
   Discrete time: t = i/T with i = ⌊uT⌋ + 1, s = t − 1/T, w_t = T (e^{γ_t − γ_s} − 1).
+  u outside [0, 1] (or, in discrete time, u = 1, which would give t > 1) is refused where known.
   """
+  value = concrete_value(u)
+  if value is not None and value.size and (value.min() < 0 or value.max() > 1
+                                           or (num_timesteps and value.max() == 1)):
+    raise ValueError(f"u holds values in [{value.min()}, {value.max()}]: times are drawn from "
+                     f"[0, {'1)' if num_timesteps else '1]'}, as sample_times gives them.")
   if num_timesteps == 0:
     gamma_t, dgamma = jax.jvp(gamma_fn, (u,), (jnp.ones_like(u),))
     return u, gamma_t, dgamma

@@ -88,7 +88,8 @@ def loss_moments(eps_fn: EpsFn, gamma_fn: GammaFn, batches: Iterable[jax.Array],
     b1, b2 = _batch_moments(eps_fn, gamma_fn, x, jax.random.fold_in(rng, i), num_bins, vocab_size)
     s1, s2, n = s1 + np.asarray(b1, np.float64), s2 + np.asarray(b2, np.float64), n + x.shape[0]
   if n == 0:
-    raise ValueError("batches yielded no data.")
+    raise ValueError("batches yielded no data: pass at least one batch of images (is the "
+                     "split or num_images empty?).")
   return {"mean": s1 / n, "second_moment": s2 / n, "num_images": n}
 
 

@@ -99,7 +99,8 @@ def over_batches(batches: Iterable[jax.Array], rng: jax.Array, vocab_size: int,
     dims = elbo.data_dims(x)
     results.append(fn(x, jax.random.fold_in(rng, i)))
   if dims is None:
-    raise ValueError("batches yielded no data.")
+    raise ValueError("batches yielded no data: pass at least one batch of images (is the "
+                     "split or num_images empty?).")
   return results, dims
 
 

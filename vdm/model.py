@@ -125,6 +125,7 @@ def eps_fn_for(model: Model, params: Params, *, train: bool = False,
   deterministic = not train
 
   def eps_fn(z: jax.Array, gamma: jax.Array) -> jax.Array:
+    check_images(model, z)
     rngs = {"dropout": rng} if (train and rng is not None) else {}
     return model.net.apply(params["net"], z, gamma, deterministic=deterministic, rngs=rngs)
 
@@ -132,6 +133,15 @@ def eps_fn_for(model: Model, params: Params, *, train: bool = False,
   if train or not bound or share == 0.0:
     return eps_fn
   return split_by_noise(eps_fn_for(with_dtype(model, "float32"), params), eps_fn, share)
+
+
+def check_images(model: Model, z: jax.Array) -> None:
+  """Refuse a batch that is not [B, H, W, C] of the model's image shape: the convolutions would
+  take other sizes without complaint, and bound or sample another model's data."""
+  if tuple(jnp.shape(z)[1:]) != model.image_shape:
+    raise ValueError(f"a batch of shape {tuple(jnp.shape(z))} for a model of images "
+                     f"{model.image_shape} (H, W, C): pass [B, H, W, C] batches of the config's "
+                     "data.image_size and data.channels (NCHW arrays: x.transpose(0, 2, 3, 1)).")
 
 
 def eval_fp32_share(model: Model) -> float:

@@ -407,6 +407,15 @@ def check_channel_mult(channel_mult: Sequence[int], prefix: str = "") -> None:
                      "integers >= 1 (channels per level, in units of n_embd).")
 
 
+def check_resolution(height: int, width: int, channel_mult: Sequence[int], prefix: str = "") -> None:
+  """Refuse images whose height or width the U-Net cannot halve once per level after the first."""
+  factor = 2 ** (len(channel_mult) - 1)
+  if height % factor or width % factor:
+    raise ValueError(f"images of {height}×{width} for {prefix}channel_mult={tuple(channel_mult)}: "
+                     f"the U-Net halves them {len(channel_mult) - 1} times, so they must be "
+                     f"multiples of {factor}; change data.image_size or use fewer levels.")
+
+
 def check_width(n_embd: int, channel_mult: Sequence[int], prefix: str = "") -> None:
   """Refuse an ``n_embd`` that is not a multiple of GroupNorm's 32 groups, or that leaves a level
   one channel per group: normalising a lone channel removes the γ conditioning, a per-channel
@@ -479,13 +488,14 @@ class ScoreUNet(nn.Module):
     if isinstance(self.unroll, bool) or not isinstance(self.unroll, int) or self.unroll < 0:
       raise ValueError(f"unroll={self.unroll!r} must be an integer >= 0 (blocks per loop "
                        "iteration; 0 unrolls the loops entirely).")
+    check_resolution(z.shape[1], z.shape[2], self.channel_mult)
     levels = len(self.channel_mult)
-    if z.shape[1] % 2 ** (levels - 1) or z.shape[2] % 2 ** (levels - 1):
-      raise ValueError(f"H, W = {z.shape[1:3]} must be divisible by 2^{levels - 1} for "
-                       f"channel_mult={tuple(self.channel_mult)}.")
     cdt, rdt = DTYPES[self.dtype], DTYPES[self.residual_dtype]
     z = jnp.asarray(z, jnp.float32)
     batch = z.shape[0]
+    if jnp.size(gamma_t) not in (1, batch):
+      raise ValueError(f"gamma_t has {jnp.size(gamma_t)} values for a batch of {batch} images: pass "
+                       "one γ_t per image, or one for all.")
 
     # Conditioning: γ_t rescaled to [0, 1], sinusoidal embedding, 2-layer MLP (fp32).
     t = (jnp.asarray(gamma_t, jnp.float32) - self.gamma_min) / (self.gamma_max - self.gamma_min)

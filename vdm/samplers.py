@@ -15,14 +15,18 @@ import jax.numpy as jnp
 import numpy as np
 
 from vdm import schedules
-from vdm.elbo import EpsFn, check_decoder, decoder_centre, decoder_log_probs, denoise
+from vdm.elbo import (EpsFn, check_decoder, check_vocab_size, decoder_centre, decoder_log_probs,
+                      denoise)
 from vdm.schedules import GammaFn
 
 # step(z_t, t, s, rng) -> z_s for s = t − 1/N.
 Step = Callable[[jax.Array, jax.Array, jax.Array, Optional[jax.Array]], jax.Array]
 
 
-def _check(gamma_fn: GammaFn, num_steps: int) -> None:
+def _check(gamma_fn: GammaFn, z_1: jax.Array, num_steps: int) -> None:
+  if not jnp.issubdtype(jnp.result_type(z_1), jnp.floating):
+    raise ValueError(f"z_1 has dtype {jnp.result_type(z_1)}: the samplers start from float noise "
+                     "z_1 ~ N(0, I), e.g. jax.random.normal(rng, (B, H, W, C)).")
   if not isinstance(num_steps, (int, np.integer)) or num_steps < 1:
     raise ValueError(f"num_steps={num_steps!r} must be an integer >= 1.")
   schedules.check_increasing(gamma_fn)
@@ -60,7 +64,7 @@ def ddim(eps_fn: EpsFn, gamma_fn: GammaFn, z_1: jax.Array, num_steps: int,
   where σ²_s c is the variance of the posterior q(z_s|z_t, x). η = 0 is deterministic DDIM; η = 1
   is ancestral sampling of p(z_s|z_t) = q(z_s|z_t, x = x̂) (:func:`ancestral`).
   """
-  _check(gamma_fn, num_steps)
+  _check(gamma_fn, z_1, num_steps)
   if not 0.0 <= eta <= 1.0:
     raise ValueError(f"eta={eta!r} must be in [0, 1] (0: deterministic DDIM, 1: ancestral).")
   if eta:
@@ -104,7 +108,7 @@ def vp_drift(eps_fn: EpsFn, gamma_fn: GammaFn, z: jax.Array, t, score_scale: flo
 def euler_maruyama(eps_fn: EpsFn, gamma_fn: GammaFn, z_1: jax.Array, num_steps: int,
                    rng: Optional[jax.Array] = None) -> jax.Array:
   """Euler–Maruyama on the reverse VP-SDE dz = [−½β z + β ε̂/σ] dt + sqrt(β) dw̄, t: 1 → 0."""
-  _check(gamma_fn, num_steps)
+  _check(gamma_fn, z_1, num_steps)
   _needs_rng(rng, "euler_maruyama")
 
   def step(z, t, s, key):
@@ -119,7 +123,7 @@ def probability_flow(eps_fn: EpsFn, gamma_fn: GammaFn, z_1: jax.Array, num_steps
                      rng: Optional[jax.Array] = None) -> jax.Array:
   """Heun's method on the probability-flow ODE dz/dt = −½β_t (z − ε̂/σ_t), t: 1 → 0 (``rng`` is
   not used: the signature is :data:`Sampler`'s)."""
-  _check(gamma_fn, num_steps)
+  _check(gamma_fn, z_1, num_steps)
 
   def step(z, t, s, key):
     d_t, _ = vp_drift(eps_fn, gamma_fn, z, t, 0.5)
@@ -145,6 +149,7 @@ def decode(z_0: jax.Array, gamma_0: jax.Array, *, vocab_size: int = 256,
   c = z_0/α_0 ("vdm": the decoder's argmax) or c = ``x_hat`` = x̂_0 ("discretized_gaussian",
   from :func:`vdm.elbo.decoder_x_hat`: DDPM's noiseless output; that decoder's argmax would be an
   open-ended edge bin instead of values 1 and V − 2 once e^{γ_0/2} exceeds ≈ 1.2 bins)."""
+  check_vocab_size(vocab_size)
   check_decoder(decoder, x_hat, reads_x_hat=True)
   if rng is not None:
     logits = decoder_log_probs(z_0, gamma_0, vocab_size, decoder, x_hat)
