@@ -655,6 +655,17 @@ def test_eval_step_sums_the_masked_deterministic_bound(setup):
   assert out["num_examples"] == 6
 
 
+def test_one_image_has_no_standard_error():
+  """summarize_eval: one image's bound has no spread to estimate its error from: nan, not the
+  "± 0" that the one-pass variance (0 for n = 1) gave."""
+  sums = {"bpd": 11.0, "bpd_sq": 121.0, "count": 1.0, "prior": 0.5, "diffusion": 10.0,
+          "reconstruction": 0.5}
+  out = train.summarize_eval(sums)
+  assert out["bpd"] == 11.0 and out["num_examples"] == 1 and math.isnan(out["bpd_stderr"])
+  two = train.summarize_eval({**sums, "bpd": 20.0, "bpd_sq": 202.0, "count": 2.0})  # 9 and 11
+  np.testing.assert_allclose(two["bpd_stderr"], 1.0)
+
+
 def test_an_eval_batch_larger_than_the_split_gives_the_bound_of_one_that_fits(setup):
   """16 test images evaluated with eval.batch_size 128 (112 rows of padding) give the bound they
   give with eval.batch_size 16. Before the times were spread over the kept rows alone, the 16

@@ -312,11 +312,12 @@ def make_eval_step(config, model: Model, mesh: Mesh) -> Callable:
 
 
 def summarize_eval(totals: dict) -> dict:
-  """Means of the accumulated sums, with the standard error of the mean bound."""
+  """Means of the accumulated sums, with the standard error of the mean bound (nan for one
+  image, whose spread is unknown)."""
   n = max(float(totals["count"]), 1.0)
   out = {k: float(totals[k]) / n for k in ("bpd",) + elbo.TERMS}
   var = max(float(totals["bpd_sq"]) / n - out["bpd"] ** 2, 0.0)
-  out["bpd_stderr"] = math.sqrt(var / max(n - 1.0, 1.0))
+  out["bpd_stderr"] = math.sqrt(var / (n - 1.0)) if n >= 2 else math.nan  # one image: unknown
   out["num_examples"] = int(n)
   return out
 
