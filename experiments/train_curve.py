@@ -29,6 +29,7 @@ more such JSON files beside the reference points of the published VDM code.
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 import time
@@ -215,9 +216,13 @@ def plot(paths: list[str], out: str) -> None:
     try:
       pts = res["points"]
       curves.append(([p["train_seconds"] for p in pts], [p["test_bpd"] for p in pts],
-                     [2 * p["test_bpd_se"] for p in pts], curve_label(res)))
-    except (KeyError, TypeError, AttributeError) as e:
+                     # an SE written as null: one test image, whose spread is unknown
+                     [math.nan if p["test_bpd_se"] is None else 2 * p["test_bpd_se"] for p in pts],
+                     curve_label(res)))
+    except KeyError as e:
       raise ValueError(f"{path} is not a training curve (it lacks {e}){fix}") from None
+    except (TypeError, AttributeError) as e:
+      raise ValueError(f"{path} is not a training curve (a malformed part: {e}){fix}") from None
   fig, ax = plt.subplots(figsize=(6, 4))
   for seconds, bpd, two_se, label in curves:
     ax.errorbar(seconds, bpd, yerr=two_se, marker="o", ms=3, capsize=2, label=label)

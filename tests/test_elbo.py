@@ -284,8 +284,15 @@ def test_masked_antithetic_times_are_those_of_the_kept_rows_alone():
     np.testing.assert_allclose(u[kept], elbo.sample_times(key, int(kept.sum())), atol=1e-7)
     assert u.min() >= 0 and u.max() < 1
     assert u[~kept].min() > u[kept].max()  # the padding ranks last by noise: no fp32 share
-  np.testing.assert_array_equal(elbo.sample_times(key, 8, mask=jnp.ones(8)),
-                                elbo.sample_times(key, 8))
+    iid = np.asarray(elbo.sample_times(key, mask.size, antithetic=False, mask=jnp.asarray(mask)))
+    np.testing.assert_array_equal(iid[kept], elbo.sample_times(key, mask.size, antithetic=False)[kept])
+    assert iid[~kept].min() > iid[kept].max()  # i.i.d. times: the same padding rule
+  for antithetic in (True, False):
+    np.testing.assert_array_equal(elbo.sample_times(key, 8, antithetic, mask=jnp.ones(8)),
+                                  elbo.sample_times(key, 8, antithetic))
+  for shape in ((2,), (8, 1)):  # one t for all rows, or a broadcast deep inside
+    with pytest.raises(ValueError, match=rf"mask has shape \({shape[0]},.*shape \(8,\), with 0"):
+      elbo.sample_times(key, 8, mask=jnp.ones(shape))
 
 
 def test_vdm_decoder_logits_equal_closed_form():

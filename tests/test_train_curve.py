@@ -164,18 +164,34 @@ def test_plot_refuses_files_that_are_not_curves_in_one_line(tmp_path):
   broken.write_text('{"points":')
   no_model = tmp_path / "no_model.json"  # a curve's top-level keys, but no config.model
   no_model.write_text('{"config": {}, "points": [], "images_per_second": 1}')
+  malformed = tmp_path / "malformed.json"  # points that are no list
+  malformed.write_text('{"config": {}, "points": 3, "images_per_second": 1}')
   results = os.path.join(ROOT, "experiments", "results", "h100_2026-11-22_s5")
   curve = os.path.join(results, "curve_default_f03_a581b67.json")
   sweep = os.path.join(results, "sweep_a581b67.json")
   for path, words in ((tmp_path / "missing.json", "missing.json (FileNotFoundError"),
                       (broken, "broken.json (JSONDecodeError"),
                       (sweep, "sweep_a581b67.json is not a training curve"),
-                      (no_model, "no_model.json is not a training curve (it lacks 'model')")):
+                      (no_model, "no_model.json is not a training curve (it lacks 'model')"),
+                      (malformed, "malformed.json is not a training curve (a malformed part:")):
     proc = _script("train_curve.py", f"--plot={png}", curve, str(path), check=False)
     line = proc.stderr.strip().splitlines()[-1]
     assert proc.returncode == 2 and line.startswith("vdm: error:") and words in line, proc.stderr
     assert line.endswith("pass the JSON files that train_curve.py --output wrote.")
   assert not png.exists()  # nothing drawn from the good file either
+
+
+def test_plot_draws_a_point_whose_standard_error_is_unknown(tmp_path):
+  """A curve evaluated on one test image has no standard error (summarize_eval: nan, written as
+  null): --plot draws the point without an error bar, instead of calling the file no curve."""
+  results = os.path.join(ROOT, "experiments", "results", "h100_2026-11-22_s5")
+  with open(os.path.join(results, "curve_default_f03_a581b67.json")) as f:
+    res = json.load(f)
+  res["points"][0]["test_bpd_se"] = None
+  one_image, png = tmp_path / "one_image.json", tmp_path / "curves.png"
+  one_image.write_text(json.dumps(res))
+  _script("train_curve.py", f"--plot={png}", str(one_image))
+  assert png.stat().st_size > 10_000
 
 
 CLOCKED = r"""

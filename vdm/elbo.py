@@ -211,17 +211,22 @@ def sample_times(rng: jax.Array, batch: int, antithetic: bool = True,
   A ``mask`` [B] (0 on padding rows) spreads the antithetic times over the n rows it keeps:
   u_i = (u_0 + k_i/n) mod 1, k_i the row's rank among them, the times of an unpadded batch of n.
   Spread over all B rows, the kept rows of a mostly padded batch would share one narrow band of t.
-  The padding gets the largest u below 1, so that it ranks last by noise level and never takes
-  the fp32 share of the least noisy rows (:func:`vdm.model.split_by_noise`) from the kept ones.
+  With either kind of times the padding gets the largest u below 1, so that it ranks last by
+  noise level and never takes the fp32 share of the least noisy rows
+  (:func:`vdm.model.split_by_noise`) from the kept ones.
   """
-  if not antithetic:
-    return jax.random.uniform(rng, (batch,))
-  if mask is None:
-    return jnp.mod(jax.random.uniform(rng, ()) + jnp.arange(batch) / batch, 1.0)
-  kept = jnp.asarray(mask) > 0
-  rank, n = jnp.cumsum(kept) - 1, jnp.maximum(jnp.sum(kept), 1)
-  u = jnp.mod(jax.random.uniform(rng, ()) + rank / n, 1.0)
-  return jnp.where(kept, u, jnp.nextafter(jnp.float32(1.0), jnp.float32(0.0)))
+  kept, rank, n = None, jnp.arange(batch), batch
+  if mask is not None:
+    if jnp.shape(mask) != (batch,):
+      raise ValueError(f"mask has shape {jnp.shape(mask)}: pass one value per row of the batch, "
+                       f"shape ({batch},), with 0 on the padding.")
+    kept = jnp.asarray(mask) > 0
+    rank, n = jnp.cumsum(kept) - 1, jnp.maximum(jnp.sum(kept), 1)
+  if antithetic:
+    u = jnp.mod(jax.random.uniform(rng, ()) + rank / n, 1.0)
+  else:
+    u = jax.random.uniform(rng, (batch,))
+  return u if kept is None else jnp.where(kept, u, jnp.nextafter(jnp.float32(1.0), jnp.float32(0.0)))
 
 
 def diffusion_weight(gamma_fn: GammaFn, u: jax.Array, num_timesteps: int = 0
