@@ -5,7 +5,8 @@ from or resuming that run with the settings it was trained with:
 
 The argument after the colon is the run's workdir or its config.json. The recorded values are laid
 over configs/default.py, so overrides (`--config.eval.num_batches=...`) work as with any config,
-and keys added to vdm after the run keep their defaults.
+and keys added to vdm after the run keep their defaults. config.json is the newest record: a
+resume that changed a free setting kept the one before as config.<its time>.json.
 """
 import os
 

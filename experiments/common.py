@@ -54,11 +54,12 @@ def image_batches(images: np.ndarray, batch_size: int) -> list[np.ndarray]:
 
 def compare_dtype(model: Model, params: dict, dtype: str, images: np.ndarray, rng: jax.Array, *,
                   batch_size: int, num_samples: int, vocab_size: int, decoder: str,
-                  save: Optional[Callable[[dict], Any]] = None) -> dict:
-  """The continuous-time bound of ``params`` on ``images`` at the model's compute dtype (a) and
-  at ``dtype`` (b; 'float32' is the network entirely in fp32), a bf16 side with the model's
-  ``eval_fp32_fraction``, with shared draws: :func:`vdm.likelihood.paired_difference`, the two
-  dtypes, its draws per image and batch size, and under "by_time" where in t they differ
+                  num_timesteps: int, save: Optional[Callable[[dict], Any]] = None) -> dict:
+  """The bound (continuous time, or ``num_timesteps`` steps: pass the model's own) of ``params``
+  on ``images`` at the model's compute dtype (a) and at ``dtype`` (b; 'float32' is the network
+  entirely in fp32), a bf16 side with the model's ``eval_fp32_fraction``, with shared draws:
+  :func:`vdm.likelihood.paired_difference`, the two dtypes, T, its draws per image and batch size,
+  and under "by_time" where in t their continuous-time losses differ
   (:func:`vdm.likelihood.difference_by_time`; its batches hold one bin of t each, so with an
   ``eval_fp32_fraction`` a bf16 side's fp32 share is the least noisy share of every bin, not the
   low-t bins). ``save`` receives the result without "by_time" first, so a run stopped during that
@@ -68,10 +69,11 @@ def compare_dtype(model: Model, params: dict, dtype: str, images: np.ndarray, rn
   eps_b, _ = traced_fns(model_b, params)
   batches = image_batches(images, batch_size)
   res = likelihood.paired_difference(eps_a, eps_b, gamma_fn, batches, rng, vocab_size=vocab_size,
-                                     num_samples=num_samples, decoder=decoder)
+                                     num_timesteps=num_timesteps, num_samples=num_samples,
+                                     decoder=decoder)
   res = {"a": model.net.dtype, "a_eval_fp32_fraction": eval_fp32_share(model), "b": dtype,
-         "b_eval_fp32_fraction": eval_fp32_share(model_b), "num_samples": num_samples,
-         "batch_size": batch_size, **res}
+         "b_eval_fp32_fraction": eval_fp32_share(model_b), "num_timesteps": num_timesteps,
+         "num_samples": num_samples, "batch_size": batch_size, **res}
   if save is not None:
     save(res)
   res["by_time"] = likelihood.difference_by_time(eps_a, eps_b, gamma_fn, batches,

@@ -34,8 +34,9 @@ flags.DEFINE_integer("batch_size", 128, "Images per denoiser call for the ELBO."
 # (1) ELBO
 flags.DEFINE_integer("num_images", 1024, "Test images for the ELBO (0 = the whole split).")
 flags.DEFINE_integer("num_time_samples", 4, "K: Monte-Carlo draws of (t, ε, z_0) per image.")
-flags.DEFINE_list("timesteps", ["0", "100", "1000"], "T values: 0 = continuous time; empty "
-                  "with --noimportance: no ELBO section (e.g. for --compare_dtype alone).")
+flags.DEFINE_list("timesteps", ["0", "100", "1000"], "T values: 0 = continuous time; the "
+                  "model's own model.num_timesteps is always added. Empty with --noimportance: no "
+                  "ELBO section (e.g. for --compare_dtype alone).")
 flags.DEFINE_enum("compare_dtype", None, ["float32", "bfloat16"],
                   "Also evaluate the same parameters with this compute dtype (model.dtype) on the "
                   "same images and draws (K = --num_time_samples), and report the paired difference.")
@@ -95,12 +96,18 @@ def main(argv):
     test = np.asarray(data.sample(jax.random.PRNGKey(1), FLAGS.num_images))
     fit = np.asarray(data.sample(jax.random.PRNGKey(2), FLAGS.is_fit_batches * FLAGS.batch_size))
     info = {"toy": "FactorizedDiscrete(seed 0, D=4, V=4)", "entropy_bpd": data.entropy_bits_per_dim()}
-    decoder = "vdm"
+    decoder, num_timesteps = "vdm", 0
   else:
     config = FLAGS.config
     model, params, info = common.load_trained()
     eps_fn, gamma_fn = traced_fns(model, params)
     vocab_size, decoder = config.data.vocab_size, config.model.decoder
+    num_timesteps = config.model.num_timesteps
+    info.update(num_timesteps=num_timesteps, decoder=decoder, schedule=config.model.schedule)
+    if num_timesteps:
+      logging.warning("model.num_timesteps=%d: the ELBO adds T=%d, the model's own bound, and "
+                      "--compare_dtype uses it; the importance and ODE sections treat the network "
+                      "as a continuous-time model.", num_timesteps, num_timesteps)
     test = common.load_images(config, config.data.eval_split, FLAGS.num_images)
     fit = common.load_images(config, config.data.train_split, FLAGS.is_fit_batches * FLAGS.batch_size)
   results = {"info": info, "flags": {k: FLAGS[k].value for k in (
@@ -133,6 +140,8 @@ def main(argv):
     logging.info("variance ratios: %s", variance["ratios"])
 
   if FLAGS.timesteps or proposals:  # --timesteps= --noimportance: no ELBO section
+    if num_timesteps not in timesteps:
+      timesteps.append(num_timesteps)
     t0 = time.time()
     results["elbo"] = likelihood.evaluate_elbo(
         eps_fn, gamma_fn, common.image_batches(test, FLAGS.batch_size), jax.random.fold_in(rng, 3),
@@ -149,7 +158,7 @@ def main(argv):
     res = common.compare_dtype(
         model, params, FLAGS.compare_dtype, test, jax.random.fold_in(rng, 5),
         batch_size=FLAGS.batch_size, num_samples=FLAGS.num_time_samples, vocab_size=vocab_size,
-        decoder=decoder, save=keep)
+        decoder=decoder, num_timesteps=num_timesteps, save=keep)
     timings["dtype_comparison_s"] = time.time() - t0
     keep(res)
     logging.info("model.dtype %s − %s: %+.5f ± %.5f bits/dim (max |difference| per image %.5f)",

@@ -91,6 +91,10 @@ def run(save) -> dict:
       raise ValueError(f"--{name}={FLAGS[name].value} must be >= 1.")
   variance.check_settings(learning_rate=FLAGS.learning_rate, draws=FLAGS.draws,
                           n_features=FLAGS.n_features)
+  if not FLAGS.toy and FLAGS.config is not None and FLAGS.config.model.num_timesteps:
+    raise ValueError(f"model.num_timesteps={FLAGS.config.model.num_timesteps}: the variance-"
+                     "minimising shape is for a continuous-time model, whose bound depends on γ's "
+                     "endpoints alone; with T steps a new shape changes the bound itself.")
   eps_fn, gamma_0, gamma_1, batch_at, test, vocab_size, info = (
       _toy_setup() if FLAGS.toy else _trained_setup())
   rng = jax.random.PRNGKey(FLAGS.seed)

@@ -280,7 +280,8 @@ def main(argv):
         FLAGS.compare_dtype, common.load_images(config, config.data.eval_split, 0),
         jax.random.PRNGKey(config.eval.seed),
         batch_size=FLAGS.compare_batch_size, num_samples=FLAGS.compare_samples,
-        vocab_size=config.data.vocab_size, decoder=config.model.decoder, save=keep)
+        vocab_size=config.data.vocab_size, decoder=config.model.decoder,
+        num_timesteps=config.model.num_timesteps, save=keep)
     keep(res)
     logging.info("model.dtype %s − %s: %+.5f ± %.5f bits/dim on %d images", res["b"], res["a"],
                  res["difference_bpd"], res["difference_se"], res["num_images"])

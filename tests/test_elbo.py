@@ -162,6 +162,34 @@ def test_antithetic_time_sampling_lowers_variance():
   assert variance(True) < 0.6 * variance(False)
 
 
+def test_simple_loss_trains_the_discretized_gaussians_mean_at_z_0():
+  """L_simple with T steps and the discretized Gaussian decoder averages the ε-MSE over DDPM's
+  T + 1 latents, z_0 included: (T · mean ||ε − ε̂(z_t)||² + mean ||ε_0 − ε̂(z_0; γ_0)||²)/(T + 1)/D,
+  where ε_0 is the noise of z_0 = α_0 x + σ_0 ε_0 (key 3 of the split). Without z_0 the loss had
+  no gradient at γ_0, the one point that decoder's mean reads. The VDM decoder reads no ε̂."""
+  dist = toy.FactorizedDiscrete.random(0, dims=4, vocab_size=8)
+  x, rng, T = dist.sample(jax.random.PRNGKey(0), 32), jax.random.PRNGKey(1), 999
+
+  def loss_and_grad_at_0(decoder):
+    def loss(c):  # ε̂ scaled by ½ + c at γ_0 alone: off the optimum, where the MSE has a slope
+      eps = lambda z, g: dist.eps_fn()(z, g) * jnp.where(g == GAMMA(0.0), 0.5 + c, 1.0)[:, None]
+      terms = elbo.elbo_terms(eps, GAMMA, x, rng, vocab_size=8, num_timesteps=T, decoder=decoder)
+      return elbo.training_loss(terms, x, "simple", T), terms
+    return jax.value_and_grad(loss, has_aux=True)(0.0)
+
+  (value, terms), grad = loss_and_grad_at_0("discretized_gaussian")
+  eps_0 = jax.random.normal(jax.random.split(rng, 3)[2], x.shape)
+  z_0 = elbo.diffuse(elbo.scale_data(x, 8), GAMMA(0.0), eps_0)
+  mse_0 = np.sum((eps_0 - 0.5 * dist.eps_fn()(z_0, jnp.full((32,), GAMMA(0.0)))) ** 2, axis=1)
+  np.testing.assert_allclose(terms["eps_mse_0"], mse_0, rtol=1e-5)
+  np.testing.assert_allclose(value, (T * np.mean(terms["eps_mse"]) + mse_0.mean()) / (T + 1) / 4,
+                             rtol=1e-5)
+  assert grad < -1e-4  # ε̂ at γ_0 is trained, towards the optimum
+  (value, terms), grad = loss_and_grad_at_0("vdm")
+  assert "eps_mse_0" not in terms and grad == 0.0
+  np.testing.assert_allclose(value, np.mean(terms["eps_mse"]) / 4, rtol=1e-6)
+
+
 def test_training_loss_weightings():
   dist = toy.FactorizedDiscrete.random(0, dims=4, vocab_size=8)
   x = dist.sample(jax.random.PRNGKey(0), 32)

@@ -181,6 +181,38 @@ def test_experiment_script_refuses_flags_it_would_misread(tmp_path):
   assert not out.exists()
 
 
+@pytest.mark.ci_once  # the script's control flow for a discrete-time model; one process
+def test_experiment_script_reports_a_discrete_time_models_own_bound(tmp_path):
+  """likelihood.py on a model trained with T = 100 steps adds T=100 to --timesteps (given 0 alone
+  here) and compares dtypes on that bound; its info names T, the decoder and the schedule. It
+  had reported only the continuous and other-T bounds, each at times the model was never trained
+  at, and a continuous-time dtype comparison, with nothing in the file saying so."""
+  import json
+  import os
+  import subprocess
+  import sys
+  from test_train import tiny_config  # pylint: disable=g-import-not-at-top
+  from vdm import main  # pylint: disable=g-import-not-at-top
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  config = tiny_config(num_steps=1, checkpoint_every=1, eval_every=1, sample_every=1)
+  config.model.num_timesteps = 100
+  config.sampling.num_steps = 10
+  workdir, out = str(tmp_path / "run"), tmp_path / "likelihood.json"
+  main.run_train(config, workdir)
+  r = subprocess.run([sys.executable, os.path.join(root, "experiments", "likelihood.py"),
+                      f"--config=configs/run.py:{workdir}", f"--workdir={workdir}",
+                      f"--output={out}", "--num_images=8", "--batch_size=8", "--timesteps=0",
+                      "--noimportance", "--ode_num_images=0", "--compare_dtype=bfloat16"],
+                     capture_output=True, text=True, cwd=root)
+  assert r.returncode == 0, r.stderr[-3000:]
+  res = json.loads(out.read_text())
+  assert set(res["elbo"]) == {"continuous", "T=100"}, res["elbo"].keys()
+  assert (res["info"]["num_timesteps"], res["info"]["decoder"], res["info"]["schedule"]) == (
+      100, config.model.decoder, config.model.schedule)
+  assert res["dtype_comparison"]["num_timesteps"] == 100
+  assert "the importance and ODE sections treat the network as a continuous-time" in r.stderr
+
+
 @pytest.mark.slow
 def test_experiment_script_runs_on_the_toy_distribution(tmp_path):
   import json
@@ -273,7 +305,8 @@ def test_dtype_comparison_is_saved_before_its_diagnostic_by_time(monkeypatch):
   saved = []
   with pytest.raises(KeyboardInterrupt):
     common.compare_dtype(model, params, "float32", images, jax.random.PRNGKey(1), batch_size=4,
-                         num_samples=1, vocab_size=256, decoder="vdm", save=saved.append)
+                         num_samples=1, vocab_size=256, decoder="vdm", num_timesteps=0,
+                         save=saved.append)
   assert len(saved) == 1 and "by_time" not in saved[0], saved
   assert saved[0]["num_images"] == 4 and np.isfinite(saved[0]["difference_bpd"]), saved[0]
 

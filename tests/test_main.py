@@ -74,7 +74,7 @@ def test_train_eval_sample_end_to_end_and_resume(tmp_path):
   # the EMA parameters, as training's eval at that step (the raw ones give another bound)
   assert result["bpd"] == pytest.approx(_json(workdir, "train_eval.json")["bpd"], rel=1e-6)
   assert (result["model_dtype"], result["eval_fp32_fraction"], result["eval_seed"]) == (
-      "float32", 0.3, 1) and result["commit"], result
+      "float32", 0.0, 1) and result["commit"], result  # the share used: none in fp32 (config 0.3)
   assert result["checkpoint"] == os.path.abspath(workdir)
   for key in ("bpd", "bpd_stderr", "prior", "diffusion", "reconstruction"):
     assert np.isfinite(result[key]), key
@@ -102,6 +102,11 @@ def test_train_eval_sample_end_to_end_and_resume(tmp_path):
   assert ("with optimizer.grad_clip=1.0 (was 0.0), optimizer.learning_rate=0.001 (was 0.002)"
           in r.stderr), r.stderr[-3000:]
   assert _json(workdir, "config.json")["optimizer"]["learning_rate"] == 0.001
+  # What steps 1 to 4 and 5 to 6 ran with is kept, not overwritten (config.<time>.json).
+  earlier = [_json(workdir, f) for f in os.listdir(workdir)
+             if f.startswith("config.") and f != "config.json"]
+  assert sorted((c["training"]["num_steps"], c["optimizer"]["learning_rate"]) for c in earlier) == [
+      (4, 0.002), (6, 0.002)], earlier
 
 
 BAD_INPUTS = {

@@ -46,6 +46,12 @@ def test_bad_flags_give_one_line_and_status_2(tmp_path):
     proc = _run("--toy", f"--output={tmp_path / 'x.json'}", flag)
     assert proc.returncode == 2 and not (tmp_path / "x.json").exists(), (flag, proc.stderr[-2000:])
     assert proc.stderr.strip().splitlines()[-1].startswith(f"vdm: error: {message}"), flag
+  proc = _run("--notoy", "--config=configs/quickstart.py", "--config.model.num_timesteps=100",
+              f"--workdir={tmp_path}", f"--output={tmp_path / 'x.json'}")
+  assert proc.returncode == 2 and not (tmp_path / "x.json").exists(), proc.stderr[-2000:]
+  assert proc.stderr.strip().splitlines()[-1].startswith(  # its premise fails in discrete time
+      "vdm: error: model.num_timesteps=100: the variance-minimising shape is for a continuous"), (
+      proc.stderr[-2000:])
 
 
 def _finite(o):

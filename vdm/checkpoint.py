@@ -305,10 +305,19 @@ def has_checkpoints(workdir: str) -> bool:
 
 
 def record_run_config(config, workdir: str) -> None:
-  """Write ``workdir/config.json`` (process 0; atomically, so a kill never leaves half a record)."""
+  """Write ``workdir/config.json`` (process 0; atomically, so a kill never leaves half a record).
+  A record that differs (a resume that changed a free setting, e.g. the learning rate or the step
+  count) is first kept as config.<its time>.json: the steps before ran with its settings."""
   if logging_utils.is_main_process():
-    logging_utils.write_json(os.path.join(workdir, RUN_CONFIG),
-                             json.loads(config.to_json_best_effort()))
+    path = os.path.join(workdir, RUN_CONFIG)
+    if os.path.isfile(path):
+      try:
+        same = read_config_json(path, "") == config_items(config)
+      except ValueError:  # an unreadable record: keep it too
+        same = False
+      if not same:
+        logging_utils.keep_previous(path)
+    logging_utils.write_json(path, json.loads(config.to_json_best_effort()))
 
 
 def config_items(config) -> dict:

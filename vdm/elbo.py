@@ -259,7 +259,8 @@ def elbo_terms(eps_fn: EpsFn, gamma_fn: GammaFn, x: jax.Array, rng: jax.Array, *
 
   Returns {"prior": L_T, "diffusion": L_diffusion (the sum of the T terms L_{t−1}, or L_∞ in
   continuous time), "reconstruction": L_0} and, for training and diagnostics, "eps_mse" =
-  ||ε − ε̂||² and "t", the time each example was evaluated at.
+  ||ε − ε̂||² and "t", the time each example was evaluated at; with the discretized Gaussian
+  decoder also "eps_mse_0" = ||ε_0 − ε̂(z_0; γ_0)||² from its mean's denoiser call.
   With ``time_proposal`` (continuous time only) t ~ q(t) and the diffusion term is divided by q(t),
   which keeps it unbiased. ``mask`` [B] marks a padded batch's padding with 0; the antithetic
   times are spread over the other rows (:func:`sample_times`).
@@ -314,12 +315,15 @@ def elbo_terms_from(eps_fn: EpsFn, x: jax.Array, rng: jax.Array, t: jax.Array, g
 
   diffusion, eps_mse = diffusion_loss(eps_fn, x_scaled, gamma_t, w_t,
                                       jax.random.normal(rng_eps, x_scaled.shape))
-  z_0 = diffuse(x_scaled, gamma_0, jax.random.normal(rng_0, x_scaled.shape))
-  x_hat_0 = None
+  eps_0 = jax.random.normal(rng_0, x_scaled.shape)
+  z_0 = diffuse(x_scaled, gamma_0, eps_0)
+  x_hat_0, extra = None, {}
   if decoder == "discretized_gaussian":  # the denoiser's mean at t = 0, a call of its own: in one
     # call with z_t, an ε̂ that ranks its batch by γ (model.split_by_noise) gave z_0's rows, all
     # at the lowest γ, the fp32 share meant for the least noisy z_t.
-    x_hat_0 = predict_x0(z_0, gamma_0, denoise(eps_fn, z_0, jnp.full((batch,), gamma_0)))
+    eps_hat_0 = denoise(eps_fn, z_0, jnp.full((batch,), gamma_0))
+    x_hat_0 = predict_x0(z_0, gamma_0, eps_hat_0)
+    extra["eps_mse_0"] = sum_per_example((eps_0 - eps_hat_0) ** 2)  # for L_simple: DDPM's x_1
 
   return {
       "prior": prior_loss(x_scaled, gamma_1),
@@ -328,6 +332,7 @@ def elbo_terms_from(eps_fn: EpsFn, x: jax.Array, rng: jax.Array, t: jax.Array, g
                                             x_hat=x_hat_0),
       "eps_mse": eps_mse,
       "t": t,
+      **extra,
   }
 
 
@@ -346,11 +351,21 @@ def bits_per_dim(terms: dict[str, jax.Array], x: jax.Array) -> jax.Array:
   return nats_to_bpd(jnp.mean(total_nats(terms)), data_dims(x))
 
 
-def training_loss(terms: dict[str, jax.Array], x: jax.Array, weighting: str = "elbo") -> jax.Array:
+def training_loss(terms: dict[str, jax.Array], x: jax.Array, weighting: str = "elbo",
+                  num_timesteps: int = 0) -> jax.Array:
   """The scalar to minimise: the ELBO in bits/dim ("elbo"), or DDPM's L_simple, the unweighted
-  per-dimension ε-MSE E||ε − ε̂||² / D ("simple"). The reported bound is always the ELBO."""
+  per-dimension ε-MSE E||ε − ε̂||² / D ("simple"). The reported bound is always the ELBO.
+
+  With T = ``num_timesteps`` > 0 and the discretized Gaussian decoder, whose mean reads
+  ε̂(z_0; γ_0), L_simple averages over the T + 1 latents z_0, z_{1/T}, ..., z_1, as DDPM's t = 1..T'
+  with x_1 = z_0 (T' = T + 1): (T · E||ε − ε̂(z_t)||² + ||ε_0 − ε̂(z_0)||²) / (T + 1). Without
+  z_0, ε̂ would never be trained at the one point that decoder reads.
+  """
   if weighting == "elbo":
     return bits_per_dim(terms, x)
   if weighting == "simple":
-    return jnp.mean(terms["eps_mse"]) / data_dims(x)
+    mse = jnp.mean(terms["eps_mse"])
+    if num_timesteps and "eps_mse_0" in terms:
+      mse = (num_timesteps * mse + jnp.mean(terms["eps_mse_0"])) / (num_timesteps + 1)
+    return mse / data_dims(x)
   raise ValueError(f"unknown loss weighting {weighting!r}: use one of {WEIGHTINGS}.")

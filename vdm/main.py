@@ -46,7 +46,7 @@ from ml_collections import config_flags
 
 from vdm import checkpoint as ckpt_lib
 from vdm import config_checks, input_pipeline, logging_utils, nets, samplers, schedules, train
-from vdm.model import gamma_fn_for, make_model
+from vdm.model import eval_fp32_share, gamma_fn_for, make_model
 
 SAMPLES_DIR, TENSORBOARD_DIR = "samples", "tensorboard"  # in the workdir
 
@@ -322,7 +322,7 @@ def run_eval(config, workdir: str, checkpoint: str | None) -> dict:
                  checkpoint=os.path.abspath(checkpoint or workdir),
                  # how the bound was computed, which an earlier file of this name may not share
                  model_dtype=config.model.dtype, residual_dtype=config.model.residual_dtype,
-                 eval_fp32_fraction=config.model.eval_fp32_fraction, eval_seed=config.eval.seed,
+                 eval_fp32_fraction=eval_fp32_share(model), eval_seed=config.eval.seed,  # as used
                  **logging_utils.provenance())
   if logging_utils.is_main_process():
     path = os.path.join(workdir, f"eval_{step}.json")

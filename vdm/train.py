@@ -212,7 +212,8 @@ def loss_and_grads(config, model: Model, params, batch: jax.Array, rng_elbo: jax
     terms = elbo.elbo_terms(eps_fn_for(model, params, train=True, rng=rng_dropout),
                             gamma_fn_for(model, params), batch, rng_elbo,
                             time_proposal=time_proposal, **kwargs)
-    return elbo.training_loss(terms, batch, config.loss.weighting), terms
+    return elbo.training_loss(terms, batch, config.loss.weighting,
+                              config.model.num_timesteps), terms
 
   (loss, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
   return loss, terms, grads
