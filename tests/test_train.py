@@ -313,7 +313,8 @@ def test_a_checkpoint_of_another_model_is_named_as_such(setup, tmp_path):
 
 
 def test_weight_decay_spares_biases_and_the_schedule(setup):
-  """As the published VDM code: kernels and norm scales decay, biases do not; nor does γ."""
+  """As in the published VDM code, kernels and norm scales decay and biases do not; unlike it, γ's
+  parameters do not either (that code decays the schedule's endpoints towards γ = 0)."""
   _, model, _, _, _ = setup
   params = model_lib.init_params(model, jax.random.PRNGKey(0))
   mask = train.decay_mask(params)
