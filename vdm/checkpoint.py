@@ -310,14 +310,15 @@ def record_run_config(config, workdir: str) -> None:
   count) is first kept as config.<its time>.json: the steps before ran with its settings."""
   if logging_utils.is_main_process():
     path = os.path.join(workdir, RUN_CONFIG)
+    record = json.loads(config.to_json_best_effort())
     if os.path.isfile(path):
       try:
-        same = read_config_json(path, "") == config_items(config)
+        same = read_config_json(path, "") == _flat(record)
       except ValueError:  # an unreadable record: keep it too
         same = False
       if not same:
         logging_utils.keep_previous(path)
-    logging_utils.write_json(path, json.loads(config.to_json_best_effort()))
+    logging_utils.write_json(path, record)
 
 
 def config_items(config) -> dict:
