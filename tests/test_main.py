@@ -499,6 +499,9 @@ def test_run_config_reads_a_workdir_or_its_config_json_and_refuses_unknown_keys(
     run_config.get_config(str(newer))
   with pytest.raises(ValueError, match="pass --config=configs/run.py:WORKDIR"):
     run_config.get_config()  # --config=configs/run.py with no path: not a missing argument
+  newer.write_text("[1]")  # JSON, but no config: it was reported as an unknown config key
+  with pytest.raises(ValueError, match=r"cannot read .*config.json \(ValueError\): pass a run's"):
+    run_config.get_config(str(newer))
 
 
 def test_prepare_workdir_needs_one_and_names_what_is_in_the_way(tmp_path):

@@ -331,7 +331,10 @@ def read_config_json(path: str, fix: str) -> dict:
   that names the file and ends with ``fix``."""
   try:
     with open(path) as f:
-      return _flat(json.load(f))
+      record = json.load(f)
+    if not isinstance(record, dict):  # _flat would fail on it with an AttributeError
+      raise ValueError(f"a JSON {type(record).__name__}")
+    return _flat(record)
   except (OSError, ValueError) as e:
     raise ValueError(f"cannot read {path} ({type(e).__name__}){fix}") from None
 
