@@ -122,6 +122,53 @@ def test_discrete_time_loss_converges_to_continuous_time():
   assert abs(l_t[1] - l_inf) > abs(l_t[2] - l_inf)
 
 
+def test_discrete_time_loss_of_gaussian_data_equals_closed_form_and_falls_with_t():
+  """Gaussian data N(μ, L Lᵀ), L = R diag(s), with its Bayes ε̂: E||ε − ε̂(z; γ)||² =
+  Σ_d s²_d / (s²_d + e^γ), so L_T = Σ_{i=1}^T ½ (e^{γ_i − γ_{i−1}} − 1) Σ_d s²_d / (s²_d + e^{γ_i})
+  and L_∞ = ½ Σ_d [γ − log(s²_d + e^γ)] from γ_0 to γ_1. ε − ε̂ is linear in (x − μ, ε) and 0 at
+  (μ, 0), so its expected square is its sum over the rows (μ + L e_j, 0) and (μ, e_k), and the
+  code's L_T, averaged over one u in each of the T steps, is exact. L_T ≥ L_{2T} ≥ L_∞."""
+  gauss = toy.Gaussian.random(0, dims=4)
+  dims, s2 = gauss.dims, gauss.scales.astype(np.float64) ** 2
+  chol = np.asarray(gauss.rotation) * gauss.scales
+  rows_x = np.concatenate([gauss.mean + chol.T, np.tile(gauss.mean, (dims, 1))])
+  rows_eps = np.concatenate([np.zeros((dims, dims)), np.eye(dims)])
+  gamma_0, gamma_1 = float(GAMMA(0.0)), float(GAMMA(1.0))
+
+  def code(num_timesteps):
+    u = np.repeat((np.arange(num_timesteps) + 0.5) / num_timesteps, 2 * dims)
+    _, g, w = elbo.diffusion_weight(GAMMA, jnp.asarray(u, jnp.float32), num_timesteps)
+    loss, _ = elbo.diffusion_loss(gauss.eps_fn(), jnp.asarray(np.tile(rows_x, (num_timesteps, 1)), jnp.float32),
+                                  g, w, jnp.asarray(np.tile(rows_eps, (num_timesteps, 1)), jnp.float32))
+    return float(np.asarray(loss, np.float64).sum()) / num_timesteps
+
+  def closed(num_timesteps):
+    g = gamma_0 + (gamma_1 - gamma_0) * np.arange(num_timesteps + 1) / num_timesteps
+    return sum(0.5 * np.expm1(g[i] - g[i - 1]) * np.sum(s2 / (s2 + np.exp(g[i])))
+               for i in range(1, num_timesteps + 1))
+
+  l_inf = 0.5 * np.sum((gamma_1 - np.log(s2 + np.exp(gamma_1))) - (gamma_0 - np.log(s2 + np.exp(gamma_0))))
+  l_t = [code(t) for t in (1, 4, 16, 64)]
+  np.testing.assert_allclose(l_t, [closed(t) for t in (1, 4, 16, 64)], rtol=1e-5)
+  assert l_t[0] > l_t[1] > l_t[2] > l_t[3] > l_inf, (l_t, l_inf)
+
+
+def test_ddpm_schedule_gives_ddpms_weights():
+  """On ``schedules.ddpm(kind, T)`` (x_i at t = (i − 1)/(T − 1)) the T − 1 step loss's weight
+  ½ w_t/(T − 1) = ½ (e^{γ_t − γ_s} − 1) is DDPM's L_{t−1} weight ½ β_t / (α_t (1 − ᾱ_{t−1})) for
+  t = 2..T (ε-parametrisation, σ²_t = β̃_t), since e^{γ_t − γ_s} = SNR_s / SNR_t."""
+  num_steps = 1000
+  for kind in ("linear", "cosine"):
+    betas = schedules.ddpm_betas(kind, num_steps)
+    alpha_bar = np.cumprod(1.0 - betas)
+    want = 0.5 * betas[1:] / ((1.0 - betas[1:]) * (1.0 - alpha_bar[:-1]))
+    u = (np.arange(num_steps - 1) + 0.5) / (num_steps - 1)
+    _, _, w = elbo.diffusion_weight(schedules.ddpm(kind, num_steps), jnp.asarray(u, jnp.float32),
+                                    num_steps - 1)
+    np.testing.assert_allclose(0.5 * np.asarray(w, np.float64) / (num_steps - 1), want, rtol=2e-4,
+                               err_msg=kind)
+
+
 def test_discrete_time_grid_and_weight():
   """t_i = i/T for i = ⌊uT⌋ + 1 ∈ {1..T} (never s < 0), and w = T (e^{γ_t − γ_s} − 1), s = t − 1/T."""
   u = jnp.array([0.0, 0.05, 0.5, 1.0 - 1e-6])
