@@ -132,3 +132,16 @@ def test_check_increasing_refuses_a_flat_stretch_and_accepts_the_floor():
     schedules.check_increasing(lambda t: jnp.minimum(-13.3 + 18.3 * t, 0.0))
   schedules.check_endpoints(schedules.GAMMA_MIN_FLOOR, 5.0)
   schedules.check_increasing(schedules.fixed_linear(schedules.GAMMA_MIN_FLOOR, 5.0))
+
+
+def test_check_increasing_names_where_gamma_is_infinite_and_how_to_fix_it():
+  """γ(t) = log(t / (1 − t)) is −∞ at t = 0 and +∞ at t = 1. The fix is to rescale t, not to
+  clip γ (a clipped γ is flat there, which is refused too)."""
+  logit = lambda t: jnp.log(t) - jnp.log1p(-t)
+  with pytest.raises(ValueError, match=r"^gamma_fn gives non-finite γ\(t\) at t in \[0.0000, 1.0000\]: "
+                     r"map \[0, 1\] into times where it is finite, e.g. γ\(t_0 \+ \(t_1 − t_0\) t\), not "
+                     r"by clipping γ"):
+    schedules.check_increasing(logit)
+  with pytest.raises(ValueError, match="not increasing"):
+    schedules.check_increasing(lambda t: jnp.clip(logit(t), -13.0, 5.0))
+  schedules.check_increasing(lambda t: logit(0.01 + 0.98 * t))

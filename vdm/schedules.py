@@ -212,7 +212,10 @@ def check_increasing(gamma_fn: GammaFn, num_points: int = 257) -> None:
     raise ValueError(f"gamma_fn maps t of shape ({num_points},) to shape {g.shape}: it must be "
                      "vectorised elementwise over t.")
   if not np.all(np.isfinite(g)):
-    raise ValueError("gamma_fn gives non-finite γ(t) on [0, 1]: clip or fix its endpoints.")
+    bad = np.flatnonzero(~np.isfinite(g)) / (num_points - 1)
+    raise ValueError(f"gamma_fn gives non-finite γ(t) at t in [{bad.min():.4f}, {bad.max():.4f}]: "
+                     "map [0, 1] into times where it is finite, e.g. γ(t_0 + (t_1 − t_0) t), not by "
+                     "clipping γ, which leaves it flat.")
   if not np.all(np.diff(g) > 0):
     i = int(np.argmin(np.diff(g)))
     raise ValueError(f"gamma_fn is not increasing: γ({i / (num_points - 1):.4f})={g[i]:.4g} >= "
