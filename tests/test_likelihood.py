@@ -153,6 +153,19 @@ def test_batches_of_another_image_shape_and_decreasing_gamma_are_refused():
     importance.loss_moments(DATA.eps_fn(), decreasing, [x], jax.random.PRNGKey(0), vocab_size=4)
 
 
+def test_one_array_for_batches_is_refused_with_the_fix():
+  """An array given as ``batches`` would be iterated row by row, each row taken for a batch."""
+  x = DATA.sample(jax.random.PRNGKey(4), 8)
+  message = (r"^batches is one array of shape \(8, 3\): pass an iterable of \[B, \.\.\.\] batches, "
+             r"e\.g\. \[x\] for one batch")
+  for evaluate in (likelihood.evaluate_elbo, importance.loss_moments):
+    with pytest.raises(ValueError, match=message):
+      evaluate(DATA.eps_fn(), GAMMA, x, jax.random.PRNGKey(0), vocab_size=4)
+  with pytest.raises(ValueError, match=message):
+    likelihood.paired_difference(DATA.eps_fn(), DATA.eps_fn(), GAMMA, np.asarray(x), jax.random.PRNGKey(0),
+                                 vocab_size=4)
+
+
 @pytest.mark.ci_once  # the script's own checks, many processes
 def test_experiment_script_refuses_flags_it_would_misread(tmp_path):
   import os

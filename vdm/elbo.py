@@ -10,7 +10,7 @@ VDM paper writes the prior term D_KL and its T-step diffusion loss L_T (L_∞ in
 from __future__ import annotations
 
 import math
-from typing import Callable, Optional
+from typing import Callable, Iterable, Optional
 
 import jax
 import jax.numpy as jnp
@@ -56,6 +56,14 @@ def check_data(x: jax.Array, vocab_size: int) -> None:
   if value is not None and value.size and (value.min() < 0 or value.max() >= vocab_size):
     raise ValueError(f"x holds values in [{value.min()}, {value.max()}], outside [0, {vocab_size}): "
                      "set vocab_size to the number of distinct levels or fix the data.")
+
+
+def check_batches(batches: Iterable[jax.Array]) -> None:
+  """Raise ValueError if ``batches``, meant as an iterable of [B, ...] batches, is one array:
+  iterating it would give its rows, each taken for a batch."""
+  if hasattr(batches, "shape"):
+    raise ValueError(f"batches is one array of shape {batches.shape}: pass an iterable of [B, ...] "
+                     "batches, e.g. [x] for one batch (list(x) for batches stacked on axis 0).")
 
 
 def check_decoder(decoder: str, x_hat: Optional[jax.Array] = None, reads_x_hat: bool = False

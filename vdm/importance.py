@@ -80,6 +80,7 @@ def loss_moments(eps_fn: EpsFn, gamma_fn: GammaFn, batches: Iterable[jax.Array],
   "num_images"}; the bin-average of "mean" estimates the continuous-time diffusion term.
   """
   schedules.check_increasing(gamma_fn)
+  elbo.check_batches(batches)
   s1 = s2 = 0.0
   n = 0
   for i, x in enumerate(batches):

@@ -88,6 +88,7 @@ def over_batches(batches: Iterable[jax.Array], rng: jax.Array, vocab_size: int,
                  fn: Callable[[jax.Array, jax.Array], Any]) -> tuple[list, int]:
   """[fn(x, fold_in(rng, i)) for each batch x, i = 0, 1, ...] and D, after checking each batch's
   data; the same keys for every fn, so evaluations of the same batches share their draws."""
+  elbo.check_batches(batches)
   results, dims = [], None
   for i, x in enumerate(batches):
     x = jnp.asarray(x)
