@@ -244,3 +244,23 @@ def test_euler_maruyama_steps_are_the_explicit_discretisation_at_t():
   mean, var = a_2 * (a_1 * z_1 + b_1) + b_2, a_2**2 * v_1 + v_2
   assert abs(z_0.mean() - mean) < 4 * math.sqrt(var / z_0.size)
   assert abs(z_0.var() / var - 1) < 0.02
+
+
+def test_a_new_sampler_is_a_step_run_by_reverse_loop():
+  """DDIM in its x̂ form, z_s = α_s x̂ + σ_s ε̂ with x̂ = (z_t − σ_t ε̂)/α_t, written as a step with
+  the public ``reverse_loop`` and ``eps_at``, gives ``ddim``'s η = 0 samples; the loop checks z_1,
+  N and γ as the package's samplers do."""
+  eps_fn = DIST.eps_fn()
+
+  def step(z, t, s, key):
+    (a_t, s_t), (a_s, s_s) = schedules.alpha_sigma(GAMMA(t)), schedules.alpha_sigma(GAMMA(s))
+    eps_hat = samplers.eps_at(eps_fn, z, GAMMA(t))
+    return a_s * (z - s_t * eps_hat) / a_t + s_s * eps_hat
+
+  z_1 = _z_1(DIST, 256)
+  np.testing.assert_allclose(samplers.reverse_loop(step, GAMMA, z_1, 20),
+                             samplers.ddim(eps_fn, GAMMA, z_1, 20), atol=2e-5)
+  with pytest.raises(ValueError, match="z_1 has dtype int32: the samplers start from float"):
+    samplers.reverse_loop(step, GAMMA, z_1.astype(jnp.int32), 20)
+  with pytest.raises(ValueError, match="num_steps=0 must be"):
+    samplers.reverse_loop(step, GAMMA, z_1, 0)

@@ -2,9 +2,10 @@
 
 Each runs N steps on the uniform grid t_i = i/N, from t = 1 down to t = 0, as one
 ``lax.fori_loop`` (so a jitted sampler compiles one step, whatever N), and has the signature
-:data:`Sampler`; :data:`SAMPLERS` names them for configs and the command line (a new sampler
-registered there is one that ``vdm.main --mode=sample --sampler=NAME`` runs). ``decode`` maps
-z_0 to integer data with the model's decoder.
+:data:`Sampler`; :data:`SAMPLERS` names them for configs and the command line. A new sampler is
+a ``step(z_t, t, s, rng) -> z_s`` run by :func:`reverse_loop` (:func:`eps_at` gives ε̂ at a
+scalar γ); registered in :data:`SAMPLERS`, it is one that ``vdm.main --mode=sample
+--sampler=NAME`` runs. ``decode`` maps z_0 to integer data with the model's decoder.
 """
 from __future__ import annotations
 
@@ -23,7 +24,11 @@ from vdm.schedules import GammaFn
 Step = Callable[[jax.Array, jax.Array, jax.Array, Optional[jax.Array]], jax.Array]
 
 
-def _check(gamma_fn: GammaFn, z_1: jax.Array, num_steps: int) -> None:
+def reverse_loop(step: Step, gamma_fn: GammaFn, z_1: jax.Array, num_steps: int,
+                 rng: Optional[jax.Array] = None) -> jax.Array:
+  """z_0 from z_1 by z_{(i−1)/N} = step(z_{i/N}, i/N, (i−1)/N, rng_i) for i = N..1, rng_i split off
+  ``rng`` (None when ``rng`` is None), after checking z_1, N and γ: every sampler here is a
+  ``step`` run by this loop, and so is a new one."""
   if not jnp.issubdtype(jnp.result_type(z_1), jnp.floating):
     raise ValueError(f"z_1 has dtype {jnp.result_type(z_1)}: the samplers start from float noise "
                      "z_1 ~ N(0, I), e.g. jax.random.normal(rng, (B, H, W, C)).")
@@ -31,9 +36,6 @@ def _check(gamma_fn: GammaFn, z_1: jax.Array, num_steps: int) -> None:
     raise ValueError(f"num_steps={num_steps!r} must be an integer >= 1.")
   schedules.check_increasing(gamma_fn)
 
-
-def _reverse_loop(step: Step, z_1: jax.Array, rng: Optional[jax.Array], num_steps: int) -> jax.Array:
-  """z_0 from z_1 by z_{(i−1)/N} = step(z_{i/N}, i/N, (i−1)/N, rng_i) for i = N..1."""
   def body(k, carry):
     z, key = carry
     i = num_steps - k
@@ -46,7 +48,8 @@ def _reverse_loop(step: Step, z_1: jax.Array, rng: Optional[jax.Array], num_step
   return z
 
 
-def _eps(eps_fn: EpsFn, z: jax.Array, gamma: jax.Array) -> jax.Array:
+def eps_at(eps_fn: EpsFn, z: jax.Array, gamma: jax.Array) -> jax.Array:
+  """ε̂(z; γ) with one scalar γ for the whole batch z (as :func:`vdm.elbo.denoise` computes it)."""
   return denoise(eps_fn, z, jnp.full((z.shape[0],), gamma, jnp.float32))
 
 
@@ -64,7 +67,6 @@ def ddim(eps_fn: EpsFn, gamma_fn: GammaFn, z_1: jax.Array, num_steps: int,
   where σ²_s c is the variance of the posterior q(z_s|z_t, x). η = 0 is deterministic DDIM; η = 1
   is ancestral sampling of p(z_s|z_t) = q(z_s|z_t, x = x̂) (:func:`ancestral`).
   """
-  _check(gamma_fn, z_1, num_steps)
   if not 0.0 <= eta <= 1.0:
     raise ValueError(f"eta={eta!r} must be in [0, 1] (0: deterministic DDIM, 1: ancestral).")
   if eta:
@@ -73,7 +75,7 @@ def ddim(eps_fn: EpsFn, gamma_fn: GammaFn, z_1: jax.Array, num_steps: int,
   def step(z, t, s, key):
     g_t, g_s = gamma_fn(t), gamma_fn(s)
     sigma_t, sigma_s = jnp.sqrt(schedules.sigma2(g_t)), jnp.sqrt(schedules.sigma2(g_s))
-    eps_hat = _eps(eps_fn, z, g_t)
+    eps_hat = eps_at(eps_fn, z, g_t)
     # 1 − η² c = (1 − η²) + η² e^{γ_s − γ_t}: no cancellation at η = 1 and a large step.
     kept = jnp.sqrt((1.0 - eta**2) + eta**2 * jnp.exp(g_s - g_t))
     z_s = schedules.alpha_ratio(g_s, g_t) * (z - sigma_t * eps_hat) + sigma_s * kept * eps_hat
@@ -82,7 +84,7 @@ def ddim(eps_fn: EpsFn, gamma_fn: GammaFn, z_1: jax.Array, num_steps: int,
     c = -jnp.expm1(g_s - g_t)
     return z_s + eta * sigma_s * jnp.sqrt(c) * jax.random.normal(key, z.shape, z.dtype)
 
-  return _reverse_loop(step, z_1, rng if eta else None, num_steps)
+  return reverse_loop(step, gamma_fn, z_1, num_steps, rng if eta else None)
 
 
 def ancestral(eps_fn: EpsFn, gamma_fn: GammaFn, z_1: jax.Array, num_steps: int,
@@ -102,13 +104,12 @@ def vp_drift(eps_fn: EpsFn, gamma_fn: GammaFn, z: jax.Array, t, score_scale: flo
   g, dg = jax.jvp(gamma_fn, (jnp.asarray(t, jnp.float32),), (jnp.ones((), jnp.float32),))
   beta = dg * schedules.sigma2(g)
   sigma = jnp.sqrt(schedules.sigma2(g))
-  return -0.5 * beta * z + score_scale * beta / sigma * _eps(eps_fn, z, g), beta
+  return -0.5 * beta * z + score_scale * beta / sigma * eps_at(eps_fn, z, g), beta
 
 
 def euler_maruyama(eps_fn: EpsFn, gamma_fn: GammaFn, z_1: jax.Array, num_steps: int,
                    rng: Optional[jax.Array] = None) -> jax.Array:
   """Euler–Maruyama on the reverse VP-SDE dz = [−½β z + β ε̂/σ] dt + sqrt(β) dw̄, t: 1 → 0."""
-  _check(gamma_fn, z_1, num_steps)
   _needs_rng(rng, "euler_maruyama")
 
   def step(z, t, s, key):
@@ -116,14 +117,13 @@ def euler_maruyama(eps_fn: EpsFn, gamma_fn: GammaFn, z_1: jax.Array, num_steps: 
     dt = t - s
     return z - drift * dt + jnp.sqrt(beta * dt) * jax.random.normal(key, z.shape, z.dtype)
 
-  return _reverse_loop(step, z_1, rng, num_steps)
+  return reverse_loop(step, gamma_fn, z_1, num_steps, rng)
 
 
 def probability_flow(eps_fn: EpsFn, gamma_fn: GammaFn, z_1: jax.Array, num_steps: int,
                      rng: Optional[jax.Array] = None) -> jax.Array:
   """Heun's method on the probability-flow ODE dz/dt = −½β_t (z − ε̂/σ_t), t: 1 → 0 (``rng`` is
   not used: the signature is :data:`Sampler`'s)."""
-  _check(gamma_fn, z_1, num_steps)
 
   def step(z, t, s, key):
     d_t, _ = vp_drift(eps_fn, gamma_fn, z, t, 0.5)
@@ -131,7 +131,7 @@ def probability_flow(eps_fn: EpsFn, gamma_fn: GammaFn, z_1: jax.Array, num_steps
     d_s, _ = vp_drift(eps_fn, gamma_fn, z_euler, s, 0.5)
     return z - 0.5 * (t - s) * (d_t + d_s)
 
-  return _reverse_loop(step, z_1, None, num_steps)
+  return reverse_loop(step, gamma_fn, z_1, num_steps)
 
 
 # sampler(eps_fn, gamma_fn, z_1, num_steps, rng) -> z_0; rng may be None for the deterministic ones.
