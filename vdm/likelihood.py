@@ -6,9 +6,13 @@ images, drawing K Monte-Carlo samples (t, ε, z_0) per image for each.
 
 ``eps_fn`` and ``gamma_fn`` are any callables of the :mod:`vdm.elbo` interface. Every function
 here jit-compiles with :func:`equinox.filter_jit`: arrays inside pytree arguments are traced,
-everything else is static. Pass a trained network as ``jax.tree_util.Partial(apply, params)``
-(a callable pytree) so that its parameters are traced arguments, not constants folded into
-the compiled program; plain closures work too.
+everything else is static, and a compiled program is reused while the static parts are the same
+objects. Pass a trained network as ``vdm.model.traced_fns(model, params)`` or
+``jax.tree_util.Partial(apply, params)`` (callable pytrees), so that its parameters are traced
+arguments: new parameters give new results, with no recompiling. A plain function or closure is
+compiled with the values it reads on its first call, as ``jax.jit`` compiles one: called again,
+the same function gives the same result even if the parameters it reads have changed since (a
+notebook's training loop). That suits fixed functions, such as the toy denoisers.
 """
 from __future__ import annotations
 

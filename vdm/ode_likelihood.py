@@ -14,7 +14,8 @@ exact log-density (the log-density itself is then unbiased, the bits/dim derived
 
 This gives the density of z_0, the latent at t = 0; :func:`ode_nll_bound` turns it into a bound
 on −log P(x) for integer data x in two ways (see there). ``eps_fn`` should be a callable pytree
-(``jax.tree_util.Partial(apply, params)``) or a plain closure, as in :mod:`vdm.likelihood`.
+(``jax.tree_util.Partial(apply, params)``); a plain closure is compiled with the values it reads
+on its first call, as in :mod:`vdm.likelihood`.
 """
 from __future__ import annotations
 
