@@ -4,12 +4,14 @@ a corrupt newest checkpoint, and divergence (bad input: tests/test_main.py).
 Restarts skip compilation: the runs share the suite's persistent XLA compilation cache
 (conftest.py).
 """
+import errno
 import glob
 import os
 import random
 import re
 import signal
 import subprocess
+import sys
 import time
 
 import jax
@@ -430,3 +432,35 @@ def test_the_writer_records_each_value_at_its_step(tmp_path):
               else (v.image.height, v.image.width)) for v in event.summary.value]
   assert seen == [(7, "train/bpd", 3.5), (7, "train/lr", 0.25), (9, "eval/bpd", 2.75),
                   (9, "samples", (4, 5))]
+
+
+def test_a_checkpoint_that_cannot_be_written_ends_the_run_in_one_line(tmp_path):
+  """A file-size limit that the first checkpoint exceeds (as a full disk would): the save fails at
+  once (saves are synchronous: an async one waits 300 s for a step directory that a full disk
+  never makes) and the run ends with one line naming the step to resume from, status 1, without
+  the tracebacks of orbax's writes still in flight (more than a thousand lines before)."""
+  workdir = str(tmp_path / "w")
+  cmd = _cmd(workdir, *TINY, *QUIET, "--config.training.num_steps=2")
+  r = subprocess.run(["bash", "-c", 'ulimit -f 500 && exec "$@"', "_", *cmd], cwd=ROOT,
+                     env=subprocess_env(), capture_output=True, text=True, timeout=600)
+  last = r.stderr.strip().splitlines()[-1]
+  assert r.returncode == 1, r.stderr[-3000:]
+  assert re.fullmatch(r"vdm: error: could not write checkpoint 2 in \S+checkpoints \(.+\): free space "
+                      r"or make it writable, then rerun the same command to resume from step 0\.", last), last
+  assert "Event loop is closed" not in r.stderr and len(r.stderr.splitlines()) < 200, r.stderr[-3000:]
+
+
+def test_the_writer_raises_a_failed_write_at_the_call(tmp_path):
+  """tensorboardX's SummaryWriter writes in a thread: a full disk killed the thread, and the run
+  then blocked for good on its queue, deaf to SIGTERM. The Writer writes in the caller's thread, so
+  the write's OSError reaches the run (here a file-size limit of 8 KiB, as a full disk)."""
+  script = ("import resource, numpy as np; from vdm import logging_utils\n"
+            "resource.setrlimit(resource.RLIMIT_FSIZE, (8192, 8192))\n"
+            f"w = logging_utils.Writer({str(tmp_path)!r})\n"
+            "try:\n"
+            "  w.image(1, 'samples', np.random.default_rng(0).integers(0, 256, (64, 64, 3)))\n"
+            "except OSError as e:\n"
+            "  print('raised', e.errno)\n")
+  r = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=subprocess_env(),
+                     capture_output=True, text=True, timeout=120)
+  assert r.returncode == 0 and r.stdout.strip() == f"raised {errno.EFBIG}", (r.stdout, r.stderr[-2000:])

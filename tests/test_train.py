@@ -249,8 +249,8 @@ def test_only_reads_reporting_to_a_closed_loop_are_silenced(monkeypatch):
     raise RuntimeError("Event loop is closed")  # the same words, from elsewhere
   seen = []
   monkeypatch.setattr(sys, "unraisablehook", seen.append)
-  ckpt_lib._quiet_failed_reads()
-  ckpt_lib._quiet_failed_reads()  # idempotent: one hook, over the previous one
+  ckpt_lib._quiet_failed_io()
+  ckpt_lib._quiet_failed_io()  # idempotent: one hook, over the previous one
   sys.unraisablehook(late)
   sys.unraisablehook(unraisable(other))
   assert [str(u.exc_value) for u in seen] == ["Event loop is closed"] and seen[0] is not late
@@ -273,11 +273,11 @@ def test_a_restore_silences_late_reads_before_its_first_read(monkeypatch):
 
   class Manager:
     def item_metadata(self, step):
-      quiet.append(getattr(sys.unraisablehook, "vdm_quiet_reads", False))
+      quiet.append(getattr(sys.unraisablehook, "vdm_quiet_io", False))
       raise ValueError("OUT_OF_RANGE: Error reading .zarray in OCDBT database")
 
     def restore(self, step, args):
-      quiet.append(getattr(sys.unraisablehook, "vdm_quiet_reads", False))
+      quiet.append(getattr(sys.unraisablehook, "vdm_quiet_io", False))
       return step
 
   assert ckpt_lib._restore(Manager(), 4, {"params": np.zeros(3, np.float32)}) == 4
@@ -294,6 +294,53 @@ def test_inference_refuses_a_config_that_shapes_the_checkpoint_differently(tmp_p
   config.loss.importance_num_bins = 32
   with pytest.raises(ValueError, match=r"loss.importance_num_bins=64 \(now 32\)"):
     ckpt_lib.check_run_config(config, str(tmp_path), mode="eval")
+
+
+def test_a_failed_write_of_the_run_record_leaves_the_old_one_in_place(tmp_path, monkeypatch):
+  """A resume with a new learning rate on a full disk: the old config.json stays where it is (it was
+  moved aside before the new one was written, which then failed, leaving no record and so no
+  guard), and no copy of it is made; with space, the old one is kept as config.<time>.json."""
+  config = tiny_config()
+  ckpt_lib.record_run_config(config, str(tmp_path))
+  config.optimizer.learning_rate = 1e-3
+
+  def full(*args, **kwargs):
+    raise OSError(28, "No space left on device")
+
+  with monkeypatch.context() as m:
+    m.setattr(logging_utils.json, "dump", full)
+    with pytest.raises(OSError, match="No space left"):
+      ckpt_lib.record_run_config(config, str(tmp_path))
+  assert sorted(os.listdir(tmp_path)) == ["config.json", "config.json.tmp"]
+  assert ckpt_lib.read_config_json(str(tmp_path / "config.json"), "")["optimizer.learning_rate"] != 1e-3
+  ckpt_lib.record_run_config(config, str(tmp_path))
+  assert ckpt_lib.read_config_json(str(tmp_path / "config.json"), "")["optimizer.learning_rate"] == 1e-3
+  assert len(os.listdir(tmp_path)) == 2  # config.json and config.<time>.json
+
+
+def test_training_refuses_checkpoints_without_their_record(tmp_path):
+  """A workdir whose config.json is gone (deleted with the workdir mid-run, say) would resume
+  unchecked with any seed or model; training refuses it, eval and sampling take the given config."""
+  config = tiny_config()
+  os.makedirs(tmp_path / "checkpoints" / "2")
+  with pytest.raises(ValueError, match=r"has checkpoints but no config.json, the record of the "
+                     r"settings they were trained with: restore it .* or use a fresh --workdir\.$"):
+    ckpt_lib.check_run_config(config, str(tmp_path), mode="train")
+  ckpt_lib.check_run_config(config, str(tmp_path), mode="eval")
+
+
+def test_a_second_training_run_on_a_workdir_is_refused(tmp_path):
+  """Two runs on one workdir wrote over each other's checkpoints and records, both exiting 0. The
+  first holds run.lock (flock: a second open file, even in the same process, cannot take it); the
+  second is refused in one line naming the holder, and the lock is free once its holder ends."""
+  workdir = str(tmp_path)
+  with ckpt_lib.workdir_lock(workdir):
+    with pytest.raises(ValueError, match=rf"^{workdir} is in use by another training run \(process "
+                       rf"{os.getpid()} on \S+\): wait for it to end, or train in another --workdir\.$"):
+      with ckpt_lib.workdir_lock(workdir):
+        pass
+  with ckpt_lib.workdir_lock(workdir):
+    pass
 
 
 def test_a_checkpoint_of_another_model_is_named_as_such(setup, tmp_path):

@@ -6,18 +6,21 @@ vdm.input_pipeline). Checkpoints with non-finite parameters are never written. I
 checkpoint cannot be restored (truncated, corrupt), the failure is logged and the next older one
 is tried; once one restores, the newer unrestorable ones are moved to ``checkpoints_unrestorable/``
 (kept for inspection, out of orbax's way: it writes no step at or below its newest); the reads
-still in flight when one fails would otherwise print hundreds of tracebacks (_quiet_failed_reads).
+(or writes) still in flight when one fails would otherwise print hundreds of tracebacks
+(_quiet_failed_io). A save that fails (a full or read-only disk) raises a one-line OSError that
+names the step to resume from.
 A run's config.json (:func:`record_run_config`) guards its workdir against another run's config
 (:func:`check_run_config`).
 """
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import logging as std_logging
 import os
 import sys
-from typing import Optional
+from typing import Iterator, Optional
 
 import jax
 import numpy as np
@@ -31,6 +34,7 @@ from vdm.train import TrainState, abstract_train_state
 
 CHECKPOINT_DIR = "checkpoints"
 RUN_CONFIG = "config.json"  # the run's config, in its workdir: record_run_config
+LOCK_FILE = "run.lock"  # held by the run training in its workdir: workdir_lock
 
 
 def _all_finite(tree) -> bool:
@@ -45,10 +49,11 @@ def _abstract(target, sharding=None):
   return jax.tree.map(leaf, target)
 
 
-def _is_late_read_report(unraisable) -> bool:
-  """Whether ``unraisable`` is a TensorStore read reporting to orbax's closed event loop: after one
-  read of a restore fails, orbax closes its loop, and each read still in flight then raises
-  'Event loop is closed' in ``call_soon_threadsafe`` (hundreds of tracebacks per failed restore)."""
+def _is_late_io_report(unraisable) -> bool:
+  """Whether ``unraisable`` is a TensorStore read or write reporting to orbax's closed event loop:
+  after one read of a restore (or write of a save) fails, orbax closes its loop, and each one
+  still in flight then raises 'Event loop is closed' in ``call_soon_threadsafe`` (hundreds of
+  tracebacks per failed restore or save)."""
   tb = unraisable.exc_traceback
   while tb is not None and tb.tb_next is not None:
     tb = tb.tb_next
@@ -59,26 +64,27 @@ def _is_late_read_report(unraisable) -> bool:
 
 def _keep_record(record) -> bool:
   """False for asyncio's '{Task,Future} exception was never retrieved' about a failed TensorStore
-  read of orbax's (the restore reported the failure already); True for any other record."""
+  read or write of orbax's (the restore or save reported the failure already); True for any other
+  record."""
   message = record.getMessage()
   return not ("exception was never retrieved" in message.split("\n", 1)[0]
               and "tensorstore_spec" in message)
 
 
-def _quiet_failed_reads() -> None:
-  """Silence the aftermath of a failed read for the rest of the process (it comes from orbax's
-  threads after the restore has returned): late reports (:func:`_is_late_read_report`) and
-  asyncio's records of them (:func:`_keep_record`). Idempotent; every other unraisable exception
-  and asyncio record is reported as before."""
+def _quiet_failed_io() -> None:
+  """Silence the aftermath of a failed read or write for the rest of the process (it comes from
+  orbax's threads after the restore or save has returned): late reports
+  (:func:`_is_late_io_report`) and asyncio's records of them (:func:`_keep_record`). Idempotent;
+  every other unraisable exception and asyncio record is reported as before."""
   std_logging.getLogger("asyncio").addFilter(_keep_record)  # a no-op when there already
-  if getattr(sys.unraisablehook, "vdm_quiet_reads", False):
+  if getattr(sys.unraisablehook, "vdm_quiet_io", False):
     return
   previous = sys.unraisablehook
 
   def hook(unraisable):
-    if not _is_late_read_report(unraisable):
+    if not _is_late_io_report(unraisable):
       previous(unraisable)
-  hook.vdm_quiet_reads = True
+  hook.vdm_quiet_io = True
   sys.unraisablehook = hook
 
 
@@ -110,7 +116,7 @@ def _restore(manager: ocp.CheckpointManager, step: int, target, sharding=None):
   """Step ``step`` of ``manager``, shaped like ``target`` (ModelMismatch: another model's). The
   reads' aftermath is silenced first: the metadata read fails, too, on a checkpoint whose data
   chunks are truncated, and leaves reads in flight."""
-  _quiet_failed_reads()
+  _quiet_failed_io()
   _check_params(manager, step, target)
   return manager.restore(step, args=ocp.args.StandardRestore(_abstract(target, sharding)))
 
@@ -128,7 +134,10 @@ class Checkpointer:
     if max_to_keep < 1:
       raise ValueError(f"max_to_keep={max_to_keep} must be >= 1 (the checkpoints kept on disk).")
     self.directory = os.path.abspath(os.path.join(workdir, CHECKPOINT_DIR))
-    self._manager = _manager(self.directory, max_to_keep=max_to_keep, create=True)
+    # Synchronous: the run waits for each save anyway, and a failed write then raises here at
+    # once (async, a step directory that cannot be made leaves the save waiting 300 s for it).
+    self._manager = _manager(self.directory, max_to_keep=max_to_keep, create=True,
+                             enable_async_checkpointing=False)
     self.last_good_step: Optional[int] = self._manager.latest_step()
 
   def all_steps(self) -> list[int]:
@@ -146,11 +155,19 @@ class Checkpointer:
       return False
     # The state is replicated: saving host copies makes orbax write from process 0 alone (its
     # jax.Array handler would write replica slices from every process in parallel).
-    if not self._manager.save(step, args=ocp.args.StandardSave(jax.device_get(state)), force=force):
+    _quiet_failed_io()  # a failed write leaves writes in flight reporting to a closed loop
+    try:
+      saved = self._manager.save(step, args=ocp.args.StandardSave(jax.device_get(state)), force=force)
+      self._manager.wait_until_finished()
+    except Exception as e:  # pylint: disable=broad-except
+      first = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
+      raise OSError(f"could not write checkpoint {step} in {self.directory} ({type(e).__name__}: "
+                    f"{first}): free space or make it writable, then rerun the same command to "
+                    f"resume from step {self.last_good_step or 0}.") from e
+    if not saved:
       raise RuntimeError(f"orbax did not write step {step} in {self.directory} (its newest step "
                          f"is {self._manager.latest_step()}): move the newer steps out of that "
                          "directory and resume.")
-    self._manager.wait_until_finished()
     self.last_good_step = step
     return True
 
@@ -307,18 +324,18 @@ def has_checkpoints(workdir: str) -> bool:
 def record_run_config(config, workdir: str) -> None:
   """Write ``workdir/config.json`` (process 0; atomically, so a kill never leaves half a record).
   A record that differs (a resume that changed a free setting, e.g. the learning rate or the step
-  count) is first kept as config.<its time>.json: the steps before ran with its settings."""
+  count) is kept as config.<its time>.json: the steps before ran with its settings. The new record
+  is written before the old one moves, so a full disk leaves the old one in place."""
   if logging_utils.is_main_process():
     path = os.path.join(workdir, RUN_CONFIG)
     record = json.loads(config.to_json_best_effort())
+    same = False
     if os.path.isfile(path):
       try:
         same = read_config_json(path, "") == _flat(record)
       except ValueError:  # an unreadable record: keep it too
-        same = False
-      if not same:
-        logging_utils.keep_previous(path)
-    logging_utils.write_json(path, record)
+        pass
+    logging_utils.write_json(path, record, keep=not same)
 
 
 def config_items(config) -> dict:
@@ -339,14 +356,45 @@ def read_config_json(path: str, fix: str) -> dict:
     raise ValueError(f"cannot read {path} ({type(e).__name__}){fix}") from None
 
 
+@contextlib.contextmanager
+def workdir_lock(workdir: str) -> Iterator[None]:
+  """Hold ``workdir/run.lock`` (an exclusive lock; process 0 of a run takes it) while training:
+  a second run started on the same workdir would write over the first one's checkpoints and
+  records. It is refused in one line naming the process that holds the lock. The kernel releases
+  the lock when its holder exits, however it exits."""
+  if not logging_utils.is_main_process():
+    yield
+    return
+  os.makedirs(workdir, exist_ok=True)
+  with open(os.path.join(workdir, LOCK_FILE), "a+") as f:
+    try:
+      fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+      f.seek(0)
+      holder = f.read().strip() or "unknown"
+      raise ValueError(f"{workdir} is in use by another training run (process {holder}): wait for "
+                       "it to end, or train in another --workdir.") from None
+    f.truncate(0)
+    f.write(f"{os.getpid()} on {os.uname().nodename}\n")
+    f.flush()
+    yield
+
+
 def check_run_config(config, path: str, mode: str = "eval") -> None:
   """Refuse a config that differs from the one training recorded in the run's config.json in what
   defines the run (``mode`` 'train') or its trained function ('eval', 'sample'), when the run at
   ``path`` (as :func:`run_dir`) has checkpoints: resuming or evaluating it with another seed,
-  optimizer, data or model would silently mix two runs."""
+  optimizer, data or model would silently mix two runs. Training also refuses checkpoints without
+  a record (eval and sampling then take the config they are given)."""
   workdir = run_dir(path)
   recorded = os.path.join(workdir, RUN_CONFIG)
-  if not (os.path.isfile(recorded) and has_checkpoints(workdir)):
+  if not has_checkpoints(workdir):
+    return
+  if not os.path.isfile(recorded):
+    if mode == "train":  # a resume would go on unchecked, and record its own config as the run's
+      raise ValueError(f"{workdir} has checkpoints but no {RUN_CONFIG}, the record of the settings "
+                       "they were trained with: restore it (a config.<time>.json there is an "
+                       "earlier record) or use a fresh --workdir.")
     return
   saved = read_config_json(recorded, ", the config of the run whose checkpoints are there: "
                            "restore it, or use a fresh --workdir.")

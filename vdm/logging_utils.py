@@ -22,6 +22,9 @@ import jax
 import numpy as np
 from absl import app, flags, logging
 from jax.experimental import multihost_utils
+from tensorboardX import summary as tb_summary
+from tensorboardX.event_file_writer import EventsWriter
+from tensorboardX.proto import event_pb2
 
 
 def is_main_process() -> bool:
@@ -80,13 +83,16 @@ def json_safe(o):
   return o
 
 
-def write_json(path: str, obj, sort_keys: bool = True) -> None:
+def write_json(path: str, obj, sort_keys: bool = True, keep: bool = False) -> None:
   """Write :func:`json_safe` of ``obj`` as strict JSON to ``path`` atomically (a temporary file,
-  then a rename)."""
+  then a rename). With ``keep``, an existing ``path`` is kept (:func:`keep_previous`) once the new
+  content is on disk, before the rename: a write that fails (a full disk) leaves it in place."""
   tmp = path + ".tmp"
   with open(tmp, "w") as f:
     json.dump(json_safe(obj), f, indent=2, sort_keys=sort_keys, allow_nan=False)
     f.write("\n")
+  if keep:
+    keep_previous(path)
   os.replace(tmp, path)
 
 
@@ -143,28 +149,33 @@ def provenance() -> dict:
 
 
 class Writer:
-  """Scalars and images to TensorBoard under ``logdir`` (process 0 only)."""
+  """Scalars and images to a TensorBoard event file under ``logdir`` (process 0 only), written and
+  flushed in the calling thread. A failed write (a full disk) raises OSError at the call, where
+  tensorboardX's SummaryWriter loses its writer thread and then blocks the run for good."""
 
   def __init__(self, logdir: str):
-    self._writer = None
+    self._events = None
     if is_main_process():
-      from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
-      self._writer = SummaryWriter(logdir=logdir, flush_secs=30)
+      os.makedirs(logdir, exist_ok=True)
+      self._events = EventsWriter(os.path.join(logdir, "events"))
+
+  def _write(self, step: int, summaries: list) -> None:
+    for summary in summaries:
+      self._events.write_event(event_pb2.Event(summary=summary, step=step, wall_time=time.time()))
+    self._events.flush()
 
   def scalars(self, step: int, values: dict, prefix: str = "") -> None:
-    if self._writer is None:
-      return
-    for k, v in values.items():
-      self._writer.add_scalar(f"{prefix}{k}", float(v), global_step=step)
+    if self._events is not None:
+      self._write(step, [tb_summary.scalar(f"{prefix}{k}", float(v)) for k, v in values.items()])
 
   def image(self, step: int, tag: str, grid: np.ndarray) -> None:
-    if self._writer is not None:
-      self._writer.add_image(tag, np.asarray(grid, np.uint8), global_step=step, dataformats="HWC")
+    if self._events is not None:
+      self._write(step, [tb_summary.image(tag, np.asarray(grid, np.uint8), dataformats="HWC")])
 
   def close(self) -> None:
-    if self._writer is not None:
-      self._writer.close()
-      self._writer = None
+    if self._events is not None:
+      events, self._events = self._events, None
+      events.close()
 
 
 class Throughput:

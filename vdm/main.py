@@ -177,6 +177,7 @@ def run_train(config, workdir: str) -> dict:
 
 def _train(config, workdir: str, cleanup: contextlib.ExitStack) -> dict:
   t_cfg = config.training
+  cleanup.enter_context(ckpt_lib.workdir_lock(workdir))
   notice = StopNotice()  # from the start: a notice during start-up stops at the first step
   cleanup.callback(notice.close)
   mesh = train.make_mesh()
@@ -400,6 +401,10 @@ def main(argv) -> None:
                  FLAGS.sample_seed)
   except Diverged as e:
     logging_utils.fail(str(e), status=1)
+  except OSError as e:  # a full or read-only disk, mid-run: the newest checkpoint stands
+    logging_utils.fail(str(e) if e.errno is None else
+                       f"{e}: if the disk is full or read-only, free space or make it writable, "
+                       "then rerun the same command to resume from the newest checkpoint.", status=1)
 
 
 def run() -> None:
