@@ -343,6 +343,28 @@ def test_a_second_training_run_on_a_workdir_is_refused(tmp_path):
     pass
 
 
+def test_resuming_on_other_training_images_is_refused(tmp_path):
+  """The config names data.path, not the images: a file replaced there (or a relative path that
+  finds another file) resumed silently on other data. data.json holds the images' fingerprint."""
+  images = np.random.default_rng(0).integers(0, 256, (300, 4, 4, 1), dtype=np.uint8)
+  split = lambda x: ip.Split("npz/train", len(x), lambda idx: x[idx])
+  workdir = str(tmp_path)
+  ckpt_lib.check_train_data(workdir, split(images).fingerprint())  # a new run records it
+  os.makedirs(tmp_path / "checkpoints" / "2")
+  ckpt_lib.check_train_data(workdir, split(images.copy()).fingerprint())  # the same images
+  other = images.copy()
+  other[-1, 0, 0, 0] ^= 1  # one value of the last image (always among those hashed)
+  with pytest.raises(ValueError, match=r"holds a run trained on other images \(300 images of \[4, 4, "
+                     r"1\], sha256 [0-9a-f]{16}; the data now has 300 images of \[4, 4, 1\], sha256 "
+                     r"[0-9a-f]{16}\): point data.path at the run's data, or use a fresh --workdir\.$"):
+    ckpt_lib.check_train_data(workdir, split(other).fingerprint())
+  with pytest.raises(ValueError, match=r"299 images"):
+    ckpt_lib.check_train_data(workdir, split(images[:-1]).fingerprint())
+  os.rmdir(tmp_path / "checkpoints" / "2")  # no checkpoints: a new run, which records its own
+  ckpt_lib.check_train_data(workdir, split(other).fingerprint())
+  assert logging_utils.read_json(str(tmp_path / "data.json"), "")["train"] == split(other).fingerprint()
+
+
 def test_a_checkpoint_of_another_model_is_named_as_such(setup, tmp_path):
   """Without the run's config.json (a copied run), restoring into another model names the first
   parameter that differs, from the checkpoint's metadata, instead of 'corrupt or another config'."""

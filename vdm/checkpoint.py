@@ -35,6 +35,7 @@ from vdm.train import TrainState, abstract_train_state
 CHECKPOINT_DIR = "checkpoints"
 RUN_CONFIG = "config.json"  # the run's config, in its workdir: record_run_config
 LOCK_FILE = "run.lock"  # held by the run training in its workdir: workdir_lock
+TRAIN_DATA = "data.json"  # a fingerprint of the run's training images: check_train_data
 
 
 def _all_finite(tree) -> bool:
@@ -378,6 +379,22 @@ def workdir_lock(workdir: str) -> Iterator[None]:
     f.write(f"{os.getpid()} on {os.uname().nodename}\n")
     f.flush()
     yield
+
+
+def check_train_data(workdir: str, fingerprint: str) -> None:
+  """Refuse to resume a run on other training images than those its checkpoints were trained on
+  (``fingerprint``: :meth:`vdm.input_pipeline.Split.fingerprint`), as when a file is replaced at
+  the same data.path or a relative path finds another file: the config alone cannot tell. A
+  workdir without checkpoints, or whose run predates the record, gets the record (process 0)."""
+  path = os.path.join(workdir, TRAIN_DATA)
+  if has_checkpoints(workdir) and os.path.isfile(path):
+    recorded = logging_utils.read_json(path, ": restore it, or use a fresh --workdir.").get("train")
+    if recorded != fingerprint:
+      raise ValueError(f"{workdir} holds a run trained on other images ({recorded}; the data "
+                       f"now has {fingerprint}): point data.path at the run's data, or use a "
+                       "fresh --workdir.")
+  elif logging_utils.is_main_process():
+    logging_utils.write_json(path, {"train": fingerprint})
 
 
 def check_run_config(config, path: str, mode: str = "eval") -> None:

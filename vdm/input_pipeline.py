@@ -16,6 +16,7 @@ Sources (``config.data.source``):
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import queue
 import threading
@@ -43,6 +44,14 @@ class Split:
 
   def get(self, indices: np.ndarray) -> np.ndarray:
     return self._get(np.asarray(indices, np.int64))
+
+  def fingerprint(self, num_images: int = 256) -> str:
+    """The split's size, image shape and a SHA-256 of up to ``num_images`` of its images, evenly
+    spaced (whatever the source): what a run records of its training data."""
+    idx = np.unique(np.linspace(0, self.num_examples - 1, min(self.num_examples, num_images)).astype(np.int64))
+    images = np.ascontiguousarray(self.get(idx))
+    digest = hashlib.sha256(images.tobytes()).hexdigest()[:16]
+    return f"{self.num_examples} images of {list(images.shape[1:])}, sha256 {digest}"
 
 
 def check_source(source: str) -> None:

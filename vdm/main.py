@@ -184,6 +184,7 @@ def _train(config, workdir: str, cleanup: contextlib.ExitStack) -> dict:
   model = make_model(config)
   train_split = input_pipeline.load_split(config.data, config.data.train_split, config.seed)
   eval_split = input_pipeline.load_split(config.data, config.data.eval_split, config.seed)
+  ckpt_lib.check_train_data(workdir, train_split.fingerprint())
   data = input_pipeline.TrainData(train_split, t_cfg.batch_size, config.seed, config.data.random_flip)
 
   checkpointer = ckpt_lib.Checkpointer(workdir, t_cfg.max_to_keep)
