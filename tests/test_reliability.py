@@ -438,7 +438,8 @@ def test_a_checkpoint_that_cannot_be_written_ends_the_run_in_one_line(tmp_path):
   """A file-size limit that the first checkpoint exceeds (as a full disk would): the save fails at
   once (saves are synchronous: an async one waits 300 s for a step directory that a full disk
   never makes) and the run ends with one line naming the step to resume from, status 1, without
-  the tracebacks of orbax's writes still in flight (more than a thousand lines before)."""
+  the tracebacks of orbax's writes still in flight or orbax's own log of the failure (more than a
+  thousand lines before)."""
   workdir = str(tmp_path / "w")
   cmd = _cmd(workdir, *TINY, *QUIET, "--config.training.num_steps=2")
   r = subprocess.run(["bash", "-c", 'ulimit -f 500 && exec "$@"', "_", *cmd], cwd=ROOT,
@@ -447,7 +448,7 @@ def test_a_checkpoint_that_cannot_be_written_ends_the_run_in_one_line(tmp_path):
   assert r.returncode == 1, r.stderr[-3000:]
   assert re.fullmatch(r"vdm: error: could not write checkpoint 2 in \S+checkpoints \(.+\): free space "
                       r"or make it writable, then rerun the same command to resume from step 0\.", last), last
-  assert "Event loop is closed" not in r.stderr and len(r.stderr.splitlines()) < 200, r.stderr[-3000:]
+  assert "Traceback" not in r.stderr and "Event loop is closed" not in r.stderr, r.stderr[-3000:]
 
 
 def test_the_writer_raises_a_failed_write_at_the_call(tmp_path):

@@ -362,10 +362,14 @@ def run_sample(config, workdir: str, checkpoint: str | None, sampler: str, num_s
 
 class _QuietLibraries:
   """Keep INFO records of vdm only (orbax alone logs a screenful per checkpoint); keep every
-  library's warnings and errors."""
+  library's warnings and errors but one: orbax's traceback of a failed save's thread, whose
+  exception orbax raises again where the save waits, and the run reports in one line there."""
 
   def filter(self, record) -> bool:  # pylint: disable=invalid-name
     import logging as std_logging  # pylint: disable=g-import-not-at-top
+    if (record.pathname.endswith(os.path.join("futures", "future.py"))
+        and "raised an exception" in record.getMessage()):
+      return False
     return (record.levelno >= std_logging.WARNING or f"{os.sep}vdm{os.sep}" in record.pathname
             or "absl" in record.pathname)
 
