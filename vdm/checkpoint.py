@@ -10,7 +10,8 @@ is tried; once one restores, the newer unrestorable ones are moved to ``checkpoi
 (_quiet_failed_io). A save that fails (a full or read-only disk) raises a one-line OSError that
 names the step to resume from.
 A run's config.json (:func:`record_run_config`) guards its workdir against another run's config
-(:func:`check_run_config`).
+(:func:`check_run_config`), its data.json against other training images (:func:`check_train_data`),
+and its run.lock against a second run training there at the same time (:func:`workdir_lock`).
 """
 from __future__ import annotations
 

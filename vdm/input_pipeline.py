@@ -48,7 +48,8 @@ class Split:
   def fingerprint(self, num_images: int = 256) -> str:
     """The split's size, image shape and a SHA-256 of up to ``num_images`` of its images, evenly
     spaced (whatever the source): what a run records of its training data."""
-    idx = np.unique(np.linspace(0, self.num_examples - 1, min(self.num_examples, num_images)).astype(np.int64))
+    count = min(self.num_examples, num_images)
+    idx = np.unique(np.linspace(0, self.num_examples - 1, count).astype(np.int64))
     images = np.ascontiguousarray(self.get(idx))
     digest = hashlib.sha256(images.tobytes()).hexdigest()[:16]
     return f"{self.num_examples} images of {list(images.shape[1:])}, sha256 {digest}"
