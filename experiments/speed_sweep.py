@@ -96,9 +96,8 @@ def check_xla_options(options: dict) -> None:
     try:
       jax.jit(lambda x: x + 1).lower(np.float32(0)).compile({name: value})
     except Exception as e:  # pylint: disable=broad-except  (XLA reports it as a runtime error)
-      first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
       raise app.UsageError(f"XLA option {name}={value!r} refused by jax {jax.__version__}'s XLA "
-                           f"({first}): check the name and type against its DebugOptions.")
+                           f"({logging_utils.first_line(e) or type(e).__name__}): check the name and type against its DebugOptions.")
 
 
 FLAGS = flags.FLAGS

@@ -162,9 +162,8 @@ class Checkpointer:
       saved = self._manager.save(step, args=ocp.args.StandardSave(jax.device_get(state)), force=force)
       self._manager.wait_until_finished()
     except Exception as e:  # pylint: disable=broad-except
-      first = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
       raise OSError(f"could not write checkpoint {step} in {self.directory} ({type(e).__name__}: "
-                    f"{first}): free space or make it writable, then rerun the same command to "
+                    f"{logging_utils.first_line(e)[:300]}): free space or make it writable, then rerun the same command to "
                     f"resume from step {self.last_good_step or 0}.") from e
     if not saved:
       raise RuntimeError(f"orbax did not write step {step} in {self.directory} (its newest step "
@@ -190,7 +189,7 @@ class Checkpointer:
         state = _restore(self._manager, step, target, sharding)
       except Exception as e:  # pylint: disable=broad-except
         logging.warning("Checkpoint %s/%d could not be restored (%s: %s); trying the previous one.",
-                        self.directory, step, type(e).__name__, str(e).splitlines()[0][:200] if str(e) else "")
+                        self.directory, step, type(e).__name__, logging_utils.first_line(e)[:200])
         state = None
       if not logging_utils.from_every_process([state is not None]).all():
         if state is not None:

@@ -27,6 +27,8 @@ from typing import Callable, Iterator, Optional
 import jax
 import numpy as np
 
+from vdm import logging_utils
+
 SOURCES = ("tfds", "npz", "synthetic")
 _SYNTHETIC_SPLIT_SEED = {"train": 0, "test": 1, "validation": 2}  # any other name: its CRC-32
 
@@ -185,7 +187,7 @@ def _load_tfds(data_config, split: str) -> Split:
     source = tfds.data_source(data_config.name, split=split, download=bool(data_config.download),
                               **kwargs)
   except Exception as e:  # pylint: disable=broad-except
-    msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    msg = logging_utils.first_line(e) or type(e).__name__
     raise ValueError(f"tfds data set {data_config.name!r} split {split!r} could not be opened ({msg}): "
                      "prepare it (pip install -e '.[data]', then data.download=True or tfds build "
                      "--file_format=array_record) and set data.data_dir, or use "

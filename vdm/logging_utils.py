@@ -233,6 +233,13 @@ def progress(iterable: Iterable, total: int, desc: str) -> Iterator:
                   mininterval=1.0)
 
 
+def first_line(e: BaseException) -> str:
+  """The first line of an exception's message, stripped ('' when it has none): for one-line
+  reports of errors whose messages run to many lines (orbax's, TensorStore's, XLA's)."""
+  text = str(e).strip()
+  return text.splitlines()[0] if text else ""
+
+
 def fail(message: str, status: int = 2) -> None:
   """End the program with one line ``vdm: error: message`` on stderr and exit ``status``."""
   print(f"vdm: error: {message}", file=sys.stderr, flush=True)
@@ -248,7 +255,7 @@ def one_line_errors(main: Callable[[list], None]) -> Callable[[list], None]:
     try:
       return main(argv)
     except (ValueError, app.UsageError) as e:
-      fail(str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__)
+      fail(first_line(e) or type(e).__name__)
   return wrapped
 
 
