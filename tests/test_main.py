@@ -149,6 +149,10 @@ BAD_INPUTS = {
     "unreadable_record": (["TRUNCATED_CONFIG_JSON"], {},
                           "config.json (JSONDecodeError), the config of the run whose checkpoints "
                           "are there: restore it, or use a fresh"),
+    # a resume with a new learning rate on a workdir another run trains in: refused before the
+    # config check's "Resuming ..." warning, which made a second line
+    "locked_workdir": (["LOCKED", "--config.optimizer.learning_rate=0.001"], {},
+                       "is in use by another training run"),
     "no_coordinator": (["--process_id=1"], {}, "jax.distributed.initialize failed"),
     "empty_test_split": (["--config.data.synthetic_num_test=0"], {}, "has no examples"),
     # config's num_steps=0: a run that wrongly accepted these flags would end at once, not after
@@ -246,6 +250,11 @@ NPZ_IMAGES = {"shape": np.zeros((4, 5, 5), np.uint8), "dtype": np.zeros((4, 8, 8
 
 @pytest.mark.ci_once  # vdm's own checks, many processes
 def test_bad_input_exits_2_with_one_line(tmp_path):
+  import contextlib  # pylint: disable=g-import-not-at-top
+  import importlib  # pylint: disable=g-import-not-at-top
+  sys.path.insert(0, ROOT)
+  from vdm import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
+  held = contextlib.ExitStack()  # locks held by this process until every run has ended
   procs = {}
   a_file = tmp_path / "a_file"
   a_file.write_text("x")
@@ -283,11 +292,19 @@ def test_bad_input_exits_2_with_one_line(tmp_path):
       with open(os.path.join(workdir, "config.json"), "w") as f:
         f.write('{"data": {')
       args = []
+    elif args and args[0] == "LOCKED":  # the quickstart's run, with checkpoints, held by this process
+      os.makedirs(os.path.join(workdir, "checkpoints", "2"))
+      ckpt_lib.record_run_config(importlib.import_module("configs.quickstart").get_config(), workdir)
+      held.enter_context(ckpt_lib.workdir_lock(workdir))
+      args = args[1:]
     procs[name] = subprocess.Popen(_cmd(workdir, *args, config=config), cwd=ROOT, env=subprocess_env(**env),
                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
   deadline = time.time() + 600
+  with held:
+    errs = {name: proc.communicate(timeout=max(deadline - time.time(), 1))[1]
+            for name, proc in procs.items()}
   for name, proc in procs.items():
-    _, err = proc.communicate(timeout=max(deadline - time.time(), 1))
+    err = errs[name]
     lines = [l for l in err.splitlines() if l.strip()]
     assert proc.returncode == 2, (name, err[-2000:])
     assert len(lines) == 1 and lines[0].startswith("vdm: error: "), (name, err[-2000:])
@@ -401,6 +418,21 @@ def trained_run(tmp_path_factory):
   workdir = str(tmp_path_factory.mktemp("trained") / "run")
   main.run_train(config, workdir)
   return config, workdir
+
+
+def test_run_train_refuses_a_workdir_holding_another_run(tmp_path):
+  """Only the command line checked the config against the run's record: main.run_train (notebooks,
+  tests) resumed a run with another seed, mixing two runs. It checks it itself now, holding the
+  workdir, before any model or data is built."""
+  from test_train import tiny_config  # pylint: disable=g-import-not-at-top
+  from vdm import checkpoint as ckpt_lib, main  # pylint: disable=g-import-not-at-top
+  config, workdir = tiny_config(), str(tmp_path)
+  os.makedirs(os.path.join(workdir, "checkpoints", "2"))
+  ckpt_lib.record_run_config(config, workdir)
+  config.seed += 1
+  with pytest.raises(ValueError, match=rf"^{workdir} holds a run with seed={config.seed - 1} "
+                     rf"\(now {config.seed}\): use that run's config"):
+    main.run_train(config, workdir)
 
 
 @pytest.mark.ci_once  # vdm.main's own control flow; test_train makes its jax calls

@@ -170,7 +170,9 @@ def _due_record(path: str) -> dict:
 
 
 def run_train(config, workdir: str) -> dict:
-  """Train (or resume) to config.training.num_steps. Returns the last eval summary."""
+  """Train (or resume) to config.training.num_steps. Returns the last eval summary. A workdir in
+  use by another run, or holding a run of another config (:func:`vdm.checkpoint.check_run_config`),
+  is refused."""
   with contextlib.ExitStack() as cleanup:  # signal handlers, writers, threads: on any exit
     return _train(config, workdir, cleanup)
 
@@ -178,6 +180,7 @@ def run_train(config, workdir: str) -> dict:
 def _train(config, workdir: str, cleanup: contextlib.ExitStack) -> dict:
   t_cfg = config.training
   cleanup.enter_context(ckpt_lib.workdir_lock(workdir))
+  ckpt_lib.check_run_config(config, workdir, "train")
   notice = StopNotice()  # from the start: a notice during start-up stops at the first step
   cleanup.callback(notice.close)
   mesh = train.make_mesh()
@@ -311,9 +314,9 @@ def run_eval(config, workdir: str, checkpoint: str | None) -> dict:
     logging.warning("eval.num_batches=%d limits training's periodic evals; --mode=eval evaluates "
                     "the whole split.", config.eval.num_batches)
   mesh = train.make_mesh()
-  split = input_pipeline.load_split(config.data, config.data.eval_split, config.seed)
   model, params, info = ckpt_lib.load_params(config, checkpoint or workdir,
                                               sharding=train.replicated(mesh))
+  split = input_pipeline.load_split(config.data, config.data.eval_split, config.seed)
   step = info["step"]
   eval_step = train.make_eval_step(config, model, mesh)
   t0 = time.time()
@@ -393,8 +396,7 @@ def main(argv) -> None:
       raise ValueError(f"{', '.join(misplaced)} has no effect with --mode={FLAGS.mode}: drop it "
                        "(run lengths and sampler settings of training are config keys).")
     workdir = prepare_workdir(FLAGS.workdir)
-    ckpt_lib.check_run_config(config, FLAGS.checkpoint or workdir, FLAGS.mode)
-    if FLAGS.mode == "train":
+    if FLAGS.mode == "train":  # each mode checks the config against the run's own record
       run_train(config, workdir)
     elif FLAGS.mode == "eval":
       run_eval(config, workdir, FLAGS.checkpoint)
