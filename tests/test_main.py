@@ -135,7 +135,8 @@ BAD_INPUTS = {
     "config_json": (["CONFIG=/tmp/run/config.json"], {}, "is a JSON record, not a config file: "
                     "read a run's config.json with --config=configs/run.py:/tmp/run/config.json"),
     "run_config_missing": (["CONFIG=configs/run.py:/nonexistent"], {},
-                           "cannot read /nonexistent (FileNotFoundError): pass a run's workdir"),
+                           "cannot read /nonexistent (FileNotFoundError: [Errno 2] No such file or "
+                           "directory: '/nonexistent'): pass a run's workdir"),
     "checkpoints_in_the_way": (["IN_THE_WAY=checkpoints"], {},
                                "checkpoints is in the way: the run writes a directory there"),
     "config_json_in_the_way": (["IN_THE_WAY=config.json"], {},
@@ -147,8 +148,9 @@ BAD_INPUTS = {
     "workdir_in_proc": (["WORKDIR=/proc/vdm_workdir"], {}, "not a writable directory"),
     "corrupt_checkpoint": (["CORRUPT_CHECKPOINT"], {}, "could not be restored"),
     "unreadable_record": (["TRUNCATED_CONFIG_JSON"], {},
-                          "config.json (JSONDecodeError), the config of the run whose checkpoints "
-                          "are there: restore it, or use a fresh"),
+                          "config.json (JSONDecodeError: Expecting property name enclosed in double "
+                          "quotes: line 1 column 11 (char 10)), the config of the run whose "
+                          "checkpoints are there: restore it, or use a fresh"),
     # a resume with a new learning rate on a workdir another run trains in: refused before the
     # config check's "Resuming ..." warning, which made a second line
     "locked_workdir": (["LOCKED", "--config.optimizer.learning_rate=0.001"], {},
@@ -532,7 +534,8 @@ def test_run_config_reads_a_workdir_or_its_config_json_and_refuses_unknown_keys(
   with pytest.raises(ValueError, match="pass --config=configs/run.py:WORKDIR"):
     run_config.get_config()  # --config=configs/run.py with no path: not a missing argument
   newer.write_text("[1]")  # JSON, but no config: it was reported as an unknown config key
-  with pytest.raises(ValueError, match=r"cannot read .*config.json \(ValueError\): pass a run's"):
+  with pytest.raises(ValueError, match=r"cannot read .*config.json \(ValueError: a JSON list, not an "
+                     r"object\): pass a run's"):
     run_config.get_config(str(newer))
 
 

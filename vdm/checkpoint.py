@@ -346,15 +346,8 @@ def config_items(config) -> dict:
 
 def read_config_json(path: str, fix: str) -> dict:
   """The config recorded at ``path`` (:func:`record_run_config`) by dotted key, or a ValueError
-  that names the file and ends with ``fix``."""
-  try:
-    with open(path) as f:
-      record = json.load(f)
-    if not isinstance(record, dict):  # _flat would fail on it with an AttributeError
-      raise ValueError(f"a JSON {type(record).__name__}")
-    return _flat(record)
-  except (OSError, ValueError) as e:
-    raise ValueError(f"cannot read {path} ({type(e).__name__}){fix}") from None
+  that names the file and ends with ``fix`` (:func:`vdm.logging_utils.read_json`)."""
+  return _flat(logging_utils.read_json(path, fix))
 
 
 @contextlib.contextmanager
