@@ -145,3 +145,20 @@ def test_eps_fn_refuses_a_batch_of_another_image_shape():
     with pytest.raises(ValueError, match=rf"a batch of shape \({shape[0]}, {shape[1]}, .*for a model "
                                          r"of images \(4, 4, 1\).*x.transpose\(0, 2, 3, 1\)"):
       eps_fn(jnp.zeros(shape), gamma)
+
+
+def test_a_model_takes_exactly_one_schedule():
+  """A Model with neither schedule gave γ = None, which failed later as "NoneType is not
+  callable"; one with both (a fixed γ swapped in by dataclasses.replace while the config named a
+  learned schedule) used the learned one and ignored the fixed γ silently. Both are refused."""
+  import dataclasses  # pylint: disable=g-import-not-at-top
+  config = default.get_config()
+  config.model.schedule = "learned_linear"
+  learned = make_model(config)
+  fixed = lambda t: -13.3 + 18.3 * t
+  for kwargs in ({"schedule": None}, {"fixed_gamma_fn": fixed}):
+    with pytest.raises(ValueError, match=r"^a Model takes one schedule: .*schedule=None, "
+                                         r"fixed_gamma_fn=f\) swaps in a fixed γ\)\.$"):
+      dataclasses.replace(learned, **kwargs)
+  swapped = dataclasses.replace(learned, schedule=None, fixed_gamma_fn=fixed)
+  assert gamma_fn_for(swapped, {}) is fixed

@@ -32,6 +32,12 @@ class Model:
   image_shape: tuple[int, int, int]
   eval_fp32_fraction: float = 0.0  # see eps_fn_for
 
+  def __post_init__(self):
+    if (self.schedule is None) == (self.fixed_gamma_fn is None):
+      raise ValueError("a Model takes one schedule: a learned `schedule` module or a "
+                       "`fixed_gamma_fn`, with the other None (dataclasses.replace(model, "
+                       "schedule=None, fixed_gamma_fn=f) swaps in a fixed γ).")
+
 
 def make_model(config) -> Model:
   """The model described by ``config.model`` for images of ``config.data``'s shape."""
