@@ -150,12 +150,14 @@ def run_curve(config, seconds: float, marks: list[float], use_ema: bool = False,
     if train_s >= mark:  # passed already by the step that ended the previous mark
       continue
     start = time.perf_counter()
-    while train_s + time.perf_counter() - start < mark:
+    while True:  # at least one step: a mark can pass between two readings of the clock
       state, metrics = step_fn(state, next(batches))
       if previous is not None:
         jax.block_until_ready(previous)  # step k − 1, while step k runs
       previous = metrics["bpd"]
       step += 1
+      if train_s + time.perf_counter() - start >= mark:
+        break
     jax.block_until_ready(state)
     train_s += time.perf_counter() - start
     last = jax.device_get(metrics)

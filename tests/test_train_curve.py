@@ -292,6 +292,34 @@ def test_the_curve_clock_counts_training_steps_only():
                          "final_draws": 5}, res["main"]
 
 
+SHORT_MARK = r"""
+import json, sys
+sys.path.insert(0, ".")
+from configs import quickstart
+from experiments import train_curve
+
+config = quickstart.get_config()
+config.update_from_flattened_dict({"data.image_size": 4, "training.batch_size": 16,
+                                   "eval.batch_size": 64, "data.synthetic_num_test": 64})
+now = [0.0]
+def reading():  # 1/8 s a reading: longer than the whole curve
+  now[0] += 0.125
+  return now[0]
+train_curve.time = type("Clock", (), {"perf_counter": staticmethod(reading)})
+res, _ = train_curve.run_curve(config, 0.0625, [0.0625], eval_batches=1)
+print(json.dumps(res))
+"""
+
+
+@pytest.mark.ci_once  # the script's own control flow
+def test_a_mark_shorter_than_a_clock_reading_still_trains_a_step():
+  """A first mark passed between two readings of the clock (--seconds=1e-9) ran no step, and the
+  run ended in an UnboundLocalError traceback after compiling; every mark now trains a step."""
+  res = run_script(SHORT_MARK)
+  assert res["steps"] == 1 and [p["step"] for p in res["points"]] == [1], res["points"]
+  assert math.isfinite(res["points"][0]["test_bpd"])
+
+
 @pytest.mark.ci_once  # the script's own control flow, two processes
 def test_likelihood_toy_run_follows_its_flags_and_keeps_an_earlier_json(tmp_path):
   """--toy without --output writes WORKDIR/likelihood.json: the ELBO of every --timesteps and the
