@@ -72,7 +72,7 @@ def _batch_moments(eps_fn, gamma_fn, x, rng, num_bins: int, vocab_size: int):
 
 
 def loss_moments(eps_fn: EpsFn, gamma_fn: GammaFn, batches: Iterable[jax.Array], rng: jax.Array, *,
-                 vocab_size: int = 256, num_bins: int = 64) -> dict[str, np.ndarray]:
+                 vocab_size: int = 256, num_bins: int = 64) -> dict[str, np.ndarray | int]:
   """Per-bin Monte-Carlo estimates of E[ℓ(t)] and E[ℓ(t)²] on equal-width bins of [0, 1].
 
   Every image of every batch is evaluated once per bin, at t uniform within the bin (one

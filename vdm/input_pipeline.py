@@ -22,7 +22,7 @@ import queue
 import threading
 import zipfile
 import zlib
-from typing import Callable, Iterator, Optional
+from typing import Callable, Generator, Iterator, Optional
 
 import jax
 import numpy as np
@@ -310,7 +310,7 @@ def to_global(local: np.ndarray, sharding) -> jax.Array:
   return jax.make_array_from_process_local_data(sharding, local)
 
 
-def prefetch(iterator: Iterator, sharding, size: int = 2) -> Iterator:
+def prefetch(iterator: Iterator, sharding, size: int = 2) -> Generator:
   """Iterate ``iterator`` in a background thread, staging each item (an array or a tuple of
   arrays) on the devices with ``to_global``; up to ``size`` items wait ready. Errors in the
   thread are raised in the consumer. Closing the generator stops and joins the thread: one left
@@ -357,7 +357,7 @@ def prefetch(iterator: Iterator, sharding, size: int = 2) -> Iterator:
 
 
 def train_iterator(data: TrainData, start_step: int, sharding, size: int = 2,
-                   num_steps: Optional[int] = None) -> Iterator[jax.Array]:
+                   num_steps: Optional[int] = None) -> Generator[jax.Array, None, None]:
   """Device batches for steps start_step, start_step + 1, ... (up to num_steps), prefetched."""
   def host():
     step = start_step

@@ -16,7 +16,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from typing import Callable, Iterable, Iterator, Optional
+from typing import Callable, Iterable, Iterator, NoReturn, Optional
 
 import jax
 import numpy as np
@@ -240,7 +240,7 @@ def first_line(e: BaseException) -> str:
   return text.splitlines()[0] if text else ""
 
 
-def fail(message: str, status: int = 2) -> None:
+def fail(message: str, status: int = 2) -> NoReturn:
   """End the program with one line ``vdm: error: message`` on stderr and exit ``status``."""
   print(f"vdm: error: {message}", file=sys.stderr, flush=True)
   sys.exit(status)

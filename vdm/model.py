@@ -26,7 +26,7 @@ Params = Any
 @dataclasses.dataclass(frozen=True)
 class Model:
   """The denoiser network and the schedule: a learned Flax module, or a fixed ``gamma_fn``."""
-  net: nn.Module
+  net: ScoreUNet
   schedule: Optional[nn.Module]
   fixed_gamma_fn: Optional[GammaFn]
   image_shape: tuple[int, int, int]

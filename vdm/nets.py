@@ -23,6 +23,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
+from jax.typing import DTypeLike
 
 from vdm import pallas_conv, pallas_norm
 from vdm.schedules import GAMMA_MAX, GAMMA_MIN
@@ -122,7 +123,7 @@ def _norm_swish_forward(groups, epsilon, dtype, parts, shift, scale, bias):
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(0, 1, 2))
-def group_norm_swish(groups: int, epsilon: float, dtype: jnp.dtype, parts: Sequence[jax.Array],
+def group_norm_swish(groups: int, epsilon: float, dtype: DTypeLike, parts: Sequence[jax.Array],
                      shift: Optional[jax.Array], scale: jax.Array, bias: jax.Array) -> jax.Array:
   """swish(y), y = x̂ · scale + bias, x̂ = (v − μ_g) / √(σ²_g + ε), v = concat(parts) + shift
   (μ_g, σ²_g over H, W and each of the ``groups`` groups of channels), in fp32, rounded to
@@ -170,7 +171,7 @@ def _norm_conv_rule(groups, epsilon, dtype, out_dtype, dropout, seeds, parts, sh
   return (out if residual is None else out + residual).astype(out_dtype)
 
 
-def _norm_conv_fused(groups: int, epsilon: float, dtype: jnp.dtype, out_dtype: jnp.dtype,
+def _norm_conv_fused(groups: int, epsilon: float, dtype: DTypeLike, out_dtype: DTypeLike,
                      dropout: float, seeds: Optional[jax.Array], parts: Sequence[jax.Array],
                      shift: Optional[jax.Array], scale: jax.Array, bias: jax.Array,
                      kernel: jax.Array, conv_bias: jax.Array,
@@ -224,7 +225,7 @@ class GroupNormSwish(nn.Module):
   ``dropout`` inside its kernels (one seed per example from the 'dropout' rng)."""
   num_groups: int = 32
   epsilon: float = 1e-6
-  dtype: jnp.dtype = jnp.float32
+  dtype: DTypeLike = jnp.float32
   pallas: bool = False  # vdm.pallas_norm's fused kernels in place of the XLA rule
   dropout: float = 0.0  # only with pallas
 
@@ -242,7 +243,7 @@ class GroupNormSwish(nn.Module):
         seeds=pallas_norm.dropout_seeds(self, parts[0].shape[0], self.dropout))
 
 
-def norm_swish(parts: Sequence[jax.Array], shift: Optional[jax.Array], dtype: jnp.dtype,
+def norm_swish(parts: Sequence[jax.Array], shift: Optional[jax.Array], dtype: DTypeLike,
                impl: str, name: str, dropout: float = 0.0) -> jax.Array:
   """Dropout(swish(GroupNorm(concat(parts) + shift))) at rate ``dropout``, the norm as the
   submodule ``name`` of the calling module, computed as ``impl`` says (:data:`NORM_IMPL`); the
@@ -275,8 +276,8 @@ class ResnetBlock(nn.Module):
   dropout: float
   deterministic: bool
   attention: bool = False
-  dtype: jnp.dtype = jnp.float32
-  residual_dtype: jnp.dtype = jnp.float32
+  dtype: DTypeLike = jnp.float32
+  residual_dtype: DTypeLike = jnp.float32
   norm_impl: str = "autodiff"
 
   @nn.compact
@@ -351,7 +352,7 @@ class Conv(nn.Module):
   features: int
   strides: int = 1
   kernel_init: nn.initializers.Initializer = nn.initializers.lecun_normal()
-  dtype: jnp.dtype = jnp.float32
+  dtype: DTypeLike = jnp.float32
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -369,7 +370,7 @@ class SplitDense(nn.Module):
   initialisation) of ``nn.Dense(features, kernel_init=kernel_init)`` on the concatenation; the
   bias is added by :func:`add_bias`."""
   features: int
-  dtype: jnp.dtype = jnp.float32
+  dtype: DTypeLike = jnp.float32
   kernel_init: nn.initializers.Initializer = nn.initializers.lecun_normal()
 
   @nn.compact
@@ -384,8 +385,8 @@ class SplitDense(nn.Module):
 
 class AttnBlock(nn.Module):
   """Single-head self-attention over all H·W positions, residual, zero-initialised output."""
-  dtype: jnp.dtype = jnp.float32
-  residual_dtype: jnp.dtype = jnp.float32
+  dtype: DTypeLike = jnp.float32
+  residual_dtype: DTypeLike = jnp.float32
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:

@@ -68,7 +68,7 @@ def _check(divergence: str, num_probes: int, solver: str, rtol: float, atol: flo
 @eqx.filter_jit
 def ode_log_density(eps_fn: EpsFn, gamma_fn: GammaFn, z_0: jax.Array, rng: Optional[jax.Array] = None,
                     *, divergence: str = "hutchinson", num_probes: int = 1, solver: str = "tsit5",
-                    rtol: float = 1e-6, atol: float = 1e-6, max_steps: int = 4096,
+                    rtol: float = 1e-6, atol: float = 1e-6, max_steps: Optional[int] = 4096,
                     prior_log_prob: Optional[LogProb] = None) -> dict[str, jax.Array]:
   """log p_0(z_0) of the probability-flow ODE model, per example, for z_0 [B, ...] (float).
 
@@ -138,7 +138,7 @@ def ode_log_density(eps_fn: EpsFn, gamma_fn: GammaFn, z_0: jax.Array, rng: Optio
 def ode_nll_bound(eps_fn: EpsFn, gamma_fn: GammaFn, x: jax.Array, rng: jax.Array, *,
                   vocab_size: int = 256, dequantization: str = "uniform", decoder: str = "vdm",
                   divergence: str = "hutchinson", num_probes: int = 1, solver: str = "tsit5",
-                  rtol: float = 1e-6, atol: float = 1e-6, max_steps: int = 4096,
+                  rtol: float = 1e-6, atol: float = 1e-6, max_steps: Optional[int] = 4096,
                   prior_log_prob: Optional[LogProb] = None) -> dict[str, jax.Array]:
   """A one-draw upper bound on −log P(x) in nats per example, for integers x [B, ...] in [0, V).
 

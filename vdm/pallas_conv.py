@@ -31,6 +31,7 @@ from typing import Optional, Sequence
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
+from jax.typing import DTypeLike
 
 from vdm import pallas_norm
 
@@ -121,7 +122,7 @@ def _tiling(parts, rows, block) -> tuple[int, int]:
 def norm_swish_conv(parts: Sequence[jax.Array], a: jax.Array, c: jax.Array, kernel: jax.Array,
                     bias: jax.Array, residual: Optional[jax.Array] = None, dropout: float = 0.0,
                     seeds: Optional[jax.Array] = None, sums: bool = False,
-                    dtype: Optional[jnp.dtype] = None, out_dtype: Optional[jnp.dtype] = None,
+                    dtype: Optional[DTypeLike] = None, out_dtype: Optional[DTypeLike] = None,
                     rows: Optional[int] = None, block: Optional[int] = None, num_warps: int = 8,
                     num_stages: int = 2):
   """conv3×3(dropout(swish(concat(parts) · a + c)), kernel) + bias (+ residual), the module

@@ -32,6 +32,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.custom_partitioning import custom_partitioning
 from jax.interpreters.mlir import ir
 from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.typing import DTypeLike
 
 try:  # deprecated (jax 0.11.2 and 0.12 warn), to be removed: vdm must import without it
   from jax.experimental.pallas import triton as plt
@@ -438,7 +439,7 @@ def _forward(groups, epsilon, dtype, dropout, parts, shift, seeds, scale, bias):
                               *_flat(parts, shift, seeds, scale, bias))
 
 
-def group_norm_swish(groups: int, epsilon: float, dtype: jnp.dtype, parts: Sequence[jax.Array],
+def group_norm_swish(groups: int, epsilon: float, dtype: DTypeLike, parts: Sequence[jax.Array],
                      shift: Optional[jax.Array], scale: jax.Array, bias: jax.Array,
                      dropout: float = 0.0, seeds: Optional[jax.Array] = None) -> jax.Array:
   """swish(x̂ · scale + bias) in ``dtype`` (the module docstring's equation), from the fused

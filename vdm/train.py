@@ -219,7 +219,7 @@ def loss_and_grads(config, model: Model, params, batch: jax.Array, rng_elbo: jax
   return loss, terms, grads
 
 
-def make_train_step(config, model: Model, mesh: Mesh) -> Callable[[TrainState, jax.Array], tuple]:
+def make_train_step(config, model: Model, mesh: Mesh) -> jax.stages.Wrapped:
   """The jitted ``train_step(state, batch) -> (state, metrics)``; ``state`` is donated.
 
   The gradients are those of the training loss, or with ``model.variance_minimizing`` those of
@@ -290,7 +290,7 @@ def make_train_step(config, model: Model, mesh: Mesh) -> Callable[[TrainState, j
                  out_shardings=(state_sharding, state_sharding), donate_argnums=(0,))
 
 
-def make_eval_step(config, model: Model, mesh: Mesh) -> Callable:
+def make_eval_step(config, model: Model, mesh: Mesh) -> jax.stages.Wrapped:
   """The jitted ``eval_step(params, batch, mask, rng) -> sums``: masked sums over the batch of the
   bound and each term in bits/dim, of its square, and the count (deterministic net, no dropout).
   The antithetic times are spread over the rows ``mask`` keeps, so a padded batch's images get the
