@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.scipy.special import log_ndtr
+from jax.typing import ArrayLike
 
 from vdm import schedules
 from vdm.schedules import GammaFn
@@ -43,7 +44,7 @@ def check_vocab_size(vocab_size: int) -> None:
     raise ValueError(f"vocab_size={vocab_size!r} must be an integer >= 2 (256 for 8-bit images).")
 
 
-def check_data(x: jax.Array, vocab_size: int) -> None:
+def check_data(x: ArrayLike, vocab_size: int) -> None:
   """Raise ValueError unless x is a batch [B, ...] of integers in [0, vocab_size)."""
   check_vocab_size(vocab_size)
   if jnp.ndim(x) < 2:
@@ -58,7 +59,7 @@ def check_data(x: jax.Array, vocab_size: int) -> None:
                      "set vocab_size to the number of distinct levels or fix the data.")
 
 
-def check_batches(batches: Iterable[jax.Array]) -> None:
+def check_batches(batches: Iterable[ArrayLike]) -> None:
   """Raise ValueError if ``batches``, meant as an iterable of [B, ...] batches, is one array:
   iterating it would give its rows, each taken for a batch."""
   if hasattr(batches, "shape"):
@@ -94,7 +95,7 @@ def denoise(eps_fn: EpsFn, z_t: jax.Array, gamma_t: jax.Array) -> jax.Array:
   return eps_hat
 
 
-def data_dims(x: jax.Array) -> int:
+def data_dims(x: ArrayLike) -> int:
   """D = the number of dimensions per example (H·W·C for images)."""
   return int(np.prod(jnp.shape(x)[1:]))
 

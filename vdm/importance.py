@@ -33,6 +33,7 @@ from typing import Iterable
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+from jax.typing import ArrayLike
 import numpy as np
 
 from vdm import elbo, schedules
@@ -71,7 +72,7 @@ def _batch_moments(eps_fn, gamma_fn, x, rng, num_bins: int, vocab_size: int):
   return s1, s2
 
 
-def loss_moments(eps_fn: EpsFn, gamma_fn: GammaFn, batches: Iterable[jax.Array], rng: jax.Array, *,
+def loss_moments(eps_fn: EpsFn, gamma_fn: GammaFn, batches: Iterable[ArrayLike], rng: jax.Array, *,
                  vocab_size: int = 256, num_bins: int = 64) -> dict[str, np.ndarray | int]:
   """Per-bin Monte-Carlo estimates of E[ℓ(t)] and E[ℓ(t)²] on equal-width bins of [0, 1].
 
@@ -128,7 +129,7 @@ def proposal_from_second_moment(second_moment, uniform_mix: float = 0.1, spread:
   return {"probs": (1.0 - uniform_mix) * shape + uniform_mix / num_bins}
 
 
-def fit_time_proposal(eps_fn: EpsFn, gamma_fn: GammaFn, batches: Iterable[jax.Array], rng: jax.Array,
+def fit_time_proposal(eps_fn: EpsFn, gamma_fn: GammaFn, batches: Iterable[ArrayLike], rng: jax.Array,
                       *, vocab_size: int = 256, num_bins: int = 64, uniform_mix: float = 0.1,
                       spread: int = 1) -> ProposalParams:
   """Fit q(t) ∝ sqrt(E[ℓ(t)²]) (floored by ``uniform_mix``, widened by ``spread`` bins) on a few

@@ -22,6 +22,7 @@ from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+from jax.typing import ArrayLike
 import numpy as np
 
 from vdm import elbo, schedules
@@ -88,7 +89,7 @@ def _elbo_samples(eps_fn, gamma_fn, x, rng, *, vocab_size, num_timesteps, num_sa
   return out
 
 
-def over_batches(batches: Iterable[jax.Array], rng: jax.Array, vocab_size: int,
+def over_batches(batches: Iterable[ArrayLike], rng: jax.Array, vocab_size: int,
                  fn: Callable[[jax.Array, jax.Array], Any]) -> tuple[list, int]:
   """[fn(x, fold_in(rng, i)) for each batch x, i = 0, 1, ...] and D, after checking each batch's
   data; the same keys for every fn, so evaluations of the same batches share their draws."""
@@ -110,7 +111,7 @@ def over_batches(batches: Iterable[jax.Array], rng: jax.Array, vocab_size: int,
 
 
 def _per_image(settings: Mapping[str, tuple[EpsFn, dict]], gamma_fn: GammaFn,
-               batches: Iterable[jax.Array], rng: jax.Array, vocab_size: int
+               batches: Iterable[ArrayLike], rng: jax.Array, vocab_size: int
                ) -> tuple[dict[str, dict[str, np.ndarray]], int]:
   """{setting: {output: per-image values over all batches}} of :func:`elbo_samples` with each
   setting's (eps_fn, keyword arguments), and D. Batch i uses the key fold_in(rng, i) under every
@@ -125,7 +126,7 @@ def _per_image(settings: Mapping[str, tuple[EpsFn, dict]], gamma_fn: GammaFn,
           for name in settings}, dims
 
 
-def evaluate_elbo(eps_fn: EpsFn, gamma_fn: GammaFn, batches: Iterable[jax.Array], rng: jax.Array, *,
+def evaluate_elbo(eps_fn: EpsFn, gamma_fn: GammaFn, batches: Iterable[ArrayLike], rng: jax.Array, *,
                   vocab_size: int = 256, timesteps: Sequence[int] = (0,), num_samples: int = 1,
                   antithetic: bool = True, decoder: str = "vdm",
                   time_proposals: Optional[Mapping[str, TimeProposal]] = None
@@ -182,7 +183,7 @@ def evaluate_elbo(eps_fn: EpsFn, gamma_fn: GammaFn, batches: Iterable[jax.Array]
 
 
 def paired_difference(eps_fn_a: EpsFn, eps_fn_b: EpsFn, gamma_fn: GammaFn,
-                      batches: Iterable[jax.Array], rng: jax.Array, *, vocab_size: int = 256,
+                      batches: Iterable[ArrayLike], rng: jax.Array, *, vocab_size: int = 256,
                       num_timesteps: int = 0, num_samples: int = 1, antithetic: bool = True,
                       decoder: str = "vdm") -> dict[str, float]:
   """The bound of two denoisers on the same images with the same draws of (t, ε, z_0), in bits/dim.
@@ -221,7 +222,7 @@ def _loss_differences(eps_fn_a: EpsFn, eps_fn_b: EpsFn, gamma_fn: GammaFn, x: ja
 
 
 def difference_by_time(eps_fn_a: EpsFn, eps_fn_b: EpsFn, gamma_fn: GammaFn,
-                       batches: Iterable[jax.Array], rng: jax.Array, *, vocab_size: int = 256,
+                       batches: Iterable[ArrayLike], rng: jax.Array, *, vocab_size: int = 256,
                        num_bins: int = 10) -> dict:
   """Where in t two denoisers' bounds differ (continuous time), in bits/dim.
 

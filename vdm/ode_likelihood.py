@@ -26,6 +26,7 @@ import diffrax
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+from jax.typing import ArrayLike
 import numpy as np
 
 from vdm import elbo, schedules
@@ -201,7 +202,7 @@ def _ode_nll_bound(eps_fn, gamma_fn, x, rng, *, vocab_size, dequantization, deco
           "converged": ode["converged"]}
 
 
-def evaluate_ode_likelihood(eps_fn: EpsFn, gamma_fn: GammaFn, batches: Iterable[jax.Array],
+def evaluate_ode_likelihood(eps_fn: EpsFn, gamma_fn: GammaFn, batches: Iterable[ArrayLike],
                             rng: jax.Array, *, vocab_size: int = 256, num_draws: int = 1,
                             **kwargs) -> dict[str, float]:
   """The ODE bound (:func:`ode_nll_bound`, ``kwargs`` passed on) in bits/dim over a dataset.

@@ -37,6 +37,7 @@ from typing import Any, Callable, NamedTuple, Optional, Sequence
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+from jax.typing import ArrayLike
 import numpy as np
 import optax
 
@@ -172,7 +173,7 @@ def check_settings(*, steps: Optional[int] = None, learning_rate: Optional[float
 
 
 def fit_shape(eps_fn: EpsFn, module: schedules.LearnedMonotone, params: Params,
-              batch_at: Callable[[int], jax.Array], rng: jax.Array, *, steps: int,
+              batch_at: Callable[[int], ArrayLike], rng: jax.Array, *, steps: int,
               learning_rate: float, vocab_size: int = 256) -> tuple[Params, np.ndarray]:
   """The schedule's shape fitted to minimise Var[L_i] for the frozen denoiser ``eps_fn``.
 
