@@ -75,6 +75,30 @@ def subprocess_env(devices: int = 1, **extra: str) -> dict:
   return env
 
 
+def compiled(fn) -> list[str]:
+  """The names of the functions jax compiles (or loads from the cache) while ``fn()`` runs, one
+  per program, from jax's log_compiles records."""
+  import logging
+  import re
+  import jax
+  names = []
+
+  class Names(logging.Handler):
+    def emit(self, record):
+      m = re.match(r"Compiling (?:jit\()?(\w+)", record.getMessage())
+      if m:
+        names.append(m.group(1))
+
+  handler, logger = Names(), logging.getLogger("jax")
+  logger.addHandler(handler)
+  try:
+    with jax.log_compiles(True):
+      fn()
+  finally:
+    logger.removeHandler(handler)
+  return names
+
+
 def run_script(script: str, *args: str, devices: int = 1) -> dict:
   """Runs a Python script (``python -c script *args``) in the repo root, on ``devices`` CPU
   devices, checks that it exits 0 and returns the JSON its last line prints."""

@@ -6,7 +6,7 @@ import pytest
 
 from configs import default
 from vdm.model import (eps_fn_for, gamma_fn_for, init_params, make_model, split_by_noise,
-                       with_dtype)
+                       traced_fns, with_dtype)
 
 
 def test_split_by_noise_routes_the_lowest_gamma():
@@ -162,3 +162,21 @@ def test_a_model_takes_exactly_one_schedule():
       dataclasses.replace(learned, **kwargs)
   swapped = dataclasses.replace(learned, schedule=None, fixed_gamma_fn=fixed)
   assert gamma_fn_for(swapped, {}) is fixed
+
+
+def test_traced_fns_of_a_model_reuse_its_programs_for_new_parameters():
+  """traced_fns made new functions on every call, so each call (new parameters, or the same ones
+  again: a notebook evaluating after each stretch of training) compiled the bound again."""
+  from conftest import compiled  # pylint: disable=g-import-not-at-top
+  from vdm import likelihood  # pylint: disable=g-import-not-at-top
+  config = default.get_config()
+  config.data.update(image_size=4, channels=1)
+  config.model.update(n_embd=64, n_layer=1, channel_mult=(1,), schedule="learned_linear")
+  model = make_model(config)
+  params = [init_params(model, jax.random.PRNGKey(0))]
+  params.append(jax.tree.map(lambda a: a + 0.01, params[0]))  # the zero-initialised output layer too
+  x = np.zeros((2, 4, 4, 1), np.uint8)
+  bound = lambda p: likelihood.evaluate_elbo(*traced_fns(model, p), [x], jax.random.PRNGKey(2))
+  first = bound(params[0])
+  assert "_elbo_samples" not in compiled(lambda: (bound(params[1]), bound(params[0])))
+  assert bound(params[1])["continuous"]["bpd"] != first["continuous"]["bpd"]

@@ -7,8 +7,9 @@ schedules). ``eps_fn_for`` and ``gamma_fn_for`` close over them and give the cal
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import flax.linen as nn
 import jax
@@ -177,10 +178,17 @@ def split_by_noise(eps_low: EpsFn, eps_rest: EpsFn, fraction: float) -> EpsFn:
 def traced_fns(model: Model, params: Params) -> tuple[EpsFn, GammaFn]:
   """(ε̂, γ) with ``params`` as ``jax.tree_util.Partial``s: callable pytrees whose parameters jit
   traces as arguments rather than folding them into the program as constants (what
-  :mod:`vdm.likelihood`, :mod:`vdm.ode_likelihood` and :mod:`vdm.importance` expect). Build them
-  once per model: each call makes new functions, so a new compile. ε̂ is the bound's
+  :mod:`vdm.likelihood`, :mod:`vdm.ode_likelihood` and :mod:`vdm.importance` expect). The
+  functions are the same objects for every ``params`` of a model (and of an equal one), so a
+  program compiled for one set of parameters serves the next. ε̂ is the bound's
   (``eps_fn_for(..., bound=True)``); where a batch shares one t, as in an ODE solve, its fp32
   share is the first ⌈f·B⌉ examples."""
-  eps_fn = jax.tree_util.Partial(lambda p, z, g: eps_fn_for(model, p, bound=True)(z, g), params)
-  gamma_fn = jax.tree_util.Partial(lambda p, t: gamma_fn_for(model, p)(t), params)
-  return eps_fn, gamma_fn
+  eps, gamma = _param_fns(model)
+  return jax.tree_util.Partial(eps, params), jax.tree_util.Partial(gamma, params)
+
+
+@functools.lru_cache(maxsize=64)
+def _param_fns(model: Model) -> tuple[Callable, Callable]:
+  """ε̂(params, z, γ) and γ(params, t) of ``model``: one pair per (equal) model."""
+  return (lambda p, z, g: eps_fn_for(model, p, bound=True)(z, g),
+          lambda p, t: gamma_fn_for(model, p)(t))
