@@ -10,7 +10,7 @@ VDM paper writes the prior term D_KL and its T-step diffusion loss L_T (L_∞ in
 from __future__ import annotations
 
 import math
-from typing import Callable, Iterable, Optional
+from typing import Any, Callable, Iterable, Optional
 
 import jax
 import jax.numpy as jnp
@@ -65,6 +65,36 @@ def check_batches(batches: Iterable[ArrayLike]) -> None:
   if hasattr(batches, "shape"):
     raise ValueError(f"batches is one array of shape {batches.shape}: pass an iterable of [B, ...] "
                      "batches, e.g. [x] for one batch (list(x) for batches stacked on axis 0).")
+
+
+def over_batches(batches: Iterable[ArrayLike], rng: jax.Array, vocab_size: int,
+                 fn: Callable[[jax.Array, jax.Array, jax.Array], Any]) -> tuple[list, int]:
+  """[fn(x, fold_in(rng, i), keep) for each batch x, i = 0, 1, ...] and D, after checking each
+  batch's data; the same keys for every fn, so evaluations of the same batches share their draws.
+
+  A batch smaller than the first is padded to the first one's size with copies of its first row,
+  and ``keep`` [B] is True on its own rows: ``fn`` returns values for those alone (and passes
+  ``keep`` as the mask of :func:`elbo_terms` where it draws antithetic times). A split is then
+  evaluated by one compiled program however its last batch falls, not two."""
+  check_batches(batches)
+  results, dims, size = [], None, None
+  for i, x in enumerate(batches):
+    x = jnp.asarray(x)
+    check_data(x, vocab_size)
+    if dims is not None and data_dims(x) != dims:
+      raise ValueError(f"batch {i} has {data_dims(x)} values per image (shape {x.shape}) but "
+                       f"batch 0 has {dims}: bits/dim needs one image shape; evaluate each shape "
+                       "separately.")
+    dims, size, n = data_dims(x), size or x.shape[0], x.shape[0]
+    if not n:
+      raise ValueError(f"batch {i} has no images (shape {x.shape}): drop it from batches.")
+    if n < size:
+      x = jnp.concatenate([x, jnp.repeat(x[:1], size - n, axis=0)])
+    results.append(fn(x, jax.random.fold_in(rng, i), jnp.arange(x.shape[0]) < n))
+  if dims is None:
+    raise ValueError("batches yielded no data: pass at least one batch of images (is the "
+                     "split or num_images empty?).")
+  return results, dims
 
 
 def check_decoder(decoder: str, x_hat: Optional[jax.Array] = None, reads_x_hat: bool = False

@@ -61,11 +61,13 @@ def times_in_bin(rng: jax.Array, b: jax.Array, batch: int, num_bins: int
 
 
 @eqx.filter_jit
-def _batch_moments(eps_fn, gamma_fn, x, rng, num_bins: int, vocab_size: int):
-  """Σ over the batch of ℓ and ℓ² in each bin, t uniform inside the bin: two arrays [num_bins]."""
+def _batch_moments(eps_fn, gamma_fn, x, rng, keep, num_bins: int, vocab_size: int):
+  """Σ over the rows ``keep`` marks of ℓ and ℓ² in each bin, t uniform inside the bin: two arrays
+  [num_bins]."""
   def one_bin(carry, b):
     t, key_eps = times_in_bin(rng, b, x.shape[0], num_bins)
-    loss = diffusion_loss_at(eps_fn, gamma_fn, x, t, key_eps, vocab_size=vocab_size)
+    loss = jnp.where(keep, diffusion_loss_at(eps_fn, gamma_fn, x, t, key_eps, vocab_size=vocab_size),
+                     0.0)
     return carry, (jnp.sum(loss), jnp.sum(loss**2))
 
   _, (s1, s2) = jax.lax.scan(one_bin, None, jnp.arange(num_bins))
@@ -81,17 +83,13 @@ def loss_moments(eps_fn: EpsFn, gamma_fn: GammaFn, batches: Iterable[ArrayLike],
   "num_images"}; the bin-average of "mean" estimates the continuous-time diffusion term.
   """
   schedules.check_increasing(gamma_fn)
-  elbo.check_batches(batches)
-  s1 = s2 = 0.0
-  n = 0
-  for i, x in enumerate(batches):
-    x = jnp.asarray(x)
-    elbo.check_data(x, vocab_size)
-    b1, b2 = _batch_moments(eps_fn, gamma_fn, x, jax.random.fold_in(rng, i), num_bins, vocab_size)
-    s1, s2, n = s1 + np.asarray(b1, np.float64), s2 + np.asarray(b2, np.float64), n + x.shape[0]
-  if n == 0:
-    raise ValueError("batches yielded no data: pass at least one batch of images (is the "
-                     "split or num_images empty?).")
+
+  def sums(x, key, keep):
+    s1, s2 = _batch_moments(eps_fn, gamma_fn, x, key, keep, num_bins, vocab_size)
+    return np.asarray(s1, np.float64), np.asarray(s2, np.float64), int(np.sum(keep))
+
+  per_batch, _ = elbo.over_batches(batches, rng, vocab_size, sums)
+  s1, s2, n = (sum(b[k] for b in per_batch) for k in range(3))
   return {"mean": s1 / n, "second_moment": s2 / n, "num_images": n}
 
 

@@ -17,7 +17,7 @@ notebook's training loop). That suits fixed functions, such as the toy denoisers
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
+from typing import Iterable, Mapping, Optional, Sequence
 
 import equinox as eqx
 import jax
@@ -49,7 +49,8 @@ def mean_and_se(per_image: np.ndarray) -> tuple[float, float]:
 def elbo_samples(eps_fn: EpsFn, gamma_fn: GammaFn, x: jax.Array, rng: jax.Array, *,
                  vocab_size: int = 256, num_timesteps: int = 0, num_samples: int = 1,
                  antithetic: bool = True, decoder: str = "vdm",
-                 time_proposal: Optional[TimeProposal] = None) -> dict[str, jax.Array]:
+                 time_proposal: Optional[TimeProposal] = None,
+                 mask: Optional[jax.Array] = None) -> dict[str, jax.Array]:
   """Per-image Monte-Carlo means over ``num_samples`` draws of the ELBO terms, in nats.
 
   Returns {"prior", "diffusion", "reconstruction", "total"}: each [B], the mean over the K
@@ -57,8 +58,9 @@ def elbo_samples(eps_fn: EpsFn, gamma_fn: GammaFn, x: jax.Array, rng: jax.Array,
   (nan for K = 1), i.e. the Monte-Carlo noise of a single draw. The K draws run as a
   ``lax.scan`` over keys (one batch-sized denoiser call each), so the denoiser's memory does not
   grow with K (the scan keeps only the K × 4 per-image terms);
-  with ``antithetic`` each draw stratifies t across the batch. x, K, T and γ are checked here,
-  before compiling, where their values are known.
+  with ``antithetic`` each draw stratifies t across the batch (across the rows ``mask`` keeps, in
+  a padded batch: :func:`vdm.elbo.sample_times`). x, K, T and γ are checked here, before
+  compiling, where their values are known.
   """
   elbo.check_data(x, vocab_size)
   elbo.check_num_timesteps(num_timesteps)
@@ -67,16 +69,16 @@ def elbo_samples(eps_fn: EpsFn, gamma_fn: GammaFn, x: jax.Array, rng: jax.Array,
   schedules.check_increasing(gamma_fn)
   return _elbo_samples(eps_fn, gamma_fn, x, rng, vocab_size=vocab_size, num_timesteps=num_timesteps,
                        num_samples=num_samples, antithetic=antithetic, decoder=decoder,
-                       time_proposal=time_proposal)
+                       time_proposal=time_proposal, mask=mask)
 
 
 @eqx.filter_jit
 def _elbo_samples(eps_fn, gamma_fn, x, rng, *, vocab_size, num_timesteps, num_samples, antithetic,
-                  decoder, time_proposal):
+                  decoder, time_proposal, mask):
   def draw(_, key):
     terms = elbo.elbo_terms(eps_fn, gamma_fn, x, key, vocab_size=vocab_size,
                             num_timesteps=num_timesteps, antithetic=antithetic, decoder=decoder,
-                            time_proposal=time_proposal)
+                            time_proposal=time_proposal, mask=mask)
     return None, jnp.stack([terms["prior"], terms["diffusion"], terms["reconstruction"],
                             elbo.total_nats(terms)])
 
@@ -89,39 +91,18 @@ def _elbo_samples(eps_fn, gamma_fn, x, rng, *, vocab_size, num_timesteps, num_sa
   return out
 
 
-def over_batches(batches: Iterable[ArrayLike], rng: jax.Array, vocab_size: int,
-                 fn: Callable[[jax.Array, jax.Array], Any]) -> tuple[list, int]:
-  """[fn(x, fold_in(rng, i)) for each batch x, i = 0, 1, ...] and D, after checking each batch's
-  data; the same keys for every fn, so evaluations of the same batches share their draws."""
-  elbo.check_batches(batches)
-  results, dims = [], None
-  for i, x in enumerate(batches):
-    x = jnp.asarray(x)
-    elbo.check_data(x, vocab_size)
-    if dims is not None and elbo.data_dims(x) != dims:
-      raise ValueError(f"batch {i} has {elbo.data_dims(x)} values per image (shape {x.shape}) but "
-                       f"batch 0 has {dims}: bits/dim needs one image shape; evaluate each shape "
-                       "separately.")
-    dims = elbo.data_dims(x)
-    results.append(fn(x, jax.random.fold_in(rng, i)))
-  if dims is None:
-    raise ValueError("batches yielded no data: pass at least one batch of images (is the "
-                     "split or num_images empty?).")
-  return results, dims
-
-
 def _per_image(settings: Mapping[str, tuple[EpsFn, dict]], gamma_fn: GammaFn,
                batches: Iterable[ArrayLike], rng: jax.Array, vocab_size: int
                ) -> tuple[dict[str, dict[str, np.ndarray]], int]:
   """{setting: {output: per-image values over all batches}} of :func:`elbo_samples` with each
   setting's (eps_fn, keyword arguments), and D. Batch i uses the key fold_in(rng, i) under every
   setting (common random numbers)."""
-  def one_batch(x, key):
-    return {name: {k: np.asarray(v)
-                   for k, v in elbo_samples(eps_fn, gamma_fn, x, key, **kwargs).items()}
+  def one_batch(x, key, keep):
+    return {name: {k: np.asarray(v)[np.asarray(keep)]
+                   for k, v in elbo_samples(eps_fn, gamma_fn, x, key, mask=keep, **kwargs).items()}
             for name, (eps_fn, kwargs) in settings.items()}
 
-  per_batch, dims = over_batches(batches, rng, vocab_size, one_batch)
+  per_batch, dims = elbo.over_batches(batches, rng, vocab_size, one_batch)
   return {name: {k: np.concatenate([b[name][k] for b in per_batch]) for k in per_batch[0][name]}
           for name in settings}, dims
 
@@ -235,8 +216,8 @@ def difference_by_time(eps_fn_a: EpsFn, eps_fn_b: EpsFn, gamma_fn: GammaFn,
   if num_bins < 1:
     raise ValueError(f"num_bins={num_bins} must be >= 1.")
   schedules.check_increasing(gamma_fn)
-  per_image, dims = over_batches(batches, rng, vocab_size, lambda x, key: np.asarray(
-      _loss_differences(eps_fn_a, eps_fn_b, gamma_fn, x, key, num_bins, vocab_size)))
+  per_image, dims = elbo.over_batches(batches, rng, vocab_size, lambda x, key, keep: np.asarray(
+      _loss_differences(eps_fn_a, eps_fn_b, gamma_fn, x, key, num_bins, vocab_size))[:, np.asarray(keep)])
   d = elbo.nats_to_bpd(np.concatenate(per_image, axis=1).astype(np.float64), dims)  # [bins, N]
   bins = [mean_and_se(row) for row in d]
   out = {"t_edges": np.linspace(0.0, 1.0, num_bins + 1).tolist(),
