@@ -230,7 +230,8 @@ def test_eval_and_samples_killed_at_the_final_checkpoint_run_on_rerunning(tmp_pa
   """The last step's checkpoint is written before its eval and samples; a kill between them
   left a finished run that a rerun ("Already trained") never evaluated or sampled. The killed run
   gives back the signal handlers of its stop notice (the next Ctrl-C was only logged), and an
-  unreadable record of what is due is one line that names it."""
+  unreadable record of what is due is one line that names it. The reruns restore into the
+  state's shapes: no fresh state is built (its init compiled and run) to be overwritten."""
   from test_train import tiny_config  # pylint: disable=g-import-not-at-top
   from vdm import main, train  # pylint: disable=g-import-not-at-top
   config = tiny_config(num_steps=2, checkpoint_every=2, eval_every=2, sample_every=2)
@@ -247,6 +248,15 @@ def test_eval_and_samples_killed_at_the_final_checkpoint_run_on_rerunning(tmp_pa
   assert [signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)] == handlers
   assert _steps(workdir) == [2] and not os.path.exists(os.path.join(workdir, "train_eval.json"))
   monkeypatch.undo()
+
+  create_train_state = train.create_train_state
+
+  def fresh_state(*args, **kwargs):  # traced (abstract_train_state's shapes) is all a resume needs
+    state = create_train_state(*args, **kwargs)
+    assert isinstance(state.step, jax.core.Tracer), "a resume built a fresh train state"
+    return state
+
+  monkeypatch.setattr(train, "create_train_state", fresh_state)
   due = os.path.join(workdir, "due_at_checkpoint.json")
   with open(due) as f:
     record = f.read()

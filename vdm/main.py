@@ -192,14 +192,16 @@ def _train(config, workdir: str, cleanup: contextlib.ExitStack) -> dict:
 
   checkpointer = ckpt_lib.Checkpointer(workdir, t_cfg.max_to_keep)
   cleanup.callback(checkpointer.close)
-  state = train.create_train_state(config, model, mesh)
-  restored = checkpointer.restore_latest(state, train.replicated(mesh))
-  if restored is None and checkpointer.all_steps():
+  # Restored into the state's shapes: a fresh state (its init compiled and run) only for step 0.
+  state = checkpointer.restore_latest(train.abstract_train_state(config, model),
+                                      train.replicated(mesh))
+  if state is None and checkpointer.all_steps():
     raise ValueError(f"none of the checkpoints {checkpointer.all_steps()} in {checkpointer.directory} "
                      "could be restored (corrupt, or written with a different config): fix the "
                      "config or use a fresh --workdir.")
-  if restored is not None:
-    state = restored
+  if state is None:
+    state = train.create_train_state(config, model, mesh)
+  else:
     logging.info("Resumed from %s at step %d.", checkpointer.directory, int(state.step))
   start = int(jax.device_get(state.step))
   logging.info("Model: %d parameters; data: %s (%d train, %d eval examples); %d devices.",
