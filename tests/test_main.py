@@ -37,12 +37,20 @@ def _json(workdir, name):
     return json.load(f)
 
 
-def test_train_eval_sample_end_to_end_and_resume(tmp_path):
+def test_train_eval_sample_end_to_end_and_resume(tmp_path, monkeypatch):
+  """The runs compile into the workdir's own cache (not the suite's), and the resume loads every
+  program the first run compiled: it compiled them all again before."""
+  monkeypatch.delenv("JAX_COMPILATION_CACHE_DIR", raising=False)
+  monkeypatch.setenv("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")  # the tiny programs too
+  monkeypatch.setenv("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "-1")
   workdir = str(tmp_path / "run")
+  cached = lambda: set(os.listdir(os.path.join(workdir, "xla_cache")))
   r = _run(_cmd(workdir, *TINY, "--config.training.num_steps=4"))
   assert r.returncode == 0, r.stderr[-3000:]
   assert "step 4/4" in r.stderr and "steps/s" in r.stderr
   assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["2", "4"]
+  programs = cached()
+  assert {p.split("-")[0] for p in programs} >= {"jit_train_step", "jit_eval_step", "jit_sample"}
   assert os.path.isfile(os.path.join(workdir, "samples", "step_4.png"))
   assert any(f.startswith("events.out.tfevents") for f in os.listdir(os.path.join(workdir, "tensorboard")))
   summary = _json(workdir, "train_eval.json")
@@ -52,6 +60,7 @@ def test_train_eval_sample_end_to_end_and_resume(tmp_path):
   r = _run(_cmd(workdir, *TINY, "--config.training.num_steps=6"))
   assert r.returncode == 0, r.stderr[-3000:]
   assert f"Resumed from {workdir}/checkpoints at step 4." in r.stderr and "step 6/6" in r.stderr
+  assert cached() == programs
 
   # Another run's config in this workdir is refused, in one line, and the record is kept.
   for args, shown in [(["--config.seed=7", "--config.optimizer.b1=0.5"],
