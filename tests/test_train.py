@@ -381,6 +381,56 @@ def test_a_checkpoint_of_another_model_is_named_as_such(setup, tmp_path):
     ckpt_lib.restore_path(str(tmp_path), target)
 
 
+def test_an_evaluator_lists_the_steps_again_when_training_deletes_the_one_it_reads(
+    setup, tmp_path, monkeypatch):
+  """A training run beside an evaluator saves new steps and deletes old ones (max_to_keep). The
+  step being read vanished, the evaluator fell back to older ones, deleted too, and reported that
+  no checkpoint restores (8 of 12 evals beside a run with max_to_keep=1); orbax's listing could
+  fail on a vanished step with a FileNotFoundError, reported as a full disk. The steps are listed
+  again; a step named alone that vanished is reported as deleted."""
+  import shutil  # pylint: disable=g-import-not-at-top
+  config, model, mesh, step_fn, data = setup
+  state = train.create_train_state(config, model, mesh)
+  ckpt = ckpt_lib.Checkpointer(str(tmp_path), max_to_keep=5)
+  for start in (0, 2, 4):
+    state, _ = _run(step_fn, state, data, mesh, start, 2)
+    ckpt.save(state)
+  ckpt.close()
+  steps = tmp_path / "checkpoints"
+  shutil.move(steps / "6", tmp_path / "6")  # written by training once the evaluator has listed
+  restore, reader = ckpt_lib._restore, ckpt_lib._reader
+
+  def training_moves_on(manager, step, *args):  # while step 4 is read: saves 6, deletes 2 and 4
+    if step == 4 and (tmp_path / "6").exists():
+      shutil.move(tmp_path / "6", steps / "6")
+      for old in ("2", "4"):
+        shutil.rmtree(steps / old)
+      raise FileNotFoundError(str(steps / "4"))
+    return restore(manager, step, *args)
+
+  listings = []
+
+  def listing_fails_once(directory):
+    listings.append(directory)
+    if len(listings) == 1:
+      raise FileNotFoundError(os.path.join(directory, "4"))
+    return reader(directory)
+
+  monkeypatch.setattr(ckpt_lib, "_restore", training_moves_on)
+  monkeypatch.setattr(ckpt_lib, "_reader", listing_fails_once)
+  target = train.abstract_train_state(config, model)
+  assert int(ckpt_lib.restore_path(str(tmp_path), target).step) == 6 and len(listings) == 3
+
+  def deleted(manager, step, *args):
+    shutil.rmtree(steps / str(step))
+    raise FileNotFoundError(str(steps / str(step)))
+
+  monkeypatch.setattr(ckpt_lib, "_restore", deleted)
+  with pytest.raises(ValueError, match=r"checkpoints/6 was deleted while it was read \(a training "
+                     r"run keeps its newest training.max_to_keep steps\): pass a newer step"):
+    ckpt_lib.restore_path(str(steps / "6"), target)
+
+
 def test_weight_decay_spares_biases_and_the_schedule(setup):
   """As in the published VDM code, kernels and norm scales decay and biases do not; unlike it, γ's
   parameters do not either (that code decays the schedule's endpoints towards γ = 0)."""

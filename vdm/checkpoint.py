@@ -241,10 +241,15 @@ def _orbax_logs_off():
     logger.removeFilter(drop)
 
 
+class _Deleted(Exception):
+  """A step was deleted while restore_path read it: list the steps again."""
+
+
 @_orbax_logs_off()
 def restore_path(path: str, target: TrainState, sharding=None) -> TrainState:
   """Restore one checkpoint: a step directory (``.../checkpoints/1000``), or a workdir or
-  checkpoints directory (its newest good step)."""
+  checkpoints directory (its newest good step). A training run beside this one may delete a step
+  while it is read (its max_to_keep): the steps of a directory are then listed again."""
   path = os.path.abspath(path)
   if not os.path.exists(path):
     raise ValueError(f"--checkpoint={path} does not exist: give a step directory such as "
@@ -252,30 +257,39 @@ def restore_path(path: str, target: TrainState, sharding=None) -> TrainState:
   base = os.path.basename(path.rstrip("/"))
   held = os.path.join(path, CHECKPOINT_DIR)  # a workdir's (whose name may be a number: runs/1)
   if base.isdigit() and not os.path.isdir(held):
-    manager = _reader(os.path.dirname(path))
     try:
-      return _restore(manager, int(base), target, sharding)
+      with contextlib.closing(_reader(os.path.dirname(path))) as manager:
+        return _restore(manager, int(base), target, sharding)
     except ModelMismatch as e:
       raise ValueError(f"--checkpoint={path} holds {e}: pass the config it was trained "
                        "with.") from None
     except Exception as e:  # pylint: disable=broad-except
+      if not os.path.isdir(path):
+        raise ValueError(f"--checkpoint={path} was deleted while it was read (a training run keeps "
+                         "its newest training.max_to_keep steps): pass a newer step, or the "
+                         "workdir.") from None
       raise ValueError(f"--checkpoint={path} could not be restored ({type(e).__name__}): it is "
                        "truncated, corrupt or from a different config; pass another step.") from None
-    finally:
-      manager.close()
   directory = held if os.path.isdir(held) else path
-  manager = _reader(directory)
-  try:
-    for step in sorted(manager.all_steps(), reverse=True):
-      try:
-        return _restore(manager, step, target, sharding)
-      except ModelMismatch as e:
-        logging.warning("Checkpoint %s/%d holds %s; trying the previous one.", directory, step, e)
-      except Exception as e:  # pylint: disable=broad-except
-        logging.warning("Checkpoint %s/%d could not be restored (%s); trying the previous one.",
-                        directory, step, type(e).__name__)
-  finally:
-    manager.close()
+  for _ in range(3):
+    try:
+      with contextlib.closing(_reader(directory)) as manager:
+        for step in sorted(manager.all_steps(), reverse=True):
+          try:
+            return _restore(manager, step, target, sharding)
+          except Exception as e:  # pylint: disable=broad-except
+            if not os.path.isdir(os.path.join(directory, str(step))):
+              raise _Deleted() from None
+            reason = (f"holds {e}" if isinstance(e, ModelMismatch)
+                      else f"could not be restored ({type(e).__name__})")
+            logging.warning("Checkpoint %s/%d %s; trying the previous one.", directory, step, reason)
+      break
+    except (_Deleted, FileNotFoundError):  # a step deleted while read, or while orbax listed it
+      continue
+  else:
+    raise ValueError(f"the checkpoints under {path} were deleted while they were read, three times "
+                     "(a training run keeps its newest training.max_to_keep steps): rerun, or raise "
+                     "the run's training.max_to_keep.")
   raise ValueError(f"no checkpoint under {path} restores into this config (none there, or each "
                    "truncated, corrupt or from another model): train first, or pass "
                    f"--checkpoint=WORKDIR/{CHECKPOINT_DIR}/STEP of a run of this config.")
