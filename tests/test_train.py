@@ -260,6 +260,10 @@ def test_only_reads_reporting_to_a_closed_loop_are_silenced(monkeypatch):
   read = ("Future exception was never retrieved\nfuture: <Future finished exception=ValueError("
           "'OUT_OF_RANGE: ... [tensorstore_spec=...]')>")
   assert not ckpt_lib._keep_record(record(read))
+  deleted = ("Task exception was never retrieved\nfuture: <Task finished coro=<async_deserialize()> "
+             "exception=Exception(\"Encountered error while reading array index: (slice(0, 3, 1),). "
+             "See full TensorStore details: <bound method spec of TensorStore({'driver': 'zarr'})>.\")>")
+  assert not ckpt_lib._keep_record(record(deleted))  # a step deleted while read: 163 lines
   assert ckpt_lib._keep_record(record("Future exception was never retrieved\nfuture: ValueError()"))
   assert ckpt_lib._keep_record(record("Executing <Task> took 0.2 seconds; tensorstore_spec"))
 

@@ -66,11 +66,11 @@ def _is_late_io_report(unraisable) -> bool:
 
 def _keep_record(record) -> bool:
   """False for asyncio's '{Task,Future} exception was never retrieved' about a failed TensorStore
-  read or write of orbax's (the restore or save reported the failure already); True for any other
-  record."""
+  read or write of orbax's (the restore or save reported the failure already), which names its
+  store as tensorstore_spec or, for a chunk read, TensorStore({...}); True for any other record."""
   message = record.getMessage()
   return not ("exception was never retrieved" in message.split("\n", 1)[0]
-              and "tensorstore_spec" in message)
+              and ("tensorstore_spec" in message or "TensorStore({" in message))
 
 
 def _quiet_failed_io() -> None:
