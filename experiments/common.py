@@ -3,6 +3,7 @@ distribution), loading it, and writing the results as JSON. Import after the rep
 on sys.path."""
 from __future__ import annotations
 
+import contextlib
 import os
 from typing import Any, Callable, Optional
 
@@ -86,11 +87,19 @@ def output_path(name: str) -> str:
   return FLAGS.output or os.path.join(FLAGS.workdir or ".", f"{name}.json")
 
 
+_WRITING = contextlib.ExitStack()  # the locks of the outputs this process writes, until it exits
+
+
 def prepare_output(name: str) -> str:
   """:func:`output_path`, its directory checked writable before any work (a late failure would
-  lose it), and an earlier file there kept (:func:`vdm.logging_utils.keep_previous`)."""
+  lose it), an earlier file there kept (:func:`vdm.logging_utils.keep_previous`), and the
+  output locked (``<output>.lock``) against a second run writing it at the same time, which
+  overwrote the first one's results silently."""
   out = output_path(name)
   logging_utils.writable_dir(os.path.dirname(os.path.abspath(out)), "--output's directory")
+  _WRITING.enter_context(logging_utils.exclusive(
+      out + ".lock", f"{out} is being written by another run (process {{holder}}): wait for it "
+      "to end, or pass another --output."))
   logging_utils.keep_previous(out)
   return out
 

@@ -408,6 +408,8 @@ def test_eta_and_atomic_json(tmp_path, monkeypatch):
     logging_utils.write_json(path, {"step": 2, "bad": object()})
   with open(path) as f:
     assert f.read() == '{\n  "step": 1\n}\n'
+  assert os.listdir(tmp_path) == ["record.json"]  # the failed write's temporary file removed
+  assert os.stat(path).st_mode & 0o777 == 0o666 & ~logging_utils._UMASK  # as open() makes files
 
 
 def test_an_unknown_flag_ends_the_run_before_any_work(tmp_path):

@@ -315,7 +315,7 @@ def test_a_failed_write_of_the_run_record_leaves_the_old_one_in_place(tmp_path, 
     m.setattr(logging_utils.json, "dump", full)
     with pytest.raises(OSError, match="No space left"):
       ckpt_lib.record_run_config(config, str(tmp_path))
-  assert sorted(os.listdir(tmp_path)) == ["config.json", "config.json.tmp"]
+  assert sorted(os.listdir(tmp_path)) == ["config.json"]  # the failed write's file removed
   assert ckpt_lib.read_config_json(str(tmp_path / "config.json"), "")["optimizer.learning_rate"] != 1e-3
   ckpt_lib.record_run_config(config, str(tmp_path))
   assert ckpt_lib.read_config_json(str(tmp_path / "config.json"), "")["optimizer.learning_rate"] == 1e-3
@@ -490,6 +490,33 @@ def test_a_rerun_keeps_the_previous_results(tmp_path):
   assert not out.exists()
   kept = {p.name: p.read_text() for p in tmp_path.iterdir()}
   assert kept == {"r.19700101T000000Z.json": "first", "r.19700101T000000Z.1.json": "second"}
+
+
+def test_json_records_stay_whole_and_in_place_under_concurrent_writers(tmp_path, monkeypatch):
+  """write_json's writers shared one temporary file (two evaluators of a step within a millisecond
+  wrote corrupt JSON and lost results), and a kept record was renamed away before the new one
+  took its place (a reader of a resume's config.json could find none, and skip the config check).
+  Each writer now has its own temporary file, and the kept copy is a link made first."""
+  from vdm import logging_utils  # pylint: disable=g-import-not-at-top
+  path = str(tmp_path / "eval_4.json")
+  logging_utils.write_json(path, {"run": "first"})
+  replace, dump, inside = os.replace, logging_utils.json.dump, []
+
+  def replace_checked(src, dst):
+    assert not src.endswith(".tmp") or os.path.exists(dst), f"{dst} was missing for a moment"
+    replace(src, dst)
+
+  def dump_with_another_writer(obj, f, **kwargs):  # writer B runs whole inside writer A's write
+    if not inside:
+      inside.append(1)
+      logging_utils.write_json(path, {"run": "B"}, keep=True)
+    dump(obj, f, **kwargs)
+
+  monkeypatch.setattr(logging_utils.os, "replace", replace_checked)
+  monkeypatch.setattr(logging_utils.json, "dump", dump_with_another_writer)
+  logging_utils.write_json(path, {"run": "A"}, keep=True)
+  records = sorted(logging_utils.read_json(str(p), "")["run"] for p in tmp_path.iterdir())
+  assert records == ["A", "B", "first"] and logging_utils.read_json(path, "")["run"] == "A"
 
 
 def test_provenance_names_the_commit_the_runbook_passes(monkeypatch):

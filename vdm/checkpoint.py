@@ -16,7 +16,6 @@ and its run.lock against a second run training there at the same time (:func:`wo
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import logging as std_logging
 import os
@@ -374,17 +373,9 @@ def workdir_lock(workdir: str) -> Iterator[None]:
     yield
     return
   os.makedirs(workdir, exist_ok=True)
-  with open(os.path.join(workdir, LOCK_FILE), "a+") as f:
-    try:
-      fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-      f.seek(0)
-      holder = f.read().strip() or "unknown"
-      raise ValueError(f"{workdir} is in use by another training run (process {holder}): wait for "
-                       "it to end, or train in another --workdir.") from None
-    f.truncate(0)
-    f.write(f"{os.getpid()} on {os.uname().nodename}\n")
-    f.flush()
+  with logging_utils.exclusive(os.path.join(workdir, LOCK_FILE),
+                               f"{workdir} is in use by another training run (process {{holder}}): "
+                               "wait for it to end, or train in another --workdir."):
     yield
 
 

@@ -7,8 +7,11 @@ them on process 0 only.
 """
 from __future__ import annotations
 
+import contextlib
 import datetime
+import fcntl
 import functools
+import itertools
 import json
 import math
 import os
@@ -83,17 +86,31 @@ def json_safe(o):
   return o
 
 
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)  # read at import (one thread): the permission bits a new file gets
+
+
 def write_json(path: str, obj, sort_keys: bool = True, keep: bool = False) -> None:
-  """Write :func:`json_safe` of ``obj`` as strict JSON to ``path`` atomically (a temporary file,
-  then a rename). With ``keep``, an existing ``path`` is kept (:func:`keep_previous`) once the new
-  content is on disk, before the rename: a write that fails (a full disk) leaves it in place."""
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    json.dump(json_safe(obj), f, indent=2, sort_keys=sort_keys, allow_nan=False)
-    f.write("\n")
-  if keep:
-    keep_previous(path)
-  os.replace(tmp, path)
+  """Write :func:`json_safe` of ``obj`` as strict JSON to ``path`` atomically (a temporary file of
+  this writer's own, then a rename; a failed write removes it). With ``keep``, an existing ``path``
+  is kept (:func:`keep_previous`) once the new content is on disk: a write that fails (a full disk)
+  leaves it in place, and ``path`` itself never goes missing for a reader (the kept copy is a
+  second link to it until the rename replaces it)."""
+  fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".",
+                             prefix=os.path.basename(path) + ".", suffix=".tmp")
+  try:
+    os.chmod(tmp, 0o666 & ~_UMASK)  # as open() would have made it: mkstemp's file is private
+    with os.fdopen(fd, "w") as f:
+      json.dump(json_safe(obj), f, indent=2, sort_keys=sort_keys, allow_nan=False)
+      f.write("\n")
+    kept = _link_aside(path) if keep else None
+    os.replace(tmp, path)
+  except BaseException:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+    raise
+  if kept:
+    logging.warning("%s exists: kept it as %s.", path, kept)
 
 
 def read_json(path: str, fix: str) -> dict:
@@ -109,18 +126,58 @@ def read_json(path: str, fix: str) -> dict:
   return obj
 
 
-def keep_previous(path: str) -> None:
-  """Rename an existing ``path`` to <path without .json>.<its mtime, UTC>.json, so that a rerun
-  (which writes ``path`` as it goes) never overwrites the results of an earlier one."""
-  if not os.path.exists(path):
-    return
+def _link_aside(path: str) -> Optional[str]:
+  """Link an existing ``path`` as <path without .json>.<its mtime, UTC>[.n].json, the first such
+  name free (a link fails on a taken name, so two keepers never overwrite each other), and return
+  that name; None if ``path`` is gone (kept by another writer already). Where the filesystem has
+  no hard links, ``path`` is moved there instead."""
   root, ext = os.path.splitext(path)
-  stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(os.path.getmtime(path)))
-  dest, n = f"{root}.{stamp}{ext}", 1
-  while os.path.exists(dest):
-    dest, n = f"{root}.{stamp}.{n}{ext}", n + 1
-  os.replace(path, dest)
-  logging.warning("%s exists: kept it as %s.", path, dest)
+  try:
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(os.path.getmtime(path)))
+  except FileNotFoundError:
+    return None
+  for n in itertools.count():
+    dest = f"{root}.{stamp}{f'.{n}' if n else ''}{ext}"
+    try:
+      os.link(path, dest)
+      return dest
+    except FileExistsError:
+      continue
+    except FileNotFoundError:
+      return None
+    except OSError:  # no hard links here (EPERM, ENOTSUP): the rename of old, if the name is free
+      if os.path.exists(dest):
+        continue
+      os.replace(path, dest)
+      return dest
+
+
+@contextlib.contextmanager
+def exclusive(lock_path: str, busy: str) -> Iterator[None]:
+  """Hold an exclusive lock on the file ``lock_path`` (flock: a second open file, even in this
+  process, cannot take it; the kernel drops it when its holder exits, however it exits), or raise
+  ValueError(``busy``, its ``{holder}`` the process that holds the lock)."""
+  with open(lock_path, "a+") as f:
+    try:
+      fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+      f.seek(0)
+      raise ValueError(busy.format(holder=f.read().strip() or "unknown")) from None
+    f.truncate(0)
+    f.write(f"{os.getpid()} on {os.uname().nodename}\n")
+    f.flush()
+    yield
+
+
+def keep_previous(path: str) -> None:
+  """Move an existing ``path`` to <path without .json>.<its mtime, UTC>[.n].json (the first such
+  name free), so that a rerun (which writes ``path`` as it goes) never overwrites the results of an
+  earlier one."""
+  kept = _link_aside(path)
+  if kept:
+    if os.path.exists(path):  # a link: the file is at both names
+      os.remove(path)
+    logging.warning("%s exists: kept it as %s.", path, kept)
 
 
 def compile_settings() -> dict:

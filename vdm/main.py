@@ -345,8 +345,8 @@ def run_eval(config, workdir: str, checkpoint: str | None) -> dict:
                  **logging_utils.provenance())
   if logging_utils.is_main_process():
     path = os.path.join(workdir, f"eval_{step}.json")
-    logging_utils.keep_previous(path)  # another eval of this step (another dtype, checkpoint)
-    logging_utils.write_json(path, summary)
+    # another eval of this step (another dtype, checkpoint) is kept
+    logging_utils.write_json(path, summary, keep=True)
     print(f"step {step}: {summary['bpd']:.4f} ± {summary['bpd_stderr']:.4f} bits/dim on "
           f"{summary['num_examples']} examples of {split.name} (prior {summary['prior']:.4f}, "
           f"diffusion {summary['diffusion']:.4f}, reconstruction {summary['reconstruction']:.4f}) "
