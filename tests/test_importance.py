@@ -41,6 +41,18 @@ def test_every_draw_has_the_density_of_its_bin_at_many_bins():
   np.testing.assert_allclose(q, importance.density(params, t), rtol=1e-5)
 
 
+def test_padding_takes_the_top_of_each_bin():
+  """A padded batch's padding (keep False) sat anywhere in the bin, so in a bf16 network's fp32
+  share (the least noisy rows) it could take the place of a real row. It takes the top of the
+  bin now, behind every real row, which keeps its own times."""
+  keep = jnp.arange(8) < 5
+  for b in (0, 3):
+    t, _ = importance.times_in_bin(jax.random.PRNGKey(1), jnp.int32(b), 8, 4, keep)
+    alone, _ = importance.times_in_bin(jax.random.PRNGKey(1), jnp.int32(b), 8, 4)
+    np.testing.assert_array_equal(t[:5], alone[:5])
+    assert t[5:].min() > t[:5].max() and t[5:].max() < (b + 1) / 4 and t.min() >= b / 4
+
+
 def test_proposal_inputs_are_validated():
   with pytest.raises(ValueError, match="uniform_mix"):
     importance.proposal_from_second_moment(np.ones(4), uniform_mix=0.0)

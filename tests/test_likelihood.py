@@ -178,6 +178,9 @@ def test_a_short_last_batch_is_padded_into_the_first_batchs_program():
   alone = likelihood.elbo_samples(eps_fn, GAMMA, x[16:], jax.random.fold_in(key, 2), vocab_size=4,
                                   num_samples=2)["total"]
   np.testing.assert_allclose(padded, alone, rtol=1e-5)
+  unpadded = elbo.over_batches(batches, key, 4, lambda xb, k, keep: (len(xb), int(keep.sum())),
+                               pad=False)[0]
+  assert unpadded == [(8, 8), (8, 8), (5, 5)]  # the ODE's batches: its step size sees all rows
   moments = importance.loss_moments(eps_fn, GAMMA, batches, key, vocab_size=4, num_bins=4)
   assert moments["num_images"] == 21
   with pytest.raises(ValueError, match=r"^batch 1 has no images \(shape \(0, 3\)\): drop it"):

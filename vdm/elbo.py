@@ -68,14 +68,20 @@ def check_batches(batches: Iterable[ArrayLike]) -> None:
 
 
 def over_batches(batches: Iterable[ArrayLike], rng: jax.Array, vocab_size: int,
-                 fn: Callable[[jax.Array, jax.Array, jax.Array], Any]) -> tuple[list, int]:
+                 fn: Callable[[jax.Array, jax.Array, jax.Array], Any], pad: bool = True
+                 ) -> tuple[list, int]:
   """[fn(x, fold_in(rng, i), keep) for each batch x, i = 0, 1, ...] and D, after checking each
   batch's data; the same keys for every fn, so evaluations of the same batches share their draws.
 
-  A batch smaller than the first is padded to the first one's size with copies of its first row,
-  and ``keep`` [B] is True on its own rows: ``fn`` returns values for those alone (and passes
-  ``keep`` as the mask of :func:`elbo_terms` where it draws antithetic times). A split is then
-  evaluated by one compiled program however its last batch falls, not two."""
+  With ``pad``, a batch smaller than the first is padded to the first one's size with copies of
+  its first row, and ``keep`` [B] is True on its own rows: ``fn`` returns values for those alone,
+  and passes ``keep`` on where it draws times (the mask of :func:`elbo_terms`), so that the
+  padding neither shifts the real rows' antithetic times nor ranks before them by noise. A split
+  is then evaluated by one compiled program however its last batch falls, not two. The real rows
+  get the values they get alone, but for a bf16 network's fp32 share, which is a share of the
+  padded batch (:func:`vdm.model.split_by_noise`): they get at least their own. Without ``pad``
+  (a computation coupled across the batch, as an adaptive ODE solve's step size) every batch is
+  passed as it is, ``keep`` all True."""
   check_batches(batches)
   results, dims, size = [], None, None
   for i, x in enumerate(batches):
@@ -88,7 +94,7 @@ def over_batches(batches: Iterable[ArrayLike], rng: jax.Array, vocab_size: int,
     dims, size, n = data_dims(x), size or x.shape[0], x.shape[0]
     if not n:
       raise ValueError(f"batch {i} has no images (shape {x.shape}): drop it from batches.")
-    if n < size:
+    if pad and n < size:
       x = jnp.concatenate([x, jnp.repeat(x[:1], size - n, axis=0)])
     results.append(fn(x, jax.random.fold_in(rng, i), jnp.arange(x.shape[0]) < n))
   if dims is None:

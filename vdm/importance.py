@@ -28,7 +28,7 @@ does not depend on q, only its variance does.
 """
 from __future__ import annotations
 
-from typing import Iterable
+from typing import Iterable, Optional
 
 import equinox as eqx
 import jax
@@ -52,12 +52,17 @@ def diffusion_loss_at(eps_fn: EpsFn, gamma_fn: GammaFn, x: jax.Array, t: jax.Arr
                              jax.random.normal(rng, x_scaled.shape))[0]
 
 
-def times_in_bin(rng: jax.Array, b: jax.Array, batch: int, num_bins: int
-                 ) -> tuple[jax.Array, jax.Array]:
+def times_in_bin(rng: jax.Array, b: jax.Array, batch: int, num_bins: int,
+                 keep: Optional[jax.Array] = None) -> tuple[jax.Array, jax.Array]:
   """t [batch] uniform in bin b of ``num_bins`` equal-width bins of [0, 1], and a key for ε: the
-  draws of bin b, a function of (rng, b) alone."""
+  draws of bin b, a function of (rng, b) alone. Rows that ``keep`` marks False (a padded batch's
+  padding) take the top of the bin: they rank last by noise, outside a bf16 network's fp32 share
+  (:func:`vdm.model.split_by_noise`)."""
   key_t, key_eps = jax.random.split(jax.random.fold_in(rng, b))
-  return (b + jax.random.uniform(key_t, (batch,))) / num_bins, key_eps
+  t = (b + jax.random.uniform(key_t, (batch,))) / num_bins
+  if keep is not None:
+    t = jnp.where(keep, t, jnp.nextafter((b + 1.0) / num_bins, 0.0))
+  return t, key_eps
 
 
 @eqx.filter_jit
@@ -65,7 +70,7 @@ def _batch_moments(eps_fn, gamma_fn, x, rng, keep, num_bins: int, vocab_size: in
   """Σ over the rows ``keep`` marks of ℓ and ℓ² in each bin, t uniform inside the bin: two arrays
   [num_bins]."""
   def one_bin(carry, b):
-    t, key_eps = times_in_bin(rng, b, x.shape[0], num_bins)
+    t, key_eps = times_in_bin(rng, b, x.shape[0], num_bins, keep)
     loss = jnp.where(keep, diffusion_loss_at(eps_fn, gamma_fn, x, t, key_eps, vocab_size=vocab_size),
                      0.0)
     return carry, (jnp.sum(loss), jnp.sum(loss**2))

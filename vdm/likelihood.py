@@ -191,10 +191,11 @@ def paired_difference(eps_fn_a: EpsFn, eps_fn_b: EpsFn, gamma_fn: GammaFn,
 
 @eqx.filter_jit
 def _loss_differences(eps_fn_a: EpsFn, eps_fn_b: EpsFn, gamma_fn: GammaFn, x: jax.Array,
-                      rng: jax.Array, num_bins: int, vocab_size: int) -> jax.Array:
-  """ℓ_b(t) − ℓ_a(t) per bin and image [num_bins, B], with the same t (uniform in the bin) and ε."""
+                      rng: jax.Array, keep: jax.Array, num_bins: int, vocab_size: int) -> jax.Array:
+  """ℓ_b(t) − ℓ_a(t) per bin and image [num_bins, B], with the same t (uniform in the bin) and ε;
+  the rows ``keep`` leaves out (padding) at the top of each bin."""
   def one_bin(carry, b):
-    t, key_eps = times_in_bin(rng, b, x.shape[0], num_bins)
+    t, key_eps = times_in_bin(rng, b, x.shape[0], num_bins, keep)
     la, lb = (diffusion_loss_at(f, gamma_fn, x, t, key_eps, vocab_size=vocab_size)
               for f in (eps_fn_a, eps_fn_b))
     return carry, lb - la
@@ -217,7 +218,8 @@ def difference_by_time(eps_fn_a: EpsFn, eps_fn_b: EpsFn, gamma_fn: GammaFn,
     raise ValueError(f"num_bins={num_bins} must be >= 1.")
   schedules.check_increasing(gamma_fn)
   per_image, dims = elbo.over_batches(batches, rng, vocab_size, lambda x, key, keep: np.asarray(
-      _loss_differences(eps_fn_a, eps_fn_b, gamma_fn, x, key, num_bins, vocab_size))[:, np.asarray(keep)])
+      _loss_differences(eps_fn_a, eps_fn_b, gamma_fn, x, key, keep, num_bins, vocab_size)
+  )[:, np.asarray(keep)])
   d = elbo.nats_to_bpd(np.concatenate(per_image, axis=1).astype(np.float64), dims)  # [bins, N]
   bins = [mean_and_se(row) for row in d]
   out = {"t_edges": np.linspace(0.0, 1.0, num_bins + 1).tolist(),
