@@ -180,3 +180,7 @@ def test_traced_fns_of_a_model_reuse_its_programs_for_new_parameters():
   first = bound(params[0])
   assert "_elbo_samples" not in compiled(lambda: (bound(params[1]), bound(params[0])))
   assert bound(params[1])["continuous"]["bpd"] != first["continuous"]["bpd"]
+  import dataclasses  # pylint: disable=g-import-not-at-top
+  unhashable = dataclasses.replace(model, net=model.net.clone(channel_mult=[1]))  # not cached
+  again = likelihood.evaluate_elbo(*traced_fns(unhashable, params[0]), [x], jax.random.PRNGKey(2))
+  assert again["continuous"]["bpd"] == first["continuous"]["bpd"]

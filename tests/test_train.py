@@ -5,6 +5,7 @@ import math
 import os
 import subprocess
 import sys
+import time
 import types
 
 import jax
@@ -333,7 +334,7 @@ def test_training_refuses_checkpoints_without_their_record(tmp_path):
   ckpt_lib.check_run_config(config, str(tmp_path), mode="eval")
 
 
-def test_a_second_training_run_on_a_workdir_is_refused(tmp_path):
+def test_a_second_training_run_on_a_workdir_is_refused(tmp_path, monkeypatch):
   """Two runs on one workdir wrote over each other's checkpoints and records, both exiting 0. The
   first holds run.lock (flock: a second open file, even in the same process, cannot take it); the
   second is refused in one line naming the holder, and the lock is free once its holder ends."""
@@ -343,6 +344,15 @@ def test_a_second_training_run_on_a_workdir_is_refused(tmp_path):
                        rf"{os.getpid()} on \S+\): wait for it to end, or train in another --workdir\.$"):
       with ckpt_lib.workdir_lock(workdir):
         pass
+  with ckpt_lib.workdir_lock(workdir):
+    pass
+  import errno  # pylint: disable=g-import-not-at-top
+  import fcntl  # pylint: disable=g-import-not-at-top
+
+  def no_locks(*args):
+    raise OSError(errno.ENOLCK, "No locks available")
+
+  monkeypatch.setattr(fcntl, "flock", no_locks)  # a filesystem without locks: warned, not refused
   with ckpt_lib.workdir_lock(workdir):
     pass
 
@@ -517,6 +527,39 @@ def test_json_records_stay_whole_and_in_place_under_concurrent_writers(tmp_path,
   logging_utils.write_json(path, {"run": "A"}, keep=True)
   records = sorted(logging_utils.read_json(str(p), "")["run"] for p in tmp_path.iterdir())
   assert records == ["A", "B", "first"] and logging_utils.read_json(path, "")["run"] == "A"
+
+
+WRITER_B = r"""
+import os, sys, time
+from vdm import logging_utils
+print("ready", flush=True)
+while not os.path.exists(sys.argv[2]):
+  time.sleep(0.01)
+logging_utils.write_json(sys.argv[1], {"run": "B"}, keep=True)
+"""
+
+
+def test_a_second_process_keeping_a_record_waits_its_turn(tmp_path, monkeypatch):
+  """Process B wrote its record whole between A's keeping of the old one and A's rename: A's
+  rename replaced B's record, which was lost (two evals of one step). The two take turns now."""
+  from vdm import logging_utils  # pylint: disable=g-import-not-at-top
+  path, go = str(tmp_path / "eval_4.json"), str(tmp_path / "go")
+  logging_utils.write_json(path, {"run": "first"})
+  b = subprocess.Popen([sys.executable, "-c", WRITER_B, path, go], stdout=subprocess.PIPE,
+                       text=True, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  assert b.stdout.readline().strip() == "ready"
+  link = os.link
+
+  def link_then_let_b_write(src, dst):
+    link(src, dst)
+    open(go, "w").close()
+    time.sleep(1.0)  # B writes now, unless it waits for A
+
+  monkeypatch.setattr(logging_utils.os, "link", link_then_let_b_write)
+  logging_utils.write_json(path, {"run": "A"}, keep=True)
+  assert b.wait(timeout=60) == 0
+  records = sorted(logging_utils.read_json(str(p), "")["run"] for p in tmp_path.glob("*.json"))
+  assert records == ["A", "B", "first"] and logging_utils.read_json(path, "")["run"] == "B"
 
 
 def test_provenance_names_the_commit_the_runbook_passes(monkeypatch):

@@ -103,8 +103,9 @@ def write_json(path: str, obj, sort_keys: bool = True, keep: bool = False) -> No
     with os.fdopen(fd, "w") as f:
       json.dump(json_safe(obj), f, indent=2, sort_keys=sort_keys, allow_nan=False)
       f.write("\n")
-    kept = _link_aside(path) if keep else None
-    os.replace(tmp, path)
+    with _directory_locked(path):  # another writer's link and rename come before or after these
+      kept = _link_aside(path) if keep else None
+      os.replace(tmp, path)
   except BaseException:
     if os.path.exists(tmp):
       os.remove(tmp)
@@ -124,6 +125,27 @@ def read_json(path: str, fix: str) -> dict:
   except (OSError, ValueError) as e:
     raise ValueError(f"cannot read {path} ({type(e).__name__}: {e}){fix}") from None
   return obj
+
+
+@contextlib.contextmanager
+def _directory_locked(path: str) -> Iterator[None]:
+  """Hold a (blocking) lock on ``path``'s directory, so that two processes keeping and replacing
+  records there take turns: one's link and rename could otherwise fall between the other's and
+  lose a record. Where the filesystem has no locks, go on without."""
+  try:
+    fd = os.open(os.path.dirname(path) or ".", os.O_RDONLY)
+  except OSError:  # a directory this user may write but not read
+    fd = None
+  try:
+    if fd is not None:
+      try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+      except OSError:
+        pass
+    yield
+  finally:
+    if fd is not None:
+      os.close(fd)  # which releases the lock
 
 
 def _link_aside(path: str) -> Optional[str]:
@@ -156,16 +178,21 @@ def _link_aside(path: str) -> Optional[str]:
 def exclusive(lock_path: str, busy: str) -> Iterator[None]:
   """Hold an exclusive lock on the file ``lock_path`` (flock: a second open file, even in this
   process, cannot take it; the kernel drops it when its holder exits, however it exits), or raise
-  ValueError(``busy``, its ``{holder}`` the process that holds the lock)."""
-  with open(lock_path, "a+") as f:
+  ValueError(``busy``, its ``{holder}`` the process that holds the lock). Where no lock can be
+  taken (a filesystem without locks, another user's file) it warns and goes on without one."""
+  with contextlib.ExitStack() as stack:
     try:
+      f = stack.enter_context(open(lock_path, "a+"))
       fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
       f.seek(0)
       raise ValueError(busy.format(holder=f.read().strip() or "unknown")) from None
-    f.truncate(0)
-    f.write(f"{os.getpid()} on {os.uname().nodename}\n")
-    f.flush()
+    except OSError as e:  # no locks on this filesystem (ENOLCK), another user's file (EACCES)
+      logging.warning("cannot lock %s (%s): a second run there would not be refused.", lock_path, e)
+    else:
+      f.truncate(0)
+      f.write(f"{os.getpid()} on {os.uname().nodename}\n")
+      f.flush()
     yield
 
 
@@ -173,10 +200,11 @@ def keep_previous(path: str) -> None:
   """Move an existing ``path`` to <path without .json>.<its mtime, UTC>[.n].json (the first such
   name free), so that a rerun (which writes ``path`` as it goes) never overwrites the results of an
   earlier one."""
-  kept = _link_aside(path)
-  if kept:
-    if os.path.exists(path):  # a link: the file is at both names
+  with _directory_locked(path):
+    kept = _link_aside(path)
+    if kept and os.path.exists(path):  # a link: the file is at both names
       os.remove(path)
+  if kept:
     logging.warning("%s exists: kept it as %s.", path, kept)
 
 

@@ -183,7 +183,10 @@ def traced_fns(model: Model, params: Params) -> tuple[EpsFn, GammaFn]:
   program compiled for one set of parameters serves the next. ε̂ is the bound's
   (``eps_fn_for(..., bound=True)``); where a batch shares one t, as in an ODE solve, its fp32
   share is the first ⌈f·B⌉ examples."""
-  eps, gamma = _param_fns(model)
+  try:
+    eps, gamma = _param_fns(model)
+  except TypeError:  # a model built by hand with an unhashable field: new functions each call
+    eps, gamma = _param_fns.__wrapped__(model)
   return jax.tree_util.Partial(eps, params), jax.tree_util.Partial(gamma, params)
 
 
