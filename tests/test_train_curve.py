@@ -194,7 +194,7 @@ def test_plot_draws_a_point_whose_standard_error_is_unknown(tmp_path):
   assert png.stat().st_size > 10_000
 
 
-CLOCKED = r"""
+FAKE_CLOCK = r"""
 import json, sys
 sys.path.insert(0, ".")
 from configs import quickstart
@@ -204,12 +204,15 @@ from vdm import train
 config = quickstart.get_config()
 config.update_from_flattened_dict({"data.image_size": 4, "training.batch_size": 16,
                                    "eval.batch_size": 64, "data.synthetic_num_test": 128})
-# A clock of 1/8 s a reading (exact in binary): compiling costs 64 s of it, an evaluation 128 s.
 now = [0.0]
-def reading():
+def reading():  # a clock of 1/8 s a reading (exact in binary)
   now[0] += 0.125
   return now[0]
 train_curve.time = type("Clock", (), {"perf_counter": staticmethod(reading)})
+"""
+
+CLOCKED = FAKE_CLOCK + r"""
+# Compiling costs 64 s of the clock, an evaluation 128 s.
 evaluate, make_train_step, calls = train.evaluate, train.make_train_step, []
 
 def slow_evaluate(*args, **kwargs):  # the marks' bounds: 3.5, then 3.3 (only the 2nd reaches 3.4)
@@ -292,20 +295,8 @@ def test_the_curve_clock_counts_training_steps_only():
                          "final_draws": 5}, res["main"]
 
 
-SHORT_MARK = r"""
-import json, sys
-sys.path.insert(0, ".")
-from configs import quickstart
-from experiments import train_curve
-
-config = quickstart.get_config()
-config.update_from_flattened_dict({"data.image_size": 4, "training.batch_size": 16,
-                                   "eval.batch_size": 64, "data.synthetic_num_test": 64})
-now = [0.0]
-def reading():  # 1/8 s a reading: longer than the whole curve
-  now[0] += 0.125
-  return now[0]
-train_curve.time = type("Clock", (), {"perf_counter": staticmethod(reading)})
+SHORT_MARK = FAKE_CLOCK + r"""
+# One reading is longer than the whole curve.
 res, _ = train_curve.run_curve(config, 0.0625, [0.0625], eval_batches=1)
 print(json.dumps(res))
 """
