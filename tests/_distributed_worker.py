@@ -23,9 +23,12 @@ steps, indices, written, last = [], [], [], {}
 
 
 def _audit(event, args):
-  if event == "open" and isinstance(args[0], str) and args[1] is not None and set(args[1]) & set("wax+"):
-    if os.path.abspath(args[0]).startswith(WORKDIR):
-      written.append(os.path.relpath(os.path.abspath(args[0]), WORKDIR))
+  if event != "open" or not isinstance(args[0], str):
+    return
+  path, mode, flags = args  # mode None: os.open (write_json's temporary file), known by its flags
+  writes = set(mode) & set("wax+") if mode is not None else flags & (os.O_WRONLY | os.O_RDWR)
+  if writes and os.path.abspath(path).startswith(WORKDIR):
+    written.append(os.path.relpath(os.path.abspath(path), WORKDIR))
 
 
 class _Recording:
