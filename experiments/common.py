@@ -93,12 +93,12 @@ _WRITING = contextlib.ExitStack()  # the locks of the outputs this process write
 def prepare_output(name: str) -> str:
   """:func:`output_path`, its directory checked writable before any work (a late failure would
   lose it), an earlier file there kept (:func:`vdm.logging_utils.keep_previous`), and the
-  output locked (``<output>.lock``) against a second run writing it at the same time, which
-  overwrote the first one's results silently."""
+  output locked (:func:`vdm.logging_utils.lock_path`) against a second run writing it at the same
+  time, which overwrote the first one's results silently."""
   out = output_path(name)
   logging_utils.writable_dir(os.path.dirname(os.path.abspath(out)), "--output's directory")
   _WRITING.enter_context(logging_utils.exclusive(
-      out + ".lock", f"{out} is being written by another run (process {{holder}}): wait for it "
+      logging_utils.lock_path(out), f"{out} is being written by another run (process {{holder}}): wait for it "
       "to end, or pass another --output."))
   logging_utils.keep_previous(out)
   return out

@@ -348,7 +348,7 @@ def test_likelihood_toy_run_follows_its_flags_and_keeps_an_earlier_json(tmp_path
   # A run writing the same output at the same time was not refused, and one of the two results
   # was lost; the output is locked while a run writes it.
   from vdm import logging_utils
-  with logging_utils.exclusive(str(tmp_path / "likelihood.json.lock"), ""):
+  with logging_utils.exclusive(logging_utils.lock_path(str(tmp_path / "likelihood.json")), ""):
     r = _script("likelihood.py", "--toy", f"--workdir={tmp_path}", check=False)
   lines = [l for l in r.stderr.splitlines() if l.strip()]
   assert r.returncode == 2 and len(lines) == 1, r.stderr[-2000:]
@@ -356,6 +356,7 @@ def test_likelihood_toy_run_follows_its_flags_and_keeps_an_earlier_json(tmp_path
                            f"{os.getpid()} on {os.uname().nodename}): wait for it to end, or "
                            "pass another --output."), lines
   assert json.loads((tmp_path / "likelihood.json").read_text()) == again
+  assert not list(tmp_path.glob("*.lock"))  # nothing beside the results
 
 
 CURVE_LABELS = r"""

@@ -11,6 +11,7 @@ import contextlib
 import datetime
 import fcntl
 import functools
+import hashlib
 import itertools
 import json
 import math
@@ -172,6 +173,13 @@ def _link_aside(path: str) -> Optional[str]:
         continue
       os.replace(path, dest)
       return dest
+
+
+def lock_path(path: str) -> str:
+  """The lock file of ``path`` for :func:`exclusive`, in the temporary directory (one per absolute
+  path): outside the folder of results it guards, which a run's outputs alone should fill."""
+  digest = hashlib.sha256(os.path.abspath(path).encode()).hexdigest()[:16]
+  return os.path.join(tempfile.gettempdir(), f"vdm-{os.path.basename(path)}-{digest}.lock")
 
 
 @contextlib.contextmanager
